@@ -1,0 +1,49 @@
+"""The typed errors of edgegpt. Every user-facing failure is one of these, never a bare assert."""
+
+
+class EdgeGPTError(Exception):
+    """Base class: catch this to handle any edgegpt failure in an embedding app."""
+
+
+class ConfigError(EdgeGPTError, ValueError):
+    """An impossible or unknown configuration value."""
+
+
+class DataError(EdgeGPTError, ValueError):
+    """A corpus that cannot be trained on (empty, binary, too short)."""
+
+
+class CheckpointError(EdgeGPTError):
+    """A missing, corrupt or inconsistent checkpoint directory."""
+
+
+class BundleError(EdgeGPTError):
+    """A missing, tampered or incompatible bundle directory."""
+
+
+class ExportError(EdgeGPTError):
+    """The ONNX export failed."""
+
+
+class ParityError(ExportError):
+    """ONNX outputs differ from PyTorch's beyond tolerance."""
+
+    def __init__(self, message: str, *, output: str, case: str, max_abs_diff: float, atol: float):
+        super().__init__(message)
+        self.output, self.case, self.max_abs_diff, self.atol = output, case, max_abs_diff, atol
+
+
+class QuantizationError(EdgeGPTError):
+    """Quantization failed or its result missed the accuracy gate."""
+
+
+class ContextLengthError(EdgeGPTError, ValueError):
+    """Prompt plus new tokens do not fit in the model's context."""
+
+
+class ProviderError(EdgeGPTError):
+    """An onnxruntime execution provider was asked for but cannot be used."""
+
+
+class SamplingError(EdgeGPTError, ValueError):
+    """An invalid sampling parameter."""
