@@ -1,0 +1,196 @@
+"""Checkpoints: a directory of safetensors weights, config JSON, tokenizer.json and training state.
+
+Layout of a checkpoint directory:
+    model.safetensors   weights (the tied lm_head is stored once, as tok_emb.weight)
+    config.json         GPTConfig.to_dict()
+    tokenizer.json      the HF `tokenizers` file
+    train_state.pt      optimizer state and torch RNG state (loaded with weights_only=True only)
+    train_state.json    step, data RNG state, training config
+
+Saving is atomic: everything is written to a temporary sibling directory, the old checkpoint is moved
+aside, the new one renamed into place, and the old one deleted. A kill at any point leaves either the
+new or the previous checkpoint readable; `_recover` puts a moved-aside previous checkpoint back.
+Pickle is never loaded except through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from edgegpt.config import GPTConfig
+from edgegpt.errors import CheckpointError, ConfigError
+from edgegpt.model import SimpleGPT
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+TRAIN_STATE_PT, TRAIN_STATE_JSON = "train_state.pt", "train_state.json"
+TIED = "lm_head.weight"  # same tensor as tok_emb.weight; not stored twice
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, given it or a training run directory that holds `checkpoint/`."""
+    path = Path(path)
+    _recover(path)
+    if (path / "checkpoint" / CONFIG).exists() or not (path / CONFIG).exists() and (path / "checkpoint").exists():
+        path = path / "checkpoint"
+        _recover(path)
+    return path
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(path.name + ".previous")
+
+
+def _recover(path: Path) -> None:
+    """Undo a save interrupted between its two renames: the previous checkpoint is put back."""
+    if not path.exists() and _aside(path).exists():
+        _aside(path).rename(path)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: SimpleGPT,
+    tokenizer_json: str,
+    *,
+    optimizer_state: dict | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically and return its path.
+
+    Args:
+        path: the checkpoint directory (created or replaced).
+        model: the uncompiled, unwrapped model (no `_orig_mod.` / `module.` prefixes).
+        tokenizer_json: the tokenizer as `tokenizers.Tokenizer.to_str()`.
+        optimizer_state: optional {"optimizer": ..., "torch_rng": ...} tensors-and-numbers dict.
+        train_state: optional JSON-serialisable training state (step, data RNG, config).
+
+    >>> import tempfile, tokenizers
+    >>> m = SimpleGPT(GPTConfig.preset("tiny", vocab_size=64))
+    >>> tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({str(i): i for i in range(64)}, unk_token="0"))
+    >>> save_checkpoint(tempfile.mkdtemp() + "/ckpt", m, tok.to_str()).name
+    'ckpt'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED}
+        save_file(state, tmp / WEIGHTS, metadata={"format": "pt", "edgegpt": "1"})
+        model.config.to_json(tmp / CONFIG)
+        (tmp / TOKENIZER).write_text(tokenizer_json)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / TRAIN_STATE_PT)
+        if train_state is not None:
+            (tmp / TRAIN_STATE_JSON).write_text(json.dumps(train_state, indent=2))
+        if path.exists():
+            path.rename(_aside(path))
+        tmp.rename(path)
+        shutil.rmtree(_aside(path), ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _read_config(path: Path) -> GPTConfig:
+    if not (path / CONFIG).is_file():
+        raise CheckpointError(f"{path}: no {CONFIG}; is this a checkpoint written by `edgegpt train`?")
+    try:
+        return GPTConfig.from_json(path / CONFIG)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path / CONFIG}: {exc}") from exc
+
+
+def _read_weights(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """The stored tensors, checked name by name and shape by shape against the config's model."""
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; the checkpoint is incomplete, train or import it again")
+    try:
+        state = load_file(file)
+    except Exception as exc:  # safetensors raises its own SafetensorError / OSError on corrupt files
+        raise CheckpointError(f"{file}: unreadable safetensors file ({exc}); the checkpoint is corrupt") from exc
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in SimpleGPT(config).state_dict().items() if k != TIED}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file}: tensors do not match {CONFIG}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise CheckpointError(
+                f"{file}: {name} has shape {tuple(state[name].shape)} but {CONFIG} implies {tuple(shape)}; "
+                "the config does not belong to these weights"
+            )
+    return state
+
+
+def load_tokenizer_json(path: str | Path, vocab_size: int):
+    """The checkpoint's tokenizer, refused if its vocabulary size differs from the model's."""
+    from tokenizers import Tokenizer
+
+    file = Path(path) / TOKENIZER
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+        raise CheckpointError(f"{file}: missing or unreadable tokenizer ({exc})") from exc
+    if tok.get_vocab_size() != vocab_size:
+        raise CheckpointError(
+            f"{file}: tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is {vocab_size}; "
+            "use the tokenizer the model was trained with"
+        )
+    return tok
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode, CPU), its tokenizer and the directory it came from."""
+
+    model: SimpleGPT
+    tokenizer: Any
+    path: Path
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
+    """Load and validate a checkpoint (or a run directory holding one) before any other work.
+
+    Raises:
+        CheckpointError: missing or corrupt files, weights that do not fit the config, a tokenizer of
+            another vocabulary size.
+    """
+    path = resolve(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    config = _read_config(path)
+    state = _read_weights(path, config)
+    tokenizer = load_tokenizer_json(path, config.vocab_size)
+    model = SimpleGPT(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != {TIED} or unexpected:  # internal invariant: _read_weights checked the names
+        raise CheckpointError(f"{path}: inconsistent weights (missing {missing}, unexpected {unexpected})")
+    return Checkpoint(model.to(map_location).eval(), tokenizer, path)
+
+
+def load_train_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(optimizer/RNG tensors, JSON train state) of a checkpoint, for `--resume`."""
+    path = resolve(path)
+    pt, js = path / TRAIN_STATE_PT, path / TRAIN_STATE_JSON
+    if not pt.is_file() or not js.is_file():
+        raise CheckpointError(f"{path}: no training state to resume from ({TRAIN_STATE_PT}, {TRAIN_STATE_JSON})")
+    try:
+        return torch.load(pt, map_location="cpu", weights_only=True), json.loads(js.read_text())
+    except Exception as exc:  # torch raises UnpicklingError / RuntimeError on corrupt or unsafe files
+        raise CheckpointError(f"{pt}: unreadable training state ({exc})") from exc

@@ -1,0 +1,138 @@
+"""The bundle contract between export and runtime: `manifest.json`, file hashes and safe paths.
+
+A bundle is a directory: `model.onnx` (+ external data), `tokenizer.json`, `genai_config.json` and
+`manifest.json`. The manifest records the format version, the model config, the graph's I/O, the
+quantization and the sha256 and size of every other file. Export writes it last; the runtime checks it
+before loading anything. Torch-free: both sides import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from edgegpt.errors import BundleError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "edgegpt-bundle"
+FORMAT_VERSION = 1
+
+# Graph I/O names. They follow onnxruntime-genai's "decoder" convention so that genai loads bundles as is.
+INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
+PAST_KEY, PAST_VALUE = "past_key_values.{}.key", "past_key_values.{}.value"
+PRESENT_KEY, PRESENT_VALUE = "present.{}.key", "present.{}.value"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks.
+
+    >>> len(sha256_file(__file__))
+    64
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safe_member(bundle: Path, name: str) -> Path:
+    """Resolve `name` inside `bundle`, refusing absolute paths, `..`, symlinks and hard links that leave it."""
+    if not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise BundleError(f"{bundle}: file name {name!r} must be a relative path inside the bundle")
+    path = bundle / name
+    if path.is_symlink():
+        raise BundleError(f"{path}: symbolic links are refused in a bundle; copy the file in instead")
+    root = bundle.resolve()
+    resolved = path.resolve()
+    if root != resolved and root not in resolved.parents:
+        raise BundleError(f"{path}: resolves to {resolved}, outside the bundle {root}")
+    if path.exists() and path.stat().st_nlink > 1:
+        raise BundleError(f"{path}: has {path.stat().st_nlink} hard links; a bundle file must be its own copy")
+    return path
+
+
+def describe_files(bundle: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every regular file in the bundle except the manifest, keyed by relative path."""
+    files = {}
+    for path in sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        name = path.relative_to(bundle).as_posix()
+        files[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return files
+
+
+def write_manifest(bundle: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write `manifest.json` atomically, adding the format header and the hashes of all files.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "model.onnx").write_bytes(b"x")
+    >>> write_manifest(d, {"model": {}})["files"]["model.onnx"]["size"]
+    1
+    """
+    bundle = Path(bundle)
+    full = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest, "files": describe_files(bundle)}
+    atomic_write_text(bundle / MANIFEST_NAME, json.dumps(full, indent=2, sort_keys=False) + "\n")
+    return full
+
+
+def read_manifest(bundle: str | Path) -> dict[str, Any]:
+    """Read and check the manifest header (format and version); does not hash files."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST_NAME
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: not a bundle directory; create one with `edgegpt export CKPT -o {bundle}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing; is {bundle} an edgegpt bundle? re-export it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable manifest ({exc}); re-export the bundle") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise BundleError(f"{path}: not an {FORMAT_NAME} manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: format_version {version!r}, this edgegpt reads {FORMAT_VERSION}; "
+            "upgrade edgegpt or re-export the bundle"
+        )
+    return manifest
+
+
+def verify_bundle(bundle: str | Path) -> dict[str, Any]:
+    """Check the manifest, then the presence, size and sha256 of every listed file; return the manifest.
+
+    Raises:
+        BundleError: naming the first file that is missing, unsafe, resized or altered.
+    """
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "model.onnx" not in files or "tokenizer.json" not in files:
+        raise BundleError(f"{bundle}/{MANIFEST_NAME}: must list model.onnx and tokenizer.json; re-export the bundle")
+    for name, meta in files.items():
+        path = safe_member(bundle, name)
+        if not path.is_file():
+            raise BundleError(f"{path}: listed in the manifest but missing; re-export or re-copy the bundle")
+        size = path.stat().st_size
+        if size != meta.get("size"):
+            raise BundleError(f"{path}: {size} bytes, the manifest says {meta.get('size')}; the file is truncated or replaced")
+        if sha256_file(path) != meta.get("sha256"):
+            raise BundleError(f"{path}: sha256 differs from the manifest; the file was modified or corrupted")
+    return manifest
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random-weight checkpoint (seeded) that export and runtime tests build on."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+TINY_VOCAB = 320
+
+
+def pytest_collection_modifyitems(config, items):
+    """CUDA tests skip unless onnxruntime offers the CUDA execution provider."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return
+    skip = pytest.mark.skip(reason="CUDAExecutionProvider not available")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def _sample_text(limit: int = 200_000) -> str:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts = [(stdlib / name).read_text() for name in ("json/decoder.py", "textwrap.py", "string.py", "shlex.py")]
+    return "\n".join(parts)[:limit]
+
+
+@pytest.fixture(scope="session")
+def sample_text() -> str:
+    """A few stdlib modules' source: real text, present on every machine."""
+    return _sample_text()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(sample_text):
+    from edgegpt.tokenizer import train_tokenizer
+
+    return train_tokenizer([sample_text], vocab_size=TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_tokenizer):
+    from edgegpt.config import GPTConfig
+
+    return GPTConfig.preset("tiny", vocab_size=tiny_tokenizer.get_vocab_size())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_config, tiny_tokenizer) -> Path:
+    """A seeded random-weight `tiny` checkpoint directory (not trained: parity does not need training)."""
+    import torch
+
+    from edgegpt.checkpoint import save_checkpoint
+    from edgegpt.model import SimpleGPT
+
+    torch.manual_seed(0)
+    model = SimpleGPT(tiny_config)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", model, tiny_tokenizer.to_str())
