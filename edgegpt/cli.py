@@ -1,0 +1,232 @@
+"""The `edgegpt` command line: a click group whose commands parse flags and call the public API.
+
+torch is imported lazily inside the commands that need it, so `edgegpt generate` runs on a device
+with only the base install (onnxruntime, numpy, tokenizers, click).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgegpt import __version__
+from edgegpt.errors import ConfigError, EdgeGPTError
+
+log = logging.getLogger("edgegpt")
+
+
+class _Group(click.Group):
+    """Turns edgegpt's typed errors into one clear line and a non-zero exit (tracebacks with --debug)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeGPTError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            if isinstance(exc, ConfigError):
+                raise click.UsageError(str(exc), ctx) from None
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        except ImportError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(f"{exc}; install the extra: pip install 'edgegpt[train]'") from None
+
+
+@click.group(cls=_Group, context_settings={"auto_envvar_prefix": "EDGEGPT", "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgegpt")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors on stderr; no progress bars.")
+@click.pass_context
+def main(ctx, debug, quiet):
+    """Train a GPT in PyTorch, export it to ONNX, quantize it, generate with onnxruntime.
+
+    \b
+    Examples:
+      edgegpt train --preset tiny --steps 500 --out runs/tiny
+      edgegpt export runs/tiny -o bundles/tiny
+      edgegpt generate bundles/tiny "def main(" -n 50
+    """
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"debug": debug, "quiet": quiet}
+
+
+def _train_options(func):
+    """One flag per TrainConfig field (--grad-accum -> grad_accum), defaults from the dataclass."""
+    from edgegpt.train_config import TrainConfig
+
+    for field in reversed(dataclasses.fields(TrainConfig)):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            func = click.option(flag, field.name, is_flag=True, default=None, help=f"[default: {field.default}]")(func)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" ")[0], str)
+            func = click.option(flag, field.name, type=kind, default=None, help=f"[default: {field.default}]")(func)
+    return func
+
+
+@main.command()
+@click.argument("corpus", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Run directory (checkpoint/, metrics.jsonl, loss.png).")
+@click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), default="tiny", show_default=True)
+@click.option("--vocab-size", type=int, default=4096, show_default=True, help="BPE vocabulary size.")
+@click.option("--n-layer", type=int, help="Override the preset's n_layer.")
+@click.option("--n-head", type=int, help="Override the preset's n_head.")
+@click.option("--n-embd", type=int, help="Override the preset's n_embd.")
+@click.option("--block-size", type=int, help="Override the preset's block_size.")
+@click.option("--dropout", type=float, help="Override dropout (default 0).")
+@click.option("--glob", "pattern", default="**/*", show_default=True, help="Files to take from CORPUS directories.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSON with training-config fields; flags override it.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Token-id cache (default ~/.cache/edgegpt).")
+@click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoint.")
+@click.option("--force", is_flag=True, help="Start afresh even if OUT already holds a checkpoint.")
+@_train_options
+@click.pass_context
+def train(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, resume, force, pattern, **flags):
+    """Train a SimpleGPT on text files (default corpus: the Python standard library's sources).
+
+    \b
+    Examples:
+      edgegpt train --preset tiny --steps 500 --out runs/tiny
+      edgegpt train ~/texts --glob '**/*.txt' --preset small --steps 5000 --out runs/small
+      edgegpt train --out runs/small --resume --steps 8000
+      torchrun --nproc_per_node 2 -m edgegpt.cli train --preset tiny --steps 200 --out runs/ddp
+    """
+    from edgegpt.train_corpus import train_on_corpus
+
+    model_overrides = {k: flags.pop(k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
+    result = train_on_corpus(
+        corpus,
+        out=out,
+        preset=preset,
+        model_overrides={k: v for k, v in model_overrides.items() if v is not None},
+        train_overrides={k: v for k, v in flags.items() if v is not None},
+        config_file=config_file,
+        vocab_size=vocab_size,
+        pattern=pattern,
+        cache_dir=cache_dir,
+        resume=resume,
+        force=force,
+        progress=not ctx.obj["quiet"],
+    )
+    val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+    click.echo(
+        f"{'interrupted' if result.interrupted else 'done'} at step {result.step}: train loss {result.train_loss:.4f}, "
+        f"val loss {val}, {result.tokens_per_s:,.0f} tokens/s -> {out / 'checkpoint'}",
+        err=True,
+    )
+    if result.interrupted:
+        ctx.exit(130)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("prompt", default="")
+@click.option("-n", "--max-new-tokens", type=int, default=100, show_default=True)
+@click.option("--temperature", "-t", type=float, default=0.8, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 keeps all tokens.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Same seed, same text.")
+def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+    """Generate text from a checkpoint with PyTorch (the reference for the ONNX runtime).
+
+    \b
+    Examples:
+      edgegpt sample runs/tiny "def main(" -n 64 --seed 0
+      edgegpt sample runs/tiny "import " --temperature 0
+    """
+    import torch
+
+    from edgegpt.checkpoint import load_checkpoint
+    from edgegpt.generate import generate
+    from edgegpt.tokenizer import eot_id
+
+    ckpt = load_checkpoint(checkpoint)
+    ids = ckpt.tokenizer.encode(prompt).ids or [eot_id(ckpt.tokenizer)]
+    room = ckpt.config.block_size - len(ids)
+    out = generate(
+        ckpt.model,
+        torch.tensor([ids]),
+        min(max_new_tokens, max(room, 0)),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        eos_token_id=eot_id(ckpt.tokenizer),
+    )
+    click.echo(prompt + ckpt.tokenizer.decode(out[0, len(ids):].tolist()))
+
+
+@main.command("import-hf")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
+def import_hf_cmd(src, out):
+    """Import a local Hugging Face GPT-2 directory as an edgegpt checkpoint.
+
+    \b
+    Examples:
+      edgegpt import-hf ~/models/gpt2 -o runs/gpt2/checkpoint
+    """
+    from edgegpt.hf import import_hf
+
+    click.echo(import_hf(src, out))
+
+
+@main.command("export-hf")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Directory for config.json, model.safetensors, tokenizer.json.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def export_hf_cmd(checkpoint, out, force):
+    """Write a checkpoint in the Hugging Face GPT-2 format (transformers loads it as GPT2LMHeadModel).
+
+    \b
+    Examples:
+      edgegpt export-hf runs/tiny -o hf/tiny
+    """
+    from edgegpt.hf import export_hf
+
+    click.echo(export_hf(checkpoint, out, force=force))
+
+
+@main.command()
+def info():
+    """Package versions, onnxruntime execution providers and whether CUDA is usable.
+
+    \b
+    Examples:
+      edgegpt info
+    """
+    import importlib.metadata as md
+    import platform
+
+    click.echo(f"edgegpt {__version__} on Python {platform.python_version()} ({platform.machine()})")
+    for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "numpy", "tokenizers", "click", "torch", "onnx"):
+        try:
+            click.echo(f"  {dist:<18} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            click.echo(f"  {dist:<18} -")
+    import onnxruntime as ort
+
+    providers = ort.get_available_providers()
+    click.echo(f"onnxruntime providers: {', '.join(providers)}")
+    cuda = "CUDAExecutionProvider" in providers
+    click.echo(f"CUDA for onnxruntime: {'available' if cuda else 'not available (install edgegpt[gpu] on a CUDA machine)'}")
+    if "torch" in sys.modules or _installed("torch"):
+        import torch
+
+        click.echo(f"CUDA for torch: {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+if __name__ == "__main__":
+    main()

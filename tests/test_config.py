@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+from edgegpt.config import GPTConfig
+from edgegpt.errors import ConfigError
+from edgegpt.train_config import TrainConfig
+
+
+def test_round_trips_through_json(tmp_path):
+    config = GPTConfig.preset("small", vocab_size=1000, dropout=0.1)
+    config.to_json(tmp_path / "c.json")
+    assert GPTConfig.from_json(tmp_path / "c.json") == config
+    assert json.loads((tmp_path / "c.json").read_text())["n_embd"] == 384
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"n_embd": 100, "n_head": 3}, "n_embd (100) must be divisible by n_head (3)"),
+        ({"n_layer": 0}, "n_layer must be a positive integer, got 0"),
+        ({"vocab_size": -5}, "vocab_size must be a positive integer"),
+        ({"block_size": 2.5}, "block_size must be a positive integer"),
+        ({"dropout": 1.5}, "dropout must be in [0, 1)"),
+    ],
+)
+def test_rejects_impossible_values_naming_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        GPTConfig(**fields)
+
+
+def test_rejects_unknown_keys_by_name():
+    with pytest.raises(ConfigError, match="unknown model config key.*n_embed"):
+        GPTConfig.from_dict({"n_embed": 64})
+
+
+def test_presets():
+    assert GPTConfig.preset("gpt2").n_layer == 12 and GPTConfig.preset("gpt2").block_size == 1024
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        GPTConfig.preset("huge")
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr=1e-4)
+    lrs = [cfg.lr_at(s) for s in range(101)]
+    assert lrs[0] < lrs[5] < lrs[9] <= 1e-3
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[100] == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="unknown training config key.*stpes"):
+        TrainConfig.from_dict({"stpes": 3})
