@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def _train_options(func):
 @click.option("--n-embd", type=int, help="Override the preset's n_embd.")
 @click.option("--block-size", type=int, help="Override the preset's block_size.")
 @click.option("--dropout", type=float, help="Override dropout (default 0).")
-@click.option("--glob", "pattern", default="**/*", show_default=True, help="Files to take from CORPUS directories.")
+@click.option("--glob", "pattern", help="Files to take from CORPUS directories [default: **/*; **/*.py for the default corpus].")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSON with training-config fields; flags override it.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Token-id cache (default ~/.cache/edgegpt).")
 @click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoint.")
@@ -115,9 +116,11 @@ def train(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, resume, 
         progress=not ctx.obj["quiet"],
     )
     val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+    rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
     click.echo(
-        f"{'interrupted' if result.interrupted else 'done'} at step {result.step}: train loss {result.train_loss:.4f}, "
-        f"val loss {val}, {result.tokens_per_s:,.0f} tokens/s -> {out / 'checkpoint'}",
+        f"{rank}{'interrupted' if result.interrupted else 'done'} at step {result.step}: train loss "
+        f"{result.train_loss:.4f}, val loss {val}, {result.tokens_per_s:,.0f} tokens/s, "
+        f"weights {result.weights_sha256[:16]} -> {out / 'checkpoint'}",
         err=True,
     )
     if result.interrupted:
@@ -165,7 +168,8 @@ def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
 @main.command("import-hf")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
-def import_hf_cmd(src, out):
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint directory.")
+def import_hf_cmd(src, out, force):
     """Import a local Hugging Face GPT-2 directory as an edgegpt checkpoint.
 
     \b
@@ -174,7 +178,7 @@ def import_hf_cmd(src, out):
     """
     from edgegpt.hf import import_hf
 
-    click.echo(import_hf(src, out))
+    click.echo(import_hf(src, out, force=force))
 
 
 @main.command("export-hf")

@@ -158,6 +158,7 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
+    meta: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model` on token ids and keep a checkpoint in `out/checkpoint`.
 
@@ -168,6 +169,7 @@ def train(
         out: the run directory.
         tokenizer_json: the tokenizer, saved into every checkpoint.
         resume: continue exactly from `out/checkpoint` (model, optimizer, RNG states, step).
+        meta: JSON-serialisable facts saved with the training state (e.g. the corpus, for resuming).
 
     Returns:
         A TrainResult. Ctrl-C stops after the current step with a checkpoint saved (interrupted=True).
@@ -214,7 +216,7 @@ def train(
         if rank != 0:
             return
         tensors = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-        state = {"step": step, "data_rng": rng_states, "train_config": cfg.to_dict(), "world_size": world}
+        state = {"step": step, "data_rng": rng_states, "train_config": cfg.to_dict(), "world_size": world, **(meta or {})}
         save_checkpoint(out / "checkpoint", raw_model, tokenizer_json, optimizer_state=tensors, train_state=state)
 
     bar = None
