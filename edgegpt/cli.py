@@ -147,10 +147,10 @@ def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
 
     from edgegpt.checkpoint import load_checkpoint
     from edgegpt.generate import generate
-    from edgegpt.tokenizer import eot_id
+    from edgegpt.tokenizer import decode, encode, eot_id
 
     ckpt = load_checkpoint(checkpoint)
-    ids = ckpt.tokenizer.encode(prompt).ids or [eot_id(ckpt.tokenizer)]
+    ids = encode(ckpt.tokenizer, prompt) or [eot_id(ckpt.tokenizer)]
     room = ckpt.config.block_size - len(ids)
     out = generate(
         ckpt.model,
@@ -162,7 +162,7 @@ def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
         seed=seed,
         eos_token_id=eot_id(ckpt.tokenizer),
     )
-    click.echo(prompt + ckpt.tokenizer.decode(out[0, len(ids):].tolist()))
+    click.echo(prompt + decode(ckpt.tokenizer, out[0, len(ids):].tolist()))
 
 
 @main.command("import-hf")
@@ -224,6 +224,15 @@ def info():
         import torch
 
         click.echo(f"CUDA for torch: {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+
+
+# Commands owned by the export and runtime packages; their modules import nothing heavy at load time.
+from edgegpt.export.cli import export  # noqa: E402
+from edgegpt.runtime.cli import chat_command, generate_command  # noqa: E402
+
+main.add_command(export)
+main.add_command(generate_command)
+main.add_command(chat_command)
 
 
 def _installed(name: str) -> bool:

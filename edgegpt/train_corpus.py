@@ -6,6 +6,7 @@ which corpus, which tokenizer, which config when starting afresh or resuming.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -83,11 +84,12 @@ def train_on_corpus(
         if ckpt_dir.exists() and not force:
             raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or --force to start afresh")
         cfg = _train_config(config_file, {}, overrides)
+        config = GPTConfig.preset(preset, vocab_size=vocab_size, **(model_overrides or {}))  # fail fast
     files = find_corpus_files(corpus, pattern)
     if not resume:
         documents = read_corpus(files)
         tokenizer = train_tokenizer(corpus_texts_for_tokenizer(documents), vocab_size=vocab_size)
-        config = GPTConfig.preset(preset, vocab_size=tokenizer.get_vocab_size(), **(model_overrides or {}))
+        config = dataclasses.replace(config, vocab_size=tokenizer.get_vocab_size())
         if force:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             for name in ("metrics.jsonl", "loss.png"):
