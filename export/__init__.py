@@ -1,0 +1,188 @@
+"""edgegpt.export: a checkpoint -> a validated, fused ONNX bundle with a KV cache (`export_bundle`).
+
+The steps, one module each: onnx_export.py (torch -> ONNX with MultiHeadAttention nodes), optimize.py
+(onnxruntime's fusions, op counts), validate.py (checker, parity with PyTorch, greedy generation),
+genai.py (onnxruntime-genai's config files) and bundle.py (atomic directory). The manifest contract
+lives in edgegpt.manifest. Importing this package is cheap: torch and onnx are imported when
+`export_bundle` runs, so the CLI can import its command at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+__all__ = ["export_bundle"]
+
+log = logging.getLogger(__name__)
+
+_PROTOBUF_LIMIT = 2**31  # bytes: a larger ONNX file must keep its weights as external data
+EXTERNAL_DATA = "model.onnx.data"
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    optimize: bool = True,
+    external_data: bool = False,
+    validate: bool = True,
+    opset: int | None = None,
+) -> Path:
+    """Export a checkpoint to a bundle directory: model.onnx, tokenizer files, genai_config.json, manifest.json.
+
+    The graph serves prefill and decode (dynamic batch, sequence and past axes; left padding through
+    attention_mask / position_ids). It is checked by onnx.checker and, unless `validate=False`, against
+    PyTorch (logits and presents within 1e-4 before and after optimisation, greedy tokens equal).
+
+    Args:
+        checkpoint: a checkpoint directory (or a training run directory holding `checkpoint/`).
+        out: the bundle directory to create; built beside it and renamed into place when complete.
+        force: replace an existing bundle at `out`.
+        optimize: apply onnxruntime's fusions (SkipLayerNormalization, FastGelu); off leaves the plain export.
+        external_data: store weights in `model.onnx.data` (always done above 2 GB).
+        validate: run the parity and greedy checks (the ONNX checker always runs).
+        opset: ONNX opset, 17..19; default 17.
+
+    Returns:
+        The bundle directory.
+
+    Raises:
+        CheckpointError: a missing or corrupt checkpoint, a config that does not fit the weights, a tokenizer
+            of another vocabulary size or without an end-of-text token; raised before any export work.
+        ExportError: `out` exists (without `force`), the exporter, optimizer or checker failed.
+        ParityError: the graph's outputs or greedy tokens differ from PyTorch's; names output, case, difference.
+
+    >>> export_bundle("runs/tiny/checkpoint", "bundles/tiny")  # doctest: +SKIP
+    PosixPath('bundles/tiny')
+    """
+    import shutil
+
+    from edgegpt.checkpoint import TOKENIZER, WEIGHTS, load_checkpoint
+    from edgegpt.errors import CheckpointError, EdgeGPTError, ExportError
+    from edgegpt.export import bundle, genai, onnx_export
+    from edgegpt.manifest import MANIFEST_NAME, sha256_file, write_manifest
+    from edgegpt.tokenizer import eot_id
+
+    out = Path(out)
+    opset = onnx_export.DEFAULT_OPSET if opset is None else opset
+    if opset not in onnx_export.OPSETS:
+        raise ExportError(f"opset {opset} is not supported; choose {min(onnx_export.OPSETS)}..{max(onnx_export.OPSETS)}")
+    bundle.check_target(out, force)
+    ckpt = load_checkpoint(checkpoint)
+    try:
+        eot = eot_id(ckpt.tokenizer)
+    except EdgeGPTError as exc:
+        raise CheckpointError(f"{ckpt.path / TOKENIZER}: {exc}") from exc
+    model, cfg = ckpt.model, ckpt.config
+    n_bytes = 4 * (sum(p.numel() for p in model.parameters()) + cfg.vocab_size * cfg.n_embd)  # + the untied lm_head copy
+    external_data = external_data or n_bytes > 0.9 * _PROTOBUF_LIMIT
+    log.info("exporting %s (%.1f M parameters) to %s", ckpt.path, model.num_params() / 1e6, out)
+
+    with bundle.staging(out, force=force) as tmp:
+        graph = _build_graph(model, tmp / "model.onnx", opset=opset, optimize=optimize,
+                             external_data=external_data, validate=validate)
+        shutil.copyfile(ckpt.path / TOKENIZER, tmp / TOKENIZER)
+        genai.write_genai_files(tmp, cfg, eot)
+        manifest = {
+            "model": cfg.to_dict(),
+            "tokenizer": {"file": TOKENIZER, "vocab_size": ckpt.tokenizer.get_vocab_size(), "eot_token_id": eot},
+            "graph": _graph_section(tmp / "model.onnx", external_data),
+            "quantization": None,
+            "producer": _producer(),
+            "source": {"checkpoint": str(ckpt.path.resolve()), "fingerprint": sha256_file(ckpt.path / WEIGHTS)},
+            "optimization": graph["optimization"],
+            "validation": graph["validation"],
+            "genai": {"config": genai.GENAI_CONFIG, "model_type": "decoder"},
+        }
+        write_manifest(tmp, manifest)
+        (tmp / MANIFEST_NAME).chmod(0o644)  # atomic_write_text's temporary file is private (0600)
+    log.info("wrote bundle %s", out)
+    return out
+
+
+def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_data: bool, validate: bool) -> dict:
+    """Export, check, optimise and validate the graph into `final`; return the manifest's two sections."""
+    import shutil
+
+    import onnx
+
+    from edgegpt.export import onnx_export
+    from edgegpt.export import validate as check
+    from edgegpt.export.optimize import op_counts, optimize_onnx
+
+    cfg, work = model.config, final.parent / ".work"
+    work.mkdir()
+    raw = onnx_export.export_onnx(model, work / "exported.onnx", opset=opset)
+    check.check_graph(raw, cfg)
+    parity = {"exported": check.check_parity(model, raw, stage="exported")} if validate else {}
+    if optimize:
+        before, after = optimize_onnx(raw, final, cfg, external_data=external_data)
+        check.check_graph(final, cfg)
+        if validate:
+            parity["optimized"] = check.check_parity(model, final, stage="optimized")
+    else:
+        onnx.save_model(onnx.load(str(raw)), str(final), save_as_external_data=external_data, location=EXTERNAL_DATA)
+        before = after = op_counts(onnx.load(str(final), load_external_data=False))
+    greedy = check.check_greedy(model, final) if validate else None
+    shutil.rmtree(work)
+    optimizer = "onnxruntime.transformers.optimizer (model_type gpt2, opt_level 0)" if optimize else None
+    return {
+        "optimization": {"optimizer": optimizer, "op_counts_before": before, "op_counts_after": after},
+        "validation": _validation_section(parity, greedy),
+    }
+
+
+def _graph_section(final: Path, external_data: bool) -> dict:
+    """The manifest's "graph": file, opset, I/O and the KV-cache contract."""
+    import onnx
+
+    from edgegpt.export.validate import graph_io
+    from edgegpt.manifest import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+
+    model = onnx.load(str(final), load_external_data=False)
+    inputs, outputs = graph_io(final)
+    return {
+        "file": final.name,
+        "external_data": EXTERNAL_DATA if external_data else None,
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "inputs": inputs,
+        "outputs": outputs,
+        "kv_cache": {
+            "layout": "concat",  # present = concat(past, new): (B, H, P+T, D); feed it back as the next past
+            "past_key": PAST_KEY,
+            "past_value": PAST_VALUE,
+            "present_key": PRESENT_KEY,
+            "present_value": PRESENT_VALUE,
+            "dtype": "float32",
+        },
+        "attention": "com.microsoft.MultiHeadAttention",
+    }
+
+
+def _validation_section(parity: dict, greedy: dict | None) -> dict:
+    """The manifest's "validation": the checker, per-case parity figures and the greedy check."""
+    from edgegpt.export.validate import ATOL
+
+    if greedy is None:
+        return {"checker": "onnx.checker full_check", "parity": None, "greedy": None}
+    worst = max(d for stage in parity.values() for case in stage.values() for d in case.values())
+    return {"checker": "onnx.checker full_check", "atol": ATOL, "max_abs_diff": worst, "parity": parity, "greedy": greedy}
+
+
+def _producer() -> dict:
+    """Versions of everything that shaped the graph."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    from edgegpt import __version__
+
+    return {
+        "edgegpt": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "exporter": "torch.onnx.export(dynamo=False)",
+    }

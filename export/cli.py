@@ -1,0 +1,38 @@
+"""The `edgegpt export` command. Imports nothing heavy: torch loads inside the command when it runs."""
+
+from __future__ import annotations
+
+import click
+
+from edgegpt.errors import EdgeGPTError
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(), help="Bundle directory to create.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--no-optimize", "no_optimize", is_flag=True, help="Skip onnxruntime's fusions (plain export).")
+@click.option("--external-data", is_flag=True, help="Store weights in model.onnx.data (automatic above 2 GB).")
+@click.option("--opset", type=click.IntRange(17, 19), default=None, help="ONNX opset (default 17).")
+def export(checkpoint, out, force, no_optimize, external_data, opset):
+    """Export a checkpoint to a validated ONNX bundle with a KV cache.
+
+    Writes model.onnx, tokenizer files, genai_config.json (onnxruntime-genai) and manifest.json, after
+    checking the graph against PyTorch; the bundle appears only when complete.
+
+    \b
+    Examples:
+      edgegpt export runs/tiny -o bundles/tiny
+      edgegpt export runs/tiny/checkpoint -o bundles/tiny --force
+    """
+    from edgegpt.export import export_bundle
+
+    try:
+        path = export_bundle(
+            checkpoint, out, force=force, optimize=not no_optimize, external_data=external_data, opset=opset
+        )
+    except EdgeGPTError as exc:
+        if (click.get_current_context().obj or {}).get("debug"):
+            raise
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    click.echo(path)

@@ -1,0 +1,81 @@
+"""Graph optimisation: onnxruntime's transformer fusions on the exported graph, and op-type counts.
+
+`onnxruntime.transformers.optimizer` with the GPT-2 model type fuses the embedding sum and every
+residual-add + LayerNorm into `SkipLayerNormalization`, and the tanh GELU (with the bias add before it)
+into `FastGelu`. Attention is already one `MultiHeadAttention` node per layer (see onnx_export.py), so
+no attention fusion is needed. Only the optimizer's Python fusions run here (opt_level 0): onnxruntime
+applies its own hardware-specific graph optimisations when a session loads the file.
+References: onnxruntime/python/tools/transformers (optimizer.py, onnx_model_gpt2.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+from edgegpt.config import GPTConfig
+from edgegpt.errors import ExportError
+
+__all__ = ["fused_op_shortfall", "op_counts", "optimize_onnx"]
+
+log = logging.getLogger(__name__)
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Node count per op type of the main graph, most frequent first."""
+    return dict(Counter(node.op_type for node in model.graph.node).most_common())
+
+
+def expected_fused_ops(config: GPTConfig) -> dict[str, int]:
+    """The fused kernels a fully optimised graph holds: per layer one attention, one GELU, two LayerNorms."""
+    return {
+        "MultiHeadAttention": config.n_layer,
+        "FastGelu": config.n_layer,
+        # each LayerNorm follows an add: ln_1 of block 0 the embedding sum, the other 2 n_layer the residuals
+        "SkipLayerNormalization": 2 * config.n_layer + 1,
+    }
+
+
+def fused_op_shortfall(counts: dict[str, int], config: GPTConfig) -> dict[str, tuple[int, int]]:
+    """{op: (found, expected)} for each fused op that the graph holds too few of."""
+    return {op: (counts.get(op, 0), n) for op, n in expected_fused_ops(config).items() if counts.get(op, 0) < n}
+
+
+def optimize_onnx(src: Path, dst: Path, config: GPTConfig, *, external_data: bool) -> tuple[dict, dict]:
+    """Fuse `src` into `dst`; return (op counts before, op counts after).
+
+    Raises:
+        ExportError: the optimizer failed or left LayerNorm / GELU / attention unfused.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    before = op_counts(onnx.load(str(src), load_external_data=False))
+    options = FusionOptions("gpt2")
+    options.enable_attention = False  # already fused: the graph holds MultiHeadAttention nodes
+    try:
+        optimized = optimize_model(
+            str(src),
+            model_type="gpt2",
+            num_heads=config.n_head,
+            hidden_size=config.n_embd,
+            optimization_options=options,
+            opt_level=0,
+        )
+        optimized.save_model_to_file(str(dst), use_external_data_format=external_data)
+    except Exception as exc:  # the optimizer raises whatever its passes hit
+        raise ExportError(f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False") from exc
+    after = op_counts(onnx.load(str(dst), load_external_data=False))
+    shortfall = fused_op_shortfall(after, config)
+    if shortfall:
+        raise ExportError(
+            "the optimized graph lacks fused kernels, (found, expected): "
+            + ", ".join(f"{op} {v}" for op, v in shortfall.items())
+            + "; check the onnxruntime version or export with optimize=False (--no-optimize)"
+        )
+    log.info("op counts before optimisation: %s", before)
+    log.info("op counts after optimisation:  %s", after)
+    return before, after

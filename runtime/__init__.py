@@ -1,0 +1,66 @@
+"""edgegpt.runtime: run a bundle with onnxruntime, without torch.
+
+Imports only the standard library, numpy, onnxruntime, tokenizers and torch-free edgegpt modules
+(config, errors, manifest, tokenizer); tests/test_runtime.py proves it in a fresh interpreter.
+The public names load on first use (PEP 562), so `edgegpt.runtime.cli` can be imported by the
+`edgegpt` command group without paying for onnxruntime and numpy at start-up.
+
+Modules: bundle.py (verify a bundle), onnx_paths.py (read model.onnx without `onnx`), providers.py
+(execution provider, session options), binding.py (IOBinding), kv_cache.py (KV-cache layouts),
+sampling.py (numpy sampling), generator.py (the decoding loop), cli.py (`generate`, `chat`).
+
+>>> from edgegpt.runtime import Generator
+>>> gen = Generator.load("bundles/tiny", provider="cpu")  # doctest: +SKIP
+>>> print(gen.generate("def parse(", max_new_tokens=20).text)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "Bundle",
+    "GenerationResult",
+    "Generator",
+    "KVCacheSpec",
+    "PromptError",
+    "Sampler",
+    "SamplingConfig",
+    "SessionConfig",
+    "TextStream",
+    "Timings",
+    "UnknownParameterError",
+]
+
+_HOME = {
+    "Bundle": "bundle",
+    "KVCacheSpec": "bundle",
+    "GenerationResult": "generator",
+    "Generator": "generator",
+    "PromptError": "generator",
+    "TextStream": "generator",
+    "Timings": "generator",
+    "SessionConfig": "providers",
+    "Sampler": "sampling",
+    "SamplingConfig": "sampling",
+    "UnknownParameterError": "sampling",
+}
+
+if TYPE_CHECKING:
+    from edgegpt.runtime.bundle import Bundle, KVCacheSpec
+    from edgegpt.runtime.generator import GenerationResult, Generator, PromptError, TextStream, Timings
+    from edgegpt.runtime.providers import SessionConfig
+    from edgegpt.runtime.sampling import Sampler, SamplingConfig, UnknownParameterError
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'edgegpt.runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"edgegpt.runtime.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

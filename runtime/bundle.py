@@ -1,0 +1,188 @@
+"""`Bundle.load`: verify a bundle directory completely before any onnxruntime session reads it.
+
+Checks, in order: the manifest's format and version, the size and sha256 of every listed file
+(`edgegpt.manifest.verify_bundle`), the model config, the KV-cache layout, the external-data locations
+inside `model.onnx` (each must be a safe, hashed member of the bundle), the graph's input and output names,
+and the tokenizer (loadable, an end-of-text token, the same vocabulary size as the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgegpt.config import GPTConfig
+from edgegpt.errors import BundleError, ConfigError, EdgeGPTError
+from edgegpt.manifest import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    MANIFEST_NAME,
+    PAST_KEY,
+    PAST_VALUE,
+    POSITION_IDS,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    safe_member,
+    verify_bundle,
+)
+from edgegpt.runtime.kv_cache import KV_CACHES
+from edgegpt.runtime.onnx_paths import read_graph_summary
+
+__all__ = ["Bundle", "KVCacheSpec"]
+
+KV_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The graph's cache contract: layout, dtype and the per-layer I/O names."""
+
+    layout: str
+    dtype: str
+    past_key: str = PAST_KEY
+    past_value: str = PAST_VALUE
+    present_key: str = PRESENT_KEY
+    present_value: str = PRESENT_VALUE
+
+    def past_names(self, n_layer: int) -> list[str]:
+        return [name.format(i) for i in range(n_layer) for name in (self.past_key, self.past_value)]
+
+    def present_names(self, n_layer: int) -> list[str]:
+        return [name.format(i) for i in range(n_layer) for name in (self.present_key, self.present_value)]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: paths, manifest, model config, KV-cache contract and tokenizer.
+
+    >>> bundle = Bundle.load("bundles/tiny")  # doctest: +SKIP
+    >>> bundle.config.block_size, bundle.kv.layout  # doctest: +SKIP
+    (64, 'concat')
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    config: GPTConfig
+    kv: KVCacheSpec
+    tokenizer: Any  # tokenizers.Tokenizer
+    eot_id: int
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest["graph"].get("file", "model.onnx")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *self.kv.past_names(self.config.n_layer)]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [LOGITS, *self.kv.present_names(self.config.n_layer)]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Bundle":
+        """Verify and load a bundle directory; nothing is handed to onnxruntime until all checks pass.
+
+        Raises:
+            BundleError: missing, altered or unsafe files, an unknown format version or KV layout,
+                missing graph inputs/outputs, a tokenizer that does not fit the model.
+        """
+        path = Path(path)
+        manifest = verify_bundle(path)
+        where = path / MANIFEST_NAME
+        config = _config(manifest, where)
+        kv = _kv_spec(manifest, where)
+        graph = manifest.get("graph")
+        if not isinstance(graph, dict):
+            raise BundleError(f"{where}: no 'graph' section; re-export the bundle")
+        model_file = graph.get("file", "model.onnx")
+        if not isinstance(model_file, str):
+            raise BundleError(f"{where}: graph.file must be a file name, got {model_file!r}")
+        model_path = safe_member(path, model_file)
+        if model_file not in manifest["files"]:
+            raise BundleError(f"{where}: graph file {model_file!r} is not listed (hashed) in 'files'; re-export")
+        summary = read_graph_summary(model_path)
+        _check_external_data(path, summary.external_locations, manifest["files"], model_path)
+        expected_in = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *kv.past_names(config.n_layer)]
+        expected_out = [LOGITS, *kv.present_names(config.n_layer)]
+        declared_in = [i.get("name") for i in graph.get("inputs", []) if isinstance(i, dict)]
+        declared_out = [o.get("name") for o in graph.get("outputs", []) if isinstance(o, dict)]
+        check_io(f"{where} 'graph'", declared_in, declared_out, expected_in, expected_out)
+        check_io(str(model_path), summary.inputs, summary.outputs, expected_in, expected_out)
+        tokenizer, eot = _tokenizer(path, manifest, config, where)
+        return cls(path, manifest, config, kv, tokenizer, eot)
+
+
+def check_io(where: str, inputs: list, outputs: list, expected_in: list[str], expected_out: list[str]) -> None:
+    """Raise BundleError naming the graph inputs/outputs that the runtime needs and `where` lacks."""
+    missing = [n for n in expected_in if n not in inputs] + [n for n in expected_out if n not in outputs]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
+        raise BundleError(f"{where}: the graph lacks {shown}; re-export the bundle with this edgegpt")
+
+
+def _config(manifest: dict, where: Path) -> GPTConfig:
+    try:
+        return GPTConfig.from_dict(manifest.get("model"))
+    except ConfigError as exc:
+        raise BundleError(f"{where}: bad 'model' config ({exc}); re-export the bundle") from exc
+
+
+def _kv_spec(manifest: dict, where: Path) -> KVCacheSpec:
+    kv = (manifest.get("graph") or {}).get("kv_cache")
+    if not isinstance(kv, dict):
+        raise BundleError(f"{where}: no graph.kv_cache section; re-export the bundle")
+    layout, dtype = kv.get("layout"), kv.get("dtype", "float32")
+    if layout not in KV_CACHES:
+        raise BundleError(
+            f"{where}: KV-cache layout {layout!r} is not supported by this runtime (it runs {', '.join(KV_CACHES)}); "
+            "upgrade edgegpt or re-export the bundle"
+        )
+    if dtype not in KV_DTYPES:
+        raise BundleError(f"{where}: KV-cache dtype {dtype!r} is not one of {', '.join(KV_DTYPES)}")
+    names = {k: kv[k] for k in ("past_key", "past_value", "present_key", "present_value") if k in kv}
+    for key, name in names.items():
+        if not isinstance(name, str) or name.count("{}") != 1:
+            raise BundleError(f"{where}: graph.kv_cache.{key} must be a name with one '{{}}' for the layer, got {name!r}")
+    return KVCacheSpec(layout=layout, dtype=dtype, **names)
+
+
+def _check_external_data(bundle: Path, locations: list[str], files: dict, model_path: Path) -> None:
+    """Every external-data location must resolve inside the bundle and be a hashed manifest entry."""
+    base = model_path.parent.relative_to(bundle)
+    for location in dict.fromkeys(locations):
+        try:
+            member = safe_member(bundle, (base / location).as_posix() if location else "")
+        except BundleError as exc:
+            raise BundleError(f"{model_path}: external data location {location!r} refused: {exc}") from None
+        name = member.relative_to(bundle).as_posix()
+        if name not in files:
+            raise BundleError(
+                f"{model_path}: external data {location!r} is not listed (hashed) in the manifest; re-export the bundle"
+            )
+
+
+def _tokenizer(path: Path, manifest: dict, config: GPTConfig, where: Path):
+    from edgegpt.tokenizer import eot_id, load_tokenizer
+
+    meta = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
+    name = meta.get("file", "tokenizer.json")
+    if not isinstance(name, str) or name not in manifest["files"]:
+        raise BundleError(f"{where}: tokenizer file {name!r} is not listed (hashed) in 'files'; re-export the bundle")
+    file = safe_member(path, name)
+    try:
+        tok = load_tokenizer(file)
+        eot = eot_id(tok)
+    except EdgeGPTError as exc:
+        raise BundleError(f"{file}: {exc}") from exc
+    size = tok.get_vocab_size()
+    if size != config.vocab_size or meta.get("vocab_size", size) != size:
+        raise BundleError(
+            f"{file}: the tokenizer has {size} tokens, the manifest says {meta.get('vocab_size')} and the model's "
+            f"vocab_size is {config.vocab_size}; they must be equal: re-export the bundle from one checkpoint"
+        )
+    if meta.get("eot_token_id", eot) != eot:
+        raise BundleError(f"{where}: tokenizer.eot_token_id {meta['eot_token_id']} but the tokenizer's is {eot}")
+    return tok, eot

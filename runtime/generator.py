@@ -1,0 +1,460 @@
+"""The decoding loop: `Generator` (load a bundle, generate / stream / batch) on one onnxruntime session.
+
+Each call builds a `_Request` that owns everything mutable: the IOBinding, the KV cache (`kv_cache.py`),
+the samplers (`sampling.py`), the incremental detokenisers and the stop-string matchers. The session and
+the bundle are shared read-only, and `InferenceSession.run_with_iobinding` is thread-safe, so one
+Generator serves concurrent calls from several threads.
+
+Per step only the last position's logits are sampled. Batches are left-padded: attention_mask marks the
+padding 0 and position_ids = cumsum(mask) - 1, so each row computes what it would compute alone.
+Reference loop: edgegpt.generate.generate (PyTorch), which greedy decoding here matches token for token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edgegpt.errors import ContextLengthError, EdgeGPTError, SamplingError
+from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
+from edgegpt.runtime.binding import Binding
+from edgegpt.runtime.bundle import Bundle, check_io
+from edgegpt.runtime.kv_cache import make_kv_cache
+from edgegpt.runtime.providers import CUDA, SessionConfig, create_session
+from edgegpt.runtime.sampling import Sampler, SamplingConfig
+from edgegpt.tokenizer import IncrementalDecoder
+
+__all__ = ["GenerationResult", "Generator", "PromptError", "TextStream", "Timings"]
+
+
+class PromptError(EdgeGPTError, ValueError):
+    """A prompt the model cannot take: token ids outside the vocabulary, or not token ids at all."""
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Wall-clock figures of one request.
+
+    Attributes:
+        time_to_first_token_s: from the call to the first sampled token (tokenising and prefill included).
+        decode_s: from the first token to the last.
+        total_s: the whole call.
+        tokens_per_s: decode speed, (tokens - 1) / decode_s (0 with fewer than two tokens).
+        session_s: time spent inside onnxruntime over all steps.
+        steps: model calls (prefill, one per token, and any sliding-window recomputation).
+    """
+
+    time_to_first_token_s: float
+    decode_s: float
+    total_s: float
+    tokens_per_s: float
+    session_s: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one prompt produced.
+
+    Attributes:
+        text: the generated text (the prompt excluded; a matched stop string and what follows cut off).
+        tokens: the generated token ids, without a final end-of-text or stop token id.
+        finish_reason: "eos" (the model ended the text), "stop" (a stop string or stop token id) or
+            "length" (max_new_tokens, or the context was full).
+        prompt_tokens: the prompt's token ids as fed (an empty prompt is the end-of-text token).
+        timings: see `Timings`.
+        context_shifts: how often the sliding window dropped old tokens and recomputed the cache.
+    """
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: list[int]
+    timings: Timings
+    context_shifts: int = 0
+
+
+class _StopText:
+    """Holds back text that may be the start of a stop string; cuts the text at the first stop string."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.pending = stops, ""
+
+    def add(self, piece: str) -> tuple[str, bool]:
+        """-> (text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return piece, False
+        text = self.pending + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return text[: min(hits)], True
+        hold = 0  # the longest tail of text that a stop string starts with
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:k]):
+                    hold = k
+                    break
+        self.pending = text[len(text) - hold :]
+        return text[: len(text) - hold], False
+
+    def flush(self, piece: str) -> str:
+        out, hit = self.add(piece)
+        rest, self.pending = ("" if hit else self.pending), ""
+        return out + rest
+
+
+class _Row:
+    """One prompt of a request: its tokens, sampler, detokeniser, stop matcher and output so far."""
+
+    def __init__(self, prompt: list[int], sampler: Sampler, decoder: IncrementalDecoder, stops: tuple[str, ...]):
+        self.prompt, self.sampler, self.decoder = prompt, sampler, decoder
+        self.stop_text = _StopText(stops)
+        self.tokens: list[int] = []
+        self.pieces: list[str] = []
+        self.finish_reason: str | None = None
+        self.finished_at = 0.0
+
+
+class _Request:
+    """The mutable state of one generate/stream/batch call; iterate it to run the loop step by step."""
+
+    def __init__(self, gen: "Generator", prompts: list[list[int]], config: SamplingConfig, started: float):
+        self.gen, self.config, self.started = gen, config, started
+        vocab, block = gen.config.vocab_size, gen.config.block_size
+        bad = [i for i in config.stop_token_ids if i >= vocab]
+        if bad:
+            raise SamplingError(f"stop_token_ids {bad} are outside the vocabulary (0..{vocab - 1})")
+        longest = max(len(p) for p in prompts)
+        if config.max_new_tokens is None:
+            if config.sliding_window:
+                raise SamplingError("max_new_tokens=None (until the context is full) cannot be used with sliding_window=True")
+            if longest > block:
+                raise ContextLengthError(f"prompt of {longest} tokens exceeds the model's context of {block} tokens")
+            self.max_new = block - longest
+        else:
+            self.max_new = config.max_new_tokens
+            if not config.sliding_window and longest + self.max_new > block:
+                raise ContextLengthError(
+                    f"prompt of {longest} tokens + max_new_tokens {self.max_new} = {longest + self.max_new} exceeds the "
+                    f"model's context of {block} tokens; shorten the prompt, lower max_new_tokens to "
+                    f"{max(block - longest, 0)} or pass sliding_window=True"
+                )
+        self.rows = [
+            _Row(p, Sampler(config, vocab, p), gen._new_decoder(), config.stop) for p in prompts
+        ]
+        self.binding = Binding(gen.session, gen._device)
+        self.cache = gen._new_kv_cache()
+        self.session_s, self.steps, self.context_shifts = 0.0, 0, 0
+        self.first_token_at: float | None = None
+
+    def __iter__(self) -> Iterator[list[str]]:
+        """Run the loop; after each model step yield the new text piece of every row ("" if none)."""
+        rows, block = self.rows, self.gen.config.block_size
+        if self.max_new == 0:
+            for row in rows:
+                self._finish(row, "length", [])
+            return
+        feed = [row.prompt for row in rows]
+        if self.config.sliding_window and max(map(len, feed)) > block:
+            feed = self._window(feed)
+        while True:
+            if feed is None and self.cache.length + 1 > block:  # only with sliding_window
+                feed = self._window([row.prompt + row.tokens for row in rows])
+            logits = self._prefill(feed) if feed is not None else self._decode()
+            pieces = [""] * len(rows)
+            for b, row in enumerate(rows):
+                if row.finish_reason is None:
+                    pieces[b] = self._sample(row, logits[b])
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            yield pieces
+            if all(row.finish_reason for row in rows):
+                return
+            feed = None
+
+    def _window(self, histories: list[list[int]]) -> list[list[int]]:
+        """Keep the most recent tokens so that the rest of the generation fits with the fewest recomputations."""
+        block = self.gen.config.block_size
+        remaining = max((self.max_new - len(r.tokens) for r in self.rows if r.finish_reason is None), default=1)
+        keep = block - min(max(remaining, 1), block // 2)
+        self.context_shifts += 1
+        return [h[-keep:] for h in histories]
+
+    def _prefill(self, feed: list[list[int]]) -> np.ndarray:
+        """Left-pad the rows and run them from an empty cache; -> last-position logits (B, V)."""
+        batch, width = len(feed), max(map(len, feed))
+        ids = np.full((batch, width), self.gen.eot_id, dtype=np.int64)
+        # The mask lives in one (B, block_size) buffer: a decode step sets one column instead of allocating.
+        self.mask = np.zeros((batch, self.gen.config.block_size), dtype=np.int64)
+        for b, tokens in enumerate(feed):
+            ids[b, width - len(tokens) :] = tokens
+            self.mask[b, width - len(tokens) : width] = 1
+        self.width = width
+        mask = np.ascontiguousarray(self.mask[:, :width])
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        self.next_ids = np.empty((batch, 1), dtype=np.int64)
+        self.next_positions = mask.sum(axis=1, keepdims=True)  # (B, 1): the next position of each row
+        self.cache.reset(self.binding, batch)
+        return self._run(ids, mask, positions)
+
+    def _decode(self) -> np.ndarray:
+        """Feed each row's last token (finished rows: end-of-text, ignored); -> logits (B, V)."""
+        for b, row in enumerate(self.rows):
+            self.next_ids[b, 0] = row.tokens[-1] if row.tokens and row.finish_reason is None else self.gen.eot_id
+        self.mask[:, self.width] = 1
+        self.width += 1
+        mask = self.mask[:, : self.width]  # a view for one row; rows of a batch need a contiguous copy
+        logits = self._run(self.next_ids, mask if len(self.rows) == 1 else np.ascontiguousarray(mask), self.next_positions)
+        self.next_positions += 1  # after the run: the bound array is read by it
+        return logits
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One model call through the IOBinding; the presents stay on the device as the next past."""
+        binding = self.binding
+        binding.bind_numpy(INPUT_IDS, ids)
+        binding.bind_numpy(ATTENTION_MASK, mask)
+        binding.bind_numpy(POSITION_IDS, positions)
+        binding.bind_outputs([LOGITS], self.cache.bind(binding))
+        start = time.perf_counter()
+        binding.run()
+        self.session_s += time.perf_counter() - start
+        self.steps += 1
+        outputs = binding.outputs()
+        self.cache.update(outputs[1:], ids.shape[1])
+        return outputs[0].numpy()[:, -1, :]  # (B, T, V) -> (B, V): only the last position is sampled
+
+    def _sample(self, row: _Row, logits: np.ndarray) -> str:
+        """Pick the row's next token, update its text; -> the text piece it adds."""
+        token = row.sampler(logits)
+        config = self.config
+        if token == self.gen.eot_id and not config.ignore_eos:
+            return self._finish(row, "eos", [])
+        if token in config.stop_token_ids:
+            return self._finish(row, "stop", [])
+        row.tokens.append(token)
+        piece, hit = row.stop_text.add(row.decoder.step(token))
+        if hit:
+            return self._finish(row, "stop", [piece])
+        if len(row.tokens) >= self.max_new:
+            return self._finish(row, "length", [piece])
+        row.pieces.append(piece)
+        return piece
+
+    def _finish(self, row: _Row, reason: str, pieces: list[str]) -> str:
+        if reason != "stop" or not pieces:  # a stop string already cut the text: drop what is held back
+            pieces.append(row.stop_text.flush(row.decoder.flush()))
+        piece = "".join(pieces)
+        row.pieces.append(piece)
+        row.finish_reason, row.finished_at = reason, time.perf_counter()
+        return piece
+
+    def result(self, b: int = 0) -> GenerationResult:
+        row = self.rows[b]
+        end = row.finished_at or time.perf_counter()
+        first = self.first_token_at or end
+        decode = end - first
+        timings = Timings(
+            time_to_first_token_s=first - self.started,
+            decode_s=decode,
+            total_s=end - self.started,
+            tokens_per_s=(len(row.tokens) - 1) / decode if len(row.tokens) > 1 and decode > 0 else 0.0,
+            session_s=self.session_s,
+            steps=self.steps,
+        )
+        return GenerationResult(
+            text="".join(row.pieces),
+            tokens=list(row.tokens),
+            finish_reason=row.finish_reason or "length",
+            prompt_tokens=list(row.prompt),
+            timings=timings,
+            context_shifts=self.context_shifts,
+        )
+
+
+class TextStream:
+    """An iterator of text pieces; once exhausted, `.result` holds the `GenerationResult`."""
+
+    def __init__(self, request: _Request):
+        self._request, self._steps = request, iter(request)
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        for pieces in self._steps:
+            if pieces[0]:
+                return pieces[0]
+        if self.result is None:
+            self.result = self._request.result(0)
+        raise StopIteration
+
+
+class Generator:
+    """Text generation from a verified bundle with onnxruntime; no torch.
+
+    Sampling knobs are keyword-only and mirror `SamplingConfig` (an unknown keyword raises
+    `UnknownParameterError`, a `TypeError`); `sampling=` passes a whole config, keywords override it.
+
+    >>> gen = Generator.load("bundles/tiny", provider="cpu")  # doctest: +SKIP
+    >>> gen.generate("def parse(", max_new_tokens=8).finish_reason  # doctest: +SKIP
+    'length'
+    >>> "".join(gen.stream("def parse(", max_new_tokens=8, temperature=0.8, seed=0))  # doctest: +SKIP
+    '...'
+    """
+
+    def __init__(self, bundle: Bundle, session: ort.InferenceSession, session_config: SessionConfig):
+        self.bundle, self.session, self.session_config = bundle, session, session_config
+        self.config, self.tokenizer, self.eot_id = bundle.config, bundle.tokenizer, bundle.eot_id
+        names_in = [i.name for i in session.get_inputs()]
+        names_out = [o.name for o in session.get_outputs()]
+        check_io(f"{bundle.model_path} (onnxruntime)", names_in, names_out, bundle.input_names, bundle.output_names)
+        on_cuda = session.get_providers()[0] == CUDA
+        self._device = ("cuda", session_config.device_id) if on_cuda else ("cpu", 0)
+        self._decoder = IncrementalDecoder(self.tokenizer)  # building the byte table costs ms: once
+
+    @classmethod
+    def load(
+        cls,
+        bundle: str | Path | Bundle,
+        provider: str = "auto",
+        threads: int | None = None,
+        *,
+        optimization: str = "all",
+        memory_arena: bool = True,
+        spinning: bool = False,
+        device_id: int = 0,
+        log_severity: int = 3,
+    ) -> "Generator":
+        """Verify the bundle (manifest, hashes, external data, I/O, tokenizer), then create the session.
+
+        Args:
+            bundle: the bundle directory (or an already verified `Bundle`).
+            provider: "auto" (CUDA if usable, else CPU with a warning), "cpu" or "cuda".
+            threads: onnxruntime intra-op threads; None is one per physical core.
+            optimization, memory_arena, spinning, device_id, log_severity: see `SessionConfig`.
+
+        Raises:
+            BundleError: the bundle is missing, altered, unsafe or incompatible.
+            ProviderError: provider="cuda" and CUDA cannot be used (the message says why).
+
+        >>> gen = Generator.load("bundles/tiny", provider="cpu", threads=2)  # doctest: +SKIP
+        """
+        session_config = SessionConfig(
+            provider=provider,
+            threads=threads,
+            optimization=optimization,
+            memory_arena=memory_arena,
+            spinning=spinning,
+            device_id=device_id,
+            log_severity=log_severity,
+        )
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle.load(bundle)
+        return cls(bundle, create_session(bundle.model_path, session_config), session_config)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no special tokens added)."""
+        if not isinstance(text, str):
+            raise PromptError(f"prompt must be a str, got {type(text).__name__}; use generate_ids for token ids")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids."""
+        return self.tokenizer.decode(self._check_ids(ids), skip_special_tokens=False)
+
+    def generate(self, prompt: str, sampling: SamplingConfig | None = None, **overrides) -> GenerationResult:
+        """Continue `prompt`; returns the text, token ids, finish_reason and timings.
+
+        Raises:
+            SamplingError: an invalid or unknown sampling keyword (named in the message).
+            ContextLengthError: prompt + max_new_tokens exceed the context (without sliding_window).
+
+        >>> gen.generate("def parse(", max_new_tokens=16, temperature=0.8, top_p=0.95, seed=0).text  # doctest: +SKIP
+        """
+        started = time.perf_counter()
+        request = self._request([self.encode(prompt)], sampling, overrides, started)
+        for _ in request:
+            pass
+        return request.result(0)
+
+    def stream(self, prompt: str, sampling: SamplingConfig | None = None, **overrides) -> TextStream:
+        """Like `generate`, but yields text pieces as tokens arrive; never splits a multi-byte character.
+
+        The pieces joined equal `generate(...).text` for the same seed; `.result` is set when exhausted.
+
+        >>> for piece in gen.stream("def parse(", max_new_tokens=16):  # doctest: +SKIP
+        ...     print(piece, end="", flush=True)
+        """
+        started = time.perf_counter()
+        return TextStream(self._request([self.encode(prompt)], sampling, overrides, started))
+
+    def generate_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, **overrides) -> GenerationResult:
+        """Token ids in, token ids out (`result.tokens`); ids outside the vocabulary raise `PromptError`.
+
+        >>> gen.generate_ids([11, 42, 7], max_new_tokens=4).tokens  # doctest: +SKIP
+        """
+        started = time.perf_counter()
+        request = self._request([self._check_ids(ids)], sampling, overrides, started)
+        for _ in request:
+            pass
+        return request.result(0)
+
+    def generate_batch(
+        self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig | None = None, **overrides
+    ) -> list[GenerationResult]:
+        """Several prompts (texts or token-id lists) in one left-padded batch; one result per prompt.
+
+        Greedy output per prompt equals generating it alone; each row samples with its own RNG seeded by
+        `seed`. Rows that finish early keep being fed an end-of-text token but produce nothing more.
+        Without sliding_window the longest prompt bounds max_new_tokens for all rows.
+
+        >>> [r.text for r in gen.generate_batch(["def ", "import "], max_new_tokens=8)]  # doctest: +SKIP
+        """
+        started = time.perf_counter()
+        if isinstance(prompts, str) or not prompts:
+            raise PromptError("generate_batch takes a non-empty list of prompts (texts or token-id lists)")
+        ids = [self.encode(p) if isinstance(p, str) else self._check_ids(p) for p in prompts]
+        request = self._request(ids, sampling, overrides, started)
+        for _ in request:
+            pass
+        return [request.result(b) for b in range(len(ids))]
+
+    def _request(self, prompts: list[list[int]], sampling, overrides: dict, started: float) -> _Request:
+        base = SamplingConfig() if sampling is None else sampling
+        if not isinstance(base, SamplingConfig):
+            raise SamplingError(f"sampling must be a SamplingConfig, got {type(base).__name__}")
+        config = base.replace(**overrides)
+        prompts = [p or [self.eot_id] for p in prompts]  # an empty prompt starts from end-of-text
+        return _Request(self, prompts, config, started)
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        vocab = self.config.vocab_size
+        if isinstance(ids, (str, bytes)):
+            raise PromptError(f"token ids must be a sequence of integers, got {type(ids).__name__}")
+        out = []
+        for pos, i in enumerate(ids):
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                raise PromptError(f"token id at position {pos} must be an integer, got {i!r}")
+            if not 0 <= i < vocab:
+                raise PromptError(f"token id {int(i)} at position {pos} is outside the vocabulary (0..{vocab - 1})")
+            out.append(int(i))
+        return out
+
+    def _new_decoder(self) -> IncrementalDecoder:
+        """A fresh detokeniser sharing the prototype's id -> bytes table (building that table costs ms)."""
+        return self._decoder.fresh()
+
+    def _new_kv_cache(self):
+        kv, c = self.bundle.kv, self.config
+        return make_kv_cache(kv.layout, kv.past_names(c.n_layer), kv.present_names(c.n_layer), c.n_head, c.head_size, kv.dtype)

@@ -1,0 +1,210 @@
+"""Sampling in numpy: the `SamplingConfig` knobs, their validation, and the per-request `Sampler`.
+
+One request owns one `Sampler`: a seeded `np.random.Generator` and the token counts that the penalties
+need, so concurrent requests never share state. The order of the logits processors follows Hugging Face
+`generate`: penalties, temperature, top-k, top-p (over the top-k renormalised), min-p, then a draw.
+Greedy (temperature 0, no penalties) is exactly `argmax` over the float32 logits, ties to the lowest id,
+like `torch.argmax`, so it matches `edgegpt.generate.generate` token for token.
+
+References: Holtzman et al. 2019 (top-p, "The Curious Case of Neural Text Degeneration");
+Keskar et al. 2019 (CTRL, the repetition penalty); Nguyen et al. 2024 (min-p); OpenAI's presence and
+frequency penalties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+from edgegpt.errors import SamplingError
+
+__all__ = ["SamplingConfig", "Sampler", "UnknownParameterError"]
+
+
+class UnknownParameterError(SamplingError, TypeError):
+    """A keyword that is not a `SamplingConfig` field (a `TypeError` too, as Python's own would be)."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each new token and when to stop. Every field is a keyword of `Generator.generate`.
+
+    Attributes:
+        max_new_tokens: tokens to generate at most; None means until the model's context is full.
+        temperature: 0 is greedy (argmax); higher flattens the distribution.
+        top_k: keep the k most likely tokens (0 keeps all).
+        top_p: keep the smallest set of tokens whose probability reaches top_p (1 keeps all).
+        min_p: drop tokens less likely than min_p times the most likely one (0 keeps all).
+        repetition_penalty: CTRL's penalty (> 1 discourages) on tokens of the prompt and the output.
+        presence_penalty: subtracted once from the logit of every token already generated.
+        frequency_penalty: subtracted from a logit once per time its token was generated.
+        stop: strings that end generation; the stop string itself is not part of the text.
+        stop_token_ids: token ids that end generation (finish_reason "stop"), not part of the output.
+        seed: same seed, same text; None draws fresh entropy.
+        ignore_eos: keep going after the end-of-text token (benchmarks, parity tests).
+        sliding_window: when the context fills up, keep the most recent tokens and recompute the cache
+            instead of raising `ContextLengthError`.
+
+    >>> SamplingConfig(temperature=0.7, top_p=0.9, stop=["\\n\\n"]).stop
+    ('\\n\\n',)
+    >>> SamplingConfig(top_p=0)
+    Traceback (most recent call last):
+    ...
+    edgegpt.errors.SamplingError: top_p must be in (0, 1], got 0
+    """
+
+    max_new_tokens: int | None = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+    sliding_window: bool = False
+
+    def __post_init__(self):
+        _check_int("max_new_tokens", self.max_new_tokens, allow_none=True)
+        _check_int("top_k", self.top_k)
+        _check_real("temperature", self.temperature, lo=0.0)
+        _check_real("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        _check_real("min_p", self.min_p, lo=0.0, hi=1.0)
+        _check_real("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        _check_real("presence_penalty", self.presence_penalty)
+        _check_real("frequency_penalty", self.frequency_penalty)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        stop = tuple(stop) if isinstance(stop, Iterable) else None
+        if stop is None or not all(isinstance(s, str) and s for s in stop):
+            raise SamplingError(f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        ids = (self.stop_token_ids,) if isinstance(self.stop_token_ids, int) else self.stop_token_ids
+        if not isinstance(ids, Iterable) or isinstance(ids, (str, bytes)):
+            raise SamplingError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
+        ids = tuple(ids)
+        for i in ids:
+            _check_int("stop_token_ids", i)
+        object.__setattr__(self, "stop_token_ids", ids)
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+        for name in ("ignore_eos", "sliding_window"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise SamplingError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **overrides: Any) -> "SamplingConfig":
+        """A copy with some fields changed; an unknown keyword raises `UnknownParameterError` naming it.
+
+        >>> SamplingConfig().replace(top_k=40).top_k
+        40
+        >>> try:
+        ...     SamplingConfig().replace(topk=40)
+        ... except TypeError as exc:
+        ...     print(exc)
+        unknown sampling parameter 'topk'; did you mean 'top_k'?
+        """
+        known = [f.name for f in dataclasses.fields(self)]
+        for name in overrides:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+                raise UnknownParameterError(f"unknown sampling parameter {name!r}; {hint}")
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+
+def _check_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise SamplingError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _check_real(name: str, value: Any, *, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False) -> None:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok or not math.isfinite(value):
+        raise SamplingError(f"{name} must be a finite number, got {value!r}")
+    if value < lo or (lo_open and value == lo) or value > hi:
+        left = "(" if lo_open else "["
+        bounds = f"in {left}{lo:g}, {hi:g}]" if math.isfinite(hi) else (f"> {lo:g}" if lo_open else f">= {lo:g}")
+        raise SamplingError(f"{name} must be {bounds}, got {value!r}")
+
+
+class Sampler:
+    """Picks the next token from one row of logits; per-request state (RNG, token counts).
+
+    Args:
+        config: the validated knobs.
+        vocab_size: the model's vocabulary size (the logits' last dimension).
+        prompt_ids: the prompt's token ids, which the repetition penalty also covers.
+
+    >>> s = Sampler(SamplingConfig(), vocab_size=4)
+    >>> s(np.array([0.1, 2.0, 2.0, -1.0], dtype=np.float32))
+    1
+    """
+
+    def __init__(self, config: SamplingConfig, vocab_size: int, prompt_ids: Iterable[int] = ()):
+        self.config, self.vocab_size = config, vocab_size
+        self.rng = np.random.default_rng(config.seed)
+        self._seen = np.zeros(vocab_size, dtype=bool)  # prompt + output, for the repetition penalty
+        self._seen[np.asarray(list(prompt_ids), dtype=np.int64)] = True
+        self._counts = np.zeros(vocab_size, dtype=np.int32)  # output only, for presence / frequency
+        c = config
+        self._penalised = c.repetition_penalty != 1.0 or c.presence_penalty != 0.0 or c.frequency_penalty != 0.0
+        self._scale = np.float32(1.0 / c.temperature) if c.temperature else np.float32(0.0)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        """(V,) float32 logits of the last position -> the next token id (recorded for the penalties)."""
+        if not self._penalised:
+            return self._pick(logits)
+        token = self._pick(self._penalise(logits))
+        self._seen[token] = True
+        self._counts[token] += 1
+        return token
+
+    def _penalise(self, logits: np.ndarray) -> np.ndarray:
+        c, logits = self.config, logits.astype(np.float32, copy=True)
+        if c.repetition_penalty != 1.0:
+            seen = logits[self._seen]
+            logits[self._seen] = np.where(seen > 0, seen / c.repetition_penalty, seen * c.repetition_penalty)
+        if c.presence_penalty or c.frequency_penalty:
+            logits -= c.presence_penalty * (self._counts > 0) + c.frequency_penalty * self._counts
+        return logits
+
+    def _pick(self, logits: np.ndarray) -> int:
+        # Few numpy calls on purpose: right after session.run the caches are cold and each call on a
+        # (V,) row costs tens of microseconds, against a Python budget of a few hundred per step.
+        c = self.config
+        if c.greedy:
+            return int(np.argmax(logits))  # first maximum: the lowest id wins a tie, as torch.argmax
+        if not (c.top_k or c.top_p < 1.0 or c.min_p > 0.0):
+            probs = np.exp((logits - logits.max()) * self._scale)  # unnormalised softmax, in id order
+            cumulative = np.cumsum(probs)
+            index = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
+            return min(index, cumulative.size - 1)
+        # Filters: sort the logits once; top-k, top-p and min-p all become a cut-off n on the sorted row.
+        ascending = np.sort(logits)
+        desc, size = ascending[::-1], ascending.size
+        n = size
+        if 0 < c.top_k < size:
+            n = size - int(np.searchsorted(ascending, desc[c.top_k - 1], side="left"))  # ties with the k-th kept
+        if c.min_p > 0.0:  # p >= min_p * p_max  <=>  logit >= max + T * log(min_p)
+            floor = desc[0] + c.temperature * math.log(c.min_p)
+            n = min(n, max(size - int(np.searchsorted(ascending, floor, side="left")), 1))
+        cumulative = np.cumsum(np.exp((desc[:n] - desc[0]) * self._scale))
+        if c.top_p < 1.0:  # keep a token when the mass before it is below top_p (after top-k, as HF)
+            n = min(n, int(np.searchsorted(cumulative, c.top_p * cumulative[-1], side="left")) + 1)
+        rank = min(int(np.searchsorted(cumulative[:n], self.rng.random() * cumulative[n - 1], side="right")), n - 1)
+        value = desc[rank]
+        before = size - int(np.searchsorted(ascending, value, side="right"))  # sorted ranks above this value
+        return int(np.flatnonzero(logits == value)[rank - before])  # ties: the (rank - before)-th such id
