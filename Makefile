@@ -34,8 +34,10 @@ test: install base
 
 demo: install
 	$(BIN)/edgegpt info
-	$(BIN)/edgegpt train --preset tiny --steps $(DEMO_STEPS) --out $(DEMO)/ckpt --force
-	$(BIN)/edgegpt sample $(DEMO)/ckpt "def main(" -n 64 --seed 0
+	$(BIN)/edgegpt train --preset tiny --steps $(DEMO_STEPS) --out $(DEMO)/run --force
+	$(BIN)/edgegpt sample $(DEMO)/run "def main(" -n 64 --seed 0
+	$(BIN)/edgegpt export $(DEMO)/run -o $(DEMO)/fp32 --force
+	$(BIN)/edgegpt generate $(DEMO)/fp32 "def main(" -n 64 --seed 0
 
 clean:
 	rm -rf $(VENV) $(BASE_VENV) runs build *.egg-info
