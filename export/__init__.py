@@ -29,6 +29,7 @@ def export_bundle(
     external_data: bool = False,
     validate: bool = True,
     opset: int | None = None,
+    attention: str = "gqa",
 ) -> Path:
     """Export a checkpoint to a bundle directory: model.onnx, tokenizer files, genai_config.json, manifest.json.
 
@@ -44,6 +45,9 @@ def export_bundle(
         external_data: store weights in `model.onnx.data` (always done above 2 GB).
         validate: run the parity and greedy checks (the ONNX checker always runs).
         opset: ONNX opset, 17..19; default 17.
+        attention: "gqa" (GroupQueryAttention; KV layout "shared_buffer": one preallocated cache updated in
+            place, the faster decode; needs head_size % 8 == 0 and onnxruntime >= 1.22 to run) or "mha"
+            (MultiHeadAttention; KV layout "concat": a new present each step). See edgegpt.export.onnx_export.
 
     Returns:
         The bundle directory.
@@ -76,19 +80,20 @@ def export_bundle(
     except EdgeGPTError as exc:
         raise CheckpointError(f"{ckpt.path / TOKENIZER}: {exc}") from exc
     model, cfg = ckpt.model, ckpt.config
+    onnx_export.check_attention(cfg, attention)
     n_bytes = 4 * (sum(p.numel() for p in model.parameters()) + cfg.vocab_size * cfg.n_embd)  # + the untied lm_head copy
     external_data = external_data or n_bytes > 0.9 * _PROTOBUF_LIMIT
     log.info("exporting %s (%.1f M parameters) to %s", ckpt.path, model.num_params() / 1e6, out)
 
     with bundle.staging(out, force=force) as tmp:
         graph = _build_graph(model, tmp / "model.onnx", opset=opset, optimize=optimize,
-                             external_data=external_data, validate=validate)
+                             external_data=external_data, validate=validate, attention=attention)
         shutil.copyfile(ckpt.path / TOKENIZER, tmp / TOKENIZER)
-        genai.write_genai_files(tmp, cfg, eot)
+        genai.write_genai_files(tmp, cfg, eot, share_buffer=onnx_export.kv_layout(attention) == "shared_buffer")
         manifest = {
             "model": cfg.to_dict(),
             "tokenizer": {"file": TOKENIZER, "vocab_size": ckpt.tokenizer.get_vocab_size(), "eot_token_id": eot},
-            "graph": _graph_section(tmp / "model.onnx", external_data),
+            "graph": _graph_section(tmp / "model.onnx", external_data, attention),
             "quantization": None,
             "producer": _producer(),
             "source": {"checkpoint": str(ckpt.path.resolve()), "fingerprint": sha256_file(ckpt.path / WEIGHTS)},
@@ -102,7 +107,7 @@ def export_bundle(
     return out
 
 
-def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_data: bool, validate: bool) -> dict:
+def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_data: bool, validate: bool, attention: str) -> dict:
     """Export, check, optimise and validate the graph into `final`; return the manifest's two sections."""
     import shutil
 
@@ -110,15 +115,15 @@ def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_dat
 
     from edgegpt.export import onnx_export
     from edgegpt.export import validate as check
-    from edgegpt.export.optimize import op_counts, optimize_onnx
+    from edgegpt.export.optimize import op_counts
 
     cfg, work = model.config, final.parent / ".work"
     work.mkdir()
-    raw = onnx_export.export_onnx(model, work / "exported.onnx", opset=opset)
+    raw = onnx_export.export_onnx(model, work / "exported.onnx", opset=opset, attention=attention)
     check.check_graph(raw, cfg)
     parity = {"exported": check.check_parity(model, raw, stage="exported")} if validate else {}
     if optimize:
-        before, after = optimize_onnx(raw, final, cfg, external_data=external_data)
+        before, after = onnx_export.optimize_graph(raw, final, cfg, attention=attention, external_data=external_data)
         check.check_graph(final, cfg)
         if validate:
             parity["optimized"] = check.check_parity(model, final, stage="optimized")
@@ -134,10 +139,11 @@ def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_dat
     }
 
 
-def _graph_section(final: Path, external_data: bool) -> dict:
+def _graph_section(final: Path, external_data: bool, attention: str) -> dict:
     """The manifest's "graph": file, opset, I/O and the KV-cache contract."""
     import onnx
 
+    from edgegpt.export.onnx_export import attention_op, kv_layout
     from edgegpt.export.validate import graph_io
     from edgegpt.manifest import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
@@ -150,14 +156,14 @@ def _graph_section(final: Path, external_data: bool) -> dict:
         "inputs": inputs,
         "outputs": outputs,
         "kv_cache": {
-            "layout": "concat",  # present = concat(past, new): (B, H, P+T, D); feed it back as the next past
+            "layout": kv_layout(attention),  # see edgegpt.export.onnx_export and edgegpt.runtime.kv_cache
             "past_key": PAST_KEY,
             "past_value": PAST_VALUE,
             "present_key": PRESENT_KEY,
             "present_value": PRESENT_VALUE,
             "dtype": "float32",
         },
-        "attention": "com.microsoft.MultiHeadAttention",
+        "attention": attention_op(attention),
     }
 
 

@@ -14,7 +14,15 @@ from edgegpt.errors import EdgeGPTError
 @click.option("--no-optimize", "no_optimize", is_flag=True, help="Skip onnxruntime's fusions (plain export).")
 @click.option("--external-data", is_flag=True, help="Store weights in model.onnx.data (automatic above 2 GB).")
 @click.option("--opset", type=click.IntRange(17, 19), default=None, help="ONNX opset (default 17).")
-def export(checkpoint, out, force, no_optimize, external_data, opset):
+@click.option(
+    "--attention",
+    type=click.Choice(["mha", "gqa"]),
+    default="gqa",
+    show_default=True,
+    help="Attention graph: gqa (GroupQueryAttention, KV cache updated in place, faster decode; needs "
+    "head_size % 8 == 0 and onnxruntime >= 1.22) or mha (MultiHeadAttention, KV cache grown by concatenation).",
+)
+def export(checkpoint, out, force, no_optimize, external_data, opset, attention):
     """Export a checkpoint to a validated ONNX bundle with a KV cache.
 
     Writes model.onnx, tokenizer files, genai_config.json (onnxruntime-genai) and manifest.json, after
@@ -24,12 +32,14 @@ def export(checkpoint, out, force, no_optimize, external_data, opset):
     Examples:
       edgegpt export runs/tiny -o bundles/tiny
       edgegpt export runs/tiny/checkpoint -o bundles/tiny --force
+      edgegpt export runs/tiny -o bundles/tiny-mha --attention mha
     """
     from edgegpt.export import export_bundle
 
     try:
         path = export_bundle(
-            checkpoint, out, force=force, optimize=not no_optimize, external_data=external_data, opset=opset
+            checkpoint, out, force=force, optimize=not no_optimize, external_data=external_data, opset=opset,
+            attention=attention,
         )
     except EdgeGPTError as exc:
         if (click.get_current_context().obj or {}).get("debug"):

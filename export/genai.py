@@ -4,7 +4,9 @@ With them, `onnxruntime_genai.Model(bundle_dir)` runs `model.onnx` as it is, so 
 embed the model through onnxruntime-genai. The graph has separate past keys and values
 (`past_key_values.%d.key`), so the model type is genai's generic `decoder`; its `gpt2` type would need one
 combined (2, B, H, P, D) past per layer, which the fused MultiHeadAttention kernel does not take and which
-was no faster (see onnx_export.py). The cache grows by concatenation, so `past_present_share_buffer` is off.
+was no faster (see onnx_export.py). `search.past_present_share_buffer` follows the KV layout: off for
+"concat" (the MultiHeadAttention graph grows its cache by concatenation), on for "shared_buffer" (the
+GroupQueryAttention graph updates one (B, H, max_length, D) buffer in place, as genai's own builder does).
 genai's tokenizer (onnxruntime-extensions) reads `tokenizer.json` through the Hugging Face
 `tokenizer_config.json`; edgegpt's byte-level BPE is GPT-2's tokenizer class.
 References: onnxruntime-genai docs "Config reference"; onnxruntime_genai/models/builders/base.py
@@ -35,8 +37,12 @@ __all__ = ["GENAI_CONFIG", "TOKENIZER_CONFIG", "genai_config", "tokenizer_config
 GENAI_CONFIG, TOKENIZER_CONFIG = "genai_config.json", "tokenizer_config.json"
 
 
-def genai_config(config: GPTConfig, eot_token_id: int, model_file: str = "model.onnx") -> dict[str, Any]:
+def genai_config(
+    config: GPTConfig, eot_token_id: int, model_file: str = "model.onnx", *, share_buffer: bool = False
+) -> dict[str, Any]:
     """genai_config.json for `model_file`: greedy search over the whole context, EOT as bos, eos and pad.
+
+    `share_buffer` (KV layout "shared_buffer") sets search.past_present_share_buffer.
 
     >>> genai_config(GPTConfig.preset("tiny", vocab_size=320), 0)["model"]["decoder"]["num_hidden_layers"]
     2
@@ -82,7 +88,7 @@ def genai_config(config: GPTConfig, eot_token_id: int, model_file: str = "model.
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -105,8 +111,9 @@ def tokenizer_config(config: GPTConfig) -> dict[str, Any]:
     }
 
 
-def write_genai_files(bundle: Path, config: GPTConfig, eot_token_id: int) -> list[str]:
+def write_genai_files(bundle: Path, config: GPTConfig, eot_token_id: int, *, share_buffer: bool = False) -> list[str]:
     """Write genai_config.json and tokenizer_config.json into `bundle`; return their names."""
-    for name, content in ((GENAI_CONFIG, genai_config(config, eot_token_id)), (TOKENIZER_CONFIG, tokenizer_config(config))):
+    genai = genai_config(config, eot_token_id, share_buffer=share_buffer)
+    for name, content in ((GENAI_CONFIG, genai), (TOKENIZER_CONFIG, tokenizer_config(config))):
         (bundle / name).write_text(json.dumps(content, indent=2) + "\n")
     return [GENAI_CONFIG, TOKENIZER_CONFIG]

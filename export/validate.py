@@ -6,6 +6,12 @@ batch (prefill, then a decode step on its cache). It compares logits and present
 only: a query on left padding sees no key at all, PyTorch and onnxruntime fill such rows differently, and
 no real position ever reads them. A greedy generation through the graph must then equal
 `edgegpt.generate.generate` token for token.
+
+A GroupQueryAttention graph (KV layout "shared_buffer") runs the same cases with a past of exactly P
+positions (the kernel then returns a concatenated present), except one: onnxruntime's CPU kernel rejects a
+multi-token chunk after a past at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past
+context is given"), so that case runs at batch 1; the runtime never feeds such a chunk. Its greedy check
+runs the way the runtime does: one (1, H, L, D) buffer per key/value bound as both past and present.
 """
 
 from __future__ import annotations
@@ -25,7 +31,18 @@ from edgegpt.export.onnx_export import input_names, output_names
 from edgegpt.generate import generate
 from edgegpt.model import SimpleGPT
 
-__all__ = ["ATOL", "GREEDY_TOKENS", "Case", "check_graph", "check_greedy", "check_parity", "graph_io", "greedy_onnx", "parity_cases"]
+__all__ = [
+    "ATOL",
+    "GREEDY_TOKENS",
+    "Case",
+    "check_graph",
+    "check_greedy",
+    "check_parity",
+    "graph_attention",
+    "graph_io",
+    "greedy_onnx",
+    "parity_cases",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +80,12 @@ def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
     return _describe(graph.input), _describe(graph.output)
 
 
+def graph_attention(path: Path) -> str:
+    """"gqa" if the graph's attention is GroupQueryAttention (KV layout "shared_buffer"), else "mha"."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return "gqa" if any(node.op_type == "GroupQueryAttention" for node in graph.node) else "mha"
+
+
 def _describe(values) -> list[dict]:
     return [
         {
@@ -92,8 +115,11 @@ class Case:
     pads: tuple[int, ...] = ()
 
 
-def parity_cases(block_size: int) -> list[Case]:
-    """The parity cases for a context of `block_size` tokens (all fit in it)."""
+def parity_cases(block_size: int, attention: str = "mha") -> list[Case]:
+    """The parity cases for a context of `block_size` tokens (all fit in it).
+
+    For "gqa" the chunk after a past runs at batch 1: the kernel rejects it at batch > 1 (module docstring).
+    """
     n = block_size
     short = min(12, n - 1)
     pads = (0, short // 4, short // 2)
@@ -104,7 +130,9 @@ def parity_cases(block_size: int) -> list[Case]:
         Case(f"prefill_b3_t{n}", 3, n, 0),
         Case(f"decode_b1_p{n - 1}", 1, 1, n - 1),
         Case(f"decode_b3_p{n // 2}", 3, 1, n // 2),
-        Case(f"chunk_b3_t{chunk}_p{n - chunk}", 3, chunk, n - chunk),
+        Case(f"chunk_b1_t{chunk}_p{n - chunk}", 1, chunk, n - chunk)
+        if attention == "gqa"
+        else Case(f"chunk_b3_t{chunk}_p{n - chunk}", 3, chunk, n - chunk),
         Case(f"left_padded_prefill_b3_t{short}", 3, short, 0, pads),
         Case(f"left_padded_decode_b3_p{short}", 3, 1, short, pads),
     ]
@@ -147,7 +175,7 @@ def check_parity(model: SimpleGPT, path: Path, *, atol: float = ATOL, stage: str
         ParityError: naming the output, the case and the difference, for the first case beyond `atol`.
     """
     sess, results = session(path), {}
-    for seed, case in enumerate(parity_cases(model.config.block_size)):
+    for seed, case in enumerate(parity_cases(model.config.block_size, graph_attention(path))):
         diffs = _case_diffs(model, sess, case, seed)
         worst = max(diffs, key=lambda k: (np.isnan(diffs[k]), diffs[k]))
         if not diffs[worst] <= atol:  # `not <=` also catches NaN
@@ -161,8 +189,16 @@ def check_parity(model: SimpleGPT, path: Path, *, atol: float = ATOL, stage: str
     return results
 
 
-def greedy_onnx(sess: ort.InferenceSession, prompt: np.ndarray, max_new_tokens: int, config: GPTConfig):
-    """Greedy decoding through the graph with a growing cache: (new ids (B, n), step logits (B, n, V))."""
+def greedy_onnx(
+    sess: ort.InferenceSession, prompt: np.ndarray, max_new_tokens: int, config: GPTConfig, *, shared_buffer: bool = False
+):
+    """Greedy decoding through the graph with a growing cache: (new ids (B, n), step logits (B, n, V)).
+
+    `shared_buffer` (a GroupQueryAttention graph only): bind one (B, H, prompt + n, D) buffer per key/value
+    as both past and present, updated in place, instead of feeding each present back as the next past.
+    """
+    if shared_buffer:
+        return _greedy_shared(sess, prompt, max_new_tokens, config)
     B = prompt.shape[0]
     names = input_names(config.n_layer)
     past = {name: np.zeros((B, config.n_head, 0, config.head_size), np.float32) for name in names[3:]}
@@ -178,11 +214,41 @@ def greedy_onnx(sess: ort.InferenceSession, prompt: np.ndarray, max_new_tokens: 
     return np.concatenate(tokens, 1), np.stack(step_logits, 1)
 
 
+def _greedy_shared(sess: ort.InferenceSession, prompt: np.ndarray, max_new_tokens: int, config: GPTConfig):
+    """`greedy_onnx` with the KV layout "shared_buffer": the past and present of a layer are one OrtValue."""
+    (B, T), names, outputs = prompt.shape, input_names(config.n_layer), output_names(config.n_layer)
+    binding = sess.io_binding()
+    capacity = (B, config.n_head, T + max_new_tokens, config.head_size)
+    buffers = [ort.OrtValue.ortvalue_from_shape_and_type(capacity, np.float32, "cpu", 0) for _ in names[3:]]
+    for past, buffer in zip(names[3:], buffers):
+        binding.bind_ortvalue_input(past, buffer)
+    step, P, tokens, step_logits = prompt, 0, [], []
+    for _ in range(max_new_tokens):
+        T = step.shape[1]
+        mask, positions = np.ones((B, P + T), np.int64), np.tile(np.arange(P, P + T), (B, 1))
+        for name, array in zip(names, (step, mask, positions)):
+            binding.bind_cpu_input(name, array)
+        binding.clear_binding_outputs()  # a bound output keeps the last run's value, and the logits change shape
+        binding.bind_output(outputs[0], "cpu")  # first: get_outputs() lists the outputs in binding order
+        for present, buffer in zip(outputs[1:], buffers):
+            binding.bind_ortvalue_output(present, buffer)
+        sess.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        step_logits.append(logits[:, -1])
+        step = logits[:, -1].argmax(-1)[:, None].astype(np.int64)  # (B, 1)
+        tokens.append(step)
+        P += T
+    return np.concatenate(tokens, 1), np.stack(step_logits, 1)
+
+
 def check_greedy(model: SimpleGPT, path: Path, *, new_tokens: int = GREEDY_TOKENS, atol: float = ATOL) -> dict:
     """Greedy-generate `new_tokens` through the graph and through `edgegpt.generate.generate`; they must agree.
 
+    A GroupQueryAttention graph decodes with the shared past/present buffer, as the runtime does.
+
     Returns:
-        {"new_tokens", "prompt", "tokens", "max_abs_logit_diff"} (logits of every step, teacher-forced in PyTorch).
+        {"new_tokens", "prompt", "tokens", "max_abs_logit_diff", "shared_buffer"} (logits of every step,
+        teacher-forced in PyTorch; whether the check bound one buffer as past and present).
 
     Raises:
         ParityError: the first token where the two generations differ.
@@ -194,7 +260,8 @@ def check_greedy(model: SimpleGPT, path: Path, *, new_tokens: int = GREEDY_TOKEN
     expected = generate(model, prompt, new_tokens)  # (1, prompt_len + new_tokens)
     with torch.no_grad():
         forced = model(expected[:, :-1])[0][:, prompt_len - 1 :].numpy()  # (1, new, V): logits behind each new token
-    got, got_logits = greedy_onnx(session(path), prompt.numpy(), new_tokens, cfg)
+    shared = graph_attention(path) == "gqa"
+    got, got_logits = greedy_onnx(session(path), prompt.numpy(), new_tokens, cfg, shared_buffer=shared)
     want = expected[0, prompt_len:].tolist()
     agree = next((i for i, (a, b) in enumerate(zip(got[0].tolist(), want)) if a != b), new_tokens)
     diff = float(np.abs(got_logits[:, : agree + 1] - forced[:, : agree + 1]).max())
@@ -205,4 +272,7 @@ def check_greedy(model: SimpleGPT, path: Path, *, new_tokens: int = GREEDY_TOKEN
             output="logits", case=f"greedy_{new_tokens}", max_abs_diff=diff, atol=atol,
         )
     log.info("greedy %d tokens equal to PyTorch's (max abs logit difference %.2e)", new_tokens, diff)
-    return {"new_tokens": new_tokens, "prompt": prompt[0].tolist(), "tokens": want, "max_abs_logit_diff": diff}
+    return {
+        "new_tokens": new_tokens, "prompt": prompt[0].tolist(), "tokens": want, "max_abs_logit_diff": diff,
+        "shared_buffer": shared,
+    }

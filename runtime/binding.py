@@ -1,8 +1,9 @@
 """`Binding`: one request's onnxruntime IOBinding, with the per-call Python cost kept small.
 
 IO binding keeps the KV cache where the session computes it (on CUDA it never comes back to the host)
-and lets onnxruntime allocate outputs whose shape changes each step. A decode step binds about
-3 + 4 * n_layer values. The public wrapper (`onnxruntime.IOBinding`) rebuilds an `OrtDevice` and
+and lets onnxruntime allocate outputs whose shape changes each step, or write into values allocated
+once (`allocate`, `wrap`, `bind_output_value`: the shared KV buffer, the logits). A decode step binds
+about 3 + 4 * n_layer values. The public wrapper (`onnxruntime.IOBinding`) rebuilds an `OrtDevice` and
 re-validates every value on each call and wraps each output in a new Python object; measured on the
 `small` preset with 2 threads, the main thread's CPU time outside session.run per decode step was
 about 500 us through the wrapper and 350 us through the object below.
@@ -60,16 +61,40 @@ class Binding:
         else:
             self._public.bind_ortvalue_input(name, value)
 
-    def bind_outputs(self, host: list[str], device: list[str]) -> None:
-        """Clear the output bindings; let onnxruntime allocate `host` outputs on the CPU, `device` ones on the device."""
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype):
+        """A new, uninitialised value of `shape` on the session's device (a shared KV buffer)."""
+        value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, *self._device_name)
+        return value._ortvalue if self._fast else value
+
+    def wrap(self, array: np.ndarray):
+        """A value over a host array's memory, no copy (a preallocated output that is read as numpy).
+
+        The caller keeps `array` alive as long as the value is bound.
+        """
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        return value._ortvalue if self._fast else value
+
+    def clear_outputs(self) -> None:
         if self._fast:
             self._c.clear_binding_outputs()
+        else:
+            self._public.clear_binding_outputs()
+
+    def bind_output_value(self, name: str, value) -> None:
+        """Bind a preallocated value as an output: onnxruntime writes into it (its shape must be the output's)."""
+        if self._fast:
+            self._c.bind_ortvalue_output(name, value)
+        else:
+            self._public.bind_ortvalue_output(name, value)
+
+    def bind_outputs(self, host: list[str], device: list[str]) -> None:
+        """Let onnxruntime allocate `host` outputs on the CPU and `device` ones on the device (after `clear_outputs`)."""
+        if self._fast:
             for name in host:
                 self._c.bind_output(name, self._c_cpu)
             for name in device:
                 self._c.bind_output(name, self._c_device)
             return
-        self._public.clear_binding_outputs()
         for name in host:
             self._public.bind_output(name, "cpu", 0)
         for name in device:

@@ -5,8 +5,10 @@ the samplers (`sampling.py`), the incremental detokenisers and the stop-string m
 the bundle are shared read-only, and `InferenceSession.run_with_iobinding` is thread-safe, so one
 Generator serves concurrent calls from several threads.
 
-Per step only the last position's logits are sampled. Batches are left-padded: attention_mask marks the
-padding 0 and position_ids = cumsum(mask) - 1, so each row computes what it would compute alone.
+Per step only the last position's logits are sampled; onnxruntime writes them into a host array that the
+request allocates once per shape (prefill, decode), and the KV layout "shared_buffer" updates its cache
+in place, so a decode step allocates nothing. Batches are left-padded: attention_mask marks the padding 0
+and position_ids = cumsum(mask) - 1, so each row computes what it would compute alone.
 Reference loop: edgegpt.generate.generate (PyTorch), which greedy decoding here matches token for token.
 """
 
@@ -24,7 +26,7 @@ from edgegpt.errors import ContextLengthError, EdgeGPTError, SamplingError
 from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from edgegpt.runtime.binding import Binding
 from edgegpt.runtime.bundle import Bundle, check_io
-from edgegpt.runtime.kv_cache import make_kv_cache
+from edgegpt.runtime.kv_cache import check_onnxruntime, make_kv_cache
 from edgegpt.runtime.providers import CUDA, SessionConfig, create_session
 from edgegpt.runtime.sampling import Sampler, SamplingConfig
 from edgegpt.tokenizer import IncrementalDecoder
@@ -150,6 +152,12 @@ class _Request:
         ]
         self.binding = Binding(gen.session, gen._device)
         self.cache = gen._new_kv_cache()
+        # The longest sequence the cache will hold (a "shared_buffer" cache allocates that much once).
+        windowed = config.sliding_window or config.max_new_tokens is None
+        self.capacity = block if windowed else min(block, longest + self.max_new)
+        self.logits: np.ndarray | None = None  # the bound host array of the last run's logits (B, T, V)
+        self.logits_value = None
+        self.outputs_bound = False  # the logits and a "shared_buffer" cache stay bound from step to step
         self.session_s, self.steps, self.context_shifts = 0.0, 0, 0
         self.first_token_at: float | None = None
 
@@ -200,7 +208,8 @@ class _Request:
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         self.next_ids = np.empty((batch, 1), dtype=np.int64)
         self.next_positions = mask.sum(axis=1, keepdims=True)  # (B, 1): the next position of each row
-        self.cache.reset(self.binding, batch)
+        self.cache.reset(self.binding, batch, self.capacity)
+        self.outputs_bound = False
         return self._run(ids, mask, positions)
 
     def _decode(self) -> np.ndarray:
@@ -220,14 +229,22 @@ class _Request:
         binding.bind_numpy(INPUT_IDS, ids)
         binding.bind_numpy(ATTENTION_MASK, mask)
         binding.bind_numpy(POSITION_IDS, positions)
-        binding.bind_outputs([LOGITS], self.cache.bind(binding))
+        shape = (*ids.shape, self.gen.config.vocab_size)
+        if self.logits is None or self.logits.shape != shape:  # once for the prefill, once for decode
+            self.logits = np.empty(shape, dtype=self.gen._logits_dtype)
+            self.logits_value = binding.wrap(self.logits)
+            self.outputs_bound = False
+        if not self.outputs_bound:  # every step for "concat": its past and presents are new tensors
+            binding.clear_outputs()
+            binding.bind_output_value(LOGITS, self.logits_value)  # first: outputs() lists in binding order
+            binding.bind_outputs([], self.cache.bind(binding))
+            self.outputs_bound = not self.cache.reads_outputs
         start = time.perf_counter()
         binding.run()
         self.session_s += time.perf_counter() - start
         self.steps += 1
-        outputs = binding.outputs()
-        self.cache.update(outputs[1:], ids.shape[1])
-        return outputs[0].numpy()[:, -1, :]  # (B, T, V) -> (B, V): only the last position is sampled
+        self.cache.update(binding.outputs()[1:] if self.cache.reads_outputs else [], ids.shape[1])
+        return self.logits[:, -1, :]  # (B, T, V) -> (B, V): only the last position is sampled
 
     def _sample(self, row: _Row, logits: np.ndarray) -> str:
         """Pick the row's next token, update its text; -> the text piece it adds."""
@@ -315,6 +332,8 @@ class Generator:
         names_in = [i.name for i in session.get_inputs()]
         names_out = [o.name for o in session.get_outputs()]
         check_io(f"{bundle.model_path} (onnxruntime)", names_in, names_out, bundle.input_names, bundle.output_names)
+        logits_type = next(o.type for o in session.get_outputs() if o.name == LOGITS)
+        self._logits_dtype = np.dtype(np.float16 if logits_type == "tensor(float16)" else np.float32)
         on_cuda = session.get_providers()[0] == CUDA
         self._device = ("cuda", session_config.device_id) if on_cuda else ("cpu", 0)
         self._decoder = IncrementalDecoder(self.tokenizer)  # building the byte table costs ms: once
@@ -341,7 +360,8 @@ class Generator:
             optimization, memory_arena, spinning, device_id, log_severity: see `SessionConfig`.
 
         Raises:
-            BundleError: the bundle is missing, altered, unsafe or incompatible.
+            BundleError: the bundle is missing, altered, unsafe or incompatible (its KV layout included: a
+                "shared_buffer" bundle needs onnxruntime >= 1.22).
             ProviderError: provider="cuda" and CUDA cannot be used (the message says why).
 
         >>> gen = Generator.load("bundles/tiny", provider="cpu", threads=2)  # doctest: +SKIP
@@ -357,6 +377,7 @@ class Generator:
         )
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
+        check_onnxruntime(bundle.kv.layout, ort.__version__, str(bundle.path))
         return cls(bundle, create_session(bundle.model_path, session_config), session_config)
 
     @property

@@ -2,13 +2,22 @@
 
 One class per `graph.kv_cache.layout` of the manifest. Each keeps its tensors as OrtValues on the
 session's device (CUDA: the cache never round-trips to the host) and binds them through the request's
-`binding.Binding`, so the same code runs on CPU in tests.
-- "concat" (`ConcatKVCache`): the graph returns present = concat(past, new), (B, H, P+T, D); onnxruntime
-  allocates it, and the next step binds it as the past without a copy. A new buffer per step is inherent
-  to this graph (its Concat op allocates); the host never sees the cache.
-- "shared_buffer" (GroupQueryAttention, one preallocated (B, H, max_len, D) buffer bound as both past and
-  present) fits the same interface: `reset` allocates once, `bind` binds the buffer as input and output
-  (`bind_ortvalue_output`) and returns no names to allocate, `update` only counts.
+`binding.Binding`, so the same code runs on CPU in tests. The interface: `reset(binding, batch, capacity)`
+before a prefill from an empty cache, `bind(binding)` before each run (binds the pasts, and the presents
+that are written in place; returns the present names that onnxruntime must allocate), `update(presents,
+new_tokens)` after it, `length` (positions cached) and `reads_outputs` (whether `update` needs the outputs).
+
+- "concat" (`ConcatKVCache`, the MultiHeadAttention graph): the graph returns present = concat(past, new),
+  (B, H, P+T, D); onnxruntime allocates it, and the next step binds it as the past without a copy. A new
+  buffer per step is inherent to this graph (its kernel allocates the present); the host never sees it.
+- "shared_buffer" (`SharedBufferKVCache`, the GroupQueryAttention graph): per layer one key and one value
+  buffer of (B, H, L, D) is allocated once per request, L = `capacity` (the longest sequence the request
+  can reach: prompt + max_new_tokens, at most block_size), and bound as both past_key_values.{i}.* and
+  present.{i}.*. The attention kernel reads positions [0, S) of each row (S = the attention mask's width,
+  padding included) and writes the T new keys/values at [S - T, S) in place: no cache copy, no allocation
+  per step. Positions >= S hold stale or uninitialised values that are never read, so a sliding-window
+  re-prefill reuses the buffers as they are. The attention mask must grow by one column per step (its
+  width is the cache length), and S must never exceed L.
 """
 
 from __future__ import annotations
@@ -17,11 +26,14 @@ import numpy as np
 
 from edgegpt.errors import BundleError
 
-__all__ = ["ConcatKVCache", "KV_CACHES", "make_kv_cache"]
+__all__ = ["ConcatKVCache", "KV_CACHES", "SharedBufferKVCache", "check_onnxruntime", "make_kv_cache"]
 
 
 class ConcatKVCache:
     """layout "concat": past (B, H, P, D) in, present (B, H, P+T, D) out, fed back as the next past."""
+
+    reads_outputs = True
+    min_onnxruntime = (1, 20)  # the MultiHeadAttention graph; the package's own floor
 
     def __init__(self, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):
         self.past_names, self.present_names = past_names, present_names
@@ -29,8 +41,8 @@ class ConcatKVCache:
         self.values: list = []
         self.length = 0
 
-    def reset(self, binding, batch: int) -> None:
-        """Start empty: P = 0 is a valid past on the first step."""
+    def reset(self, binding, batch: int, capacity: int) -> None:
+        """Start empty: P = 0 is a valid past on the first step. (`capacity` is not needed: presents grow.)"""
         empty = binding.empty(np.zeros((batch, self.n_head, 0, self.head_size), dtype=self.dtype))
         self.values = [empty] * len(self.past_names)  # read-only inputs: one empty tensor serves all
         self.length = 0
@@ -47,7 +59,51 @@ class ConcatKVCache:
         self.length += new_tokens
 
 
-KV_CACHES = {"concat": ConcatKVCache}
+class SharedBufferKVCache:
+    """layout "shared_buffer": one (B, H, capacity, D) buffer per key/value and layer, past and present at once."""
+
+    reads_outputs = False
+    min_onnxruntime = (1, 22)  # GroupQueryAttention's attention_bias input: 1.20 and 1.21 refuse the graph
+
+    def __init__(self, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):
+        self.past_names, self.present_names = past_names, present_names
+        self.n_head, self.head_size, self.dtype = n_head, head_size, np.dtype(dtype)
+        self.buffers: list = []
+        self.shape: tuple[int, ...] = ()
+        self.length = 0
+
+    def reset(self, binding, batch: int, capacity: int) -> None:
+        """Allocate the buffers on the device, or keep the request's own when their shape already fits."""
+        shape = (batch, self.n_head, capacity, self.head_size)
+        if shape != self.shape:
+            self.buffers = [binding.allocate(shape, self.dtype) for _ in self.past_names]
+            self.shape = shape
+        self.length = 0
+
+    def bind(self, binding) -> list[str]:
+        """Bind each buffer as its layer's past and present; onnxruntime allocates nothing for the cache."""
+        for past, present, buffer in zip(self.past_names, self.present_names, self.buffers):
+            binding.bind_value(past, buffer)
+            binding.bind_output_value(present, buffer)
+        return []
+
+    def update(self, presents: list, new_tokens: int) -> None:
+        """The kernel wrote the new positions in place: only count them."""
+        self.length += new_tokens
+
+
+KV_CACHES = {"concat": ConcatKVCache, "shared_buffer": SharedBufferKVCache}
+
+
+def check_onnxruntime(layout: str, version: str, where: str = "bundle") -> None:
+    """BundleError if onnxruntime `version` cannot run a graph of this layout (checked before loading it)."""
+    need = KV_CACHES[layout].min_onnxruntime
+    have = tuple(int(part) if part.isdigit() else 0 for part in version.split(".")[:2])
+    if have < need:
+        raise BundleError(
+            f"{where}: KV-cache layout {layout!r} needs onnxruntime >= {need[0]}.{need[1]}, this is {version}; "
+            "upgrade onnxruntime or re-export the bundle with attention='mha' (--attention mha)"
+        )
 
 
 def make_kv_cache(layout: str, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):

@@ -1,6 +1,7 @@
 """edgegpt.export: the bundle's graph against PyTorch, its manifest, atomic writes and bad input.
 
-One bundle is exported per session from the seeded `tiny_checkpoint` and shared by the tests.
+One bundle per attention graph ("mha", "gqa") is exported per session from the seeded `tiny_checkpoint`
+and shared by the tests; the key parity tests run on both (tests/test_shared_kv.py has the rest of "gqa").
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="session")
 def bundle(tiny_checkpoint, tmp_path_factory) -> Path:
-    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("export") / "bundle")
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("export") / "bundle", attention="mha")
+
+
+@pytest.fixture(scope="session")
+def gqa_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("export_gqa") / "bundle", attention="gqa")
 
 
 @pytest.fixture(scope="session")
@@ -43,14 +49,25 @@ def sess(bundle):
     return validate.session(bundle / "model.onnx")
 
 
+@pytest.fixture(scope="session", params=["mha", "gqa"])
+def attention(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def any_sess(attention, request):
+    """A session on the tiny bundle of each attention graph."""
+    return validate.session(request.getfixturevalue("gqa_bundle" if attention == "gqa" else "bundle") / "model.onnx")
+
+
 @pytest.fixture(scope="session")
 def manifest(bundle) -> dict:
     return verify_bundle(bundle)  # format header, and every file's size and sha256
 
 
 @pytest.fixture(scope="session")
-def lively(tiny_checkpoint, tmp_path_factory):
-    """(model, bundle) with larger random weights: the seeded tiny model repeats one token, this one does not."""
+def lively_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """(model, checkpoint) with larger random weights: the seeded tiny model repeats one token, this one does not."""
     from edgegpt.checkpoint import save_checkpoint
 
     ckpt = load_checkpoint(tiny_checkpoint)
@@ -59,9 +76,22 @@ def lively(tiny_checkpoint, tmp_path_factory):
         for p in ckpt.model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.15)
-    root = tmp_path_factory.mktemp("lively")
-    path = save_checkpoint(root / "checkpoint", ckpt.model, ckpt.tokenizer.to_str())
-    return ckpt.model, export_bundle(path, root / "bundle")  # its own validation greedy-checks 32 tokens too
+    path = save_checkpoint(tmp_path_factory.mktemp("lively") / "checkpoint", ckpt.model, ckpt.tokenizer.to_str())
+    return ckpt.model, path
+
+
+@pytest.fixture(scope="session")
+def lively(lively_checkpoint):
+    """(model, "mha" bundle); its own validation greedy-checks 32 tokens too."""
+    model, path = lively_checkpoint
+    return model, export_bundle(path, path.parent / "bundle", attention="mha")
+
+
+@pytest.fixture(scope="session")
+def lively_gqa(lively_checkpoint):
+    """(model, "gqa" bundle); tests/test_shared_kv.py checks the validation of such an export."""
+    model, path = lively_checkpoint
+    return model, export_bundle(path, path.parent / "bundle_gqa", attention="gqa", validate=False)
 
 
 def test_checker_and_shape_inference(bundle, model):
@@ -113,13 +143,20 @@ def _run_case(model, sess, batch, new, past, pads=()):
         (3, 1, 10, (0, 3, 6)),  # decode on a left-padded cache
     ],
 )
-def test_parity_with_pytorch(model, sess, batch, new, past, pads):
+def test_parity_with_pytorch(model, any_sess, attention, batch, new, past, pads):
     assert model.config.block_size == 64
-    logit_diff, present_diff = _run_case(model, sess, batch, new, past, pads)
+    if attention == "gqa" and batch > 1 and new > 1 and past:
+        pytest.skip("GroupQueryAttention's CPU kernel takes a multi-token chunk after a past at batch 1 only")
+    logit_diff, present_diff = _run_case(model, any_sess, batch, new, past, pads)
     assert logit_diff <= ATOL and present_diff <= ATOL, (logit_diff, present_diff)
 
 
-def test_left_padding_matches_the_unpadded_row(sess, model):
+def test_gqa_chunk_after_a_past_at_batch_1(model, gqa_bundle):
+    assert max(_run_case(model, validate.session(gqa_bundle / "model.onnx"), 1, 4, 30)) <= ATOL
+
+
+def test_left_padding_matches_the_unpadded_row(any_sess, model):
+    sess = any_sess
     """A left-padded row's logits equal those of the same tokens alone (the padding is really ignored)."""
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
     n = model.config.n_layer
@@ -135,12 +172,13 @@ def test_left_padding_matches_the_unpadded_row(sess, model):
 
 
 @pytest.mark.parametrize("seed", [1, 3])
-def test_greedy_32_tokens_equal_pytorch_generate(lively, seed):
-    model, bundle = lively
+def test_greedy_32_tokens_equal_pytorch_generate(attention, request, seed):
+    model, bundle = request.getfixturevalue("lively_gqa" if attention == "gqa" else "lively")
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(seed))
     expected = generate(model, prompt, 32)[0, 8:].tolist()
     assert len(set(expected)) >= 5  # a varied sequence, so that agreement means something
-    tokens, _ = validate.greedy_onnx(validate.session(bundle / "model.onnx"), prompt.numpy(), 32, model.config)
+    sess = validate.session(bundle / "model.onnx")
+    tokens, _ = validate.greedy_onnx(sess, prompt.numpy(), 32, model.config, shared_buffer=attention == "gqa")
     assert tokens[0].tolist() == expected
 
 

@@ -39,6 +39,21 @@ def gen(tiny_bundle) -> Generator:
 
 
 @pytest.fixture(scope="session")
+def mha_gen(tmp_path_factory, tiny_checkpoint) -> Generator:
+    """The "mha" (KV layout "concat") bundle of the same checkpoint; its export validation is tested elsewhere."""
+    from edgegpt.export import export_bundle
+
+    bundle = export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "tiny_mha", attention="mha", validate=False)
+    return Generator.load(bundle, provider="cpu", threads=1)
+
+
+@pytest.fixture(scope="session", params=["default", "mha"])
+def any_gen(request) -> Generator:
+    """A Generator on each KV layout: the default export's ("gqa", "shared_buffer") and "mha" ("concat")."""
+    return request.getfixturevalue("gen" if request.param == "default" else "mha_gen")
+
+
+@pytest.fixture(scope="session")
 def torch_model(tiny_checkpoint):
     from edgegpt.checkpoint import load_checkpoint
 
@@ -104,7 +119,8 @@ def test_cli_generate_runs_with_torch_and_onnx_blocked(tiny_bundle):
 # --- parity with the PyTorch reference -------------------------------------------------------------------
 
 
-def test_greedy_tokens_equal_pytorch(gen, torch_model):
+def test_greedy_tokens_equal_pytorch(any_gen, torch_model):
+    gen = any_gen
     for prompt in PROMPTS:
         ids = gen.encode(prompt) or [gen.eot_id]
         result = gen.generate_ids(ids, max_new_tokens=24, ignore_eos=True)
@@ -112,7 +128,8 @@ def test_greedy_tokens_equal_pytorch(gen, torch_model):
         assert result.finish_reason == "length"
 
 
-def test_batch_equals_each_prompt_alone_and_pytorch(gen, torch_model):
+def test_batch_equals_each_prompt_alone_and_pytorch(any_gen, torch_model):
+    gen = any_gen
     results = gen.generate_batch(PROMPTS, max_new_tokens=16, ignore_eos=True)
     for prompt, result in zip(PROMPTS, results):
         alone = gen.generate(prompt, max_new_tokens=16, ignore_eos=True)
@@ -120,7 +137,8 @@ def test_batch_equals_each_prompt_alone_and_pytorch(gen, torch_model):
         assert result.tokens == _torch_greedy(torch_model, alone.prompt_tokens, 16), prompt
 
 
-def test_batch_sampling_per_row_equals_alone(gen):
+def test_batch_sampling_per_row_equals_alone(any_gen):
+    gen = any_gen
     knobs = dict(max_new_tokens=12, temperature=0.9, top_k=50, seed=3, ignore_eos=True)
     results = gen.generate_batch(PROMPTS[:3], **knobs)
     assert [r.tokens for r in results] == [gen.generate(p, **knobs).tokens for p in PROMPTS[:3]]
@@ -135,7 +153,8 @@ def test_batch_rows_that_stop_early_equal_alone(gen):
     assert batch[1].finish_reason == "stop" and len(batch[1].tokens) <= 2
 
 
-def test_batch_sliding_window_runs_to_the_end(gen):
+def test_batch_sliding_window_runs_to_the_end(any_gen):
+    gen = any_gen
     block = gen.config.block_size
     results = gen.generate_batch([[1, 2, 3], list(range(1, 20))], max_new_tokens=block, ignore_eos=True, sliding_window=True)
     assert [len(r.tokens) for r in results] == [block, block] and all(r.context_shifts >= 1 for r in results)
@@ -266,7 +285,8 @@ def test_max_new_tokens_none_fills_the_context_and_ends_with_length(gen):
     assert result.finish_reason == "length" and len(result.tokens) == block - 3
 
 
-def test_sliding_window_keeps_going_and_says_so(gen, torch_model):
+def test_sliding_window_keeps_going_and_says_so(any_gen, torch_model):
+    gen = any_gen
     block = gen.config.block_size
     result = gen.generate_ids([1, 2, 3], max_new_tokens=block + 10, ignore_eos=True, sliding_window=True)
     assert result.finish_reason == "length" and len(result.tokens) == block + 10
@@ -298,7 +318,8 @@ def test_public_iobinding_api_gives_the_same_tokens(gen, monkeypatch):
 # --- threads ---------------------------------------------------------------------------------------------
 
 
-def test_concurrent_generate_calls_equal_serial_runs(gen):
+def test_concurrent_generate_calls_equal_serial_runs(any_gen):
+    gen = any_gen
     jobs = [(PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=12, temperature=0.8 * (i % 2), seed=i, ignore_eos=True)) for i in range(8)]
     serial = [gen.generate(p, **k).tokens for p, k in jobs]
     barrier = threading.Barrier(8)
@@ -316,7 +337,7 @@ def test_concurrent_generate_calls_equal_serial_runs(gen):
 
 def test_bundle_load_reads_the_contract(tiny_bundle, tiny_config):
     bundle = Bundle.load(tiny_bundle)
-    assert bundle.config == tiny_config and bundle.kv.layout == "concat"
+    assert bundle.config == tiny_config and bundle.kv.layout == "shared_buffer"  # the default export, "gqa"
     assert bundle.tokenizer.get_vocab_size() == tiny_config.vocab_size
 
 
