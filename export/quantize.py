@@ -1,0 +1,622 @@
+"""Quantization of a bundle into a new bundle: int8 and int4 weights for the CPU, fp16 for CUDA.
+
+`quantize_bundle(src, out, to=...)` reads a verified fp32 bundle, rewrites its graph with onnxruntime's own
+tools and writes a complete new bundle (graph, tokenizer and genai files, manifest) through the same
+build-beside-then-rename staging as `export_bundle`: the source is only read, and a failure leaves nothing.
+
+- int8, dynamic (default): `onnxruntime.quantization.quantize_dynamic` turns every MatMul with a constant
+  weight (QKV, attention and MLP projections, lm_head) into int8 weights with activations quantized per
+  call; onnxruntime fuses them into DynamicQuantizeMatMul when a session loads the file.
+- int8, static (`calibrate=FILE`): `quantize_static` in QDQ format, activation ranges calibrated by running
+  the fp32 graph on windows of the corpus text.
+- int4: `MatMulNBitsQuantizer` (weight-only, blockwise, round to nearest) turns every MatMul weight into
+  `MatMulNBits`; the token embedding becomes `GatherBlockQuantized`. Bias-less `Gemm` nodes (which that
+  quantizer skips) are first rewritten as MatMul (+ Add). The weights are MatMul inputs, never inputs of the
+  fused attention node (MultiHeadAttention or GroupQueryAttention take projected Q, K, V), so nothing large
+  stays fp32 but the position table; a weight left fp32 raises `QuantizationError`.
+- fp16: `onnxruntime.transformers` float16 conversion; (Skip)LayerNormalization and Softmax stay fp32 and so
+  does the residual stream (their outputs), logits stay fp32; the KV cache becomes float16 (recorded as
+  `graph.kv_cache.dtype`); MultiHeadAttention's fp16 kernels accumulate the softmax in fp32.
+The quantizers touch only MatMul / Gemm / Gather weights, so the fused kernels (attention,
+SkipLayerNormalization, FastGelu) stay: their counts before and after are checked and recorded.
+
+Defaults, measured on `small` trained on tinyshakespeare (vocab 2048), evaluated on the held-out last
+10 % of the file through onnxruntime, decode tokens/s at batch 1 with 2 threads (interleaved runs, medians;
+figures in ../shared notes and the quantization report):
+- int8: QInt8 (signed) weights, per-channel scales, the lm_head included, the token embedding included.
+  See `INT8_DEFAULTS` for the measured figures behind each choice.
+- int4: block 32, accuracy_level 4 (int8 activations in the kernel), asymmetric, embedding included.
+  See `INT4_DEFAULTS`.
+References: onnxruntime docs "Quantize ONNX models"; ContribOperators.md (MatMulNBits, GatherBlockQuantized,
+DynamicQuantizeMatMul); llama.cpp's Q8_0 / Q4_0 for comparable schemes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgegpt.errors import ConfigError, QuantizationError
+from edgegpt.manifest import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    MANIFEST_NAME,
+    POSITION_IDS,
+    sha256_file,
+    write_manifest,
+)
+
+__all__ = ["DEFAULT_MAX_PPL_INCREASE", "FORMATS", "quantize_bundle"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("int8", "int4", "fp16")
+# Percent of perplexity increase over the fp32 bundle that the accuracy gate allows (issue defaults; fp16
+# should cost nothing measurable, so 1 % only catches a broken conversion).
+DEFAULT_MAX_PPL_INCREASE = {"int8": 2.0, "int4": 10.0, "fp16": 1.0}
+
+# int8 defaults, measured on `small`/tinyshakespeare (perplexity of fp32: see the report table):
+# - QInt8 vs QUInt8 weights: decode speed equal within noise; QInt8 per-channel had the lower perplexity
+#   increase, and QUInt8 prefill is slower (ORT-NOTES).
+# - per-channel vs per-tensor scales: per-channel halves to thirds the perplexity increase, same speed.
+# - lm_head: quantized (it is the largest matrix for this vocabulary and a third of the decode bytes).
+# - token embedding (a Gather, per-tensor uint8 by quantize_dynamic): a quarter of the file's fp32 bytes
+#   gone for a perplexity change within noise; no speed effect (one row read per token).
+INT8_DEFAULTS = {"per_channel": True, "weight_type": "QInt8", "embedding": True}
+# int4 defaults: block 32 vs 64 vs 128 and accuracy_level 0 vs 4 measured; see the report table.
+INT4_DEFAULTS = {"block_size": 32, "accuracy_level": 4, "symmetric": False, "embedding": True}
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (CPU)
+CALIBRATION_WINDOWS = 32
+# Ops that fp16 conversion leaves in fp32: normalisation statistics and any explicit softmax.
+FP16_FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+                 "SkipSimplifiedLayerNormalization", "Softmax")
+_MS = "com.microsoft"
+
+
+def quantize_bundle(
+    src: str | Path,
+    out: str | Path,
+    *,
+    to: str,
+    force: bool = False,
+    per_channel: bool | None = None,
+    block_size: int | None = None,
+    accuracy_level: int | None = None,
+    embedding: bool | None = None,
+    calibrate: str | Path | None = None,
+    eval_text: str | Path | None = None,
+    max_ppl_increase: float | None = None,
+    threads: int | None = None,
+) -> Path:
+    """Quantize the fp32 bundle `src` into a new bundle `out` (int8, int4 or fp16).
+
+    The new bundle has the source's graph I/O names and shapes (fp16: the KV cache becomes float16), keeps
+    its fused kernels and loads unchanged in `edgegpt.runtime` and onnxruntime-genai. Its manifest records
+    the method and parameters, op counts before and after, the source bundle's fingerprint (sha256 of its
+    manifest, which hashes every file) and, with `eval_text`, the measured quality.
+
+    Args:
+        src: an fp32 bundle directory (verified first; never written to).
+        out: the bundle directory to create; built beside it and renamed into place when complete.
+        to: "int8", "int4" or "fp16".
+        force: replace an existing bundle at `out`, and write the bundle even if it misses the accuracy gate
+            (the gate's outcome is still recorded in the manifest).
+        per_channel: int8: one scale per output channel (default True) or one per matrix.
+        block_size: int4: weights per scale, 16..256, a power of two (default 32).
+        accuracy_level: int4: MatMulNBits accuracy_level 0..4 (default 4: int8 activations on CPU).
+        embedding: int8/int4: also quantize the token embedding table (default True).
+        calibrate: int8 only: a text file; use static QDQ quantization with activation ranges calibrated
+            on it instead of dynamic quantization.
+        eval_text: a text file: measure perplexity, top-1 and greedy agreement of the new bundle against
+            `src` on it (see `edgegpt.export.evaluate`), record them and apply the accuracy gate.
+        max_ppl_increase: the gate, in percent of the source's perplexity (default: 2 for int8, 10 for
+            int4, 1 for fp16); needs `eval_text`.
+        threads: onnxruntime threads for the checks and the evaluation (None: one per core).
+
+    Returns:
+        The new bundle directory.
+
+    Raises:
+        ConfigError: an unknown format, an option that does not apply to it, a bad value, `out` == `src`.
+        BundleError: `src` is not a valid bundle.
+        ExportError: `out` exists (without `force`) or is not a bundle.
+        QuantizationError: `src` is already quantized; the quantizer failed; the result lost a fused kernel,
+            changed the graph I/O, left a weight matrix unquantized or produced non-finite logits; or, with
+            `eval_text`, its perplexity exceeds the gate (the message shows both perplexities).
+
+    >>> quantize_bundle("bundles/small", "bundles/small-int8", to="int8")  # doctest: +SKIP
+    PosixPath('bundles/small-int8')
+    """
+    from edgegpt.export import bundle as staging_dir
+    from edgegpt.runtime.bundle import Bundle
+
+    src, out = Path(src), Path(out)
+    options = _options(to, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text, max_ppl_increase)
+    if out.resolve() == src.resolve():
+        raise ConfigError(f"{out}: the output is the source bundle; quantization writes a new bundle, choose another -o")
+    source = Bundle.load(src)  # verifies the manifest and every file's hash
+    if source.manifest.get("quantization"):
+        raise QuantizationError(
+            f"{src}: already quantized ({source.manifest['quantization'].get('format')}); quantize the fp32 bundle"
+        )
+    staging_dir.check_target(out, force)
+    log.info("quantizing %s to %s -> %s", src, to, out)
+    with staging_dir.staging(out, force=force) as tmp:
+        graph = _quantize_graph(source, tmp / source.model_path.name, to, options)
+        _copy_other_files(source, tmp, skip={source.model_path.name, source.manifest["graph"].get("external_data")})
+        manifest = _manifest(source, to, graph, tmp)
+        write_manifest(tmp, manifest)
+        manifest["validation"]["quantized"] = _smoke_check(source, tmp, threads=threads)
+        manifest["quantization"]["op_counts_runtime"] = _runtime_op_counts(tmp / source.model_path.name, graph)
+        if options["eval_text"] is not None:
+            manifest["eval"], manifest["quantization"]["gate"] = _evaluate_and_gate(
+                source, tmp, out, to, options, force=force, threads=threads
+            )
+        write_manifest(tmp, manifest)
+    log.info("wrote %s bundle %s", to, out)
+    return out
+
+
+def _quantize_graph(source, dst: Path, to: str, options: dict) -> dict[str, Any]:
+    """Quantize the source graph into `dst` and check the result; return what the manifest records.
+
+    Raises:
+        QuantizationError: the quantizer failed, a fused kernel is gone, a weight matrix stayed fp32, the
+            graph I/O changed.
+    """
+    graph = source.manifest["graph"]
+    model = onnx.load(str(source.model_path))  # with external data; the quantizers change it in place
+    before, fused_before = op_counts(model), _fused_counts(model)
+    external = bool(graph.get("external_data"))
+    method = _QUANTIZERS[to](model, dst, options, source=source, external=external, work=dst.parent / ".work")
+    shutil.rmtree(dst.parent / ".work", ignore_errors=True)
+    quantized = onnx.load(str(dst), load_external_data=False)
+    fused = _check_fused_ops(fused_before, quantized)
+    unquantized = _fp32_matrices(quantized)
+    left = [m for m in unquantized if m["consumer"] != "Gather" or (m["role"] == "token_embedding" and method["embedding"])]
+    if to != "fp16" and left:
+        raise QuantizationError(
+            f"{to}: weight matrices left in fp32: {', '.join(m['name'] for m in left)}; the quantizer skipped their ops"
+        )
+    io = _graph_io(quantized)
+    return {
+        "method": method,
+        "io": io,
+        "kv_dtype": _check_io(graph, io, to),
+        "opset": next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")),
+        "op_counts_before": before,
+        "op_counts_after": op_counts(quantized),
+        "fused_ops_kept": fused,
+        "fp32_matrices": unquantized,
+    }
+
+
+# --------------------------------------------------------------------------------------------- options
+
+
+def _options(to, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text, max_ppl_increase) -> dict:
+    """Check the arguments against the format; return them with the format's defaults filled in."""
+    if to not in FORMATS:
+        raise ConfigError(f"to must be one of {', '.join(FORMATS)}, got {to!r}")
+    given = {"per_channel": per_channel, "block_size": block_size, "accuracy_level": accuracy_level,
+             "embedding": embedding, "calibrate": calibrate}
+    applies = {"int8": {"per_channel", "embedding", "calibrate"}, "int4": {"block_size", "accuracy_level", "embedding"},
+               "fp16": set()}[to]
+    wrong = [name for name, value in given.items() if value is not None and name not in applies]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} do(es) not apply to {to}; {to} takes {', '.join(sorted(applies)) or 'no options'}")
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        raise ConfigError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}")
+    if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
+        raise ConfigError(f"accuracy_level must be 0..4, got {accuracy_level!r}")
+    for name, value in (("calibrate", calibrate), ("eval_text", eval_text)):
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{name}: {value} is not a file")
+    if calibrate is not None and embedding:
+        raise ConfigError("static int8 (calibrate) keeps the token embedding fp32; drop embedding or calibrate")
+    if max_ppl_increase is not None:
+        if eval_text is None:
+            raise ConfigError("max_ppl_increase needs eval_text (the gate compares perplexities measured on it)")
+        if isinstance(max_ppl_increase, bool) or not isinstance(max_ppl_increase, (int, float)) or not max_ppl_increase >= 0:
+            raise ConfigError(f"max_ppl_increase is a percentage >= 0, got {max_ppl_increase!r}")
+    defaults = {"int8": INT8_DEFAULTS, "int4": INT4_DEFAULTS, "fp16": {}}[to]
+    options = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+    options["calibrate"], options["eval_text"] = calibrate, eval_text
+    options["max_ppl_increase"] = DEFAULT_MAX_PPL_INCREASE[to] if max_ppl_increase is None else float(max_ppl_increase)
+    return options
+
+
+# ------------------------------------------------------------------------------------------ quantizers
+
+
+def _embedding_gathers(model: onnx.ModelProto) -> dict[str, str]:
+    """{node name: "token_embedding" | "position_embedding"} for the Gathers of a constant table."""
+    inits = {i.name for i in model.graph.initializer}
+    roles = {INPUT_IDS: "token_embedding", POSITION_IDS: "position_embedding"}
+    return {n.name: roles[n.input[1]] for n in model.graph.node
+            if n.op_type == "Gather" and n.input[0] in inits and n.input[1] in roles}
+
+
+class _DropQuantizerChatter(logging.Filter):
+    """onnxruntime's quantizers log every node through the root logger (INFO) and warn about things handled
+    here (pre-processing, the int4 opset bump); drop those records below ERROR, let everything else through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace("\\", "/")
+        return record.levelno >= logging.ERROR or not ("onnxruntime/quantization" in path or "onnxruntime/transformers" in path)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """Silence the quantizers' chatter for the duration; matmul_nbits_quantizer also calls
+    logging.basicConfig(INFO) when first imported: undo that so the caller's logging stays as it was."""
+    root, ours = logging.getLogger(), logging.getLogger("onnxruntime")
+    handlers, level, ours_level = list(root.handlers), root.level, ours.level
+    chatter = _DropQuantizerChatter()
+    root.addFilter(chatter)  # records logged on the root logger itself (logging.info(...) in the quantizers)
+    ours.setLevel(logging.ERROR)  # module loggers under onnxruntime.*
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        root.removeFilter(chatter)
+        ours.setLevel(ours_level)
+
+
+def _save(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    from edgegpt.export import EXTERNAL_DATA
+
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _int8(model, dst: Path, options: dict, *, source, external: bool, work: Path) -> dict:
+    """Dynamic (or, with `calibrate`, static QDQ) int8 quantization of the MatMul weights (+ token embedding)."""
+    from onnxruntime.quantization import QuantType
+
+    gathers = _embedding_gathers(model)
+    exclude = [name for name, role in gathers.items() if role == "position_embedding" or not options["embedding"]]
+    weight_type = getattr(QuantType, options["weight_type"])
+    extra = {"DefaultTensorType": TensorProto.FLOAT, "MatMulConstBOnly": True}  # contrib ops have no ONNX shape inference
+    params = {"per_channel": options["per_channel"], "weight_type": options["weight_type"].lower(),
+              "activations": "uint8, dynamic (per call)", "embedding": options["embedding"], "lm_head": True}
+    with _quiet_quantizer():
+        try:
+            if options["calibrate"] is None:
+                from onnxruntime.quantization import quantize_dynamic
+
+                quantize_dynamic(model, str(dst), op_types_to_quantize=["MatMul", "Gather"],
+                                 per_channel=options["per_channel"], weight_type=weight_type,
+                                 nodes_to_exclude=exclude, use_external_data_format=external, extra_options=extra)
+                return {"method": "onnxruntime.quantization.quantize_dynamic", **params}
+            return _int8_static(model, dst, options, source, external, work, params, extra)
+        except Exception as exc:  # the quantizer raises assorted ValueError / RuntimeError / onnx errors
+            raise QuantizationError(f"int8 quantization failed: {exc}") from exc
+
+
+def _int8_static(model, dst: Path, options: dict, source, external: bool, work: Path, params: dict, extra: dict) -> dict:
+    """QDQ int8: weights per channel, activations uint8 with ranges from the fp32 graph run on corpus windows."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    text = Path(options["calibrate"]).read_text(encoding="utf-8", errors="replace")
+    ids = source.tokenizer.encode(text, add_special_tokens=False).ids
+    cfg = source.config
+    width = min(cfg.block_size, max(2, len(ids)))
+    if len(ids) < 2:
+        raise QuantizationError(f"{options['calibrate']}: too little text to calibrate on ({len(ids)} tokens)")
+    starts = np.linspace(0, len(ids) - width, num=min(CALIBRATION_WINDOWS, max(1, len(ids) // width)), dtype=int)
+    past_dtype = np.dtype(source.kv.dtype)
+
+    class Windows(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([_window_feed(ids[s : s + width], source, past_dtype) for s in starts])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "calib").mkdir()
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    # onnx's shape inference does not know the contrib ops, and QDQ skips tensors of unknown type;
+    # onnxruntime's symbolic inference does (MultiHeadAttention, SkipLayerNormalization, FastGelu...).
+    # Only its value_info is taken: it would also rewrite the graph outputs' symbolic dims.
+    typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(typed.graph.value_info)
+    src_path = work / "fp32.onnx"
+    _save(model, src_path, external=True)  # quantize_static writes its augmented copy beside its input
+    quantize_static(str(src_path), str(dst), Windows(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                    per_channel=options["per_channel"], weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external, extra_options=extra,
+                    calibration_providers=["CPUExecutionProvider"])
+    windows = {"windows": len(starts), "tokens": int(len(starts) * width), "file": Path(options["calibrate"]).name,
+               "sha256": sha256_file(options["calibrate"]), "method": "MinMax"}
+    return {"method": "onnxruntime.quantization.quantize_static (QDQ)", **params, "embedding": False,
+            "activations": "uint8, static (calibrated)", "calibration": windows}
+
+
+def _window_feed(ids: list[int], source, past_dtype) -> dict[str, np.ndarray]:
+    """One row of `ids` from an empty cache: the graph inputs."""
+    cfg, T = source.config, len(ids)
+    feed = {INPUT_IDS: np.asarray([ids], np.int64), ATTENTION_MASK: np.ones((1, T), np.int64),
+            POSITION_IDS: np.arange(T, dtype=np.int64)[None]}
+    empty = np.zeros((1, cfg.n_head, 0, cfg.head_size), past_dtype)
+    return {**feed, **{name: empty for name in source.kv.past_names(cfg.n_layer)}}
+
+
+def _int4(model, dst: Path, options: dict, *, source, external: bool, work: Path) -> dict:
+    """Weight-only 4-bit blockwise: MatMul -> MatMulNBits, the token embedding Gather -> GatherBlockQuantized."""
+    _gemm_to_matmul(model)
+    gathers = _embedding_gathers(model)
+    exclude = [name for name, role in gathers.items() if role == "position_embedding" or not options["embedding"]]
+    with _quiet_quantizer():
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=options["block_size"], is_symmetric=options["symmetric"], accuracy_level=options["accuracy_level"],
+            op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)), bits=4,
+        )
+        try:
+            quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
+            quantizer.process()
+        except Exception as exc:  # the quantizer raises assorted ValueError / AssertionError / onnx errors
+            raise QuantizationError(f"int4 quantization failed: {exc}") from exc
+        _save(quantizer.model.model, dst, external)
+    return {"method": "onnxruntime.quantization.matmul_nbits_quantizer (RTN)", "bits": 4,
+            "block_size": options["block_size"], "accuracy_level": options["accuracy_level"],
+            "symmetric": options["symmetric"], "embedding": options["embedding"], "lm_head": True}
+
+
+def _gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite Gemm(x, W, b) with a constant W as MatMul(x, W') (+ Add b): MatMulNBits takes MatMul only."""
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, changed = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
+                or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weight.T), node.input[1]))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [mm_out], name=node.name + "_MatMul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_Add"))
+        changed += 1
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return changed
+
+
+def _fp16(model, dst: Path, options: dict, *, source, external: bool, work: Path) -> dict:
+    """fp16 weights and compute, with normalisation, the residual stream and logits kept fp32."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    wrapped = OnnxModel(model)
+    try:
+        with _quiet_quantizer():
+            wrapped.convert_float_to_float16(keep_io_types=[LOGITS], op_block_list=list(FP16_FP32_OPS))
+            wrapped.topological_sort()  # the converter appends its Cast nodes out of order
+    except Exception as exc:  # the converter raises whatever shape inference or its passes hit
+        raise QuantizationError(f"fp16 conversion failed: {exc}") from exc
+    _save(wrapped.model, dst, external)
+    return {"method": "onnxruntime.transformers float16 conversion", "fp32_ops": list(FP16_FP32_OPS),
+            "fp32_outputs": [LOGITS], "kv_cache": "float16", "provider": "CUDAExecutionProvider (CPU runs it with casts)"}
+
+
+_QUANTIZERS = {"int8": _int8, "int4": _int4, "fp16": _fp16}
+
+
+# -------------------------------------------------------------------------------------------- checks
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Node count per op type of the main graph, most frequent first (as edgegpt.export.optimize counts)."""
+    return dict(Counter(node.op_type for node in model.graph.node).most_common())
+
+
+def _fused_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Counts of the com.microsoft ops: the fused kernels (attention, SkipLayerNormalization, FastGelu...)."""
+    return dict(Counter(n.op_type for n in model.graph.node if n.domain == _MS).most_common())
+
+
+def _check_fused_ops(was: dict[str, int], after: onnx.ModelProto) -> dict[str, int]:
+    """Every fused kernel of the source is still there, as many times; return their counts."""
+    now = _fused_counts(after)
+    lost = {op: (now.get(op, 0), n) for op, n in was.items() if now.get(op, 0) != n}
+    if lost:
+        raise QuantizationError(
+            "the quantized graph lost fused kernels, (found, expected): " + ", ".join(f"{op} {v}" for op, v in lost.items())
+        )
+    return was
+
+
+def _fp32_matrices(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """2-D float32 initializers still read by MatMul / Gemm / Gather: what quantization left in full precision."""
+    floats = {i.name: list(i.dims) for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
+    roles = _embedding_gathers(model)
+    found = []
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in floats:
+            found.append({"name": node.input[1], "shape": floats[node.input[1]], "consumer": node.op_type, "role": "weight"})
+        elif node.op_type == "Gather" and node.input[0] in floats:
+            found.append({"name": node.input[0], "shape": floats[node.input[0]], "consumer": "Gather",
+                          "role": roles.get(node.name, "table")})
+    return found
+
+
+def _graph_io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    """Inputs and outputs as the manifest records them: [{"name", "dtype", "shape"}]."""
+    def describe(values):
+        return [{"name": v.name,
+                 "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+    return describe(model.graph.input), describe(model.graph.output)
+
+
+def _check_io(graph: dict, io: tuple[list[dict], list[dict]], to: str) -> str:
+    """The new graph's I/O must equal the source's (fp16: the KV cache may be float16); return the KV dtype."""
+    inputs, outputs = io
+    cache = {d["name"] for d in inputs[3:]} | {d["name"] for d in outputs[1:]}
+    kv_dtypes = {d["dtype"] for d in inputs + outputs if d["name"] in cache}
+    kv_dtype = kv_dtypes.pop() if len(kv_dtypes) == 1 else None
+    relax = lambda d: {**d, "dtype": "kv"} if d["name"] in cache and to == "fp16" else d  # noqa: E731
+    same = [relax(d) for d in inputs] == [relax(d) for d in graph["inputs"]] and \
+           [relax(d) for d in outputs] == [relax(d) for d in graph["outputs"]]
+    if not same or kv_dtype is None:
+        raise QuantizationError(
+            f"the quantized graph's I/O differ from the source's: {inputs + outputs} vs {graph['inputs'] + graph['outputs']}"
+        )
+    return kv_dtype
+
+
+def _smoke_check(source, tmp: Path, *, threads: int | None) -> dict[str, Any]:
+    """Load the new bundle as the runtime does; prefill + one decode step on CPU against the source graph:
+    finite logits of the source's shapes (a broken graph raises); the differences are recorded."""
+    from edgegpt.errors import BundleError
+    from edgegpt.runtime.bundle import Bundle
+    from edgegpt.runtime.providers import SessionConfig, create_session
+
+    new = Bundle.load(tmp)
+    config = SessionConfig(provider="cpu", threads=threads)
+    try:
+        sessions = [create_session(source.model_path, config), create_session(new.model_path, config)]
+    except BundleError as exc:
+        if new.kv.dtype != "float16":
+            raise QuantizationError(f"onnxruntime cannot load the quantized graph on CPU: {exc}") from exc
+        # fp16 targets CUDA; this onnxruntime's CPU provider runs every op of today's graphs (it inserts
+        # casts around ops without fp16 kernels), but a future op may not have that fallback.
+        log.warning("fp16 graph not checked: the CPU provider cannot run it (%s); check it on CUDA", exc)
+        return {"provider": None, "finite": None, "skipped": f"the CPU provider cannot run this graph: {exc}"}
+    cfg = source.config
+    T = min(16, cfg.block_size - 1)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, T + 1).tolist()
+    results = []
+    for sess, bundle in zip(sessions, (source, new)):
+        feed = _window_feed(ids[:T], bundle, np.dtype(bundle.kv.dtype))
+        first = sess.run(None, feed)
+        step = {INPUT_IDS: np.asarray([[ids[T]]], np.int64), ATTENTION_MASK: np.ones((1, T + 1), np.int64),
+                POSITION_IDS: np.asarray([[T]], np.int64), **dict(zip(bundle.kv.past_names(cfg.n_layer), first[1:]))}
+        second = sess.run(None, step)
+        results.append((np.concatenate([first[0][0], second[0][0]]).astype(np.float32), [o.shape for o in first + second]))
+    (ref, ref_shapes), (got, got_shapes) = results
+    if got_shapes != ref_shapes:
+        raise QuantizationError(f"the quantized graph's output shapes {got_shapes} differ from the source's {ref_shapes}")
+    if not np.isfinite(got).all():
+        raise QuantizationError("the quantized graph produced non-finite logits (NaN or inf) on CPU")
+    return {"provider": "CPUExecutionProvider", "finite": True, "positions": T + 1,
+            "max_abs_logit_diff": float(np.abs(got - ref).max()),
+            "top1_agreement_random_ids": float((got.argmax(-1) == ref.argmax(-1)).mean())}
+
+
+def _runtime_op_counts(path: Path, graph_result: dict) -> dict[str, int] | None:
+    """Op counts after onnxruntime's own CPU optimisations at session load (where MatMulInteger + scales
+    become DynamicQuantizeMatMul, QDQ pairs QLinearMatMul); None for external-data graphs or fp16."""
+    import onnxruntime as ort
+
+    if graph_result["kv_dtype"] != "float32" or (path.parent / "model.onnx.data").exists():
+        return None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # its warning about hardware-specific optimisations in the saved copy
+    work = path.parent / ".work"
+    work.mkdir(exist_ok=True)
+    options.optimized_model_filepath = str(work / "optimized.onnx")
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return op_counts(onnx.load(options.optimized_model_filepath, load_external_data=False))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _evaluate_and_gate(source, tmp: Path, out: Path, to: str, options: dict, *, force: bool, threads) -> tuple[dict, dict]:
+    """Measure the new bundle against the source on eval_text; refuse it past the gate unless `force`."""
+    from edgegpt.export.evaluate import evaluate_bundle
+
+    result = evaluate_bundle(tmp, options["eval_text"], reference=source.path, threads=threads)
+    result["bundle"] = str(out)
+    ppl, ref_ppl = result["perplexity"], result["reference"]["perplexity"]
+    increase = 100.0 * (ppl / ref_ppl - 1.0)
+    limit = options["max_ppl_increase"]
+    gate = {"metric": "perplexity", "max_increase_percent": limit, "increase_percent": increase,
+            "passed": bool(increase <= limit), "forced": False}
+    if not gate["passed"]:
+        message = (f"{to} perplexity {ppl:.4f} vs fp32 {ref_ppl:.4f} on {Path(options['eval_text']).name}: "
+                   f"+{increase:.2f} %, over the {limit:g} % limit")
+        if not force:
+            raise QuantizationError(f"{message}; not written. Raise max_ppl_increase (--max-ppl-increase) or pass "
+                                    "force=True (--force) to write it anyway")
+        gate["forced"] = True
+        log.warning("%s; written anyway (force)", message)
+    return result, gate
+
+
+# -------------------------------------------------------------------------------------------- bundle
+
+
+def _copy_other_files(source, tmp: Path, skip: set) -> None:
+    """Tokenizer and genai files: byte copies of every hashed file but the graph."""
+    from edgegpt.manifest import safe_member
+
+    for name in source.manifest["files"]:
+        if name in skip:
+            continue
+        target = tmp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(safe_member(source.path, name), target)
+
+
+def _manifest(source, to: str, graph_result: dict, tmp: Path) -> dict:
+    """The new manifest: the source's, with graph I/O, quantization, producer and validation updated."""
+    import onnxruntime
+
+    from edgegpt import __version__
+
+    src_manifest = source.manifest
+    graph = json.loads(json.dumps(src_manifest["graph"]))
+    graph["inputs"], graph["outputs"] = graph_result["io"]
+    graph["kv_cache"]["dtype"] = graph_result["kv_dtype"]
+    graph["opset"] = graph_result["opset"]  # MatMulNBitsQuantizer moves the graph to opset 21 (int4 types)
+    model_bytes = lambda root, g: sum((root / f).stat().st_size for f in (g.get("file", "model.onnx"), g.get("external_data")) if f)  # noqa: E731
+    quantization = {
+        "format": to,
+        **graph_result["method"],
+        "source_bundle": str(source.path.resolve()),
+        "source_bundle_fingerprint": sha256_file(source.path / MANIFEST_NAME),
+        "model_bytes_before": model_bytes(source.path, src_manifest["graph"]),
+        "model_bytes_after": model_bytes(tmp, graph),
+        **{k: graph_result[k] for k in ("op_counts_before", "op_counts_after", "fused_ops_kept", "fp32_matrices")},
+        "gate": None,
+    }
+    manifest = {k: v for k, v in src_manifest.items() if k not in ("format", "format_version", "files")}
+    manifest.update(
+        graph=graph,
+        quantization=quantization,
+        producer={**src_manifest.get("producer", {}), "quantizer": {"edgegpt": __version__, "onnx": onnx.__version__,
+                                                                    "onnxruntime": onnxruntime.__version__}},
+        validation={"source": src_manifest.get("validation"), "quantized": None},
+        eval=None,
+    )
+    return manifest
+
