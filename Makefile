@@ -8,6 +8,8 @@ TORCH  := torch==2.13.0
 BASE_VENV := .venv-base
 DEMO   := runs/demo
 DEMO_STEPS ?= 1500
+# Held-out text for the demo's quantization gate: a stdlib module from the validation tail of the default corpus.
+EVAL_TEXT = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/zoneinfo/_zoneinfo.py
 
 .PHONY: demo test install base clean
 
@@ -36,8 +38,12 @@ demo: install
 	$(BIN)/edgegpt info
 	$(BIN)/edgegpt train --preset tiny --steps $(DEMO_STEPS) --out $(DEMO)/run --force
 	$(BIN)/edgegpt sample $(DEMO)/run "def main(" -n 64 --seed 0
-	$(BIN)/edgegpt export $(DEMO)/run -o $(DEMO)/fp32 --force
+	rm -rf $(DEMO)/fp32 $(DEMO)/int8
+	$(BIN)/edgegpt export $(DEMO)/run -o $(DEMO)/fp32
 	$(BIN)/edgegpt generate $(DEMO)/fp32 "def main(" -n 64 --seed 0
+	$(BIN)/edgegpt quantize $(DEMO)/fp32 --to int8 -o $(DEMO)/int8 --eval-text $(EVAL_TEXT)
+	$(BIN)/edgegpt generate $(DEMO)/int8 "def main(" -n 64 --seed 0
+	$(BIN)/edgegpt bench $(DEMO)/run --short --backends torch,edgegpt --formats fp32,int8
 
 clean:
 	rm -rf $(VENV) $(BASE_VENV) runs build *.egg-info

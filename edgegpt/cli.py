@@ -227,12 +227,13 @@ def info():
 
 
 # Commands owned by the export and runtime packages; their modules import nothing heavy at load time.
+from edgegpt.bench_cli import bench_command  # noqa: E402
 from edgegpt.export.cli import export  # noqa: E402
+from edgegpt.export.quantize_cli import evaluate as eval_command, quantize as quantize_command  # noqa: E402
 from edgegpt.runtime.cli import chat_command, generate_command  # noqa: E402
 
-main.add_command(export)
-main.add_command(generate_command)
-main.add_command(chat_command)
+for command in (export, quantize_command, eval_command, generate_command, chat_command, bench_command):
+    main.add_command(command)
 
 
 def _installed(name: str) -> bool:

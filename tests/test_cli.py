@@ -4,7 +4,9 @@ from click.testing import CliRunner
 from edgegpt.cli import main
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "import-hf", "export-hf", "info", "export", "generate", "chat"])
+@pytest.mark.parametrize(
+    "command", ["train", "sample", "import-hf", "export-hf", "info", "export", "quantize", "eval", "generate", "chat", "bench"]
+)
 def test_every_command_has_help_with_an_example(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0, result.output
