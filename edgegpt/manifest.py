@@ -4,6 +4,13 @@ A bundle is a directory: `model.onnx` (+ external data), `tokenizer.json`, `gena
 `manifest.json`. The manifest records the format version, the model config, the graph's I/O, the
 quantization and the sha256 and size of every other file. Export writes it last; the runtime checks it
 before loading anything. Torch-free: both sides import it.
+
+`graph.kv_cache.layout` says how the cache flows between steps (both graphs have the same I/O names):
+- "concat" (MultiHeadAttention): present = concat(past, new), (B, H, P+T, D), fed back as the next past.
+- "shared_buffer" (GroupQueryAttention): the caller binds one (B, H, L, D) buffer per key/value per layer
+  as both past and present; the graph writes the T new positions at [S-T, S) in place (S = width of
+  attention_mask, left padding included), reads [0, S) and never past S; the mask grows one column per
+  step. Needs onnxruntime >= 1.22.
 """
 
 from __future__ import annotations
