@@ -12,7 +12,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-__all__ = ["export_bundle"]
+__all__ = ["export_bundle", "quantize_bundle"]
+
+
+def __getattr__(name: str):
+    """`quantize_bundle` is loaded on first use: its module imports onnx, and this package stays cheap."""
+    if name == "quantize_bundle":
+        from edgegpt.export.quantize import quantize_bundle
+
+        return quantize_bundle
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ build-beside-then-rename staging as `export_bundle`: the source is only read, an
   call; onnxruntime fuses them into DynamicQuantizeMatMul when a session loads the file.
 - int8, static (`calibrate=FILE`): `quantize_static` in QDQ format, activation ranges calibrated by running
   the fp32 graph on windows of the corpus text.
-- int4: `MatMulNBitsQuantizer` (weight-only, blockwise, round to nearest) turns every MatMul weight into
-  `MatMulNBits`; the token embedding becomes `GatherBlockQuantized`. Bias-less `Gemm` nodes (which that
+- int4: `MatMulNBitsQuantizer` (weight-only, blockwise, symmetric, round to nearest) turns every MatMul
+  weight into `MatMulNBits`; the token embedding becomes `GatherBlockQuantized`. Bias-less `Gemm` nodes (which that
   quantizer skips) are first rewritten as MatMul (+ Add). The weights are MatMul inputs, never inputs of the
   fused attention node (MultiHeadAttention or GroupQueryAttention take projected Q, K, V), so nothing large
   stays fp32 but the position table; a weight left fp32 raises `QuantizationError`.
@@ -20,13 +20,10 @@ build-beside-then-rename staging as `export_bundle`: the source is only read, an
 The quantizers touch only MatMul / Gemm / Gather weights, so the fused kernels (attention,
 SkipLayerNormalization, FastGelu) stay: their counts before and after are checked and recorded.
 
-Defaults, measured on `small` trained on tinyshakespeare (vocab 2048), evaluated on the held-out last
-10 % of the file through onnxruntime, decode tokens/s at batch 1 with 2 threads (interleaved runs, medians;
-figures in ../shared notes and the quantization report):
-- int8: QInt8 (signed) weights, per-channel scales, the lm_head included, the token embedding included.
-  See `INT8_DEFAULTS` for the measured figures behind each choice.
-- int4: block 32, accuracy_level 4 (int8 activations in the kernel), asymmetric, embedding included.
-  See `INT4_DEFAULTS`.
+Defaults, measured on `small` (6 x 384, vocab 2048) trained on tinyshakespeare to val loss 4.49, evaluated on
+the held-out tail of the file (37.9 k tokens, fp32 perplexity 94.38) through onnxruntime; decode tokens/s at
+batch 1 with 2 threads through edgegpt.runtime.Generator, interleaved rounds (the numbers are at
+`INT8_DEFAULTS` and `INT4_DEFAULTS`).
 References: onnxruntime docs "Quantize ONNX models"; ContribOperators.md (MatMulNBits, GatherBlockQuantized,
 DynamicQuantizeMatMul); llama.cpp's Q8_0 / Q4_0 for comparable schemes.
 """
@@ -65,16 +62,26 @@ FORMATS = ("int8", "int4", "fp16")
 # should cost nothing measurable, so 1 % only catches a broken conversion).
 DEFAULT_MAX_PPL_INCREASE = {"int8": 2.0, "int4": 10.0, "fp16": 1.0}
 
-# int8 defaults, measured on `small`/tinyshakespeare (perplexity of fp32: see the report table):
-# - QInt8 vs QUInt8 weights: decode speed equal within noise; QInt8 per-channel had the lower perplexity
-#   increase, and QUInt8 prefill is slower (ORT-NOTES).
-# - per-channel vs per-tensor scales: per-channel halves to thirds the perplexity increase, same speed.
-# - lm_head: quantized (it is the largest matrix for this vocabulary and a third of the decode bytes).
-# - token embedding (a Gather, per-tensor uint8 by quantize_dynamic): a quarter of the file's fp32 bytes
-#   gone for a perplexity change within noise; no speed effect (one row read per token).
+# int8 defaults (perplexity change vs fp32, teacher-forced top-1 agreement, decode tok/s medians of two
+# interleaved runs of 9 and 15 rounds; fp32 ran 260 / 296 tok/s in the same runs):
+# - QInt8 vs QUInt8 weights, per-channel: -0.03 % / 0.986 / 541, 677 vs +0.00 % / 0.990 / 480, 604; QUInt8's
+#   prefill was slower too (9.4 vs 8.2 ms for 32 tokens). Accuracy is a wash, so the faster signed weights.
+# - per-channel vs per-tensor (QInt8): -0.03 % / 0.986 vs +0.03 % / 0.985, same speed (541 vs 532):
+#   per-channel, for 0.1 MB.
+# - lm_head: quantized. It is the largest matrix (2048 x 384) and 7 % of the weights each step reads.
+# - token embedding (a Gather; quantize_dynamic stores it per-tensor uint8): 15.2 -> 12.9 MB (-15 %) for
+#   -0.01 % perplexity and -0.0015 top-1; no speed effect (one row per token). Included.
+# - static QDQ (calibrate=): +0.05 % / 0.956 / 509 tok/s: less accurate and no faster; an option only.
 INT8_DEFAULTS = {"per_channel": True, "weight_type": "QInt8", "embedding": True}
-# int4 defaults: block 32 vs 64 vs 128 and accuracy_level 0 vs 4 measured; see the report table.
-INT4_DEFAULTS = {"block_size": 32, "accuracy_level": 4, "symmetric": False, "embedding": True}
+# int4 defaults (same measurements; fp32 model 49.3 MB):
+# - accuracy_level 4 vs 0 (block 32): 592 vs 233 tok/s, +0.13 % either way: 4 (int8 activations in the kernel).
+# - block 32 / 64 / 128, symmetric: +0.18 / +0.16 / +0.18 %, top-1 0.945 / 0.941 / 0.943, 8.2 / 7.4 / 7.0 MB,
+#   decode within noise of each other (724-824 vs 736-906 tok/s for 32 vs 128; 64 measured once, 526).
+# - asymmetric (zero points) vs symmetric, block 32: +0.13 % / 0.943 vs +0.18 % / 0.945, but 571-724 vs
+#   724-824 tok/s: symmetric. Block 32 keeps the best top-1 at the same speed and is the granularity
+#   llama.cpp's Q4_0 uses; 128 saves 1.1 MB here.
+# - token embedding as GatherBlockQuantized: 11.0 -> 8.4 MB (-24 %) for +0.035 % perplexity: included.
+INT4_DEFAULTS = {"block_size": 32, "accuracy_level": 4, "symmetric": True, "embedding": True}
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (CPU)
 CALIBRATION_WINDOWS = 32

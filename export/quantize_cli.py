@@ -138,4 +138,4 @@ def _gate_line(gate: dict | None) -> str:
     if not gate:
         return ""
     verdict = "passed" if gate["passed"] else "FAILED (written with --force)"
-    return f"\ngate: +{gate['increase_percent']:.2f} % vs limit {gate['max_increase_percent']:g} %: {verdict}"
+    return f"\ngate: {gate['increase_percent']:+.2f} % vs limit {gate['max_increase_percent']:g} %: {verdict}"

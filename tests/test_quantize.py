@@ -10,7 +10,6 @@ room for run-to-run differences in training; the quality target itself is measur
 from __future__ import annotations
 
 import inspect
-import json
 import subprocess
 import sys
 from pathlib import Path
