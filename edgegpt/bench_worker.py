@@ -143,8 +143,6 @@ def _edgegpt(spec: dict) -> dict[str, Any]:
         extra = {"session_s": request.session_s, "python_share": 1.0 - request.session_s / total if total else 0.0}
         return stamps, [request.result(b).tokens for b in range(len(prompts))], extra
 
-    if not hasattr(gen, "_request"):  # the loop changed shape: time whole calls (no per-step figures)
-        run = _edgegpt_whole_calls(gen)
     result = _measure(run, spec)
     result.update(
         load_s=load_s,
@@ -153,21 +151,6 @@ def _edgegpt(spec: dict) -> dict[str, Any]:
         torch_imported="torch" in sys.modules,
     )
     return result
-
-
-def _edgegpt_whole_calls(gen) -> RunFn:
-    """Fallback timing through the public API: first token and decode from `Timings`, steps evenly spread."""
-
-    def run(prompts, new_tokens):
-        started = time.perf_counter()
-        results = gen.generate_batch(prompts, max_new_tokens=new_tokens, ignore_eos=True)
-        t = results[0].timings
-        step = t.decode_s / max(new_tokens - 1, 1)
-        stamps = [started, started + t.time_to_first_token_s]
-        stamps += [stamps[1] + step * (k + 1) for k in range(new_tokens - 1)]
-        return stamps, [r.tokens for r in results], {"session_s": t.session_s, "python_share": 1 - t.session_s / t.total_s}
-
-    return run
 
 
 def _genai(spec: dict) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from edgegpt.errors import ContextLengthError, SamplingError
-from edgegpt.config import GPTConfig  # noqa: F401  (doctest)
+from edgegpt.config import GPTConfig  # noqa: F401  (used by the doctest)
 from edgegpt.model import SimpleGPT
 
 

@@ -75,7 +75,7 @@ def export_bundle(
     from edgegpt.checkpoint import TOKENIZER, WEIGHTS, load_checkpoint
     from edgegpt.errors import CheckpointError, EdgeGPTError, ExportError
     from edgegpt.export import bundle, genai, onnx_export
-    from edgegpt.manifest import MANIFEST_NAME, sha256_file, write_manifest
+    from edgegpt.manifest import sha256_file, write_manifest
     from edgegpt.tokenizer import eot_id
 
     out = Path(out)
@@ -111,7 +111,6 @@ def export_bundle(
             "genai": {"config": genai.GENAI_CONFIG, "model_type": "decoder"},
         }
         write_manifest(tmp, manifest)
-        (tmp / MANIFEST_NAME).chmod(0o644)  # atomic_write_text's temporary file is private (0600)
     log.info("wrote bundle %s", out)
     return out
 

@@ -377,40 +377,9 @@ def export_onnx(model: SimpleGPT, path: str | Path, *, opset: int = DEFAULT_OPSE
 def optimize_graph(src: Path, dst: Path, config: GPTConfig, *, attention: str, external_data: bool) -> tuple[dict, dict]:
     """onnxruntime's transformer fusions on either attention graph; -> (op counts before, op counts after).
 
-    "mha" is `edgegpt.export.optimize.optimize_onnx` as is. That function checks for MultiHeadAttention
-    nodes, so "gqa" runs the same fusions here and checks for GroupQueryAttention instead; once
-    optimize_onnx takes the attention op as a parameter, this becomes a call to it.
-
     Raises:
         ExportError: the optimizer failed or left LayerNorm / GELU / attention unfused.
     """
-    import onnx
+    from edgegpt.export.optimize import optimize_onnx
 
-    from edgegpt.export.optimize import expected_fused_ops, op_counts, optimize_onnx
-
-    if attention == "mha":
-        return optimize_onnx(src, dst, config, external_data=external_data)
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    before = op_counts(onnx.load(str(src), load_external_data=False))
-    options = FusionOptions("gpt2")
-    options.enable_attention = False  # the graph holds GroupQueryAttention nodes already
-    try:
-        optimized = optimize_model(
-            str(src), model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd,
-            optimization_options=options, opt_level=0,
-        )
-        optimized.save_model_to_file(str(dst), use_external_data_format=external_data)
-    except Exception as exc:  # the optimizer raises whatever its passes hit
-        raise ExportError(f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False") from exc
-    after = op_counts(onnx.load(str(dst), load_external_data=False))
-    expected = {("GroupQueryAttention" if op == "MultiHeadAttention" else op): n for op, n in expected_fused_ops(config).items()}
-    shortfall = {op: (after.get(op, 0), n) for op, n in expected.items() if after.get(op, 0) < n}
-    if shortfall:
-        raise ExportError(
-            "the optimized graph lacks fused kernels, (found, expected): "
-            + ", ".join(f"{op} {v}" for op, v in shortfall.items())
-            + "; check the onnxruntime version or export with optimize=False (--no-optimize)"
-        )
-    return before, after
+    return optimize_onnx(src, dst, config, external_data=external_data, attention_op=_ATTENTIONS[attention][0])

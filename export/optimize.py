@@ -2,8 +2,8 @@
 
 `onnxruntime.transformers.optimizer` with the GPT-2 model type fuses the embedding sum and every
 residual-add + LayerNorm into `SkipLayerNormalization`, and the tanh GELU (with the bias add before it)
-into `FastGelu`. Attention is already one `MultiHeadAttention` node per layer (see onnx_export.py), so
-no attention fusion is needed. Only the optimizer's Python fusions run here (opt_level 0): onnxruntime
+into `FastGelu`. Attention is already one GroupQueryAttention or MultiHeadAttention node per layer (see
+onnx_export.py), so no attention fusion is needed. Only the optimizer's Python fusions run here (opt_level 0): onnxruntime
 applies its own hardware-specific graph optimisations when a session loads the file.
 References: onnxruntime/python/tools/transformers (optimizer.py, onnx_model_gpt2.py).
 """
@@ -29,23 +29,29 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(node.op_type for node in model.graph.node).most_common())
 
 
-def expected_fused_ops(config: GPTConfig) -> dict[str, int]:
+def expected_fused_ops(config: GPTConfig, attention_op: str = "MultiHeadAttention") -> dict[str, int]:
     """The fused kernels a fully optimised graph holds: per layer one attention, one GELU, two LayerNorms."""
     return {
-        "MultiHeadAttention": config.n_layer,
+        attention_op: config.n_layer,
         "FastGelu": config.n_layer,
         # each LayerNorm follows an add: ln_1 of block 0 the embedding sum, the other 2 n_layer the residuals
         "SkipLayerNormalization": 2 * config.n_layer + 1,
     }
 
 
-def fused_op_shortfall(counts: dict[str, int], config: GPTConfig) -> dict[str, tuple[int, int]]:
+def fused_op_shortfall(counts: dict[str, int], config: GPTConfig, attention_op: str = "MultiHeadAttention") -> dict[str, tuple[int, int]]:
     """{op: (found, expected)} for each fused op that the graph holds too few of."""
-    return {op: (counts.get(op, 0), n) for op, n in expected_fused_ops(config).items() if counts.get(op, 0) < n}
+    expected = expected_fused_ops(config, attention_op)
+    return {op: (counts.get(op, 0), n) for op, n in expected.items() if counts.get(op, 0) < n}
 
 
-def optimize_onnx(src: Path, dst: Path, config: GPTConfig, *, external_data: bool) -> tuple[dict, dict]:
+def optimize_onnx(
+    src: Path, dst: Path, config: GPTConfig, *, external_data: bool, attention_op: str = "MultiHeadAttention"
+) -> tuple[dict, dict]:
     """Fuse `src` into `dst`; return (op counts before, op counts after).
+
+    `attention_op` is the contrib op the exporter already emitted per layer (MultiHeadAttention or
+    GroupQueryAttention); the optimizer's own attention fusion stays off, and the op is checked for.
 
     Raises:
         ExportError: the optimizer failed or left LayerNorm / GELU / attention unfused.
@@ -55,7 +61,7 @@ def optimize_onnx(src: Path, dst: Path, config: GPTConfig, *, external_data: boo
 
     before = op_counts(onnx.load(str(src), load_external_data=False))
     options = FusionOptions("gpt2")
-    options.enable_attention = False  # already fused: the graph holds MultiHeadAttention nodes
+    options.enable_attention = False  # already fused: the exporter emitted one attention node per layer
     try:
         optimized = optimize_model(
             str(src),
@@ -69,7 +75,7 @@ def optimize_onnx(src: Path, dst: Path, config: GPTConfig, *, external_data: boo
     except Exception as exc:  # the optimizer raises whatever its passes hit
         raise ExportError(f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False") from exc
     after = op_counts(onnx.load(str(dst), load_external_data=False))
-    shortfall = fused_op_shortfall(after, config)
+    shortfall = fused_op_shortfall(after, config, attention_op)
     if shortfall:
         raise ExportError(
             "the optimized graph lacks fused kernels, (found, expected): "
