@@ -71,7 +71,7 @@ class BenchConfig:
         threads: intra-op threads of every backend.
         provider: "cpu" or "cuda".
         spinning: let idle onnxruntime threads busy-wait (edgegpt's `SessionConfig.spinning`), for edgegpt and
-            genai alike; off by default, as edgegpt's runtime (on a busy machine spinning threads slow both).
+            genai alike; on by default, as in both runtimes (on a busy machine spinning threads slow both).
         seed: seeds the prompts (and a preset's random weights).
 
     >>> BenchConfig(runs=0)
@@ -88,7 +88,7 @@ class BenchConfig:
     batch: tuple[int, ...] = (1, 8)
     threads: int = 2
     provider: str = "cpu"
-    spinning: bool = False
+    spinning: bool = True
     seed: int = 0
 
     def __post_init__(self):

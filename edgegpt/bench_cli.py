@@ -43,7 +43,7 @@ def _csv(kind=str):
 @click.option("--batch", callback=_csv(int), help="Batch sizes to time. [default: 1,8]")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads of every backend. [default: 2]")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), help="[default: cpu]")
-@click.option("--spinning/--no-spinning", default=None, help="Busy-waiting onnxruntime threads (edgegpt and genai). [default: off]")
+@click.option("--spinning/--no-spinning", default=None, help="Busy-waiting onnxruntime threads (edgegpt and genai). [default: on]")
 @click.option("--seed", type=int, help="Seeds the prompts and a preset's weights. [default: 0]")
 @click.option("--short", is_flag=True, help="A quick look: 3 rounds, 32-token prompt, 32 new tokens, batch 1.")
 @click.option("--attention", help="Export the graph with this attention (export_bundle's `attention`, e.g. mha, gqa) [default: the exporter's].")

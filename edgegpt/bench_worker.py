@@ -158,7 +158,7 @@ def _genai(spec: dict) -> dict[str, Any]:
     import onnxruntime_genai as og
 
     config = og.Config(spec["path"])
-    spin = "1" if spec["spinning"] else "0"  # as edgegpt's session: on a busy machine spinning threads cost 1.7x
+    spin = "1" if spec["spinning"] else "0"  # as edgegpt's session
     session = {"intra_op_num_threads": spec["threads"], "inter_op_num_threads": 1,
                "session.intra_op.allow_spinning": spin, "session.inter_op.allow_spinning": spin}  # fmt: skip
     # eos_token_id [] turns off the end-of-text stop: every backend generates exactly new_tokens tokens.
@@ -239,7 +239,6 @@ def _ort_gemv(threads: int, n: int, repeats: int) -> float:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as edgegpt's sessions
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     w = np.ones((k, cols), dtype=np.float32)
     binding = session.io_binding()

@@ -347,7 +347,7 @@ class Generator:
         *,
         optimization: str = "all",
         memory_arena: bool = True,
-        spinning: bool = False,
+        spinning: bool = True,
         device_id: int = 0,
         log_severity: int = 3,
     ) -> "Generator":

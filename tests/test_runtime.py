@@ -462,6 +462,22 @@ def test_cpu_session_really_runs_on_cpu(gen):
     assert gen.providers == ["CPUExecutionProvider"]
 
 
+@pytest.mark.parametrize("flags, expected", [([], "1"), (["--no-spinning"], "0"), (["--spinning"], "1")])
+def test_spinning_flag_reaches_the_session(tiny_bundle, monkeypatch, flags, expected):
+    seen = []
+    real = providers.SessionConfig.session_options
+
+    def spy(self):
+        options = real(self)
+        seen.append(options.get_session_config_entry("session.intra_op.allow_spinning"))
+        return options
+
+    monkeypatch.setattr(providers.SessionConfig, "session_options", spy)
+    result = CliRunner().invoke(generate_command, [str(tiny_bundle), "def", "-n", "2", "--provider", "cpu", *flags])
+    assert result.exit_code == 0, result.output
+    assert seen == [expected]
+
+
 def test_bad_provider_and_options_are_config_errors(tiny_bundle):
     with pytest.raises(ConfigError, match="provider"):
         Generator.load(tiny_bundle, provider="gpu")
