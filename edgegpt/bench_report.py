@@ -16,6 +16,7 @@ __all__ = ["environment", "markdown", "plot", "summarize", "to_json"]
 
 FIGURES = ("ttft_s", "prefill_tok_s", "decode_tok_s", "step_p50_ms", "step_p95_ms", "python_share", "peak_rss_mb")
 SHAPES = {"small": (6, 6, 384), "gpt2": (12, 12, 768)}  # (n_layer, n_head, n_embd) the targets are set for
+NOISY_PROBE_SPREAD = 0.15  # probe rounds further apart than this (of the best) mean the machine was shared
 
 
 def _stats(values: list[float]) -> dict[str, float] | None:
@@ -295,15 +296,31 @@ def markdown(report) -> str:
             if "RSS" in t["target"]:
                 value = f"{t['value']:.0f} MB"
             lines.append(f"- [{'x' if t['met'] else ' '}] {t['target']}: {value} ({mark})")
-    notes = list(report.notes)
-    cpus = env.get("usable_cpus") or env.get("logical_cpus") or 1
-    load = max((env.get("loadavg_start") or [0])[0], (env.get("loadavg_end") or [0])[0])
-    if load > 0.25 * cpus:
-        notes.append(f"the machine was busy (load average up to {load:.1f} on {cpus} CPUs): figures are noisy and "
-                     "low, PyTorch's OpenMP threads most of all; measure on a quiet machine for figures to report")
+    notes = list(report.notes) + _noise_notes(env, report.bandwidth)
     if notes:
         lines += ["", "Notes:", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
+
+
+def _noise_notes(env: dict, probes: list[dict]) -> list[str]:
+    """Warnings about a machine that was not quiet.
+
+    The load average at the end is the benchmark's own (its workers keep every core busy), so only the
+    one at the start tells of other processes. Contention that no load average shows (other tenants of a
+    virtual machine's host) shows in the bandwidth probe: the same fixed work in every round.
+    """
+    notes = []
+    cpus = env.get("usable_cpus") or env.get("logical_cpus") or 1
+    load = (env.get("loadavg_start") or [0])[0]
+    if load > 0.25 * cpus:
+        notes.append(f"the machine was busy before the run (load average {load:.1f} on {cpus} CPUs): figures are "
+                     "noisy and low, PyTorch's OpenMP threads most of all; measure on a quiet machine for figures to report")
+    rates = [p["gbs"] for p in probes if p.get("gbs")]
+    if len(rates) > 1 and (max(rates) - min(rates)) / max(rates) > NOISY_PROBE_SPREAD:
+        notes.append(f"the bandwidth probe ranged {min(rates):.1f}-{max(rates):.1f} GB/s over the rounds (the same work "
+                     "each time): something else shared the cores or memory (on a VM, other tenants of the host); "
+                     "compare the per-round ratios, not absolute figures")
+    return notes
 
 
 def _env_line(env: dict) -> str:

@@ -156,3 +156,15 @@ def test_figures_from_step_timestamps():
 def test_cli_module_imports_nothing_heavy():
     code = "import edgegpt.bench_cli, sys; heavy = {'torch', 'onnx', 'numpy', 'onnxruntime'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_noise_notes_use_the_start_load_and_the_probe_spread():
+    from edgegpt.bench_report import _noise_notes
+
+    quiet = {"usable_cpus": 2, "loadavg_start": [0.1], "loadavg_end": [2.0]}  # the end load is the bench's own
+    steady = [{"gbs": 29.0}, {"gbs": 28.0}, {"gbs": 29.3}]
+    assert _noise_notes(quiet, steady) == []
+    busy = _noise_notes({**quiet, "loadavg_start": [1.2]}, steady)
+    assert len(busy) == 1 and "load average 1.2 on 2 CPUs" in busy[0]
+    shared = _noise_notes(quiet, [{"gbs": 22.3}, {"gbs": 29.3}])
+    assert len(shared) == 1 and "22.3-29.3 GB/s" in shared[0]
