@@ -9,8 +9,9 @@ before loading anything. Torch-free: both sides import it.
 - "concat" (MultiHeadAttention): present = concat(past, new), (B, H, P+T, D), fed back as the next past.
 - "shared_buffer" (GroupQueryAttention): the caller binds one (B, H, L, D) buffer per key/value per layer
   as both past and present; the graph writes the T new positions at [S-T, S) in place (S = width of
-  attention_mask, left padding included), reads [0, S) and never past S; the mask grows one column per
-  step. Needs onnxruntime >= 1.22.
+  attention_mask, left padding included), reads [0, S) and never past S. The mask may grow one column per
+  step or stay (B, L) with zeros after the cached positions (the graph reads each row's length from its
+  last 1; edgegpt's decode steps and onnxruntime-genai do that). Needs onnxruntime >= 1.22.
 """
 
 from __future__ import annotations

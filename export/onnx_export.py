@@ -20,16 +20,17 @@ with dynamic B, T and P (P = 0 is an empty past). Two attention graphs, chosen b
   finite in a float16 conversion, where -inf would turn the rows of padded queries into NaN.
   Semantics of "shared_buffer", as the runtime uses it: the caller allocates per layer one key and one value
   buffer of (B, H, L, D), L >= the longest sequence it will run (prompt + new tokens, at most block_size),
-  and binds each buffer as both past_key_values.{i}.* and present.{i}.* (IOBinding). Positions [0, S) of a
-  row hold its keys/values (padding included); the kernel reads positions [0, seqlens_k] and writes the T
-  new ones at [S - T, S) in place, so nothing is copied per step; positions >= S are never read (stale values
-  there are harmless). The mask grows by one column per step; `total_sequence_length` = S tells the first
-  prompt (T == S: the past is not read) from decode. The same graph also runs like "concat": given a past of
+  and binds each buffer as both past_key_values.{i}.* and present.{i}.* (IOBinding). With S = seqlens_k + 1
+  (a row's length, padding included), positions [0, S) of a row hold its keys/values; the kernel reads them
+  and writes the T new ones at [S - T, S) in place, so nothing is copied per step; positions >= S are never
+  read (stale values there are harmless). The prefill's mask is exactly as wide as the prompt, so
+  `total_sequence_length` == T tells the first prompt (the past is not read) from decode. The same graph also runs like "concat": given a past of
   exactly P positions it returns a new (B, H, P+T, D) present (validation and genai without buffer sharing
   do that). Limits of onnxruntime's CPU kernel: head_size % 8 == 0 (checked before export), and T > 1 after
   a past (a second prompt chunk) needs batch 1; `edgegpt.runtime` never does that (prefill starts from an
-  empty cache, decode feeds one token). A static (B, L) mask with zeros after the current length also works
-  at batch 1 (seqlens_k is the last 1, not the mask's width).
+  empty cache, decode feeds one token). A static (B, L) mask with zeros after the current length works for
+  decode steps, left-padded batches included (seqlens_k is the last 1, not the mask's width): edgegpt's runtime
+  decodes that way, as onnxruntime-genai does.
 
 Choices, measured on the `small` preset (random weights, batch 1, prompt 32, 128 greedy tokens, 2 threads,
 interleaved rounds, medians of 5-9; decode speed relative to PyTorch eager with its KV cache, same rounds):

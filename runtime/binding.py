@@ -36,6 +36,9 @@ class Binding:
             self._c_device = ort.OrtDevice.make(*device)._get_c_device()
             self._c_cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
         self._numpy: dict[str, np.ndarray] = {}  # bound host arrays must outlive the run
+        # A CPU session reads a bound host array's memory when it runs (no copy at bind time), so an array
+        # updated in place needs no rebinding; other devices copy it to the device when it is bound.
+        self.reads_bound_arrays = device[0] == "cpu"
 
     def empty(self, array: np.ndarray):
         """A value holding a zero-size `array` (the first step's past), in this binding's handle type.

@@ -158,6 +158,7 @@ class _Request:
         self.logits: np.ndarray | None = None  # the bound host array of the last run's logits (B, T, V)
         self.logits_value = None
         self.outputs_bound = False  # the logits and a "shared_buffer" cache stay bound from step to step
+        self.inputs_bound = False  # the decode arrays stay bound on a CPU session with a static mask
         self.session_s, self.steps, self.context_shifts = 0.0, 0, 0
         self.first_token_at: float | None = None
 
@@ -198,8 +199,8 @@ class _Request:
         """Left-pad the rows and run them from an empty cache; -> last-position logits (B, V)."""
         batch, width = len(feed), max(map(len, feed))
         ids = np.full((batch, width), self.gen.eot_id, dtype=np.int64)
-        # The mask lives in one (B, block_size) buffer: a decode step sets one column instead of allocating.
-        self.mask = np.zeros((batch, self.gen.config.block_size), dtype=np.int64)
+        # The mask lives in one (B, capacity) buffer: a decode step sets one column instead of allocating.
+        self.mask = np.zeros((batch, self.capacity), dtype=np.int64)
         for b, tokens in enumerate(feed):
             ids[b, width - len(tokens) :] = tokens
             self.mask[b, width - len(tokens) : width] = 1
@@ -209,7 +210,7 @@ class _Request:
         self.next_ids = np.empty((batch, 1), dtype=np.int64)
         self.next_positions = mask.sum(axis=1, keepdims=True)  # (B, 1): the next position of each row
         self.cache.reset(self.binding, batch, self.capacity)
-        self.outputs_bound = False
+        self.inputs_bound = self.outputs_bound = False
         return self._run(ids, mask, positions)
 
     def _decode(self) -> np.ndarray:
@@ -218,17 +219,28 @@ class _Request:
             self.next_ids[b, 0] = row.tokens[-1] if row.tokens and row.finish_reason is None else self.gen.eot_id
         self.mask[:, self.width] = 1
         self.width += 1
+        if self.cache.static_mask:  # the whole (B, capacity) buffer: the same arrays, updated in place, every step
+            return self._decode_run(self.mask, in_place=True)
         mask = self.mask[:, : self.width]  # a view for one row; rows of a batch need a contiguous copy
-        logits = self._run(self.next_ids, mask if len(self.rows) == 1 else np.ascontiguousarray(mask), self.next_positions)
+        return self._decode_run(mask if len(self.rows) == 1 else np.ascontiguousarray(mask), in_place=False)
+
+    def _decode_run(self, mask: np.ndarray, in_place: bool) -> np.ndarray:
+        logits = self._run(self.next_ids, mask, self.next_positions, in_place)
         self.next_positions += 1  # after the run: the bound array is read by it
         return logits
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One model call through the IOBinding; the presents stay on the device as the next past."""
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, in_place: bool = False) -> np.ndarray:
+        """One model call through the IOBinding; the presents stay on the device as the next past.
+
+        `in_place`: the three arrays are the ones bound last step, updated in place. A CPU session reads a
+        bound host array when it runs, so they stay bound (saves three binds a step); CUDA copies at bind time.
+        """
         binding = self.binding
-        binding.bind_numpy(INPUT_IDS, ids)
-        binding.bind_numpy(ATTENTION_MASK, mask)
-        binding.bind_numpy(POSITION_IDS, positions)
+        if not (in_place and self.inputs_bound):
+            binding.bind_numpy(INPUT_IDS, ids)
+            binding.bind_numpy(ATTENTION_MASK, mask)
+            binding.bind_numpy(POSITION_IDS, positions)
+            self.inputs_bound = in_place and binding.reads_bound_arrays
         shape = (*ids.shape, self.gen.config.vocab_size)
         if self.logits is None or self.logits.shape != shape:  # once for the prefill, once for decode
             self.logits = np.empty(shape, dtype=self.gen._logits_dtype)

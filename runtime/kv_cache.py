@@ -16,8 +16,9 @@ new_tokens)` after it, `length` (positions cached) and `reads_outputs` (whether 
   present.{i}.*. The attention kernel reads positions [0, S) of each row (S = the attention mask's width,
   padding included) and writes the T new keys/values at [S - T, S) in place: no cache copy, no allocation
   per step. Positions >= S hold stale or uninitialised values that are never read, so a sliding-window
-  re-prefill reuses the buffers as they are. The attention mask must grow by one column per step (its
-  width is the cache length), and S must never exceed L.
+  re-prefill reuses the buffers as they are. The prefill's mask is exactly as wide as the prompt; decode
+  steps bind the whole (B, L) mask buffer (ones up to the cached length, zeros after: the graph takes each
+  row's length from its last 1), so its shape, and on the CPU its binding, stay the same every step.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class ConcatKVCache:
     """layout "concat": past (B, H, P, D) in, present (B, H, P+T, D) out, fed back as the next past."""
 
     reads_outputs = True
+    static_mask = False  # the graph takes the past length from the mask's width: it grows one column per step
     min_onnxruntime = (1, 20)  # the MultiHeadAttention graph; the package's own floor
 
     def __init__(self, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):
@@ -63,6 +65,7 @@ class SharedBufferKVCache:
     """layout "shared_buffer": one (B, H, capacity, D) buffer per key/value and layer, past and present at once."""
 
     reads_outputs = False
+    static_mask = True  # decode steps bind the whole (B, capacity) mask: zeros after the cached positions
     min_onnxruntime = (1, 22)  # GroupQueryAttention's attention_bias input: 1.20 and 1.21 refuse the graph
 
     def __init__(self, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):
