@@ -90,7 +90,7 @@ def export_bundle(
         raise CheckpointError(f"{ckpt.path / TOKENIZER}: {exc}") from exc
     model, cfg = ckpt.model, ckpt.config
     onnx_export.check_attention(cfg, attention)
-    n_bytes = 4 * (sum(p.numel() for p in model.parameters()) + cfg.vocab_size * cfg.n_embd)  # + the untied lm_head copy
+    n_bytes = 4 * (sum(p.numel() for p in model.parameters()) + cfg.vocab_size * cfg.n_embd)  # + the export's lm_head copy
     external_data = external_data or n_bytes > 0.9 * _PROTOBUF_LIMIT
     log.info("exporting %s (%.1f M parameters) to %s", ckpt.path, model.num_params() / 1e6, out)
 
@@ -131,12 +131,15 @@ def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_dat
     check.check_graph(raw, cfg)
     parity = {"exported": check.check_parity(model, raw, stage="exported")} if validate else {}
     if optimize:
-        before, after = onnx_export.optimize_graph(raw, final, cfg, attention=attention, external_data=external_data)
+        before, _ = onnx_export.optimize_graph(raw, final, cfg, attention=attention, external_data=external_data)
+        _share_tied_lm_head(final, external_data)
+        after = op_counts(onnx.load(str(final), load_external_data=False))
         check.check_graph(final, cfg)
         if validate:
             parity["optimized"] = check.check_parity(model, final, stage="optimized")
     else:
         onnx.save_model(onnx.load(str(raw)), str(final), save_as_external_data=external_data, location=EXTERNAL_DATA)
+        _share_tied_lm_head(final, external_data)
         before = after = op_counts(onnx.load(str(final), load_external_data=False))
     greedy = check.check_greedy(model, final) if validate else None
     shutil.rmtree(work)
@@ -145,6 +148,21 @@ def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_dat
         "optimization": {"optimizer": optimizer, "op_counts_before": before, "op_counts_after": after},
         "validation": _validation_section(parity, greedy),
     }
+
+
+def _share_tied_lm_head(path: Path, external_data: bool) -> None:
+    """Rewrite `path` with one copy of the tied embedding / lm_head matrix (see edgegpt.export.tied_embedding)."""
+    import onnx
+
+    from edgegpt.export.tied_embedding import share_tied_lm_head
+
+    model = onnx.load(str(path))  # with its external data, now in memory
+    if not share_tied_lm_head(model):
+        return
+    data = path.parent / EXTERNAL_DATA
+    data.unlink(missing_ok=True)  # onnx appends to an existing external-data file
+    onnx.save_model(model, str(path), save_as_external_data=external_data, location=EXTERNAL_DATA)
+    log.info("lm_head reads the token embedding through a Transpose: one copy of the tied matrix in the file")
 
 
 def _graph_section(final: Path, external_data: bool, attention: str) -> dict:

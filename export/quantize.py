@@ -43,6 +43,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegpt.errors import ConfigError, QuantizationError
+from edgegpt.export.tied_embedding import materialize_transposes
 from edgegpt.manifest import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -185,6 +186,8 @@ def _quantize_graph(source, dst: Path, to: str, options: dict) -> dict[str, Any]
     graph = source.manifest["graph"]
     model = onnx.load(str(source.model_path))  # with external data; the quantizers change it in place
     before, fused_before = op_counts(model), _fused_counts(model)
+    if to != "fp16":  # the quantizers take a MatMul weight only as an initializer, not as Transpose(table)
+        materialize_transposes(model)
     external = bool(graph.get("external_data"))
     method = _QUANTIZERS[to](model, dst, options, source=source, external=external, work=dst.parent / ".work")
     shutil.rmtree(dst.parent / ".work", ignore_errors=True)
