@@ -292,7 +292,7 @@ def markdown(report) -> str:
         lines += ["", "Targets (met if the median ratio meets the threshold; set for 2 threads, batch 1, CPU):", ""]
         for t in summary["targets"]:
             mark = "met" if t["met"] else "MISSED"
-            value = f"{t['value']:.0%}" if t["threshold"] < 1 and "bound" in t["target"] else f"{t['value']:.2f}"
+            value = f"{t['value']:.0%}" if t["threshold"] < 1 and "bound" in t["target"] else _ratio_text(t["value"], t["threshold"])
             if "RSS" in t["target"]:
                 value = f"{t['value']:.0f} MB"
             lines.append(f"- [{'x' if t['met'] else ' '}] {t['target']}: {value} ({mark})")
@@ -300,6 +300,14 @@ def markdown(report) -> str:
     if notes:
         lines += ["", "Notes:", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
+
+
+def _ratio_text(value: float, threshold: float) -> str:
+    """Two decimals, or as many more as it takes to show on which side of the threshold the value lies."""
+    digits = 2
+    while digits < 6 and f"{value:.{digits}f}" == f"{threshold:.{digits}f}" and value != threshold:
+        digits += 1
+    return f"{value:.{digits}f}"
 
 
 def _noise_notes(env: dict, probes: list[dict]) -> list[str]:

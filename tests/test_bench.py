@@ -168,3 +168,11 @@ def test_noise_notes_use_the_start_load_and_the_probe_spread():
     assert len(busy) == 1 and "load average 1.2 on 2 CPUs" in busy[0]
     shared = _noise_notes(quiet, [{"gbs": 22.3}, {"gbs": 29.3}])
     assert len(shared) == 1 and "22.3-29.3 GB/s" in shared[0]
+
+
+def test_ratio_text_shows_which_side_of_the_threshold():
+    from edgegpt.bench_report import _ratio_text
+
+    assert _ratio_text(3.26, 3.5) == "3.26"
+    assert _ratio_text(3.4999, 3.5) == "3.4999"  # not "3.50", which reads as met
+    assert _ratio_text(3.5, 3.5) == "3.50"
