@@ -314,6 +314,8 @@ def _build_bundles(checkpoint: Path, work: Path, formats: tuple[str, ...], atten
         log.info("exporting %s -> %s", checkpoint, fp32)
         # No parity checks here: the table's agreement column compares the tokens with PyTorch's.
         export_bundle(checkpoint, fp32, force=True, validate=False, **({"attention": attention} if attention else {}))
+    else:
+        log.info("reusing %s (delete it to export again, e.g. after upgrading edgegpt)", fp32)
     if "fp32" in formats:
         paths["fp32"] = fp32
     for fmt in (f for f in formats if f != "fp32"):
@@ -325,6 +327,8 @@ def _build_bundles(checkpoint: Path, work: Path, formats: tuple[str, ...], atten
                 continue
             log.info("quantizing %s -> %s (%s)", fp32, out, fmt)
             quantize(fp32, out, to=fmt, force=True)
+        else:
+            log.info("reusing %s", out)
         paths[fmt] = out
     return paths
 
