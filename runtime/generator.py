@@ -220,12 +220,10 @@ class _Request:
         self.mask[:, self.width] = 1
         self.width += 1
         if self.cache.static_mask:  # the whole (B, capacity) buffer: the same arrays, updated in place, every step
-            return self._decode_run(self.mask, in_place=True)
-        mask = self.mask[:, : self.width]  # a view for one row; rows of a batch need a contiguous copy
-        return self._decode_run(mask if len(self.rows) == 1 else np.ascontiguousarray(mask), in_place=False)
-
-    def _decode_run(self, mask: np.ndarray, in_place: bool) -> np.ndarray:
-        logits = self._run(self.next_ids, mask, self.next_positions, in_place)
+            mask = self.mask
+        else:  # a view for one row; rows of a batch need a contiguous copy
+            mask = self.mask[:, : self.width] if len(self.rows) == 1 else np.ascontiguousarray(self.mask[:, : self.width])
+        logits = self._run(self.next_ids, mask, self.next_positions, in_place=self.cache.static_mask)
         self.next_positions += 1  # after the run: the bound array is read by it
         return logits
 
