@@ -13,10 +13,10 @@ new_tokens)` after it, `length` (positions cached) and `reads_outputs` (whether 
 - "shared_buffer" (`SharedBufferKVCache`, the GroupQueryAttention graph): per layer one key and one value
   buffer of (B, H, L, D) is allocated once per request, L = `capacity` (the longest sequence the request
   can reach: prompt + max_new_tokens, at most block_size), and bound as both past_key_values.{i}.* and
-  present.{i}.*. The attention kernel reads positions [0, S) of each row (S = the index of the row's last
-  1 in the attention mask + 1, padding included) and writes the T new keys/values at [S - T, S) in place: no cache copy, no allocation
-  per step. Positions >= S hold stale or uninitialised values that are never read, so a sliding-window
-  re-prefill reuses the buffers as they are. The prefill's mask is exactly as wide as the prompt; decode
+  present.{i}.*. The attention kernel reads positions [0, S) of each row (S = the index of the row's
+  last 1 in the attention mask + 1, padding included) and writes the T new keys/values at [S - T, S) in
+  place: no cache copy, no allocation per step. Positions >= S hold stale or uninitialised values that are
+  never read, so a sliding-window re-prefill reuses the buffers as they are. The prefill's mask is exactly as wide as the prompt; decode
   steps bind the whole (B, L) mask buffer (ones up to the cached length, zeros after: the graph takes each
   row's length from its last 1), so its shape, and on the CPU its binding, stay the same every step.
 """
