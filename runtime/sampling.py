@@ -186,7 +186,7 @@ class Sampler:
         # (V,) row costs tens of microseconds, against a Python budget of a few hundred per step.
         c = self.config
         if c.greedy:
-            return int(np.argmax(logits))  # first maximum: the lowest id wins a tie, as torch.argmax
+            return int(logits.argmax())  # first maximum: the lowest id wins a tie, as torch.argmax
         if not (c.top_k or c.top_p < 1.0 or c.min_p > 0.0):
             probs = np.exp((logits - logits.max()) * self._scale)  # unnormalised softmax, in id order
             cumulative = np.cumsum(probs)
