@@ -321,24 +321,14 @@ def _build_bundles(checkpoint: Path, work: Path, formats: tuple[str, ...], atten
     for fmt in (f for f in formats if f != "fp32"):
         out = work / f"bundle-{fmt}{suffix}"
         if not (out / MANIFEST_NAME).is_file():
-            quantize = _quantizer()
-            if quantize is None:
-                log.warning("skipping %s: edgegpt.export.quantize.quantize_bundle is not available", fmt)
-                continue
+            from edgegpt.export.quantize import quantize_bundle
+
             log.info("quantizing %s -> %s (%s)", fp32, out, fmt)
-            quantize(fp32, out, to=fmt, force=True)
+            quantize_bundle(fp32, out, to=fmt, force=True)
         else:
             log.info("reusing %s", out)
         paths[fmt] = out
     return paths
-
-
-def _quantizer():
-    try:
-        from edgegpt.export.quantize import quantize_bundle
-    except ImportError:
-        return None
-    return quantize_bundle
 
 
 def bundle_format(manifest: dict[str, Any]) -> str:
