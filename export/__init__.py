@@ -124,6 +124,7 @@ def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_dat
     from edgegpt.export import onnx_export
     from edgegpt.export import validate as check
     from edgegpt.export.optimize import op_counts
+    from edgegpt.export.tied_embedding import share_tied_lm_head
 
     cfg, work = model.config, final.parent / ".work"
     work.mkdir()
@@ -131,15 +132,14 @@ def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_dat
     check.check_graph(raw, cfg)
     parity = {"exported": check.check_parity(model, raw, stage="exported")} if validate else {}
     if optimize:
-        before, _ = onnx_export.optimize_graph(raw, final, cfg, attention=attention, external_data=external_data)
-        _share_tied_lm_head(final, external_data)
-        after = op_counts(onnx.load(str(final), load_external_data=False))
+        before, after = onnx_export.optimize_graph(raw, final, cfg, attention=attention, external_data=external_data)
         check.check_graph(final, cfg)
         if validate:
             parity["optimized"] = check.check_parity(model, final, stage="optimized")
     else:
-        onnx.save_model(onnx.load(str(raw)), str(final), save_as_external_data=external_data, location=EXTERNAL_DATA)
-        _share_tied_lm_head(final, external_data)
+        plain = onnx.load(str(raw))
+        share_tied_lm_head(plain)
+        onnx.save_model(plain, str(final), save_as_external_data=external_data, location=EXTERNAL_DATA)
         before = after = op_counts(onnx.load(str(final), load_external_data=False))
     greedy = check.check_greedy(model, final) if validate else None
     shutil.rmtree(work)
@@ -148,21 +148,6 @@ def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_dat
         "optimization": {"optimizer": optimizer, "op_counts_before": before, "op_counts_after": after},
         "validation": _validation_section(parity, greedy),
     }
-
-
-def _share_tied_lm_head(path: Path, external_data: bool) -> None:
-    """Rewrite `path` with one copy of the tied embedding / lm_head matrix (see edgegpt.export.tied_embedding)."""
-    import onnx
-
-    from edgegpt.export.tied_embedding import share_tied_lm_head
-
-    model = onnx.load(str(path))  # with its external data, now in memory
-    if not share_tied_lm_head(model):
-        return
-    data = path.parent / EXTERNAL_DATA
-    data.unlink(missing_ok=True)  # onnx appends to an existing external-data file
-    onnx.save_model(model, str(path), save_as_external_data=external_data, location=EXTERNAL_DATA)
-    log.info("lm_head reads the token embedding through a Transpose: one copy of the tied matrix in the file")
 
 
 def _graph_section(final: Path, external_data: bool, attention: str) -> dict:

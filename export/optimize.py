@@ -18,6 +18,7 @@ import onnx
 
 from edgegpt.config import GPTConfig
 from edgegpt.errors import ExportError
+from edgegpt.export.tied_embedding import share_tied_lm_head
 
 __all__ = ["fused_op_shortfall", "op_counts", "optimize_onnx"]
 
@@ -71,6 +72,7 @@ def optimize_onnx(
             optimization_options=options,
             opt_level=0,
         )
+        share_tied_lm_head(optimized.model)
         optimized.save_model_to_file(str(dst), use_external_data_format=external_data)
     except Exception as exc:  # the optimizer raises whatever its passes hit
         raise ExportError(f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False") from exc

@@ -18,11 +18,15 @@ False
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 __all__ = ["materialize_transposes", "share_tied_lm_head"]
+
+log = logging.getLogger(__name__)
 
 
 def share_tied_lm_head(model: onnx.ModelProto) -> bool:
@@ -49,10 +53,11 @@ def share_tied_lm_head(model: onnx.ModelProto) -> bool:
             continue
         transposed = f"{table}/transposed"
         graph.node.insert(0, helper.make_node("Transpose", [table], [transposed], name=f"{table}/Transpose", perm=[1, 0]))
-        users = [n for n in graph.node for i, name in enumerate(n.input) if name == weight.name]
-        for user in users:
-            user.input[:] = [transposed if name == weight.name else name for name in user.input]
+        for user in graph.node:
+            if weight.name in user.input:
+                user.input[:] = [transposed if name == weight.name else name for name in user.input]
         graph.initializer.remove(weight)
+        log.info("lm_head reads %s through a Transpose: one copy of the tied matrix in the file", table)
         return True
     return False
 

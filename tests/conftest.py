@@ -59,3 +59,21 @@ def tiny_checkpoint(tmp_path_factory, tiny_config, tiny_tokenizer) -> Path:
     torch.manual_seed(0)
     model = SimpleGPT(tiny_config)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", model, tiny_tokenizer.to_str())
+
+
+@pytest.fixture(scope="session")
+def lively_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """(model, checkpoint dir): the tiny checkpoint's matrices redrawn with std 0.15, so greedy tokens vary
+    (the seeded tiny model repeats one token)."""
+    import torch
+
+    from edgegpt.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in ckpt.model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.15)
+    path = save_checkpoint(tmp_path_factory.mktemp("lively") / "checkpoint", ckpt.model, ckpt.tokenizer.to_str())
+    return ckpt.model.eval(), path

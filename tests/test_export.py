@@ -66,21 +66,6 @@ def manifest(bundle) -> dict:
 
 
 @pytest.fixture(scope="session")
-def lively_checkpoint(tiny_checkpoint, tmp_path_factory):
-    """(model, checkpoint) with larger random weights: the seeded tiny model repeats one token, this one does not."""
-    from edgegpt.checkpoint import save_checkpoint
-
-    ckpt = load_checkpoint(tiny_checkpoint)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in ckpt.model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.15)
-    path = save_checkpoint(tmp_path_factory.mktemp("lively") / "checkpoint", ckpt.model, ckpt.tokenizer.to_str())
-    return ckpt.model, path
-
-
-@pytest.fixture(scope="session")
 def lively(lively_checkpoint):
     """(model, "mha" bundle); its own validation greedy-checks 32 tokens too."""
     model, path = lively_checkpoint

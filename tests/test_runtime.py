@@ -300,9 +300,11 @@ def test_sliding_window_keeps_going_and_says_so(any_gen, torch_model):
     assert clipped.tokens == _torch_greedy(torch_model, long_prompt[-(block - 5) :], 5)
 
 
-def test_public_iobinding_api_gives_the_same_tokens(gen, monkeypatch):
+def test_public_iobinding_api_gives_the_same_tokens(mha_gen, monkeypatch):
+    """The "concat" layout; tests/test_shared_kv.py checks "shared_buffer" the same way."""
     from edgegpt.runtime import binding
 
+    gen = mha_gen
     expected = [gen.generate(p, max_new_tokens=10, ignore_eos=True).tokens for p in PROMPTS]
     init = binding.Binding.__init__
 

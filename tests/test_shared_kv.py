@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgegpt.checkpoint import load_checkpoint, save_checkpoint
+from edgegpt.checkpoint import save_checkpoint
 from edgegpt.errors import ExportError
 from edgegpt.export import export_bundle, onnx_export, validate
 from edgegpt.export.cli import export as export_cmd
@@ -31,26 +31,13 @@ PROMPTS = [[11, 42, 7], [5], list(range(100, 130)), [9, 8, 7, 6, 5, 4]]
 
 
 @pytest.fixture(scope="module")
-def lively(tiny_checkpoint, tmp_path_factory):
-    """(model, checkpoint dir): the tiny checkpoint's weights redrawn with std 0.15, so greedy tokens vary."""
-    ckpt = load_checkpoint(tiny_checkpoint)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in ckpt.model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.15)
-    path = save_checkpoint(tmp_path_factory.mktemp("lively") / "checkpoint", ckpt.model, ckpt.tokenizer.to_str())
-    return ckpt.model.eval(), path
+def gqa_bundle(lively_checkpoint, tmp_path_factory) -> Path:
+    return export_bundle(lively_checkpoint[1], tmp_path_factory.mktemp("gqa") / "bundle", attention="gqa")  # validated
 
 
 @pytest.fixture(scope="module")
-def gqa_bundle(lively, tmp_path_factory) -> Path:
-    return export_bundle(lively[1], tmp_path_factory.mktemp("gqa") / "bundle", attention="gqa")  # validated
-
-
-@pytest.fixture(scope="module")
-def mha_bundle(lively, tmp_path_factory) -> Path:
-    return export_bundle(lively[1], tmp_path_factory.mktemp("mha") / "bundle", attention="mha", validate=False)
+def mha_bundle(lively_checkpoint, tmp_path_factory) -> Path:
+    return export_bundle(lively_checkpoint[1], tmp_path_factory.mktemp("mha") / "bundle", attention="mha", validate=False)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +57,8 @@ def _torch_greedy(model, ids: list[int], n: int) -> list[int]:
 # --- export ----------------------------------------------------------------------------------------------
 
 
-def test_gqa_bundle_manifest_graph_and_genai_config(gqa_bundle, lively):
-    cfg = lively[0].config
+def test_gqa_bundle_manifest_graph_and_genai_config(gqa_bundle, lively_checkpoint):
+    cfg = lively_checkpoint[0].config
     manifest = Bundle.load(gqa_bundle).manifest
     graph = manifest["graph"]
     assert graph["kv_cache"]["layout"] == "shared_buffer" and graph["attention"] == "com.microsoft.GroupQueryAttention"
@@ -94,15 +81,15 @@ def test_gqa_bundle_manifest_graph_and_genai_config(gqa_bundle, lively):
 @pytest.mark.parametrize(
     "batch, new, past, pads", [(1, 64, 0, ()), (3, 1, 20, ()), (1, 4, 30, ()), (3, 10, 0, (0, 3, 6)), (3, 1, 10, (0, 3, 6))]
 )
-def test_gqa_parity_with_pytorch(lively, gqa_bundle, batch, new, past, pads):
-    model, sess = lively[0], validate.session(gqa_bundle / "model.onnx")
+def test_gqa_parity_with_pytorch(lively_checkpoint, gqa_bundle, batch, new, past, pads):
+    model, sess = lively_checkpoint[0], validate.session(gqa_bundle / "model.onnx")
     case = validate.Case("t", batch, new, past, pads)
     diffs = validate._case_diffs(model, sess, case, seed=batch * 100 + new + past)
     assert max(diffs.values()) <= validate.ATOL, diffs
 
 
-def test_shared_buffer_greedy_equals_pytorch_and_concat_use(lively, gqa_bundle):
-    model = lively[0]
+def test_shared_buffer_greedy_equals_pytorch_and_concat_use(lively_checkpoint, gqa_bundle):
+    model = lively_checkpoint[0]
     sess = validate.session(gqa_bundle / "model.onnx")
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
     expected = _torch_greedy(model, prompt[0].tolist(), 32)
@@ -127,16 +114,16 @@ def test_head_size_not_a_multiple_of_8_is_refused_before_export(tiny_tokenizer, 
     assert not (tmp_path / "bundle").exists()
 
 
-def test_cli_attention_option(lively, gqa_bundle, tmp_path):
+def test_cli_attention_option(lively_checkpoint, gqa_bundle, tmp_path):
     runner = CliRunner()
     help_text = runner.invoke(export_cmd, ["--help"]).output
     assert "--attention [mha|gqa]" in help_text
-    assert runner.invoke(export_cmd, [str(lively[1]), "-o", str(tmp_path / "b"), "--attention", "flash"]).exit_code == 2
+    assert runner.invoke(export_cmd, [str(lively_checkpoint[1]), "-o", str(tmp_path / "b"), "--attention", "flash"]).exit_code == 2
 
 
-def test_onnxruntime_genai_runs_the_shared_buffer_graph(lively, gqa_bundle):
+def test_onnxruntime_genai_runs_the_shared_buffer_graph(lively_checkpoint, gqa_bundle):
     og = pytest.importorskip("onnxruntime_genai")
-    model = lively[0]
+    model = lively_checkpoint[0]
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))[0].tolist()
     genai_model = og.Model(str(gqa_bundle))
     params = og.GeneratorParams(genai_model)
@@ -156,10 +143,10 @@ def test_bundle_load_reads_the_shared_buffer_layout(gqa):
     assert gqa.bundle.kv.layout == "shared_buffer" and isinstance(gqa._new_kv_cache(), SharedBufferKVCache)
 
 
-def test_generate_equals_the_mha_bundle_and_pytorch(gqa, mha, lively):
+def test_generate_equals_the_mha_bundle_and_pytorch(gqa, mha, lively_checkpoint):
     for ids in PROMPTS:
         tokens = gqa.generate_ids(ids, max_new_tokens=24, ignore_eos=True).tokens
-        assert tokens == mha.generate_ids(ids, max_new_tokens=24, ignore_eos=True).tokens == _torch_greedy(lively[0], ids, 24)
+        assert tokens == mha.generate_ids(ids, max_new_tokens=24, ignore_eos=True).tokens == _torch_greedy(lively_checkpoint[0], ids, 24)
 
 
 def test_left_padded_batch_equals_each_prompt_alone(gqa, mha):
@@ -219,8 +206,8 @@ def test_shared_buffer_capacity_follows_the_request(gqa):
         assert request.cache.shape == (1, gqa.config.n_head, capacity, gqa.config.head_size), knobs
 
 
-def test_shared_buffer_cache_contents_match_pytorch(gqa, lively):
-    model = lively[0]
+def test_shared_buffer_cache_contents_match_pytorch(gqa, lively_checkpoint):
+    model = lively_checkpoint[0]
     request = gqa._request([[11, 42, 7, 9]], None, dict(max_new_tokens=6, ignore_eos=True), 0.0)
     for _ in request:
         pass
