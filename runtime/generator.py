@@ -358,6 +358,7 @@ class Generator:
         optimization: str = "all",
         memory_arena: bool = True,
         spinning: bool = True,
+        huge_pages: bool = True,
         device_id: int = 0,
         log_severity: int = 3,
     ) -> "Generator":
@@ -367,7 +368,7 @@ class Generator:
             bundle: the bundle directory (or an already verified `Bundle`).
             provider: "auto" (CUDA if usable, else CPU with a warning), "cpu" or "cuda".
             threads: onnxruntime intra-op threads; None is one per physical core.
-            optimization, memory_arena, spinning, device_id, log_severity: see `SessionConfig`.
+            optimization, memory_arena, spinning, huge_pages, device_id, log_severity: see `SessionConfig`.
 
         Raises:
             BundleError: the bundle is missing, altered, unsafe or incompatible (its KV layout included: a
@@ -382,6 +383,7 @@ class Generator:
             optimization=optimization,
             memory_arena=memory_arena,
             spinning=spinning,
+            huge_pages=huge_pages,
             device_id=device_id,
             log_severity=log_severity,
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgegpt.errors import BundleError, ConfigError, ProviderError
+from edgegpt.runtime.huge_pages import huge_pages_for_new_memory
 
 __all__ = ["SessionConfig", "create_session", "cuda_problem"]
 
@@ -48,6 +49,9 @@ class SessionConfig:
             On a quiet machine it cuts the per-op hand-off: `edgegpt bench --preset small`, 2 threads,
             decode 409 vs 334 tok/s (fp32) and 1,151 vs 813 (int8). Turn it off when other busy
             processes share the cores: there the spinning threads steal the time the work needs.
+        huge_pages: on CPU, back the session's weights with 2 MiB transparent huge pages (Linux 6.1+, best
+            effort; see `huge_pages`): a decode step streams every weight, and 4 KiB pages stall the
+            prefetcher at each page boundary. `small` fp32 decode step 12 % faster; about 0.15 s more load.
         device_id: the CUDA device.
         log_severity: onnxruntime's own log level, 0 (verbose) to 4 (fatal); 3 shows errors only.
 
@@ -62,6 +66,7 @@ class SessionConfig:
     optimization: str = "all"
     memory_arena: bool = True
     spinning: bool = True
+    huge_pages: bool = True
     device_id: int = 0
     log_severity: int = 3
 
@@ -72,7 +77,7 @@ class SessionConfig:
             raise ConfigError(f"threads must be a positive integer or None, got {self.threads!r}")
         if self.optimization not in OPTIMIZATION:
             raise ConfigError(f"optimization must be one of {', '.join(OPTIMIZATION)}, got {self.optimization!r}")
-        for name in ("memory_arena", "spinning"):
+        for name in ("memory_arena", "spinning", "huge_pages"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
@@ -167,7 +172,8 @@ def create_session(model: str | Path, config: SessionConfig) -> ort.InferenceSes
             else:
                 log.debug("provider auto: using CPU; %s", exc)
     try:
-        session = ort.InferenceSession(os.fspath(model), config.session_options(), providers=[CPU])
+        with huge_pages_for_new_memory(config.huge_pages):
+            session = ort.InferenceSession(os.fspath(model), config.session_options(), providers=[CPU])
     except Exception as exc:  # onnxruntime's InvalidProtobuf / Fail / InvalidGraph
         raise BundleError(f"{model}: onnxruntime cannot load the model ({exc}); re-export the bundle") from exc
     if session.get_providers()[:1] != [CPU]:  # internal invariant, kept as a typed error
