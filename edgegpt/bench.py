@@ -72,6 +72,8 @@ class BenchConfig:
         provider: "cpu" or "cuda".
         spinning: let idle onnxruntime threads busy-wait (edgegpt's `SessionConfig.spinning`), for edgegpt and
             genai alike; on by default, as in both runtimes (on a busy machine spinning threads slow both).
+        huge_pages: edgegpt's `SessionConfig.huge_pages` (its default, on): weights moved to 2 MiB pages
+            after loading; the load time column shows what it costs.
         seed: seeds the prompts (and a preset's random weights).
 
     >>> BenchConfig(runs=0)
@@ -89,6 +91,7 @@ class BenchConfig:
     threads: int = 2
     provider: str = "cpu"
     spinning: bool = True
+    huge_pages: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -105,8 +108,9 @@ class BenchConfig:
                 raise ConfigError(f"{name} must be distinct values from {', '.join(allowed)}, got {','.join(values) or 'none'}")
         if not self.batch or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch):
             raise ConfigError(f"batch must be positive integers, got {self.batch!r}")
-        if not isinstance(self.spinning, bool):
-            raise ConfigError(f"spinning must be true or false, got {self.spinning!r}")
+        for name in ("spinning", "huge_pages"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.provider not in ("cpu", "cuda"):
             raise ConfigError(f"provider must be cpu or cuda, got {self.provider!r}")
 
@@ -236,7 +240,6 @@ def run_bench(
             paths = _build_bundles(ckpt, work, config.formats, attention)
             source = {"checkpoint": str(ckpt), "preset": preset, "attention": attention, "work_dir": None if temp else str(work)}
         report = _measure(config, ckpt, paths, source, env)
-        env["loadavg_end"] = _loadavg()
         report.wall_s = time.perf_counter() - started
         return report
     finally:
@@ -480,8 +483,8 @@ def _measure(config: BenchConfig, ckpt: Path | None, paths: dict[str, Path], sou
     prompts = make_prompts(model_cfg.vocab_size, eot, max(config.batch), config.prompt_tokens, config.seed)
     report = BenchReport(config=config, model={**model_cfg.to_dict(), "eot_token_id": eot}, source=source,
                          environment=env, subjects=subjects, bundles=bundles, notes=notes)  # fmt: skip
-    spec = {"threads": config.threads, "provider": config.provider, "spinning": config.spinning, "prompts": prompts,
-            "new_tokens": config.new_tokens, "batches": sorted(config.batch),
+    spec = {"threads": config.threads, "provider": config.provider, "spinning": config.spinning, "huge_pages": config.huge_pages,
+            "prompts": prompts, "new_tokens": config.new_tokens, "batches": sorted(config.batch),
             "text": _prompt_text(next(iter(paths.values()), ckpt), prompts[0])}  # fmt: skip
     items: list[Subject | None] = [*subjects]
     if config.provider == "cpu":
@@ -586,13 +589,6 @@ def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"ok": False, "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"}
     return json.loads(lines[-1])
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def median_min_max(values: list[float]) -> tuple[float, float, float]:

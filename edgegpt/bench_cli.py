@@ -44,6 +44,7 @@ def _csv(kind=str):
 @click.option("--threads", type=click.IntRange(min=1), help="Threads of every backend. [default: 2]")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), help="[default: cpu]")
 @click.option("--spinning/--no-spinning", default=None, help="Busy-waiting onnxruntime threads (edgegpt and genai). [default: on]")
+@click.option("--huge-pages/--no-huge-pages", default=None, help="edgegpt's weights in 2 MiB pages (CPU, Linux). [default: on]")
 @click.option("--seed", type=int, help="Seeds the prompts and a preset's weights. [default: 0]")
 @click.option("--short", is_flag=True, help="A quick look: 3 rounds, 32-token prompt, 32 new tokens, batch 1.")
 @click.option("--attention", help="Export the graph with this attention (export_bundle's `attention`, e.g. mha, gqa) [default: the exporter's].")

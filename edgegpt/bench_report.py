@@ -17,6 +17,7 @@ __all__ = ["environment", "markdown", "plot", "summarize", "to_json"]
 FIGURES = ("ttft_s", "prefill_tok_s", "decode_tok_s", "step_p50_ms", "step_p95_ms", "python_share", "peak_rss_mb")
 SHAPES = {"small": (6, 6, 384), "gpt2": (12, 12, 768)}  # (n_layer, n_head, n_embd) the targets are set for
 NOISY_PROBE_SPREAD = 0.15  # probe rounds further apart than this (of the best) mean the machine was shared
+BUSY_SHARE = 0.25  # more of the CPU time than this taken by other work before the run: a busy machine
 
 
 def _stats(values: list[float]) -> dict[str, float] | None:
@@ -68,11 +69,44 @@ def environment() -> dict[str, Any]:
         env["onnxruntime_providers"] = onnxruntime.get_available_providers()
     except ImportError:
         env["onnxruntime_providers"] = []
-    try:
-        env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
+    env["cpu_busy_start"] = cpu_busy()
+    if env["cpu_busy_start"] is None:
+        try:
+            env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+        except OSError:
+            pass
     return env
+
+
+def cpu_busy(window_s: float = 0.5) -> dict[str, float] | None:
+    """Shares of all CPUs' time over the next `window_s` seconds that other work kept busy, and that the
+    hypervisor gave to other guests ("steal"), from Linux's /proc/stat; None elsewhere.
+
+    The caller sleeps meanwhile, so this sees only other work; a load average would still hold the last
+    minute's, e.g. the training and export that `make demo` runs just before its bench.
+
+    >>> busy = cpu_busy(0.05)
+    >>> busy is None or 0.0 <= busy["busy"] <= 1.0
+    True
+    """
+    import time
+
+    def sample() -> list[int]:
+        # cpu  user nice system idle iowait irq softirq steal guest guest_nice (guest is counted in user)
+        return [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+    try:
+        before = sample()
+        time.sleep(window_s)
+        after = sample()
+    except (OSError, ValueError):
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta)
+    if len(delta) < 8 or total <= 0:
+        return None
+    idle, steal = delta[3] + delta[4], delta[7]
+    return {"busy": round((total - idle - steal) / total, 3), "steal": round(steal / total, 3)}
 
 
 def _cache_bytes(level: int) -> int | None:
@@ -251,13 +285,13 @@ def markdown(report) -> str:
         lines.append(f"Memory read bandwidth ({config.threads} threads, best of {len(bw['probes'])}): "
                      f"**{bw['gbs']:.1f} GB/s** (numpy {bw['numpy_max_gbs']:.1f}{gemv}).")
     lines += ["", f"Median (min-max) of {config.runs} interleaved rounds, one fresh process per backend per round.", ""]
-    head = ["backend", "first token ms", "prefill tok/s", f"decode tok/s b{b1}", "p50 ms/token", "p95 ms/token"]
+    head = ["backend", "load s", "first token ms", "prefill tok/s", f"decode tok/s b{b1}", "p50 ms/token", "p95 ms/token"]
     head += [f"decode tok/s b{b}" for b in batches if b != b1]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for row in summary["rows"]:
         f1 = row[f"batch_{b1}"]
-        cells = [row["name"], _auto(f1.get("ttft_s"), 1e3), _auto(f1.get("prefill_tok_s")), _auto(f1.get("decode_tok_s")),
-                 _auto(f1.get("step_p50_ms")), _auto(f1.get("step_p95_ms"))]
+        cells = [row["name"], _auto(row.get("load_s")), _auto(f1.get("ttft_s"), 1e3), _auto(f1.get("prefill_tok_s")),
+                 _auto(f1.get("decode_tok_s")), _auto(f1.get("step_p50_ms")), _auto(f1.get("step_p95_ms"))]
         cells += [_auto(row[f"batch_{b}"].get("decode_tok_s")) for b in batches if b != b1]
         lines.append("| " + " | ".join(cells) + " |")
     head = ["backend", "x torch", "x fp32", "edgegpt / genai", "weights read MB/token", "bound tok/s", "of bound",
@@ -283,7 +317,9 @@ def markdown(report) -> str:
             agree,
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Ratios are medians of per-round ratios (decode tok/s, batch {b1}). Bound = bandwidth / weights read "
+    hp = "with" if config.huge_pages else "without"
+    lines += ["", f"Load: checkpoint or bundle to a ready model (edgegpt: {hp} its move to huge pages). "
+              f"Ratios are medians of per-round ratios (decode tok/s, batch {b1}). Bound = bandwidth / weights read "
               "per token (embedding tables excluded, KV cache not counted); 'in L3': the weights fit in the L3 cache, so "
               "no DRAM bound applies. Python share: time outside session.run in the edgegpt loop. Peak RSS: the "
               "backend's own process (torch's includes torch itself); `generate` RSS: the `edgegpt generate` command "
@@ -313,16 +349,20 @@ def _ratio_text(value: float, threshold: float) -> str:
 def _noise_notes(env: dict, probes: list[dict]) -> list[str]:
     """Warnings about a machine that was not quiet.
 
-    The load average at the end is the benchmark's own (its workers keep every core busy), so only the
-    one at the start tells of other processes. Contention that no load average shows (other tenants of a
-    virtual machine's host) shows in the bandwidth probe: the same fixed work in every round.
+    Other processes show in the CPU time they took just before the run (`cpu_busy`; elsewhere than Linux
+    the load average); other tenants of a virtual machine's host in the time the hypervisor stole, and
+    in the bandwidth probe: the same fixed work in every round.
     """
     notes = []
     cpus = env.get("usable_cpus") or env.get("logical_cpus") or 1
-    load = (env.get("loadavg_start") or [0])[0]
-    if load > 0.25 * cpus:
-        notes.append(f"the machine was busy before the run (load average {load:.1f} on {cpus} CPUs): figures are "
-                     "noisy and low, PyTorch's OpenMP threads most of all; measure on a quiet machine for figures to report")
+    start = env.get("cpu_busy_start")
+    busy = start["busy"] if start else (env.get("loadavg_start") or [0])[0] / cpus
+    if busy > BUSY_SHARE:
+        seen = f"{busy:.0%} of the CPU time taken by other work" if start else f"load average {busy * cpus:.1f} on {cpus} CPUs"
+        notes.append(f"the machine was busy before the run ({seen}): figures are noisy and low, PyTorch's OpenMP "
+                     "threads most of all; measure on a quiet machine for figures to report")
+    if start and start["steal"] > BUSY_SHARE / 5:
+        notes.append(f"the hypervisor gave {start['steal']:.0%} of this VM's CPU time to other guests before the run")
     rates = [p["gbs"] for p in probes if p.get("gbs")]
     if len(rates) > 1 and (max(rates) - min(rates)) / max(rates) > NOISY_PROBE_SPREAD:
         notes.append(f"the bandwidth probe ranged {min(rates):.1f}-{max(rates):.1f} GB/s over the rounds (the same work "
@@ -336,8 +376,10 @@ def _env_line(env: dict) -> str:
     shown = ", ".join(f"{k} {versions[k]}" for k in ("onnxruntime", "onnxruntime-genai", "torch") if k in versions)
     cores = env.get("usable_cpus") or env.get("logical_cpus")
     load = ""
-    if env.get("loadavg_start") and env.get("loadavg_end"):
-        load = f"; load average {env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end"
+    if env.get("cpu_busy_start"):
+        load = f"; other work took {env['cpu_busy_start']['busy']:.0%} of the CPU time before the run ({env['cpu_busy_start']['steal']:.0%} stolen)"
+    elif env.get("loadavg_start"):
+        load = f"; load average {env['loadavg_start'][0]:.1f} at start"
     flags = "/".join(env.get("cpu_flags", []))
     cpu = env.get("cpu", "?") + (" family %s model %s" % tuple(env["cpu_id"]) if len(env.get("cpu_id", [])) == 2 else "")
     return f"Machine: {cpu} ({cores} CPUs{', ' + flags if flags else ''}, {env.get('memory_gib', '?')} GiB); {shown}{load}."

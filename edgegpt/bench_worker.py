@@ -129,7 +129,8 @@ def _edgegpt(spec: dict) -> dict[str, Any]:
     from edgegpt.runtime import Generator
 
     started = time.perf_counter()
-    gen = Generator.load(spec["path"], provider=spec["provider"], threads=spec["threads"], spinning=spec["spinning"])
+    gen = Generator.load(spec["path"], provider=spec["provider"], threads=spec["threads"], spinning=spec["spinning"],
+                         huge_pages=spec["huge_pages"])
     load_s = time.perf_counter() - started
 
     def run(prompts, new_tokens):

@@ -49,9 +49,11 @@ class SessionConfig:
             On a quiet machine it cuts the per-op hand-off: `edgegpt bench --preset small`, 2 threads,
             decode 409 vs 334 tok/s (fp32) and 1,151 vs 813 (int8). Turn it off when other busy
             processes share the cores: there the spinning threads steal the time the work needs.
-        huge_pages: on CPU, back the session's weights with 2 MiB transparent huge pages (Linux 6.1+, best
-            effort; see `huge_pages`): a decode step streams every weight, and 4 KiB pages stall the
-            prefetcher at each page boundary. `small` fp32 decode step 12 % faster; about 0.15 s more load.
+        huge_pages: on CPU, move the session's weights to 2 MiB transparent huge pages after loading (Linux
+            6.1+, best effort; see `huge_pages`): a decode step streams every weight, and 4 KiB pages stall
+            the prefetcher at each page boundary. `small` fp32 decode steps about 10 % faster. The move costs
+            load time: on this 2-core VM 2-4 ms per 2 MiB (0.03-0.15 s for `small`, 1.3-1.6 s for gpt2's
+            650 MB); turn it off for one-shot runs of big models.
         device_id: the CUDA device.
         log_severity: onnxruntime's own log level, 0 (verbose) to 4 (fatal); 3 shows errors only.
 

@@ -5,6 +5,7 @@ The figures themselves are not checked: this is a benchmark's smoke test, not a 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,7 +45,7 @@ def test_bench_prints_both_tables_with_a_row_per_backend(bench):
     result, _, _, _ = bench
     assert result.exit_code == 0, result.output
     table = result.stdout
-    assert "| backend | first token ms | prefill tok/s | decode tok/s b1 |" in table
+    assert "| backend | load s | first token ms | prefill tok/s | decode tok/s b1 |" in table
     assert "decode tok/s b2" in table and "Memory read bandwidth" in table
     for name in _expected_rows():
         assert sum(line.startswith(f"| {name} |") for line in table.splitlines()) == 2, name  # speed + memory tables
@@ -66,7 +67,7 @@ def test_bench_json_has_every_figure_positive(bench):
             for key in ("ttft_s", "prefill_tok_s", "decode_tok_s", "step_p50_ms", "step_p95_ms", "peak_rss_mb"):
                 stat = row[batch][key]
                 assert 0 < stat["min"] <= stat["median"] <= stat["max"], (name, batch, key)
-        assert row["size_bytes"] > 0
+        assert row["size_bytes"] > 0 and row["load_s"]["min"] > 0
         if row["backend"] != "torch":
             assert row["x_torch"]["median"] > 0 and row["bound_tok_s"] > 0 and row["weights_read_bytes"] > 0
         if row["backend"] == "edgegpt":  # `edgegpt generate` itself ran, for its memory
@@ -154,16 +155,43 @@ def test_cli_module_imports_nothing_heavy():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_noise_notes_use_the_start_load_and_the_probe_spread():
+def test_noise_notes_use_the_cpu_time_before_the_run_and_the_probe_spread():
     from edgegpt.bench_report import _noise_notes
 
-    quiet = {"usable_cpus": 2, "loadavg_start": [0.1], "loadavg_end": [2.0]}  # the end load is the bench's own
+    quiet = {"usable_cpus": 2, "cpu_busy_start": {"busy": 0.03, "steal": 0.0}, "loadavg_start": [1.5]}
     steady = [{"gbs": 29.0}, {"gbs": 28.0}, {"gbs": 29.3}]
-    assert _noise_notes(quiet, steady) == []
-    busy = _noise_notes({**quiet, "loadavg_start": [1.2]}, steady)
-    assert len(busy) == 1 and "load average 1.2 on 2 CPUs" in busy[0]
+    assert _noise_notes(quiet, steady) == []  # a high load average from the last minute's own work is not noise
+    busy = _noise_notes({**quiet, "cpu_busy_start": {"busy": 0.6, "steal": 0.0}}, steady)
+    assert len(busy) == 1 and "60% of the CPU time taken by other work" in busy[0]
+    stolen = _noise_notes({**quiet, "cpu_busy_start": {"busy": 0.0, "steal": 0.2}}, steady)
+    assert len(stolen) == 1 and "20% of this VM's CPU time" in stolen[0]
+    no_proc_stat = _noise_notes({"usable_cpus": 2, "loadavg_start": [1.2]}, steady)
+    assert len(no_proc_stat) == 1 and "load average 1.2 on 2 CPUs" in no_proc_stat[0]
     shared = _noise_notes(quiet, [{"gbs": 22.3}, {"gbs": 29.3}])
     assert len(shared) == 1 and "22.3-29.3 GB/s" in shared[0]
+
+
+def test_cpu_busy_sees_other_work():
+    import threading
+
+    from edgegpt.bench_report import cpu_busy
+
+    if cpu_busy(0.05) is None:
+        pytest.skip("no /proc/stat here")
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        busy = cpu_busy(0.3)
+    finally:
+        stop.set()
+        spinner.join()
+    assert busy["busy"] >= 0.7 / os.cpu_count()  # /proc/stat sums all CPUs; one spinning thread fills one
 
 
 def test_ratio_text_shows_which_side_of_the_threshold():

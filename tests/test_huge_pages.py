@@ -1,6 +1,7 @@
 """Huge pages for the session's memory: the /proc/self/maps arithmetic, and the collapse on this kernel."""
 
 import ctypes
+import mmap
 import platform
 import re
 import sys
@@ -48,15 +49,15 @@ def test_session_config_refuses_a_non_bool_huge_pages():
         SessionConfig(huge_pages="yes")
 
 
-def _huge_kib(address: int, size: int) -> int:
-    """AnonHugePages of the /proc/self/smaps mappings that overlap [address, address + size)."""
+def _smaps_kib(address: int, size: int, field: str = "AnonHugePages:") -> int:
+    """A /proc/self/smaps field summed over the mappings that overlap [address, address + size)."""
     inside, total = False, 0
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):
             start, end = (int(bound, 16) for bound in head.split("-"))
             inside = start < address + size and address < end
-        elif inside and head == "AnonHugePages:":
+        elif inside and head == field:
             total += int(line.split()[1])
     return total
 
@@ -80,9 +81,22 @@ def test_memory_mapped_inside_the_block_ends_up_in_huge_pages(enabled):
     with huge_pages_for_new_memory(enabled):
         # malloc'ed and written (resident in 4 KiB pages); not numpy, which asks for huge pages itself
         weights = bytearray(b"\x01") * size
-    huge = _huge_kib(ctypes.addressof(ctypes.c_char.from_buffer(weights)), size)
+    huge = _smaps_kib(ctypes.addressof(ctypes.c_char.from_buffer(weights)), size)
     if enabled:
         assert huge >= 16 << 10  # at least half of the array in 2 MiB pages
     else:
         assert huge == 0
     assert weights.count(1) == size  # the contents survive the collapse
+
+
+@pytest.mark.skipif(not _collapse_testable(), reason="needs Linux >= 6.1 with transparent huge pages in 'madvise' mode")
+def test_sparse_memory_is_left_alone_so_the_resident_set_does_not_grow():
+    size = 32 << 20
+    with huge_pages_for_new_memory():
+        arena = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # reserved, like an arena
+        arena[: size // 2] = b"\x01" * (size // 2)  # the first half written in full
+        for offset in range(size // 2, size, 1 << 20):
+            arena[offset] = 1  # the second half: one small page in each MiB
+    address = ctypes.addressof(ctypes.c_char.from_buffer(arena))
+    assert _smaps_kib(address, size, "Rss:") <= (size // 2 >> 10) + 2048  # the sparse half stays sparse
+    assert _smaps_kib(address, size) >= 12 << 10  # the written half was collapsed

@@ -480,6 +480,21 @@ def test_spinning_flag_reaches_the_session(tiny_bundle, monkeypatch, flags, expe
     assert seen == [expected]
 
 
+@pytest.mark.parametrize("flags, expected", [([], [True]), (["--no-huge-pages"], [False])])
+def test_huge_pages_flag_reaches_the_session(tiny_bundle, monkeypatch, flags, expected):
+    seen = []
+    real = providers.huge_pages_for_new_memory
+
+    def spy(enabled=True):
+        seen.append(enabled)
+        return real(enabled)
+
+    monkeypatch.setattr(providers, "huge_pages_for_new_memory", spy)
+    result = CliRunner().invoke(generate_command, [str(tiny_bundle), "def", "-n", "2", "--provider", "cpu", *flags])
+    assert result.exit_code == 0, result.output
+    assert seen == expected
+
+
 def test_bad_provider_and_options_are_config_errors(tiny_bundle):
     with pytest.raises(ConfigError, match="provider"):
         Generator.load(tiny_bundle, provider="gpu")
