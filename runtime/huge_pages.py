@@ -110,9 +110,9 @@ def resident_runs(start: int, end: int, huge: int) -> list[tuple[int, int]]:
     residency = ctypes.create_string_buffer((end - start) // page)
     if _LIBC.mincore(start, end - start, residency) != 0:
         return []
-    per_piece, runs = huge // page, []
-    for offset in range(0, len(residency.raw), per_piece):
-        if b"\x00" in residency.raw[offset : offset + per_piece]:
+    resident, per_piece, runs = residency.raw, huge // page, []  # one byte per small page, bit 0: resident
+    for offset in range(0, len(resident), per_piece):
+        if b"\x00" in resident[offset : offset + per_piece]:
             continue
         piece = start + offset * page
         if runs and runs[-1][1] == piece:
