@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,6 @@ def cpu_busy(window_s: float = 0.5) -> dict[str, float] | None:
     >>> busy is None or 0.0 <= busy["busy"] <= 1.0
     True
     """
-    import time
 
     def sample() -> list[int]:
         # cpu  user nice system idle iowait irq softirq steal guest guest_nice (guest is counted in user)
@@ -376,8 +376,8 @@ def _env_line(env: dict) -> str:
     shown = ", ".join(f"{k} {versions[k]}" for k in ("onnxruntime", "onnxruntime-genai", "torch") if k in versions)
     cores = env.get("usable_cpus") or env.get("logical_cpus")
     load = ""
-    if env.get("cpu_busy_start"):
-        load = f"; other work took {env['cpu_busy_start']['busy']:.0%} of the CPU time before the run ({env['cpu_busy_start']['steal']:.0%} stolen)"
+    if busy := env.get("cpu_busy_start"):
+        load = f"; other work took {busy['busy']:.0%} of the CPU time before the run ({busy['steal']:.0%} stolen)"
     elif env.get("loadavg_start"):
         load = f"; load average {env['loadavg_start'][0]:.1f} at start"
     flags = "/".join(env.get("cpu_flags", []))

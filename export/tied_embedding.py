@@ -47,6 +47,8 @@ def share_tied_lm_head(model: onnx.ModelProto) -> bool:
         if len(weight.dims) != 2:
             continue
         candidates = by_shape.get((weight.dims[1], weight.dims[0]), [])
+        if not candidates:  # no table of the transposed shape: skip the conversion of this weight
+            continue
         matrix = numpy_helper.to_array(weight)  # (C, V)
         table = next((t for t in candidates if np.array_equal(numpy_helper.to_array(initializers[t]).T, matrix)), None)
         if table is None:
