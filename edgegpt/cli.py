@@ -59,7 +59,7 @@ def main(ctx, debug, quiet):
 
 def _train_options(func):
     """One flag per TrainConfig field (--grad-accum -> grad_accum), defaults from the dataclass."""
-    from edgegpt.train_config import TrainConfig
+    from edgegpt.train.config import TrainConfig
 
     for field in reversed(dataclasses.fields(TrainConfig)):
         flag = "--" + field.name.replace("_", "-")
@@ -98,7 +98,7 @@ def train(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, resume, 
       edgegpt train --out runs/small --resume --steps 8000
       torchrun --nproc_per_node 2 -m edgegpt.cli train --preset tiny --steps 200 --out runs/ddp
     """
-    from edgegpt.train_corpus import train_on_corpus
+    from edgegpt.train.corpus import train_on_corpus
 
     model_overrides = {k: flags.pop(k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
     result = train_on_corpus(
@@ -145,8 +145,8 @@ def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
     """
     import torch
 
-    from edgegpt.checkpoint import load_checkpoint
-    from edgegpt.generate import generate
+    from edgegpt.train.checkpoint import load_checkpoint
+    from edgegpt.train.generate import generate
     from edgegpt.tokenizer import decode, encode, eot_id
 
     ckpt = load_checkpoint(checkpoint)
@@ -176,7 +176,7 @@ def import_hf_cmd(src, out, force):
     Examples:
       edgegpt import-hf ~/models/gpt2 -o runs/gpt2/checkpoint
     """
-    from edgegpt.hf import import_hf
+    from edgegpt.train.hf import import_hf
 
     click.echo(import_hf(src, out, force=force))
 
@@ -192,7 +192,7 @@ def export_hf_cmd(checkpoint, out, force):
     Examples:
       edgegpt export-hf runs/tiny -o hf/tiny
     """
-    from edgegpt.hf import export_hf
+    from edgegpt.train.hf import export_hf
 
     click.echo(export_hf(checkpoint, out, force=force))
 
@@ -227,10 +227,10 @@ def info():
 
 
 # Commands owned by the export and runtime packages; their modules import nothing heavy at load time.
-from edgegpt.bench_cli import bench_command  # noqa: E402
+from edgegpt.bench.cli import bench_command  # noqa: E402
 from edgegpt.export.cli import export  # noqa: E402
-from edgegpt.export.quantize_cli import evaluate as eval_command, quantize as quantize_command  # noqa: E402
-from edgegpt.runtime.cli import chat_command, generate_command  # noqa: E402
+from edgegpt.export.quantize_cli import quantize as quantize_command  # noqa: E402
+from edgegpt.runtime.cli import chat_command, eval_command, generate_command  # noqa: E402
 
 for command in (export, quantize_command, eval_command, generate_command, chat_command, bench_command):
     main.add_command(command)

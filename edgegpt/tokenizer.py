@@ -81,7 +81,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
 
     tok.train_from_iterator(non_empty(), trainer=trainer)
     if not seen[0]:
-        raise DataError("train_tokenizer got no non-empty text; pass the corpus documents (edgegpt.data.read_corpus)")
+        raise DataError("train_tokenizer got no non-empty text; pass the corpus documents (edgegpt.train.data.read_corpus)")
     return tok
 
 

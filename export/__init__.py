@@ -72,7 +72,7 @@ def export_bundle(
     """
     import shutil
 
-    from edgegpt.checkpoint import TOKENIZER, WEIGHTS, load_checkpoint
+    from edgegpt.train.checkpoint import TOKENIZER, WEIGHTS, load_checkpoint
     from edgegpt.errors import CheckpointError, EdgeGPTError, ExportError
     from edgegpt.export import bundle, genai, onnx_export
     from edgegpt.manifest import sha256_file, write_manifest

@@ -86,7 +86,7 @@ from edgegpt.manifest import (
     PRESENT_KEY,
     PRESENT_VALUE,
 )
-from edgegpt.model import MultiHeadSelfAttention, SimpleGPT
+from edgegpt.train.model import MultiHeadSelfAttention, SimpleGPT
 
 __all__ = [
     "ATTENTIONS",

@@ -127,7 +127,7 @@ def quantize_bundle(
         calibrate: int8 only: a text file; use static QDQ quantization with activation ranges calibrated
             on it instead of dynamic quantization.
         eval_text: a text file: measure perplexity, top-1 and greedy agreement of the new bundle against
-            `src` on it (see `edgegpt.export.evaluate`), record them and apply the accuracy gate.
+            `src` on it (see `edgegpt.runtime.evaluate`), record them and apply the accuracy gate.
         max_ppl_increase: the gate, in percent of the source's perplexity (default: 2 for int8, 10 for
             int4, 1 for fp16); needs `eval_text`.
         threads: onnxruntime threads for the checks and the evaluation (None: one per core).
@@ -562,7 +562,7 @@ def _runtime_op_counts(path: Path, graph_result: dict) -> dict[str, int] | None:
 
 def _evaluate_and_gate(source, tmp: Path, out: Path, to: str, options: dict, *, force: bool, threads) -> tuple[dict, dict]:
     """Measure the new bundle against the source on eval_text; refuse it past the gate unless `force`."""
-    from edgegpt.export.evaluate import evaluate_bundle
+    from edgegpt.runtime.evaluate import evaluate_bundle
 
     result = evaluate_bundle(tmp, options["eval_text"], reference=source.path, threads=threads)
     result["bundle"] = str(out)

@@ -5,7 +5,7 @@ T = 1 and T = block_size, an empty and a filled past, a multi-token chunk after 
 batch (prefill, then a decode step on its cache). It compares logits and presents at the real positions
 only: a query on left padding sees no key at all, PyTorch and onnxruntime fill such rows differently, and
 no real position ever reads them. A greedy generation through the graph must then equal
-`edgegpt.generate.generate` token for token.
+`edgegpt.train.generate.generate` token for token.
 
 A GroupQueryAttention graph (KV layout "shared_buffer") runs the same cases with a past of exactly P
 positions (the kernel then returns a concatenated present), except one: onnxruntime's CPU kernel rejects a
@@ -28,8 +28,8 @@ import torch
 from edgegpt.config import GPTConfig
 from edgegpt.errors import ExportError, ParityError
 from edgegpt.export.onnx_export import input_names, output_names
-from edgegpt.generate import generate
-from edgegpt.model import SimpleGPT
+from edgegpt.train.generate import generate
+from edgegpt.train.model import SimpleGPT
 
 __all__ = [
     "ATOL",
@@ -242,7 +242,7 @@ def _greedy_shared(sess: ort.InferenceSession, prompt: np.ndarray, max_new_token
 
 
 def check_greedy(model: SimpleGPT, path: Path, *, new_tokens: int = GREEDY_TOKENS, atol: float = ATOL) -> dict:
-    """Greedy-generate `new_tokens` through the graph and through `edgegpt.generate.generate`; they must agree.
+    """Greedy-generate `new_tokens` through the graph and through `edgegpt.train.generate.generate`; they must agree.
 
     A GroupQueryAttention graph decodes with the shared past/present buffer, as the runtime does.
 

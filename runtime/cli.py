@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["chat_command", "generate_command"]
+__all__ = ["chat_command", "eval_command", "generate_command"]
 
 # (flag, SamplingConfig field, click type, help). Defaults come from SamplingConfig.
 _SAMPLING_FLAGS = [
@@ -187,3 +187,40 @@ def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
                 click.echo(piece, nl=False)
             click.echo()
             history += "".join(reply) + "\n"
+
+
+@click.command("eval")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Held-out text to measure on.")
+@click.option("--reference", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Bundle to compare with (the fp32 one): top-1 and greedy agreement.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+@click.option("--tail", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Only the last fraction of the file (0.1: `edgegpt train`'s validation split).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score at most this many tokens.")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Tokens between windows [default: context/2].")
+@click.option("--prompts", type=click.IntRange(min=0), default=8, show_default=True, help="Greedy prompts (with --reference).")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy tokens per prompt.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core].")
+@click.pass_context
+def eval_command(ctx, bundle, text_file, reference, as_json, tail, max_tokens, stride, prompts, new_tokens, provider, threads):
+    """Measure a bundle: perplexity on a text, agreement with a reference bundle, size.
+
+    Perplexity uses sliding windows of the model's context over the text; with --reference, the same
+    windows give next-token top-1 agreement, and greedy continuations of prompts cut from the text give
+    greedy-sequence agreement. Runs on onnxruntime only (no torch).
+
+    \b
+    Examples:
+      edgegpt eval bundles/small --text held_out.txt
+      edgegpt eval bundles/small-int8 --text held_out.txt --reference bundles/small --json
+      edgegpt eval bundles/small-int4 --text corpus.txt --tail 0.1 --reference bundles/small
+    """
+    with _Errors(ctx):
+        from edgegpt.runtime.evaluate import evaluate_bundle, summary_text
+
+        result = evaluate_bundle(bundle, text_file, reference=reference, tail=tail, max_tokens=max_tokens, stride=stride,
+                                 prompts=prompts, new_tokens=new_tokens, provider=provider, threads=threads)
+    click.echo(json.dumps(result, indent=2) if as_json else summary_text(result))

@@ -9,7 +9,7 @@ Per step only the last position's logits are sampled; onnxruntime writes them in
 request allocates once per shape (prefill, decode), and the KV layout "shared_buffer" updates its cache
 in place, so a decode step allocates nothing. Batches are left-padded: attention_mask marks the padding 0
 and position_ids = cumsum(mask) - 1, so each row computes what it would compute alone.
-Reference loop: edgegpt.generate.generate (PyTorch), which greedy decoding here matches token for token.
+Reference loop: edgegpt.train.generate.generate (PyTorch), which greedy decoding here matches token for token.
 """
 
 from __future__ import annotations

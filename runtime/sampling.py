@@ -4,7 +4,7 @@ One request owns one `Sampler`: a seeded `np.random.Generator` and the token cou
 need, so concurrent requests never share state. The order of the logits processors follows Hugging Face
 `generate`: penalties, temperature, top-k, top-p (over the top-k renormalised), min-p, then a draw.
 Greedy (temperature 0, no penalties) is exactly `argmax` over the float32 logits, ties to the lowest id,
-like `torch.argmax`, so it matches `edgegpt.generate.generate` token for token.
+like `torch.argmax`, so it matches `edgegpt.train.generate.generate` token for token.
 
 References: Holtzman et al. 2019 (top-p, "The Curious Case of Neural Text Degeneration");
 Keskar et al. 2019 (CTRL, the repetition penalty); Nguyen et al. 2024 (min-p); OpenAI's presence and

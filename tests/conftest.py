@@ -53,8 +53,8 @@ def tiny_checkpoint(tmp_path_factory, tiny_config, tiny_tokenizer) -> Path:
     """A seeded random-weight `tiny` checkpoint directory (not trained: parity does not need training)."""
     import torch
 
-    from edgegpt.checkpoint import save_checkpoint
-    from edgegpt.model import SimpleGPT
+    from edgegpt.train.checkpoint import save_checkpoint
+    from edgegpt.train.model import SimpleGPT
 
     torch.manual_seed(0)
     model = SimpleGPT(tiny_config)
@@ -67,7 +67,7 @@ def lively_checkpoint(tiny_checkpoint, tmp_path_factory):
     (the seeded tiny model repeats one token)."""
     import torch
 
-    from edgegpt.checkpoint import load_checkpoint, save_checkpoint
+    from edgegpt.train.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(tiny_checkpoint)
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import pytest
 
 from edgegpt.config import GPTConfig
 from edgegpt.errors import ConfigError
-from edgegpt.train_config import TrainConfig
+from edgegpt.train.config import TrainConfig
 
 
 def test_round_trips_through_json(tmp_path):

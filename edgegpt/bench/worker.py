@@ -1,10 +1,10 @@
-"""One benchmark measurement in a fresh process: `python -m edgegpt.bench_worker` (JSON spec on stdin).
+"""One benchmark measurement in a fresh process: `python -m edgegpt.bench.worker` (JSON spec on stdin).
 
-`edgegpt.bench` starts one such process per backend per round, so that each figure (peak resident memory
+`edgegpt.bench.compare` starts one such process per backend per round, so that each figure (peak resident memory
 above all) belongs to that backend alone, and so that the runtime's process never imports torch (its
 footprint is what a device would see). Kinds:
 
-- "torch": PyTorch eager with the KV cache, the same loop as `edgegpt.generate.generate` (greedy),
+- "torch": PyTorch eager with the KV cache, the same loop as `edgegpt.train.generate.generate` (greedy),
   timed per step; the reference.
 - "edgegpt": `edgegpt.runtime.Generator` on a bundle, greedy with `ignore_eos`, timed per model step.
 - "genai": onnxruntime-genai's greedy search on the same bundle (its genai_config.json, with the thread
@@ -97,7 +97,7 @@ def _measure(run: RunFn, spec: dict) -> dict[str, Any]:
 def _torch(spec: dict) -> dict[str, Any]:
     import torch
 
-    from edgegpt.checkpoint import load_checkpoint
+    from edgegpt.train.checkpoint import load_checkpoint
 
     torch.set_num_threads(spec["threads"])
     device = "cuda" if spec["provider"] == "cuda" else "cpu"
@@ -112,7 +112,7 @@ def _torch(spec: dict) -> dict[str, Any]:
         step, cache, generated = torch.tensor(prompts, device=device), None, []
         for _ in range(new_tokens):
             logits, cache = model(step, cache)
-            step = logits[:, -1, :].argmax(-1, keepdim=True)  # (B, 1); greedy, as edgegpt.generate
+            step = logits[:, -1, :].argmax(-1, keepdim=True)  # (B, 1); greedy, as edgegpt.train.generate
             generated.append(step)
             sync()
             stamps.append(time.perf_counter())
@@ -276,7 +276,7 @@ KINDS = {"torch": _torch, "edgegpt": _edgegpt, "genai": _genai, "cli": _cli}
 
 
 def run_spec(spec: dict) -> dict[str, Any]:
-    """Run one measurement described by `spec` (see edgegpt.bench) in this process."""
+    """Run one measurement described by `spec` (see edgegpt.bench.compare) in this process."""
     if spec["kind"] == "bandwidth":
         return bandwidth_probe(spec["threads"])
     return KINDS[spec["kind"]](spec)

@@ -51,7 +51,7 @@ def fp32(tiny_tokenizer, tiny_config, texts, tmp_path_factory) -> Path:
     import torch
 
     from edgegpt.export import export_bundle
-    from edgegpt.model import SimpleGPT
+    from edgegpt.train.model import SimpleGPT
     from edgegpt.tokenizer import encode
     from edgegpt.train import TrainConfig, train
 
@@ -152,7 +152,7 @@ def test_fp16_logits_match_fp32_on_cpu(quantized, fp32):
     ref = Generator.load(fp32, provider="cpu", threads=2)
     half = Generator.load(quantized["fp16"], provider="cpu", threads=2)
     assert half.bundle.kv.dtype == "float16"
-    from edgegpt.export.evaluate import _logits
+    from edgegpt.runtime.evaluate import _logits
 
     a, b = _logits(ref, np.asarray([ids])), _logits(half, np.asarray([ids]))
     assert b.dtype == np.float32 and np.isfinite(b).all()
@@ -269,7 +269,7 @@ def test_onnxruntime_genai_loads_the_int4_bundle(quantized):
 
 @pytest.mark.cuda
 def test_fp16_runs_on_cuda_and_agrees_with_fp32(quantized, fp32, texts):
-    from edgegpt.export.evaluate import evaluate_bundle
+    from edgegpt.runtime.evaluate import evaluate_bundle
 
     result = evaluate_bundle(quantized["fp16"], texts[1], reference=fp32, provider="cuda", prompts=2)
     assert np.isfinite(result["perplexity"]) and result["top1_agreement"] >= QUALITY["fp16"][0]
@@ -300,5 +300,5 @@ def test_cli_module_imports_no_torch_and_no_onnx():
 
 
 def test_quantize_module_imports_no_torch():
-    code = "import sys, edgegpt.export.quantize, edgegpt.export.evaluate; assert 'torch' not in sys.modules"
+    code = "import sys, edgegpt.export.quantize, edgegpt.runtime.evaluate; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,9 +12,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from edgegpt.bench import BenchConfig, decode_weight_bytes, make_prompts, placeholder_tokenizer
-from edgegpt.bench_cli import bench_command
-from edgegpt.bench_worker import _figures, _percentile
+from edgegpt.bench.compare import BenchConfig, decode_weight_bytes, make_prompts, placeholder_tokenizer
+from edgegpt.bench.cli import bench_command
+from edgegpt.bench.worker import _figures, _percentile
 from edgegpt.errors import ConfigError
 
 NEW_TOKENS = 8
@@ -151,12 +151,12 @@ def test_figures_from_step_timestamps():
 
 
 def test_cli_module_imports_nothing_heavy():
-    code = "import edgegpt.bench_cli, sys; heavy = {'torch', 'onnx', 'numpy', 'onnxruntime'} & set(sys.modules); assert not heavy, heavy"
+    code = "import edgegpt.bench.cli, sys; heavy = {'torch', 'onnx', 'numpy', 'onnxruntime'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_noise_notes_use_the_cpu_time_before_the_run_and_the_probe_spread():
-    from edgegpt.bench_report import _noise_notes
+    from edgegpt.bench.report import _noise_notes
 
     quiet = {"usable_cpus": 2, "cpu_busy_start": {"busy": 0.03, "steal": 0.0}, "loadavg_start": [1.5]}
     steady = [{"gbs": 29.0}, {"gbs": 28.0}, {"gbs": 29.3}]
@@ -174,7 +174,7 @@ def test_noise_notes_use_the_cpu_time_before_the_run_and_the_probe_spread():
 def test_cpu_busy_sees_other_work():
     import threading
 
-    from edgegpt.bench_report import cpu_busy
+    from edgegpt.bench.report import cpu_busy
 
     if cpu_busy(0.05) is None:
         pytest.skip("no /proc/stat here")
@@ -195,7 +195,7 @@ def test_cpu_busy_sees_other_work():
 
 
 def test_ratio_text_shows_which_side_of_the_threshold():
-    from edgegpt.bench_report import _ratio_text
+    from edgegpt.bench.report import _ratio_text
 
     assert _ratio_text(3.26, 3.5) == "3.26"
     assert _ratio_text(3.4999, 3.5) == "3.4999"  # not "3.50", which reads as met

@@ -55,7 +55,7 @@ def any_gen(request) -> Generator:
 
 @pytest.fixture(scope="session")
 def torch_model(tiny_checkpoint):
-    from edgegpt.checkpoint import load_checkpoint
+    from edgegpt.train.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_checkpoint).model
 
@@ -68,7 +68,7 @@ def bundle_copy(tiny_bundle, tmp_path) -> Path:
 def _torch_greedy(model, ids: list[int], n: int) -> list[int]:
     import torch
 
-    from edgegpt.generate import generate
+    from edgegpt.train.generate import generate
 
     return generate(model, torch.tensor([ids]), n)[0, len(ids) :].tolist()
 
@@ -301,7 +301,7 @@ def test_sliding_window_keeps_going_and_says_so(any_gen, torch_model):
 
 
 def test_public_iobinding_api_gives_the_same_tokens(mha_gen, monkeypatch):
-    """The "concat" layout; tests/test_shared_kv.py checks "shared_buffer" the same way."""
+    """The "concat" layout; tests/export/test_shared_kv.py checks "shared_buffer" the same way."""
     from edgegpt.runtime import binding
 
     gen = mha_gen

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from edgegpt.config import GPTConfig
 from edgegpt.errors import CheckpointError, ConfigError
-from edgegpt.model import SimpleGPT
+from edgegpt.train.model import SimpleGPT
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 TRAIN_STATE_PT, TRAIN_STATE_JSON = "train_state.pt", "train_state.json"

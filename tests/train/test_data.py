@@ -1,4 +1,4 @@
-"""Tests of edgegpt.data: corpus discovery and reading, the token cache, the split and batches."""
+"""Tests of edgegpt.train.data: corpus discovery and reading, the token cache, the split and batches."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-import edgegpt.data as data
-from edgegpt.data import (
+import edgegpt.train.data as data
+from edgegpt.train.data import (
     CorpusFile,
     check_enough,
     corpus_texts_for_tokenizer,
@@ -116,7 +116,7 @@ def test_explicit_non_utf8_file_is_refused(tmp_path):
 def test_scanned_binary_files_are_skipped(corpus, caplog):
     (corpus / "blob.txt").write_bytes(b"\x00\x01\x02")
     (corpus / "latin1.txt").write_bytes("café".encode("latin-1"))
-    with caplog.at_level(logging.DEBUG, logger="edgegpt.data"):
+    with caplog.at_level(logging.DEBUG, logger="edgegpt.train.data"):
         docs = read_corpus(find_corpus_files([corpus], glob="*.txt"))
     assert docs == [DOCS["a.txt"], DOCS["b.txt"]]
     assert "blob.txt" in caplog.text and "latin1.txt" in caplog.text
@@ -258,5 +258,5 @@ def test_get_batch_at_minimum_length_and_too_short():
 
 
 def test_data_module_is_torch_free():
-    code = "import edgegpt.data, sys; assert 'torch' not in sys.modules"
+    code = "import edgegpt.train.data, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,8 +3,8 @@ import torch
 
 from edgegpt.config import GPTConfig
 from edgegpt.errors import ContextLengthError
-from edgegpt.generate import generate
-from edgegpt.model import MultiHeadSelfAttention, SelfAttentionHead, SimpleGPT
+from edgegpt.train.generate import generate
+from edgegpt.train.model import MultiHeadSelfAttention, SelfAttentionHead, SimpleGPT
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""edgegpt.export.evaluate: sliding-window perplexity equal to PyTorch's, agreement, sizes, the `eval` CLI, no torch."""
+"""edgegpt.runtime.evaluate: sliding-window perplexity equal to PyTorch's, agreement, sizes, the `eval` CLI, no torch."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgegpt.errors import ConfigError, DataError
-from edgegpt.export.evaluate import _windows, evaluate_bundle
-from edgegpt.export.quantize_cli import evaluate as eval_cmd
+from edgegpt.runtime.evaluate import _windows, evaluate_bundle
+from edgegpt.runtime.cli import eval_command as eval_cmd
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_windows_score_every_target_once_with_enough_context(n, size, stride):
 def test_perplexity_equals_pytorch_on_the_same_windows(bundle, text_file, tiny_checkpoint):
     import torch
 
-    from edgegpt.checkpoint import load_checkpoint
+    from edgegpt.train.checkpoint import load_checkpoint
     from edgegpt.tokenizer import encode
 
     ckpt = load_checkpoint(tiny_checkpoint)
@@ -91,10 +91,10 @@ def test_tail_and_bad_arguments(bundle, text_file, tmp_path):
 def test_reference_of_another_model_is_refused(bundle, text_file, tiny_checkpoint, tmp_path):
     import torch
 
-    from edgegpt.checkpoint import load_checkpoint, save_checkpoint
+    from edgegpt.train.checkpoint import load_checkpoint, save_checkpoint
     from edgegpt.config import GPTConfig
     from edgegpt.export import export_bundle
-    from edgegpt.model import SimpleGPT
+    from edgegpt.train.model import SimpleGPT
 
     ckpt = load_checkpoint(tiny_checkpoint)
     torch.manual_seed(1)
@@ -120,7 +120,7 @@ def test_cli_eval_json_text_and_errors(bundle, text_file):
 
 def test_evaluation_runs_without_torch(bundle, text_file):
     code = (
-        "import sys; from edgegpt.export.evaluate import evaluate_bundle; "
+        "import sys; from edgegpt.runtime.evaluate import evaluate_bundle; "
         f"r = evaluate_bundle({str(bundle)!r}, {str(text_file)!r}, reference={str(bundle)!r}, max_tokens=100, prompts=1); "
         "assert r['top1_agreement'] == 1.0; assert 'torch' not in sys.modules, 'torch was imported'"
     )

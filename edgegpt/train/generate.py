@@ -9,7 +9,7 @@ import torch
 
 from edgegpt.errors import ContextLengthError, SamplingError
 from edgegpt.config import GPTConfig  # noqa: F401  (used by the doctest)
-from edgegpt.model import SimpleGPT
+from edgegpt.train.model import SimpleGPT
 
 
 def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

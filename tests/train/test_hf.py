@@ -1,4 +1,4 @@
-"""edgegpt.hf: GPT-2 weights interchange, checked against `transformers` on a tiny random GPT-2 (no network)."""
+"""edgegpt.train.hf: GPT-2 weights interchange, checked against `transformers` on a tiny random GPT-2 (no network)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from edgegpt.checkpoint import load_checkpoint
+from edgegpt.train.checkpoint import load_checkpoint
 from edgegpt.errors import CheckpointError
-from edgegpt.hf import EOT, export_hf, import_hf
+from edgegpt.train.hf import EOT, export_hf, import_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,7 +5,7 @@ min_lr, gradient accumulation with DDP's `no_sync` on all but the last micro-ste
 CUDA. What it adds: exact resume (optimizer, torch and data RNG states in the checkpoint), Ctrl-C saves
 and exits, only rank 0 writes, and metrics.jsonl + loss.png beside the checkpoint.
 
-Run layout (`out`):  checkpoint/ (see edgegpt.checkpoint), metrics.jsonl, loss.png
+Run layout (`out`):  checkpoint/ (see edgegpt.train.checkpoint), metrics.jsonl, loss.png
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from edgegpt.checkpoint import load_checkpoint, load_train_state, save_checkpoint
-from edgegpt.data import get_batch
+from edgegpt.train.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+from edgegpt.train.data import get_batch
 from edgegpt.errors import ConfigError
-from edgegpt.model import SimpleGPT
-from edgegpt.train_config import TrainConfig
+from edgegpt.train.model import SimpleGPT
+from edgegpt.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

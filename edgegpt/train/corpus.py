@@ -16,14 +16,14 @@ from typing import Any, Sequence
 
 import torch
 
-from edgegpt.checkpoint import load_checkpoint, load_train_state, resolve
+from edgegpt.train.checkpoint import load_checkpoint, load_train_state, resolve
 from edgegpt.config import GPTConfig
-from edgegpt.data import check_enough, corpus_texts_for_tokenizer, find_corpus_files, load_token_ids, read_corpus, split_ids
+from edgegpt.train.data import check_enough, corpus_texts_for_tokenizer, find_corpus_files, load_token_ids, read_corpus, split_ids
 from edgegpt.errors import ConfigError
-from edgegpt.model import SimpleGPT
+from edgegpt.train.model import SimpleGPT
 from edgegpt.tokenizer import eot_id, train_tokenizer
-from edgegpt.train import TrainResult, train
-from edgegpt.train_config import TrainConfig
+from edgegpt.train.trainer import TrainResult, train
+from edgegpt.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgegpt.checkpoint import save_checkpoint
+from edgegpt.train.checkpoint import save_checkpoint
 from edgegpt.errors import ExportError
 from edgegpt.export import export_bundle, onnx_export, validate
 from edgegpt.export.cli import export as export_cmd
-from edgegpt.generate import generate
+from edgegpt.train.generate import generate
 from edgegpt.runtime import Bundle, Generator
 from edgegpt.runtime import binding as binding_module
 from edgegpt.runtime.kv_cache import SharedBufferKVCache
@@ -101,7 +101,7 @@ def test_shared_buffer_greedy_equals_pytorch_and_concat_use(lively_checkpoint, g
 
 def test_head_size_not_a_multiple_of_8_is_refused_before_export(tiny_tokenizer, tmp_path, monkeypatch):
     from edgegpt.config import GPTConfig
-    from edgegpt.model import SimpleGPT
+    from edgegpt.train.model import SimpleGPT
 
     torch.manual_seed(0)
     config = GPTConfig(n_layer=1, n_head=4, n_embd=48, block_size=16, vocab_size=tiny_tokenizer.get_vocab_size())

@@ -1,7 +1,7 @@
 """edgegpt.export: the bundle's graph against PyTorch, its manifest, atomic writes and bad input.
 
 One bundle per attention graph ("mha", "gqa") is exported per session from the seeded `tiny_checkpoint`
-and shared by the tests; the key parity tests run on both (tests/test_shared_kv.py has the rest of "gqa").
+and shared by the tests; the key parity tests run on both (tests/export/test_shared_kv.py has the rest of "gqa").
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgegpt.checkpoint import load_checkpoint
+from edgegpt.train.checkpoint import load_checkpoint
 from edgegpt.errors import CheckpointError, ExportError, ParityError
 from edgegpt.export import export_bundle
 from edgegpt.export import onnx_export, validate
 from edgegpt.export.cli import export as export_cmd
-from edgegpt.generate import generate
+from edgegpt.train.generate import generate
 from edgegpt.manifest import MANIFEST_NAME, sha256_file, verify_bundle
 
 ATOL = 1e-4
@@ -74,7 +74,7 @@ def lively(lively_checkpoint):
 
 @pytest.fixture(scope="session")
 def lively_gqa(lively_checkpoint):
-    """(model, "gqa" bundle); tests/test_shared_kv.py checks the validation of such an export."""
+    """(model, "gqa" bundle); tests/export/test_shared_kv.py checks the validation of such an export."""
     model, path = lively_checkpoint
     return model, export_bundle(path, path.parent / "bundle_gqa", attention="gqa", validate=False)
 

@@ -1,4 +1,4 @@
-"""What `edgegpt.bench` measured, rendered: summary statistics, the targets, Markdown, JSON and a bar chart.
+"""What `edgegpt.bench.compare` measured, rendered: summary statistics, the targets, Markdown, JSON and a bar chart.
 
 `summarize` turns the per-round results into one row per backend (median, min and max of every figure;
 ratios taken within each round, then their median) and checks the speed targets of the benchmark issue.

@@ -67,7 +67,7 @@ def bench_command(ctx, checkpoint, bundles, preset, vocab_size, short, attention
       edgegpt bench runs/demo/run --short --backends torch,edgegpt --formats fp32,int8
       edgegpt bench --bundle bundles/small --bundle bundles/small-int8 --runs 7
     """
-    from edgegpt.bench import BenchConfig, run_bench
+    from edgegpt.bench.compare import BenchConfig, run_bench
     from edgegpt.errors import ConfigError, EdgeGPTError
 
     root = ctx.find_root().obj

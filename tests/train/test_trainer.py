@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import edgegpt.checkpoint as checkpoint_mod
-from edgegpt.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+import edgegpt.train.checkpoint as checkpoint_mod
+from edgegpt.train.checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from edgegpt.config import GPTConfig
 from edgegpt.errors import CheckpointError
-from edgegpt.model import SimpleGPT
-from edgegpt.train import TrainConfig, train, weights_sha256
+from edgegpt.train.model import SimpleGPT
+from edgegpt.train.trainer import TrainConfig, train, weights_sha256
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=320, dropout=0.1)
 

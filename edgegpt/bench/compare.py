@@ -5,7 +5,7 @@ bundles (fp16 too on CUDA), and onnxruntime-genai on the same bundles when it is
 a checkpoint (exported and quantized into a work directory), existing bundles, or a random-weight preset.
 
 How it measures (the choices that make figures comparable):
-- Every measurement runs in a fresh process (`edgegpt.bench_worker`): peak resident memory is that
+- Every measurement runs in a fresh process (`edgegpt.bench.worker`): peak resident memory is that
   backend's alone, and the runtime's process never imports torch, as on a device.
 - Rounds are interleaved: round r runs every backend once (and the bandwidth probe), in an order rotated
   by r, so that machine noise hits all backends alike. Each figure is the median over rounds, shown with
@@ -19,7 +19,7 @@ How it measures (the choices that make figures comparable):
 - The decode bound of a bundle is bandwidth / (bytes of weights read per token): the bytes of all
   initializers except those only gathered from (the token and position embedding tables), lm_head
   included; the KV cache is not counted. Bandwidth is the best of the probe's rounds (see
-  `edgegpt.bench_worker.bandwidth_probe`).
+  `edgegpt.bench.worker.bandwidth_probe`).
 - Agreement: the batch-1 tokens of each edgegpt row are compared with PyTorch's, each genai row's with
   edgegpt's on the same bundle ("n/N": the first n of N tokens are equal). Quantized rows differ from
   PyTorch by design; on random weights near-ties also flip greedy tokens, so read them as a sanity check.
@@ -138,7 +138,7 @@ class Subject:
 
 @dataclass
 class BenchReport:
-    """Everything one run measured; `edgegpt.bench_report` renders it (Markdown, JSON, plot)."""
+    """Everything one run measured; `edgegpt.bench.report` renders it (Markdown, JSON, plot)."""
 
     config: BenchConfig
     model: dict[str, Any]
@@ -153,17 +153,17 @@ class BenchReport:
     wall_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        from edgegpt.bench_report import summarize
+        from edgegpt.bench.report import summarize
 
         return summarize(self)
 
     def markdown(self) -> str:
-        from edgegpt.bench_report import markdown
+        from edgegpt.bench.report import markdown
 
         return markdown(self)
 
     def to_json(self) -> dict[str, Any]:
-        from edgegpt.bench_report import to_json
+        from edgegpt.bench.report import to_json
 
         return to_json(self)
 
@@ -173,7 +173,7 @@ class BenchReport:
         return path
 
     def plot(self, path: str | Path) -> Path:
-        from edgegpt.bench_report import plot
+        from edgegpt.bench.report import plot
 
         return plot(self, Path(path))
 
@@ -224,7 +224,7 @@ def run_bench(
         temp = tempfile.TemporaryDirectory(prefix="edgegpt-bench-")
         work_dir = temp.name
     try:
-        from edgegpt.bench_report import environment
+        from edgegpt.bench.report import environment
 
         env = environment()
         if bundles:
@@ -234,7 +234,7 @@ def run_bench(
             work.mkdir(parents=True, exist_ok=True)
             if preset is not None:
                 checkpoint = _preset_checkpoint(preset, vocab_size, config.seed, work / "checkpoint")
-            from edgegpt.checkpoint import resolve
+            from edgegpt.train.checkpoint import resolve
 
             ckpt = resolve(checkpoint)  # a run directory -> its checkpoint/
             paths = _build_bundles(ckpt, work, config.formats, attention)
@@ -289,8 +289,8 @@ def _preset_checkpoint(preset: str, vocab_size: int | None, seed: int, out: Path
         return out
     import torch
 
-    from edgegpt.checkpoint import save_checkpoint
-    from edgegpt.model import SimpleGPT
+    from edgegpt.train.checkpoint import save_checkpoint
+    from edgegpt.train.model import SimpleGPT
 
     log.info("building a random-weight %s model (vocab %d, seed %d)", preset, config.vocab_size, seed)
     torch.manual_seed(seed)
@@ -575,7 +575,7 @@ def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "edgegpt.bench_worker"],
+            [sys.executable, "-m", "edgegpt.bench.worker"],
             input=json.dumps(spec),
             capture_output=True,
             text=True,

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from edgegpt.checkpoint import TIED, TOKENIZER, load_checkpoint, save_checkpoint
+from edgegpt.train.checkpoint import TIED, TOKENIZER, load_checkpoint, save_checkpoint
 from edgegpt.config import GPTConfig
 from edgegpt.errors import CheckpointError, ConfigError
-from edgegpt.model import SimpleGPT
+from edgegpt.train.model import SimpleGPT
 
 __all__ = ["import_hf", "export_hf", "EOT"]
 
@@ -258,7 +258,7 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
         force: replace an existing non-empty `out_ckpt_dir`.
 
     Returns:
-        The checkpoint directory, loadable with `edgegpt.checkpoint.load_checkpoint`.
+        The checkpoint directory, loadable with `edgegpt.train.checkpoint.load_checkpoint`.
 
     Raises:
         CheckpointError: a missing or unreadable file. Also a config that SimpleGPT cannot compute

@@ -29,7 +29,7 @@ import numpy as np
 from edgegpt.errors import ConfigError, DataError
 from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, MANIFEST_NAME, POSITION_IDS, sha256_file
 
-__all__ = ["evaluate_bundle"]
+__all__ = ["evaluate_bundle", "summary_text"]
 
 log = logging.getLogger(__name__)
 
@@ -238,3 +238,21 @@ def _sizes(bundle) -> dict[str, int]:
 def _format(manifest: dict) -> str:
     quantization = manifest.get("quantization")
     return quantization.get("format", "?") if isinstance(quantization, dict) else "fp32"
+
+
+def summary_text(r: dict) -> str:
+    """A few human lines of an `evaluate_bundle` result (what `edgegpt eval` prints without --json)."""
+    lines = [f"{r['bundle']} ({r['format']}): perplexity {r['perplexity']:.4f} over {r['scored_tokens']} tokens "
+             f"({r['windows']['count']} windows of {r['windows']['size']}, stride {r['windows']['stride']}), "
+             f"top-1 accuracy {r['top1_accuracy']:.4f}, model {r['model_bytes'] / 1e6:.2f} MB"]
+    ref = r.get("reference")
+    if ref:
+        lines.append(f"reference {ref['bundle']} ({ref['format']}): perplexity {ref['perplexity']:.4f}, "
+                     f"model {ref['model_bytes'] / 1e6:.2f} MB")
+        lines.append(f"perplexity {r['ppl_increase_percent']:+.2f} %, top-1 agreement {r['top1_agreement']:.4f}")
+        g = r.get("greedy")
+        if g:
+            lines.append(f"greedy ({g['prompts']} prompts x {g['new_tokens']} tokens): token agreement "
+                         f"{g['token_agreement']:.3f}, common prefix {g['prefix_agreement']:.3f}, "
+                         f"identical {g['identical_sequences']}/{g['prompts']}")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""The import rule of the layout (README, "Layout"), checked on the source of every module.
+
+    core (edgegpt/*.py)        -> the standard library, numpy, onnxruntime, tokenizers, click; core
+    runtime (runtime/)         -> the same; core, runtime
+    train (edgegpt/train/)     -> core, train (and torch, safetensors, tqdm, ...)
+    export (export/)           -> core, train, runtime, export
+    bench (edgegpt/bench/)     -> anything
+    CLI modules (*cli.py)      -> at module level only the standard library, click, core and other CLI modules;
+                                  anything inside a command (lazily)
+
+Every import counts, also those inside functions, except where noted for the CLI: a lazy import against
+the rule still breaks a device the day that function runs. A second test proves the checker fails on a
+module that breaks the rule, and a third imports every runtime module in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICE_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "click"}
+CLI_FILES = {"edgegpt/cli.py", "export/cli.py", "export/quantize_cli.py", "runtime/cli.py", "edgegpt/bench/cli.py"}
+ALLOWED = {  # layer -> the edgegpt layers it may import
+    "core": {"core"},
+    "runtime": {"core", "runtime"},
+    "train": {"core", "train"},
+    "export": {"core", "train", "runtime", "export"},
+    "bench": {"core", "train", "runtime", "export", "bench", "cli"},
+}
+
+
+def layer_of_file(relative: str) -> str:
+    """The layer a source file (path relative to the repository root) belongs to."""
+    if relative in CLI_FILES:
+        return "cli"
+    for prefix, layer in (("edgegpt/train/", "train"), ("edgegpt/bench/", "bench"), ("export/", "export"), ("runtime/", "runtime")):
+        if relative.startswith(prefix):
+            return layer
+    return "core"
+
+
+def layer_of_module(name: str) -> str | None:
+    """The layer of an imported module, or None for a module outside edgegpt."""
+    if name != "edgegpt" and not name.startswith("edgegpt."):
+        return None
+    parts = name.split(".")
+    if len(parts) > 1 and parts[1] in ("train", "bench", "export", "runtime"):
+        if parts[-1] == "cli" or parts[-1] == "quantize_cli":
+            return "cli"
+        return parts[1]
+    return "cli" if name == "edgegpt.cli" else "core"
+
+
+def imports(source: str, package: str) -> list[tuple[str, int, bool]]:
+    """(module, line, at module level) for every import in `source`; relative imports resolved in `package`."""
+    tree = ast.parse(source)
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno, id(node) in top) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.append((base, node.lineno, id(node) in top))
+    return found
+
+
+def violations(relative: str, source: str) -> list[str]:
+    """The imports of one source file that break the rule, as "file:line: message"."""
+    layer = layer_of_file(relative)
+    folder = relative.rsplit("/", 1)[0].replace("/", ".")
+    package = folder if folder.startswith("edgegpt") else f"edgegpt.{folder}"
+    out = []
+    for name, line, module_level in imports(source, package):
+        if name == "__future__" or name.split(".")[0] in sys.stdlib_module_names:
+            continue
+        target = layer_of_module(name)
+        if layer == "cli":
+            if module_level and target not in ("core", "cli") and name.split(".")[0] not in {"click"}:
+                out.append(f"{relative}:{line}: CLI module imports {name} at module level; import it inside the command")
+            continue
+        if target is None:
+            if layer in ("core", "runtime") and name.split(".")[0] not in DEVICE_THIRD_PARTY:
+                out.append(f"{relative}:{line}: {layer} imports {name}, which a device's base install does not have")
+        elif target not in ALLOWED[layer]:
+            out.append(f"{relative}:{line}: {layer} imports {name} ({target}); the layout allows {sorted(ALLOWED[layer])}")
+    return out
+
+
+def sources() -> list[Path]:
+    return sorted(p for d in ("edgegpt", "export", "runtime") for p in (ROOT / d).rglob("*.py"))
+
+
+def test_every_module_follows_the_import_rule():
+    broken = [v for path in sources() for v in violations(path.relative_to(ROOT).as_posix(), path.read_text())]
+    assert not broken, "\n".join(broken)
+
+
+@pytest.mark.parametrize(
+    "relative, source",
+    [
+        ("runtime/generator.py", "def f():\n    import torch\n"),
+        ("runtime/generator.py", "from edgegpt.export import export_bundle\n"),
+        ("runtime/engine.py", "from ..train.model import SimpleGPT\n"),
+        ("edgegpt/config.py", "import onnx\n"),
+        ("edgegpt/tokenizer.py", "from edgegpt.bench.compare import run_bench\n"),
+        ("edgegpt/train/model.py", "from edgegpt.runtime import Generator\n"),
+        ("export/quantize.py", "from edgegpt.bench import compare\n"),
+        ("runtime/cli.py", "import numpy\n"),
+        ("edgegpt/cli.py", "from edgegpt.train.trainer import train\n"),
+    ],
+)
+def test_the_checker_refuses_an_import_against_the_rule(relative, source):
+    assert violations(relative, source), f"{relative}: {source!r} should break the rule"
+
+
+@pytest.mark.parametrize(
+    "relative, source",
+    [
+        ("runtime/generator.py", "import numpy as np\nimport onnxruntime as ort\nfrom edgegpt.errors import EdgeGPTError\n"),
+        ("export/quantize.py", "import onnx\nfrom edgegpt.runtime.bundle import Bundle\nfrom edgegpt.train.model import SimpleGPT\n"),
+        ("edgegpt/cli.py", "import click\ndef f():\n    from edgegpt.train.trainer import train\n"),
+        ("runtime/engine.py", "from .binding import Binding\n"),
+    ],
+)
+def test_the_checker_allows_what_the_rule_allows(relative, source):
+    assert not violations(relative, source)
+
+
+def test_every_runtime_module_loads_without_torch_or_onnx():
+    modules = sorted("edgegpt.runtime." + p.stem for p in (ROOT / "runtime").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "bad = [m for m in ('torch', 'onnx', 'edgegpt.train', 'edgegpt.export', 'edgegpt.bench') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
