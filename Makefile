@@ -23,7 +23,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
-$(BASE_VENV)/.installed: pyproject.toml
+# A copy, not an editable install (as on a device): rebuilt when any source changes.
+$(BASE_VENV)/.installed: pyproject.toml $(wildcard edgegpt/*.py edgegpt/*/*.py edgegpt/*/*.json export/*.py runtime/*.py)
 	$(PYTHON) -m venv $(BASE_VENV)
 	$(BASE_VENV)/bin/pip install -q --upgrade pip
 	$(BASE_VENV)/bin/pip install -q .
@@ -43,6 +44,8 @@ demo: install
 	$(BIN)/edgegpt generate $(DEMO)/fp32 "def main(" -n 48 --seed 0
 	$(BIN)/edgegpt quantize $(DEMO)/fp32 --to int8 -o $(DEMO)/int8 --eval-text $(EVAL_TEXT)
 	$(BIN)/edgegpt generate $(DEMO)/int8 "def main(" -n 48 --seed 0
+	printf 'def add(a, b):\nreturn what?\n/exit\n' | $(BIN)/edgegpt chat $(DEMO)/int8 -n 24 --seed 0
+	$(BIN)/edgegpt bench $(DEMO)/int8 --short
 	$(BIN)/edgegpt bench $(DEMO)/run --short --backends torch,edgegpt --formats fp32,int8
 
 clean:

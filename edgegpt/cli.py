@@ -6,7 +6,6 @@ with only the base install (onnxruntime, numpy, tokenizers, click).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -15,30 +14,13 @@ from pathlib import Path
 import click
 
 from edgegpt import __version__
-from edgegpt.errors import ConfigError, EdgeGPTError
+from edgegpt.cli_support import Group, field_options, given
+from edgegpt.config import GPTConfig
 
 log = logging.getLogger("edgegpt")
 
 
-class _Group(click.Group):
-    """Turns edgegpt's typed errors into one clear line and a non-zero exit (tracebacks with --debug)."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except EdgeGPTError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            if isinstance(exc, ConfigError):
-                raise click.UsageError(str(exc), ctx) from None
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-        except ImportError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            raise click.ClickException(f"{exc}; install the extra: pip install 'edgegpt[train]'") from None
-
-
-@click.group(cls=_Group, context_settings={"auto_envvar_prefix": "EDGEGPT", "help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"auto_envvar_prefix": "EDGEGPT", "help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgegpt")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors on stderr; no progress bars.")
@@ -58,17 +40,20 @@ def main(ctx, debug, quiet):
 
 
 def _train_options(func):
-    """One flag per TrainConfig field (--grad-accum -> grad_accum), defaults from the dataclass."""
+    """One flag per TrainConfig field (--grad-accum -> grad_accum); edgegpt.train.config is torch-free."""
     from edgegpt.train.config import TrainConfig
 
-    for field in reversed(dataclasses.fields(TrainConfig)):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):
-            func = click.option(flag, field.name, is_flag=True, default=None, help=f"[default: {field.default}]")(func)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" ")[0], str)
-            func = click.option(flag, field.name, type=kind, default=None, help=f"[default: {field.default}]")(func)
-    return func
+    return field_options(of=TrainConfig)(func)
+
+
+# GPTConfig fields that override the preset's (the rest of the model config comes from the preset).
+_MODEL_FLAGS = {
+    "n_layer": {"help": "Override the preset's n_layer."},
+    "n_head": {"help": "Override the preset's n_head."},
+    "n_embd": {"help": "Override the preset's n_embd."},
+    "block_size": {"help": "Override the preset's block_size."},
+    "dropout": {"help": "Override dropout. [default: {default}]"},
+}
 
 
 @main.command()
@@ -76,11 +61,7 @@ def _train_options(func):
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Run directory (checkpoint/, metrics.jsonl, loss.png).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), default="tiny", show_default=True)
 @click.option("--vocab-size", type=int, default=4096, show_default=True, help="BPE vocabulary size.")
-@click.option("--n-layer", type=int, help="Override the preset's n_layer.")
-@click.option("--n-head", type=int, help="Override the preset's n_head.")
-@click.option("--n-embd", type=int, help="Override the preset's n_embd.")
-@click.option("--block-size", type=int, help="Override the preset's block_size.")
-@click.option("--dropout", type=float, help="Override dropout (default 0).")
+@field_options(_MODEL_FLAGS, of=GPTConfig)
 @click.option("--glob", "pattern", help="Files to take from CORPUS directories [default: **/*; **/*.py for the default corpus].")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSON with training-config fields; flags override it.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Token-id cache (default ~/.cache/edgegpt).")
@@ -100,13 +81,13 @@ def train(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, resume, 
     """
     from edgegpt.train.corpus import train_on_corpus
 
-    model_overrides = {k: flags.pop(k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
+    model_overrides = given({k: flags.pop(k) for k in _MODEL_FLAGS})
     result = train_on_corpus(
         corpus,
         out=out,
         preset=preset,
-        model_overrides={k: v for k, v in model_overrides.items() if v is not None},
-        train_overrides={k: v for k, v in flags.items() if v is not None},
+        model_overrides=model_overrides,
+        train_overrides=given(flags),
         config_file=config_file,
         vocab_size=vocab_size,
         pattern=pattern,

@@ -3,7 +3,9 @@
 A bundle is a directory: `model.onnx` (+ external data), `tokenizer.json`, `genai_config.json` and
 `manifest.json`. The manifest records the format version, the model config, the graph's I/O, the
 quantization and the sha256 and size of every other file. Export writes it last; the runtime checks it
-before loading anything. Torch-free: both sides import it.
+before loading anything. Its readers share one reading of it: `bundle_format` (fp32 or the quantization's
+"format", one of `FORMATS`) and `model_files` (the graph and its external data). Torch-free: both sides
+import it.
 
 `graph.kv_cache.layout` says how the cache flows between steps (both graphs have the same I/O names):
 - "concat" (MultiHeadAttention): present = concat(past, new), (B, H, P+T, D), fed back as the next past.
@@ -19,15 +21,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from edgegpt.errors import BundleError
+from edgegpt.files import atomic_write_text, recover
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "edgegpt-bundle"
 FORMAT_VERSION = 1
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA = "model.onnx.data"  # the graph's weights, when stored outside it (always above 2 GB)
+
+# Bundle formats: fp32 is what export writes; quantization writes the others (QUANTIZED_FORMATS, in the order
+# `edgegpt quantize --to` lists them). FORMATS is the order the bench reports them in.
+FORMATS = ("fp32", "fp16", "int8", "int4")
+QUANTIZED_FORMATS = ("int8", "int4", "fp16")
 
 # Graph I/O names. They follow onnxruntime-genai's "decoder" convention so that genai loads bundles as is.
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
@@ -89,7 +98,7 @@ def write_manifest(bundle: str | Path, manifest: dict[str, Any]) -> dict[str, An
 
 def read_manifest(bundle: str | Path) -> dict[str, Any]:
     """Read and check the manifest header (format and version); does not hash files."""
-    bundle = Path(bundle)
+    bundle = recover(bundle)  # a bundle replaced with --force may wait at its aside name (edgegpt.files)
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: not a bundle directory; create one with `edgegpt export CKPT -o {bundle}`")
@@ -119,8 +128,8 @@ def verify_bundle(bundle: str | Path) -> dict[str, Any]:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     files = manifest.get("files")
-    if not isinstance(files, dict) or "model.onnx" not in files or "tokenizer.json" not in files:
-        raise BundleError(f"{bundle}/{MANIFEST_NAME}: must list model.onnx and tokenizer.json; re-export the bundle")
+    if not isinstance(files, dict) or MODEL_FILE not in files or "tokenizer.json" not in files:
+        raise BundleError(f"{bundle}/{MANIFEST_NAME}: must list {MODEL_FILE} and tokenizer.json; re-export the bundle")
     for name, meta in files.items():
         path = safe_member(bundle, name)
         if not path.is_file():
@@ -133,15 +142,32 @@ def verify_bundle(bundle: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write text to a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a bundle must stay readable when copied to another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def model_files(manifest: dict[str, Any]) -> list[str]:
+    """The graph file and, if the weights are stored outside it, their file: the bundle's model, by name.
+
+    >>> model_files({"graph": {"file": "model.onnx", "external_data": "model.onnx.data"}})
+    ['model.onnx', 'model.onnx.data']
+    """
+    graph = manifest.get("graph") or {}
+    return [graph.get("file", MODEL_FILE)] + ([graph["external_data"]] if graph.get("external_data") else [])
+
+
+def bundle_format(manifest: dict[str, Any]) -> str:
+    """One of `FORMATS`: "fp32" when "quantization" is null (as export writes it), else its "format".
+
+    Raises:
+        BundleError: a quantization section without one of `QUANTIZED_FORMATS` as its format.
+
+    >>> bundle_format({"quantization": None}), bundle_format({"quantization": {"format": "int4"}})
+    ('fp32', 'int4')
+    """
+    quantization = manifest.get("quantization")
+    if not quantization:
+        return "fp32"
+    fmt = quantization.get("format") if isinstance(quantization, dict) else None
+    if fmt not in QUANTIZED_FORMATS:
+        raise BundleError(
+            f"{MANIFEST_NAME}: quantization format {fmt!r} is none of {', '.join(QUANTIZED_FORMATS)}; "
+            "re-quantize the fp32 bundle with this edgegpt"
+        )
+    return fmt

@@ -85,11 +85,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, *, vocab_size: int | None = None) -> Tokenizer:
     """Load a `tokenizer.json`, given as the file or as the directory (checkpoint, bundle) that holds it.
 
+    Args:
+        path: the file, or the directory that holds `tokenizer.json`.
+        vocab_size: the model's vocabulary size, which the tokenizer's must equal; None skips that check.
+
     Raises:
-        DataError: the file is missing or is not a valid tokenizer JSON; the message names the path.
+        DataError: the file is missing, is not a valid tokenizer JSON, or has another vocabulary size than
+            `vocab_size`; the message names the path.
 
     >>> import tempfile, os
     >>> d = tempfile.mkdtemp(); train_tokenizer(["abc abd"], vocab_size=260).save(os.path.join(d, "tokenizer.json"))
@@ -104,11 +109,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             "or train one with edgegpt.tokenizer.train_tokenizer(...).save(path)"
         )
     try:
-        return Tokenizer.from_file(str(file))
+        tok = Tokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises a bare Exception for bad JSON or an unknown model
         raise DataError(
             f"{file}: not a valid tokenizer.json ({exc}); re-save it with Tokenizer.save() or retrain it"
         ) from exc
+    if vocab_size is not None and tok.get_vocab_size() != vocab_size:
+        raise DataError(
+            f"{file}: the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is {vocab_size}; "
+            "use the tokenizer the model was trained with"
+        )
+    return tok
 
 
 def eot_id(tok: Tokenizer) -> int:
@@ -206,8 +217,8 @@ class IncrementalDecoder:
     Done by hand rather than with `tokenizers.decoders.DecodeStream` (present in tokenizers 0.23): that
     one has no flush, so a stream cut mid-character (max_new_tokens) loses its last bytes; it holds back
     any piece that genuinely ends in U+FFFD; older releases that pyproject allows (>=0.19) lack it; and it
-    measured about 2x slower per token (2.0 vs 1.1 us, 4096-token vocabulary, code text). Here each id maps to its bytes
-    once, then Python's incremental UTF-8 decoder (errors="replace": the same U+FFFD rule as `decode`)
+    is slower per token (measurements: docs/design.md, "8. The decoding engine"). Here each id maps to its
+    bytes once, then Python's incremental UTF-8 decoder (errors="replace": the same U+FFFD rule as `decode`)
     does the rest.
 
     >>> tok = train_tokenizer(["no merges at vocab_size 257"], vocab_size=257)  # one token per byte
@@ -235,7 +246,3 @@ class IncrementalDecoder:
     def flush(self) -> str:
         """End the stream: held-back bytes of an unfinished character come out as U+FFFD; then reset."""
         return self._utf8.decode(b"", final=True)
-
-    def reset(self) -> None:
-        """Drop any held-back bytes and start a new stream."""
-        self._utf8.reset()

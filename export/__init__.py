@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from edgegpt.manifest import EXTERNAL_DATA, MODEL_FILE
+
 __all__ = ["export_bundle", "quantize_bundle"]
 
 
@@ -26,7 +28,6 @@ def __getattr__(name: str):
 log = logging.getLogger(__name__)
 
 _PROTOBUF_LIMIT = 2**31  # bytes: a larger ONNX file must keep its weights as external data
-EXTERNAL_DATA = "model.onnx.data"
 
 
 def export_bundle(
@@ -95,14 +96,14 @@ def export_bundle(
     log.info("exporting %s (%.1f M parameters) to %s", ckpt.path, model.num_params() / 1e6, out)
 
     with bundle.staging(out, force=force) as tmp:
-        graph = _build_graph(model, tmp / "model.onnx", opset=opset, optimize=optimize,
+        graph = _build_graph(model, tmp / MODEL_FILE, opset=opset, optimize=optimize,
                              external_data=external_data, validate=validate, attention=attention)
         shutil.copyfile(ckpt.path / TOKENIZER, tmp / TOKENIZER)
         genai.write_genai_files(tmp, cfg, eot, share_buffer=onnx_export.kv_layout(attention) == "shared_buffer")
         manifest = {
             "model": cfg.to_dict(),
             "tokenizer": {"file": TOKENIZER, "vocab_size": ckpt.tokenizer.get_vocab_size(), "eot_token_id": eot},
-            "graph": _graph_section(tmp / "model.onnx", external_data, attention),
+            "graph": _graph_section(tmp / MODEL_FILE, external_data, attention),
             "quantization": None,
             "producer": _producer(),
             "source": {"checkpoint": str(ckpt.path.resolve()), "fingerprint": sha256_file(ckpt.path / WEIGHTS)},
@@ -155,11 +156,11 @@ def _graph_section(final: Path, external_data: bool, attention: str) -> dict:
     import onnx
 
     from edgegpt.export.onnx_export import attention_op, kv_layout
-    from edgegpt.export.validate import graph_io
+    from edgegpt.export.optimize import graph_io
     from edgegpt.manifest import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
     model = onnx.load(str(final), load_external_data=False)
-    inputs, outputs = graph_io(final)
+    inputs, outputs = graph_io(model)
     return {
         "file": final.name,
         "external_data": EXTERNAL_DATA if external_data else None,

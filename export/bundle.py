@@ -1,9 +1,10 @@
 """Atomic bundle directories: build in a temporary sibling, then rename into place.
 
 A failed or interrupted export leaves no half-written bundle: the files are written to a hidden
-`.NAME.tmp-*` directory beside the target, and only a complete, validated bundle is renamed to `NAME`.
-An existing target is refused unless `force`; with `force` it is moved aside, the new bundle renamed in,
-and the old one deleted (so a crash between the renames keeps the old bundle as `.NAME.old-*`).
+`.NAME.tmp-*` directory beside the target, and only a complete, validated bundle is renamed to `NAME`
+(`edgegpt.files.staged_dir`). An existing target is refused unless `force`; with `force` it is moved aside,
+the new bundle renamed in, and the old one deleted (so a crash between the renames keeps the old bundle as
+`.NAME.previous`, which every reader of the bundle renames back: `edgegpt.files.recover`).
 `force` replaces only what looks like a bundle (a directory with a manifest.json) or an empty directory,
 so a mistyped `-o ~` cannot delete a home directory.
 """
@@ -11,13 +12,11 @@ so a mistyped `-o ~` cannot delete a home directory.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from edgegpt.errors import ExportError
+from edgegpt.files import recover, staged_dir
 from edgegpt.manifest import MANIFEST_NAME
 
 __all__ = ["check_target", "staging"]
@@ -29,7 +28,7 @@ def check_target(out: Path, force: bool) -> None:
     Raises:
         ExportError: `out` exists and may not be replaced.
     """
-    if not out.exists() and not out.is_symlink():
+    if not recover(out).exists() and not out.is_symlink():
         return
     if not force:
         raise ExportError(f"{out}: already exists; choose another output or pass force=True (--force) to replace it")
@@ -53,22 +52,6 @@ def staging(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared and deployed
-    aside = None
-    try:
+    with staged_dir(out) as tmp:
         yield tmp
         check_target(out, force)  # again: something may have appeared at `out` during the export
-        if out.exists():
-            aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")) / out.name
-            os.replace(out, aside)
-        os.replace(tmp, out)
-    except BaseException:
-        if aside is not None and aside.exists() and not out.exists():
-            os.replace(aside, out)  # put the previous bundle back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if aside is not None:
-            shutil.rmtree(aside.parent, ignore_errors=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.cli_support import Command
 
 
-@click.command("export")
+@click.command("export", cls=Command)
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(), help="Bundle directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
@@ -36,13 +36,8 @@ def export(checkpoint, out, force, no_optimize, external_data, opset, attention)
     """
     from edgegpt.export import export_bundle
 
-    try:
-        path = export_bundle(
-            checkpoint, out, force=force, optimize=not no_optimize, external_data=external_data, opset=opset,
-            attention=attention,
-        )
-    except EdgeGPTError as exc:
-        if (click.get_current_context().obj or {}).get("debug"):
-            raise
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    path = export_bundle(
+        checkpoint, out, force=force, optimize=not no_optimize, external_data=external_data, opset=opset,
+        attention=attention,
+    )
     click.echo(path)

@@ -4,8 +4,8 @@ With them, `onnxruntime_genai.Model(bundle_dir)` runs `model.onnx` as it is, so 
 embed the model through onnxruntime-genai. The graph has separate past keys and values
 (`past_key_values.%d.key`), so the model type is genai's generic `decoder`; its `gpt2` type would need one
 combined (2, B, H, P, D) past per layer, which the fused MultiHeadAttention kernel does not take and which
-was no faster (see onnx_export.py). `search.past_present_share_buffer` follows the KV layout: off for
-"concat" (the MultiHeadAttention graph grows its cache by concatenation), on for "shared_buffer" (the
+was no faster (docs/design.md, "3. The graph"). `search.past_present_share_buffer` follows the KV layout: off
+for "concat" (the MultiHeadAttention graph grows its cache by concatenation), on for "shared_buffer" (the
 GroupQueryAttention graph updates one (B, H, max_length, D) buffer in place, as genai's own builder does).
 genai's tokenizer (onnxruntime-extensions) reads `tokenizer.json` through the Hugging Face
 `tokenizer_config.json`; edgegpt's byte-level BPE is GPT-2's tokenizer class.
@@ -24,6 +24,7 @@ from edgegpt.manifest import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
+    MODEL_FILE,
     PAST_KEY,
     PAST_VALUE,
     POSITION_IDS,
@@ -38,7 +39,7 @@ GENAI_CONFIG, TOKENIZER_CONFIG = "genai_config.json", "tokenizer_config.json"
 
 
 def genai_config(
-    config: GPTConfig, eot_token_id: int, model_file: str = "model.onnx", *, share_buffer: bool = False
+    config: GPTConfig, eot_token_id: int, model_file: str = MODEL_FILE, *, share_buffer: bool = False
 ) -> dict[str, Any]:
     """genai_config.json for `model_file`: greedy search over the whole context, EOT as bos, eos and pad.
 

@@ -32,30 +32,27 @@ with dynamic B, T and P (P = 0 is an empty past). Two attention graphs, chosen b
   decode steps, left-padded batches included (seqlens_k is the last 1, not the mask's width): edgegpt's runtime
   decodes that way, as onnxruntime-genai does.
 
-Choices, measured on the `small` preset (random weights, batch 1, prompt 32, 128 greedy tokens, 2 threads,
-interleaved rounds, medians of 5-9; decode speed relative to PyTorch eager with its KV cache, same rounds):
+Choices (measurements: docs/design.md, "3. The graph"):
 - Attention is emitted directly as `com.microsoft.MultiHeadAttention` (unidirectional=1, a (B, P+T)
   key-padding mask, the QKV bias as its bias input, separate BNSH past/present), from an autograd.Function
-  `symbolic`: 2.9-3.3x eager. onnxruntime's transformer optimizer fuses attention only when it is written
-  as the classic GPT-2 op pattern, so a traced SDPA stays ~20 unfused ops per layer: 2.4x. The GPT-2
-  `Attention` op with one combined (2, B, H, P, D) past per layer ran at the same speed (within 3 %) and
-  would break the separate-key/value contract (genai "decoder" naming). GroupQueryAttention with a shared
-  past/present buffer was 1.07-1.11x faster but needs another KV layout and cannot take a multi-token chunk
-  after a past at batch > 1: it is the "gqa" graph above. The CPU MultiHeadAttention kernel takes an empty
-  past (P = 0), left padding and a causal block at any offset: exactly the "concat" contract.
-- Default "gqa". Through `edgegpt.runtime.Generator` (5 clean interleaved rounds, medians; PyTorch eager
-  92 tok/s in the same rounds), decode tok/s "mha" -> "gqa": fp32 250 -> 303 (2.9x -> 3.3x eager; "gqa" /
-  "mha" 1.06-1.24 per round), int8 456 -> 593 (1.22-1.32), int4 627 -> 940 (1.24-1.63); greedy tokens
-  equal to PyTorch's in every fp32 round. attention_bias costs nothing measurable (0.92-1.06 against the
-  same graph without it). The gain is the in-place cache (no per-step allocation or copy), packed QKV
-  without a Split, and ~0.3 ms less Python per step (no presents to fetch and rebind). "mha" stays for
-  head sizes that are not a multiple of 8, onnxruntime 1.20-1.21, and fp32 on CUDA (onnxruntime's CUDA
-  GroupQueryAttention kernel takes float16/bfloat16 only; a float16 bundle has it).
+  `symbolic`. onnxruntime's transformer optimizer fuses attention only when it is written as the classic
+  GPT-2 op pattern, so a traced SDPA stays ~20 unfused ops per layer and decodes slower. The GPT-2
+  `Attention` op with one combined (2, B, H, P, D) past per layer was no faster and would break the
+  separate-key/value contract (genai "decoder" naming). GroupQueryAttention with a shared past/present
+  buffer is faster but needs another KV layout and cannot take a multi-token chunk after a past at
+  batch > 1: it is the "gqa" graph above. The CPU MultiHeadAttention kernel takes an empty past (P = 0),
+  left padding and a causal block at any offset: exactly the "concat" contract.
+- Default "gqa": through `edgegpt.runtime.Generator` it decodes faster than "mha" in fp32, int8 and int4,
+  with fp32 greedy tokens equal to PyTorch's. The gain is the in-place cache (no per-step allocation or
+  copy), packed QKV without a Split, and less Python per step (no presents to fetch and rebind);
+  attention_bias costs nothing measurable. "mha" stays for head sizes that are not a multiple of 8,
+  onnxruntime 1.20-1.21, and fp32 on CUDA (onnxruntime's CUDA GroupQueryAttention kernel takes
+  float16/bfloat16 only; a float16 bundle has it).
 - Exporter: the TorchScript-based one (`dynamo=False`). Its custom-op `symbolic` is a few lines, it traces
-  `small` in ~1 s (dynamo: ~19 s), and one trace with P = 5 keeps P = 0 and T = 1 correct. `dynamo=True`
-  also leaves SDPA unfused (2.5-2.9x); emitting the contrib op there needs a torch.library op plus an
-  onnxscript translation, and torch.export specialises example sizes 0 and 1. TorchScript export is
-  deprecated upstream: porting `symbolic` to a dynamo translation is the way out when it goes.
+  much faster than dynamo, and one trace with P = 5 keeps P = 0 and T = 1 correct. `dynamo=True` also
+  leaves SDPA unfused; emitting the contrib op there needs a torch.library op plus an onnxscript
+  translation, and torch.export specialises example sizes 0 and 1. TorchScript export is deprecated
+  upstream: porting `symbolic` to a dynamo translation is the way out when it goes.
 - Opset 17: the lowest with LayerNormalization as one op (what the fusions match); older onnxruntime
   builds (mobile) run it. 18 and 19 give the same fused graph. 20 is refused: it exports GELU as ONNX's
   `Gelu(approximate="tanh")`, which onnxruntime 1.32's optimizer rewrites into the erf-based `BiasGelu`,
@@ -112,7 +109,7 @@ _ATTENTIONS = {
     "gqa": ("GroupQueryAttention", "shared_buffer"),
 }
 ATTENTIONS = tuple(_ATTENTIONS)
-DEFAULT_ATTENTION = "gqa"  # 1.1x (fp32) to 1.3x (int8, int4) the decode speed of "mha"; see the docstring
+DEFAULT_ATTENTION = "gqa"  # decodes faster than "mha" (fp32, int8, int4); see the docstring
 _GQA_HEAD_MULTIPLE = 8  # onnxruntime's CPU GroupQueryAttention: "head_size must be a multiple of 8"
 _MASK_FILTER = -10000.0  # the attention_bias of a padding key (see the module docstring)
 

@@ -1,10 +1,12 @@
-"""Graph optimisation: onnxruntime's transformer fusions on the exported graph, and op-type counts.
+"""Graph optimisation: onnxruntime's transformer fusions on the exported graph; op counts and graph I/O.
 
 `onnxruntime.transformers.optimizer` with the GPT-2 model type fuses the embedding sum and every
 residual-add + LayerNorm into `SkipLayerNormalization`, and the tanh GELU (with the bias add before it)
 into `FastGelu`. Attention is already one GroupQueryAttention or MultiHeadAttention node per layer (see
 onnx_export.py), so no attention fusion is needed. Only the optimizer's Python fusions run here (opt_level 0): onnxruntime
 applies its own hardware-specific graph optimisations when a session loads the file.
+`op_counts` and `graph_io` describe any graph as the manifest records it; validate.py and quantize.py
+use them too. Torch-free, so that quantization does not load torch.
 References: onnxruntime/python/tools/transformers (optimizer.py, onnx_model_gpt2.py).
 """
 
@@ -14,20 +16,45 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edgegpt.config import GPTConfig
 from edgegpt.errors import ExportError
 from edgegpt.export.tied_embedding import share_tied_lm_head
 
-__all__ = ["fused_op_shortfall", "op_counts", "optimize_onnx"]
+__all__ = ["fused_op_shortfall", "graph_io", "op_counts", "optimize_onnx"]
 
 log = logging.getLogger(__name__)
 
 
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Node count per op type of the main graph, most frequent first."""
-    return dict(Counter(node.op_type for node in model.graph.node).most_common())
+def op_counts(model: onnx.ModelProto, domain: str | None = None) -> dict[str, int]:
+    """Node count per op type of the main graph (only ops of `domain`, if given), most frequent first.
+
+    >>> op_counts(onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [], [])))
+    {'Relu': 1}
+    """
+    nodes = (node for node in model.graph.node if domain is None or node.domain == domain)
+    return dict(Counter(node.op_type for node in nodes).most_common())
+
+
+def graph_io(model: onnx.ModelProto | str | Path) -> tuple[list[dict], list[dict]]:
+    """The graph's inputs and outputs as the manifest records them: [{"name", "dtype", "shape"}], symbolic
+    axes by name. `model` is a loaded graph or the path of one (read without its external data)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+
+    def describe(values) -> list[dict]:
+        return [
+            {
+                "name": v.name,
+                "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)).name,
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    return describe(model.graph.input), describe(model.graph.output)
 
 
 def expected_fused_ops(config: GPTConfig, attention_op: str = "MultiHeadAttention") -> dict[str, int]:

@@ -20,10 +20,8 @@ build-beside-then-rename staging as `export_bundle`: the source is only read, an
 The quantizers touch only MatMul / Gemm / Gather weights, so the fused kernels (attention,
 SkipLayerNormalization, FastGelu) stay: their counts before and after are checked and recorded.
 
-Defaults, measured on `small` (6 x 384, vocab 2048) trained on tinyshakespeare to val loss 4.49, evaluated on
-the held-out tail of the file (37.9 k tokens, fp32 perplexity 94.38) through onnxruntime; decode tokens/s at
-batch 1 with 2 threads through edgegpt.runtime.Generator, interleaved rounds (the numbers are at
-`INT8_DEFAULTS` and `INT4_DEFAULTS`).
+The defaults (`INT8_DEFAULTS`, `INT4_DEFAULTS`) were chosen on perplexity, teacher-forced top-1 agreement and
+decode speed against the fp32 bundle (measurements: docs/design.md, "5. Quantization defaults and why").
 References: onnxruntime docs "Quantize ONNX models"; ContribOperators.md (MatMulNBits, GatherBlockQuantized,
 DynamicQuantizeMatMul); llama.cpp's Q8_0 / Q4_0 for comparable schemes.
 """
@@ -34,7 +32,6 @@ import contextlib
 import json
 import logging
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +40,18 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegpt.errors import ConfigError, QuantizationError
+from edgegpt.export.optimize import graph_io, op_counts
 from edgegpt.export.tied_embedding import materialize_transposes
 from edgegpt.manifest import (
     ATTENTION_MASK,
+    EXTERNAL_DATA,
     INPUT_IDS,
     LOGITS,
     MANIFEST_NAME,
     POSITION_IDS,
+    QUANTIZED_FORMATS,
+    bundle_format,
+    model_files,
     sha256_file,
     write_manifest,
 )
@@ -58,30 +60,26 @@ __all__ = ["DEFAULT_MAX_PPL_INCREASE", "FORMATS", "quantize_bundle"]
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("int8", "int4", "fp16")
+FORMATS = QUANTIZED_FORMATS  # what `to` takes (defined with the bundle contract in edgegpt.manifest)
 # Percent of perplexity increase over the fp32 bundle that the accuracy gate allows (issue defaults; fp16
 # should cost nothing measurable, so 1 % only catches a broken conversion).
 DEFAULT_MAX_PPL_INCREASE = {"int8": 2.0, "int4": 10.0, "fp16": 1.0}
 
-# int8 defaults (perplexity change vs fp32, teacher-forced top-1 agreement, decode tok/s medians of two
-# interleaved runs of 9 and 15 rounds; fp32 ran 260 / 296 tok/s in the same runs):
-# - QInt8 vs QUInt8 weights, per-channel: -0.03 % / 0.986 / 541, 677 vs +0.00 % / 0.990 / 480, 604; QUInt8's
-#   prefill was slower too (9.4 vs 8.2 ms for 32 tokens). Accuracy is a wash, so the faster signed weights.
-# - per-channel vs per-tensor (QInt8): -0.03 % / 0.986 vs +0.03 % / 0.985, same speed (541 vs 532):
-#   per-channel, for 0.1 MB.
-# - lm_head: quantized. It is the largest matrix (2048 x 384) and 7 % of the weights each step reads.
-# - token embedding (a Gather; quantize_dynamic stores it per-tensor uint8): 15.2 -> 12.9 MB (-15 %) for
-#   -0.01 % perplexity and -0.0015 top-1; no speed effect (one row per token). Included.
-# - static QDQ (calibrate=): +0.05 % / 0.956 / 509 tok/s: less accurate and no faster; an option only.
+# int8 defaults (why each, in words; measurements: docs/design.md, "5. Quantization defaults and why"):
+# - QInt8 rather than QUInt8 weights: accuracy is a wash and the signed weights decode and prefill faster.
+# - per-channel rather than per-tensor: slightly more accurate at the same speed, for a few more bytes.
+# - lm_head: quantized. It is the largest matrix, and every decode step reads all of it.
+# - token embedding (a Gather; quantize_dynamic stores it per-tensor uint8): included; it makes the bundle
+#   markedly smaller at a negligible accuracy cost and no speed cost (one row per token).
+# - static QDQ (calibrate=): less accurate and no faster; an option only.
 INT8_DEFAULTS = {"per_channel": True, "weight_type": "QInt8", "embedding": True}
-# int4 defaults (same measurements; fp32 model 49.3 MB):
-# - accuracy_level 4 vs 0 (block 32): 592 vs 233 tok/s, +0.13 % either way: 4 (int8 activations in the kernel).
-# - block 32 / 64 / 128, symmetric: +0.18 / +0.16 / +0.18 %, top-1 0.945 / 0.941 / 0.943, 8.2 / 7.4 / 7.0 MB,
-#   decode within noise of each other (724-824 vs 736-906 tok/s for 32 vs 128; 64 measured once, 526).
-# - asymmetric (zero points) vs symmetric, block 32: +0.13 % / 0.943 vs +0.18 % / 0.945, but 571-724 vs
-#   724-824 tok/s: symmetric. Block 32 keeps the best top-1 at the same speed and is the granularity
-#   llama.cpp's Q4_0 uses; 128 saves 1.1 MB here.
-# - token embedding as GatherBlockQuantized: 11.0 -> 8.4 MB (-24 %) for +0.035 % perplexity: included.
+# int4 defaults (same section of docs/design.md):
+# - accuracy_level 4 (int8 activations in the kernel): much faster than 0 at the same accuracy.
+# - block 32, symmetric: block sizes 32-128 decode within noise of each other; 32 keeps the best top-1 and is
+#   the granularity llama.cpp's Q4_0 uses (larger blocks only save a little size). Asymmetric (zero points)
+#   is no more accurate in top-1 and decodes slower.
+# - token embedding as GatherBlockQuantized: included; it makes the bundle markedly smaller at a negligible
+#   perplexity cost.
 INT4_DEFAULTS = {"block_size": 32, "accuracy_level": 4, "symmetric": True, "embedding": True}
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (CPU)
@@ -154,10 +152,8 @@ def quantize_bundle(
     if out.resolve() == src.resolve():
         raise ConfigError(f"{out}: the output is the source bundle; quantization writes a new bundle, choose another -o")
     source = Bundle.load(src)  # verifies the manifest and every file's hash
-    if source.manifest.get("quantization"):
-        raise QuantizationError(
-            f"{src}: already quantized ({source.manifest['quantization'].get('format')}); quantize the fp32 bundle"
-        )
+    if (fmt := bundle_format(source.manifest)) != "fp32":
+        raise QuantizationError(f"{src}: already quantized ({fmt}); quantize the fp32 bundle")
     staging_dir.check_target(out, force)
     log.info("quantizing %s to %s -> %s", src, to, out)
     with staging_dir.staging(out, force=force) as tmp:
@@ -199,7 +195,7 @@ def _quantize_graph(source, dst: Path, to: str, options: dict) -> dict[str, Any]
         raise QuantizationError(
             f"{to}: weight matrices left in fp32: {', '.join(m['name'] for m in left)}; the quantizer skipped their ops"
         )
-    io = _graph_io(quantized)
+    io = graph_io(quantized)
     return {
         "method": method,
         "io": io,
@@ -288,8 +284,6 @@ def _quiet_quantizer():
 
 
 def _save(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    from edgegpt.export import EXTERNAL_DATA
-
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA)
     else:
@@ -441,14 +435,9 @@ _QUANTIZERS = {"int8": _int8, "int4": _int4, "fp16": _fp16}
 # -------------------------------------------------------------------------------------------- checks
 
 
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Node count per op type of the main graph, most frequent first (as edgegpt.export.optimize counts)."""
-    return dict(Counter(node.op_type for node in model.graph.node).most_common())
-
-
 def _fused_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Counts of the com.microsoft ops: the fused kernels (attention, SkipLayerNormalization, FastGelu...)."""
-    return dict(Counter(n.op_type for n in model.graph.node if n.domain == _MS).most_common())
+    return op_counts(model, domain=_MS)
 
 
 def _check_fused_ops(was: dict[str, int], after: onnx.ModelProto) -> dict[str, int]:
@@ -474,15 +463,6 @@ def _fp32_matrices(model: onnx.ModelProto) -> list[dict[str, Any]]:
             found.append({"name": node.input[0], "shape": floats[node.input[0]], "consumer": "Gather",
                           "role": roles.get(node.name, "table")})
     return found
-
-
-def _graph_io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
-    """Inputs and outputs as the manifest records them: [{"name", "dtype", "shape"}]."""
-    def describe(values):
-        return [{"name": v.name,
-                 "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)).name,
-                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
-    return describe(model.graph.input), describe(model.graph.output)
 
 
 def _check_io(graph: dict, io: tuple[list[dict], list[dict]], to: str) -> str:
@@ -545,7 +525,7 @@ def _runtime_op_counts(path: Path, graph_result: dict) -> dict[str, int] | None:
     become DynamicQuantizeMatMul, QDQ pairs QLinearMatMul); None for external-data graphs or fp16."""
     import onnxruntime as ort
 
-    if graph_result["kv_dtype"] != "float32" or (path.parent / "model.onnx.data").exists():
+    if graph_result["kv_dtype"] != "float32" or (path.parent / EXTERNAL_DATA).exists():
         return None
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -608,7 +588,7 @@ def _manifest(source, to: str, graph_result: dict, tmp: Path) -> dict:
     graph["inputs"], graph["outputs"] = graph_result["io"]
     graph["kv_cache"]["dtype"] = graph_result["kv_dtype"]
     graph["opset"] = graph_result["opset"]  # MatMulNBitsQuantizer moves the graph to opset 21 (int4 types)
-    model_bytes = lambda root, g: sum((root / f).stat().st_size for f in (g.get("file", "model.onnx"), g.get("external_data")) if f)  # noqa: E731
+    model_bytes = lambda root, g: sum((root / f).stat().st_size for f in model_files({"graph": g}))  # noqa: E731
     quantization = {
         "format": to,
         **graph_result["method"],

@@ -3,29 +3,14 @@ inside the commands when they run."""
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from edgegpt.errors import ConfigError, EdgeGPTError
+from edgegpt.cli_support import Command, root_flag
 
-FORMATS = ("int8", "int4", "fp16")  # edgegpt.export.quantize.FORMATS, repeated to keep this import light
-
-
-def _fail(exc: EdgeGPTError):
-    """EdgeGPTError -> click's errors: bad settings exit 2, everything else 1; tracebacks with --debug."""
-    if (click.get_current_context().obj or {}).get("debug"):
-        raise exc
-    if isinstance(exc, ConfigError):
-        raise click.UsageError(str(exc)) from exc
-    raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+from edgegpt.manifest import QUANTIZED_FORMATS as FORMATS  # torch- and onnx-free: this import stays light
 
 
-def _quiet() -> bool:
-    return bool((click.get_current_context().obj or {}).get("quiet"))
-
-
-@click.command("quantize")
+@click.command("quantize", cls=Command)
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--to", "to", required=True, type=click.Choice(FORMATS), help="Target format.")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Bundle directory to create.")
@@ -61,16 +46,13 @@ def quantize(bundle, to, out, force, per_channel, block_size, accuracy_level, em
     """
     from edgegpt.export.quantize import quantize_bundle
 
-    try:
-        path = quantize_bundle(
-            bundle, out, to=to, force=force, per_channel=per_channel,
-            block_size=None if block_size is None else int(block_size), accuracy_level=accuracy_level,
-            embedding=embedding, calibrate=calibrate, eval_text=eval_text, max_ppl_increase=max_ppl_increase,
-            threads=threads,
-        )
-    except EdgeGPTError as exc:
-        _fail(exc)
-    if eval_text and not _quiet():
+    path = quantize_bundle(
+        bundle, out, to=to, force=force, per_channel=per_channel,
+        block_size=None if block_size is None else int(block_size), accuracy_level=accuracy_level,
+        embedding=embedding, calibrate=calibrate, eval_text=eval_text, max_ppl_increase=max_ppl_increase,
+        threads=threads,
+    )
+    if eval_text and not root_flag(click.get_current_context(), "quiet"):
         from edgegpt.manifest import read_manifest
         from edgegpt.runtime.evaluate import summary_text
 

@@ -28,6 +28,7 @@ import torch
 from edgegpt.config import GPTConfig
 from edgegpt.errors import ExportError, ParityError
 from edgegpt.export.onnx_export import input_names, output_names
+from edgegpt.export.optimize import graph_io
 from edgegpt.train.generate import generate
 from edgegpt.train.model import SimpleGPT
 
@@ -39,7 +40,6 @@ __all__ = [
     "check_greedy",
     "check_parity",
     "graph_attention",
-    "graph_io",
     "greedy_onnx",
     "parity_cases",
 ]
@@ -63,7 +63,7 @@ def check_graph(path: Path, config: GPTConfig) -> None:
         )
     except Exception as exc:  # onnx raises ValidationError / InferenceError
         raise ExportError(f"{path.name}: rejected by the ONNX checker or shape inference: {exc}") from exc
-    inputs, outputs = _describe(inferred.graph.input), _describe(inferred.graph.output)
+    inputs, outputs = graph_io(inferred)
     names = ([i["name"] for i in inputs], [o["name"] for o in outputs])
     if names != (input_names(config.n_layer), output_names(config.n_layer)):
         raise ExportError(f"{path.name}: graph I/O {names} differ from the bundle contract (edgegpt.manifest)")
@@ -74,27 +74,10 @@ def check_graph(path: Path, config: GPTConfig) -> None:
         raise ExportError(f"{path.name}: logits have shape {outputs[0]['shape']}, expected [..., {config.vocab_size}]")
 
 
-def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
-    """The graph's inputs and outputs as [{"name", "dtype", "shape"}], symbolic axes by name."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return _describe(graph.input), _describe(graph.output)
-
-
 def graph_attention(path: Path) -> str:
     """"gqa" if the graph's attention is GroupQueryAttention (KV layout "shared_buffer"), else "mha"."""
     graph = onnx.load(str(path), load_external_data=False).graph
     return "gqa" if any(node.op_type == "GroupQueryAttention" for node in graph.node) else "mha"
-
-
-def _describe(values) -> list[dict]:
-    return [
-        {
-            "name": v.name,
-            "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)).name,
-            "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
-        }
-        for v in values
-    ]
 
 
 def session(path: Path) -> ort.InferenceSession:

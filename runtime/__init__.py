@@ -1,17 +1,23 @@
 """edgegpt.runtime: run a bundle with onnxruntime, without torch.
 
 Imports only the standard library, numpy, onnxruntime, tokenizers and torch-free edgegpt modules
-(config, errors, manifest, tokenizer); tests/test_runtime.py proves it in a fresh interpreter.
+(config, errors, manifest, tokenizer); tests/test_layout.py checks every import, and loads each module in
+a fresh interpreter.
 The public names load on first use (PEP 562), so `edgegpt.runtime.cli` can be imported by the
 `edgegpt` command group without paying for onnxruntime and numpy at start-up.
 
 Modules: bundle.py (verify a bundle), onnx_paths.py (read model.onnx without `onnx`), providers.py
 (execution provider, session options), binding.py (IOBinding), kv_cache.py (KV-cache layouts),
-sampling.py (numpy sampling), generator.py (the decoding loop), cli.py (`generate`, `chat`).
+engine.py (`DecodeState`: feed tokens, get logits, rewind, fork), sampling.py (numpy sampling),
+generator.py (`Generator`: generate / stream / batch), chat.py (a conversation that keeps its cache),
+evaluate.py (perplexity, agreement), bench.py (time a bundle on this device), cli.py (`generate`,
+`chat`, `eval`).
 
 >>> from edgegpt.runtime import Generator
 >>> gen = Generator.load("bundles/tiny", provider="cpu")  # doctest: +SKIP
 >>> print(gen.generate("def parse(", max_new_tokens=20).text)  # doctest: +SKIP
+>>> state = gen.new_state()  # the step-level engine  # doctest: +SKIP
+>>> logits = state.feed(gen.encode("def parse("))  # (1, vocab)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "Bundle",
+    "DecodeState",
     "GenerationResult",
     "Generator",
     "KVCacheSpec",
@@ -36,9 +43,10 @@ __all__ = [
 _HOME = {
     "Bundle": "bundle",
     "KVCacheSpec": "bundle",
+    "DecodeState": "engine",
+    "PromptError": "engine",
     "GenerationResult": "generator",
     "Generator": "generator",
-    "PromptError": "generator",
     "TextStream": "generator",
     "Timings": "generator",
     "SessionConfig": "providers",
@@ -49,7 +57,8 @@ _HOME = {
 
 if TYPE_CHECKING:
     from edgegpt.runtime.bundle import Bundle, KVCacheSpec
-    from edgegpt.runtime.generator import GenerationResult, Generator, PromptError, TextStream, Timings
+    from edgegpt.runtime.engine import DecodeState, PromptError
+    from edgegpt.runtime.generator import GenerationResult, Generator, TextStream, Timings
     from edgegpt.runtime.providers import SessionConfig
     from edgegpt.runtime.sampling import Sampler, SamplingConfig, UnknownParameterError
 

@@ -4,19 +4,25 @@ IO binding keeps the KV cache where the session computes it (on CUDA it never co
 and lets onnxruntime allocate outputs whose shape changes each step, or write into values allocated
 once (`allocate`, `wrap`, `bind_output_value`: the shared KV buffer, the logits). A decode step binds
 about 3 + 4 * n_layer values. The public wrapper (`onnxruntime.IOBinding`) rebuilds an `OrtDevice` and
-re-validates every value on each call and wraps each output in a new Python object; measured on the
-`small` preset with 2 threads, the main thread's CPU time outside session.run per decode step was
-about 500 us through the wrapper and 350 us through the object below.
-The pybind object underneath (`IOBinding._iobinding`, with the same methods across onnxruntime 1.x)
-takes the same calls directly, so it is used when present; otherwise the public API is.
+re-validates every value on each call and wraps each output in a new Python object, which costs the main
+thread noticeable CPU time outside session.run per decode step (measurements: docs/design.md, "7. The
+IOBinding fast path"). The pybind object underneath (`IOBinding._iobinding`, with the same methods across
+onnxruntime 1.x) takes the same calls directly, so it is used when present; otherwise, or with
+EDGEGPT_PUBLIC_IOBINDING=1 in the environment, the public API is.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["Binding"]
+__all__ = ["Binding", "PUBLIC_API_VARIABLE"]
+
+# Set to 1 to bind through the public onnxruntime.IOBinding only (slower): the escape hatch should an
+# onnxruntime release change the pybind object the fast path uses. Read when a Binding is made.
+PUBLIC_API_VARIABLE = "EDGEGPT_PUBLIC_IOBINDING"
 
 
 class Binding:
@@ -31,7 +37,8 @@ class Binding:
         self._public = session.io_binding()
         self._c = getattr(self._public, "_iobinding", None)
         self._c_session = getattr(session, "_sess", None)
-        self._fast = self._c is not None and self._c_session is not None and hasattr(ort.OrtDevice, "make")
+        usable = self._c is not None and self._c_session is not None and hasattr(ort.OrtDevice, "make")
+        self._fast = usable and os.environ.get(PUBLIC_API_VARIABLE, "") in ("", "0")
         if self._fast:
             self._c_device = ort.OrtDevice.make(*device)._get_c_device()
             self._c_cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
@@ -39,6 +46,11 @@ class Binding:
         # A CPU session reads a bound host array's memory when it runs (no copy at bind time), so an array
         # updated in place needs no rebinding; other devices copy it to the device when it is bound.
         self.reads_bound_arrays = device[0] == "cpu"
+
+    @property
+    def fast(self) -> bool:
+        """Whether calls go to onnxruntime's pybind IOBinding directly (False: the public API)."""
+        return self._fast
 
     def empty(self, array: np.ndarray):
         """A value holding a zero-size `array` (the first step's past), in this binding's handle type.
@@ -68,6 +80,21 @@ class Binding:
         """A new, uninitialised value of `shape` on the session's device (a shared KV buffer)."""
         value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, *self._device_name)
         return value._ortvalue if self._fast else value
+
+    def from_numpy(self, array: np.ndarray):
+        """A new value on the session's device holding a copy of `array` (a copied or shortened KV tensor).
+
+        onnxruntime owns the memory: a value made over the array itself (`ortvalue_from_numpy` on the CPU)
+        would point into memory that Python frees once the array goes.
+        """
+        value = self.allocate(array.shape, array.dtype)
+        value.update_inplace(np.ascontiguousarray(array))
+        return value
+
+    @staticmethod
+    def to_numpy(value) -> np.ndarray:
+        """A host copy of a value (from the device when the session is on CUDA; on the CPU `numpy()` is a view)."""
+        return np.array(value.numpy())
 
     def wrap(self, array: np.ndarray):
         """A value over a host array's memory, no copy (a preallocated output that is read as numpy).

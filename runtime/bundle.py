@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from edgegpt.config import GPTConfig
-from edgegpt.errors import BundleError, ConfigError, EdgeGPTError
+from edgegpt.errors import BundleError, ConfigError, DataError
 from edgegpt.manifest import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
     MANIFEST_NAME,
+    MODEL_FILE,
     PAST_KEY,
     PAST_VALUE,
     POSITION_IDS,
@@ -71,7 +72,7 @@ class Bundle:
 
     @property
     def model_path(self) -> Path:
-        return self.path / self.manifest["graph"].get("file", "model.onnx")
+        return self.path / self.manifest["graph"].get("file", MODEL_FILE)
 
     @property
     def input_names(self) -> list[str]:
@@ -97,7 +98,7 @@ class Bundle:
         graph = manifest.get("graph")
         if not isinstance(graph, dict):
             raise BundleError(f"{where}: no 'graph' section; re-export the bundle")
-        model_file = graph.get("file", "model.onnx")
+        model_file = graph.get("file", MODEL_FILE)
         if not isinstance(model_file, str):
             raise BundleError(f"{where}: graph.file must be a file name, got {model_file!r}")
         model_path = safe_member(path, model_file)
@@ -150,13 +151,21 @@ def _kv_spec(manifest: dict, where: Path) -> KVCacheSpec:
 
 
 def _check_external_data(bundle: Path, locations: list[str], files: dict, model_path: Path) -> None:
-    """Every external-data location must resolve inside the bundle and be a hashed manifest entry."""
+    """Every external-data location must resolve inside the bundle and be a hashed manifest entry.
+
+    onnxruntime < 1.24 loads data from outside the model's folder, and no version knows the manifest:
+    see runtime/onnx_paths.py for the cases and the versions measured.
+    """
     base = model_path.parent.relative_to(bundle)
     for location in dict.fromkeys(locations):
         try:
             member = safe_member(bundle, (base / location).as_posix() if location else "")
         except BundleError as exc:
             raise BundleError(f"{model_path}: external data location {location!r} refused: {exc}") from None
+        if not member.is_file():
+            raise BundleError(
+                f"{model_path}: external data {location!r} is missing ({member}); re-copy or re-export the bundle"
+            )
         name = member.relative_to(bundle).as_posix()
         if name not in files:
             raise BundleError(
@@ -173,15 +182,17 @@ def _tokenizer(path: Path, manifest: dict, config: GPTConfig, where: Path):
         raise BundleError(f"{where}: tokenizer file {name!r} is not listed (hashed) in 'files'; re-export the bundle")
     file = safe_member(path, name)
     try:
-        tok = load_tokenizer(file)
+        tok = load_tokenizer(file, vocab_size=config.vocab_size)
+    except DataError as exc:  # its message names the file
+        raise BundleError(f"{exc}; re-export the bundle from one checkpoint") from exc
+    try:
         eot = eot_id(tok)
-    except EdgeGPTError as exc:
+    except DataError as exc:
         raise BundleError(f"{file}: {exc}") from exc
     size = tok.get_vocab_size()
-    if size != config.vocab_size or meta.get("vocab_size", size) != size:
+    if meta.get("vocab_size", size) != size:
         raise BundleError(
-            f"{file}: the tokenizer has {size} tokens, the manifest says {meta.get('vocab_size')} and the model's "
-            f"vocab_size is {config.vocab_size}; they must be equal: re-export the bundle from one checkpoint"
+            f"{where}: tokenizer.vocab_size {meta['vocab_size']} but {file} has {size} tokens; re-export the bundle"
         )
     if meta.get("eot_token_id", eot) != eot:
         raise BundleError(f"{where}: tokenizer.eot_token_id {meta['eot_token_id']} but the tokenizer's is {eot}")

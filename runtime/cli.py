@@ -13,31 +13,31 @@ from pathlib import Path
 
 import click
 
+from edgegpt.cli_support import Command, field_options, given
+
 __all__ = ["chat_command", "eval_command", "generate_command"]
 
-# (flag, SamplingConfig field, click type, help). Defaults come from SamplingConfig.
-_SAMPLING_FLAGS = [
-    (("-n", "--max-new-tokens"), "max_new_tokens", click.IntRange(min=0), "Tokens to generate at most. [default: 64]"),
-    (("-t", "--temperature"), "temperature", float, "0 is greedy. [default: 0]"),
-    (("--top-k",), "top_k", int, "Keep the k most likely tokens; 0 keeps all. [default: 0]"),
-    (("--top-p",), "top_p", float, "Nucleus sampling mass in (0, 1]. [default: 1]"),
-    (("--min-p",), "min_p", float, "Drop tokens below min_p x the top probability. [default: 0]"),
-    (("--repetition-penalty",), "repetition_penalty", float, "> 1 discourages repeats. [default: 1]"),
-    (("--presence-penalty",), "presence_penalty", float, "[default: 0]"),
-    (("--frequency-penalty",), "frequency_penalty", float, "[default: 0]"),
-    (("--seed",), "seed", int, "Same seed, same text."),
-]
-
-
-_FLAG_OF = {field: flags[-1] for flags, field, _, _ in _SAMPLING_FLAGS} | {"stop": "--stop", "stop_token_ids": "--stop-token-id"}
+# SamplingConfig field -> its flag (default --field-name), click type and help. The defaults stay in
+# SamplingConfig (an unset flag is None); the help repeats them, as importing SamplingConfig loads numpy.
+_SAMPLING_FLAGS = {
+    "max_new_tokens": {"flags": ("-n", "--max-new-tokens"), "type": click.IntRange(min=0), "help": "Tokens to generate at most. [default: 64]"},
+    "temperature": {"flags": ("-t", "--temperature"), "type": float, "help": "0 is greedy. [default: 0]"},
+    "top_k": {"type": int, "help": "Keep the k most likely tokens; 0 keeps all. [default: 0]"},
+    "top_p": {"type": float, "help": "Nucleus sampling mass in (0, 1]. [default: 1]"},
+    "min_p": {"type": float, "help": "Drop tokens below min_p x the top probability. [default: 0]"},
+    "repetition_penalty": {"type": float, "help": "> 1 discourages repeats. [default: 1]"},
+    "presence_penalty": {"type": float, "help": "[default: 0]"},
+    "frequency_penalty": {"type": float, "help": "[default: 0]"},
+    "seed": {"type": int, "help": "Same seed, same text."},
+    "stop": {"multiple": True, "help": "Stop at this string (not printed); repeatable."},
+    "stop_token_ids": {"flags": ("--stop-token-id",), "type": int, "multiple": True, "help": "Stop at this token id; repeatable."},
+    "ignore_eos": {"is_flag": True, "help": "Keep going after the end-of-text token."},
+}
 
 
 def _sampling_options(func):
-    options = [click.option(*flags, field, type=kind, default=None, help=text) for flags, field, kind, text in _SAMPLING_FLAGS]
-    options += [
-        click.option("--stop", "stop", multiple=True, help="Stop at this string (not printed); repeatable."),
-        click.option("--stop-token-id", "stop_token_ids", type=int, multiple=True, help="Stop at this token id; repeatable."),
-        click.option("--ignore-eos", is_flag=True, default=None, help="Keep going after the end-of-text token."),
+    """The sampling flags, then the session flags, of `generate` and `chat`."""
+    options = [
         click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core]."),
         click.option("--spinning/--no-spinning", default=True, show_default=True,
@@ -47,34 +47,7 @@ def _sampling_options(func):
     ]
     for option in reversed(options):
         func = option(func)
-    return func
-
-
-def _overrides(flags: dict) -> dict:
-    """The sampling flags that were given (None / empty tuples keep the SamplingConfig default)."""
-    return {k: v for k, v in flags.items() if v is not None and v != ()}
-
-
-class _Errors:
-    """Maps edgegpt's typed errors to click's: bad sampling values exit 2, other failures exit 1."""
-
-    def __init__(self, ctx: click.Context):
-        root = ctx.find_root().obj
-        self.debug = bool(root and isinstance(root, dict) and root.get("debug"))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        from edgegpt.errors import EdgeGPTError, SamplingError
-
-        if exc is None or self.debug or not isinstance(exc, EdgeGPTError):
-            return False
-        if isinstance(exc, SamplingError):
-            name = str(exc).split(" ", 1)[0]  # messages start with the SamplingConfig field they reject
-            hint = _FLAG_OF.get(name)
-            raise click.BadParameter(str(exc), param_hint=hint) from None
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    return field_options(_SAMPLING_FLAGS)(func)
 
 
 def _quiet(ctx: click.Context) -> bool:
@@ -94,7 +67,7 @@ def _read_prompt_file(path: str) -> str:
         ) from None
 
 
-@click.command("generate")
+@click.command("generate", cls=Command)
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("prompt", required=False)
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, allow_dash=True), help="Read the prompt from a UTF-8 file ('-': stdin).")
@@ -116,80 +89,71 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
     if prompt is None and prompt_file is None:
         raise click.UsageError('give a PROMPT (may be "") or --prompt-file')
     text = _read_prompt_file(prompt_file) if prompt_file is not None else prompt
-    with _Errors(ctx):
-        from edgegpt.runtime import Generator, SamplingConfig
+    from edgegpt.runtime import Generator, SamplingConfig
 
-        sampling = SamplingConfig().replace(**_overrides(flags))
-        gen = Generator.load(bundle, provider=provider, threads=threads, spinning=spinning, huge_pages=huge_pages)
-        if as_json:
-            result = gen.generate(text, sampling)
-            timings = {k: round(v, 6) for k, v in vars(result.timings).items()}
-            payload = {"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason}
-            payload.update(prompt_tokens=len(result.prompt_tokens), context_shifts=result.context_shifts, timings=timings)
-            click.echo(json.dumps(payload, ensure_ascii=False))
-            return
-        stream = gen.stream(text, sampling)
-        for piece in stream:
-            click.echo(piece, nl=False)
-        click.echo()
-        result = stream.result
-        if not _quiet(ctx):
-            t = result.timings
-            click.echo(
-                f"[{len(result.tokens)} tokens, {t.tokens_per_s:.1f} tokens/s, first token {t.time_to_first_token_s * 1e3:.1f} ms, "
-                f"finish_reason {result.finish_reason}{', context shifts %d' % result.context_shifts if result.context_shifts else ''}]",
-                err=True,
-            )
-
-
-CHAT_USER, CHAT_BOT = "User:", "Assistant:"
+    sampling = SamplingConfig().replace(**given(flags))
+    gen = Generator.load(bundle, provider=provider, threads=threads, spinning=spinning, huge_pages=huge_pages)
+    if as_json:
+        result = gen.generate(text, sampling)
+        timings = {k: round(v, 6) for k, v in vars(result.timings).items()}
+        payload = {"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason}
+        payload.update(prompt_tokens=len(result.prompt_tokens), context_shifts=result.context_shifts, timings=timings)
+        click.echo(json.dumps(payload, ensure_ascii=False))
+        return
+    stream = gen.stream(text, sampling)
+    for piece in stream:
+        click.echo(piece, nl=False)
+    click.echo()
+    result = stream.result
+    if not _quiet(ctx):
+        t = result.timings
+        click.echo(
+            f"[{len(result.tokens)} tokens, {t.tokens_per_s:.1f} tokens/s, first token {t.time_to_first_token_s * 1e3:.1f} ms, "
+            f"finish_reason {result.finish_reason}{', context shifts %d' % result.context_shifts if result.context_shifts else ''}]",
+            err=True,
+        )
 
 
-@click.command("chat")
+@click.command("chat", cls=Command)
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_sampling_options
 @click.pass_context
 def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
     """Chat with a bundle: an interactive loop that keeps the conversation as context.
 
-    Each turn sends the whole conversation ("User: ...", "Assistant: ...") and stops at the next
-    "User:". When the conversation outgrows the model's context, the oldest tokens are dropped.
-    Type /reset to forget the conversation, /exit (or end the input) to quit.
+    The conversation is "User: ..." / "Assistant: ..." turns; each reply stops at the next "User:". The
+    model's cache is kept between turns, so a turn feeds only its new tokens. When the conversation
+    outgrows the model's context, the oldest tokens are dropped. Type /reset to forget the
+    conversation, /exit (or end the input) to quit.
 
     \b
     Examples:
       edgegpt chat bundles/tiny
       edgegpt chat bundles/tiny -t 0.7 --top-p 0.9 -n 128
     """
-    with _Errors(ctx):
-        from edgegpt.runtime import Generator, SamplingConfig
+    from edgegpt.runtime import Generator, SamplingConfig
+    from edgegpt.runtime.chat import Conversation
 
-        overrides = _overrides(flags)
-        overrides["stop"] = (f"\n{CHAT_USER}", *overrides.get("stop", ()))
-        sampling = SamplingConfig(sliding_window=True).replace(**overrides)
-        gen = Generator.load(bundle, provider=provider, threads=threads, spinning=spinning, huge_pages=huge_pages)
-        history = ""
-        while True:
-            click.echo("> ", nl=False, err=True)
-            line = sys.stdin.readline()
-            if not line or line.strip() in ("/exit", "/quit"):
-                break
-            line = line.rstrip("\n")
-            if line.strip() == "/reset":
-                history = ""
-                continue
-            if not line.strip():
-                continue
-            history += f"{CHAT_USER} {line}\n{CHAT_BOT}"
-            reply = []
-            for piece in gen.stream(history, sampling):
-                reply.append(piece)
-                click.echo(piece, nl=False)
-            click.echo()
-            history += "".join(reply) + "\n"
+    sampling = SamplingConfig().replace(**given(flags))
+    gen = Generator.load(bundle, provider=provider, threads=threads, spinning=spinning, huge_pages=huge_pages)
+    chat = Conversation(gen, sampling)
+    while True:
+        click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            chat.reset()
+            continue
+        if not line.strip():
+            continue
+        for piece in chat.say(line):
+            click.echo(piece, nl=False)
+        click.echo()
 
 
-@click.command("eval")
+@click.command("eval", cls=Command)
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Held-out text to measure on.")
@@ -218,9 +182,8 @@ def eval_command(ctx, bundle, text_file, reference, as_json, tail, max_tokens, s
       edgegpt eval bundles/small-int8 --text held_out.txt --reference bundles/small --json
       edgegpt eval bundles/small-int4 --text corpus.txt --tail 0.1 --reference bundles/small
     """
-    with _Errors(ctx):
-        from edgegpt.runtime.evaluate import evaluate_bundle, summary_text
+    from edgegpt.runtime.evaluate import evaluate_bundle, summary_text
 
-        result = evaluate_bundle(bundle, text_file, reference=reference, tail=tail, max_tokens=max_tokens, stride=stride,
-                                 prompts=prompts, new_tokens=new_tokens, provider=provider, threads=threads)
+    result = evaluate_bundle(bundle, text_file, reference=reference, tail=tail, max_tokens=max_tokens, stride=stride,
+                             prompts=prompts, new_tokens=new_tokens, provider=provider, threads=threads)
     click.echo(json.dumps(result, indent=2) if as_json else summary_text(result))

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from edgegpt.errors import ConfigError, DataError
-from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, MANIFEST_NAME, POSITION_IDS, sha256_file
+from edgegpt.manifest import MANIFEST_NAME, bundle_format, model_files, sha256_file
 
-__all__ = ["evaluate_bundle", "summary_text"]
+__all__ = ["all_logits", "evaluate_bundle", "sliding_windows", "summary_text"]
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,11 @@ def evaluate_bundle(
         raise ConfigError(f"stride {stride} exceeds the context of {cfg.block_size} tokens; windows would skip tokens")
     if max_tokens is not None:
         ids = ids[: max_tokens + 1]
-    windows = _windows(len(ids), cfg.block_size, stride)
+    windows = sliding_windows(len(ids), cfg.block_size, stride)
     stats = _score(gens, np.asarray(ids, np.int64), windows)
     result: dict[str, Any] = {
         "bundle": str(bundle),
-        "format": _format(gens[0].bundle.manifest),
+        "format": bundle_format(gens[0].bundle.manifest),
         "text": {"file": str(text_file), "sha256": sha256_file(text_file), "tail": tail, "characters": len(text),
                  "tokens": len(ids)},
         "windows": {"size": cfg.block_size, "stride": stride, "count": len(windows)},
@@ -105,7 +105,7 @@ def evaluate_bundle(
     if reference is None:
         return result
     ref_ppl = math.exp(stats["nll"][1] / stats["scored"])
-    result["reference"] = {"bundle": str(reference), "format": _format(gens[1].bundle.manifest), "perplexity": ref_ppl,
+    result["reference"] = {"bundle": str(reference), "format": bundle_format(gens[1].bundle.manifest), "perplexity": ref_ppl,
                            "top1_accuracy": stats["correct"][1] / stats["scored"], **_sizes(gens[1].bundle)}
     result["ppl_increase_percent"] = 100.0 * (result["perplexity"] / ref_ppl - 1.0)
     result["top1_agreement"] = stats["agree"] / stats["scored"]
@@ -147,11 +147,11 @@ def _read_ids(path: Path, gen, tail: float | None) -> tuple[str, list[int]]:
     return text, ids
 
 
-def _windows(n: int, size: int, stride: int) -> list[tuple[int, int, int]]:
+def sliding_windows(n: int, size: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, length, first scored offset) per window over n tokens: inputs ids[start:start+length],
     targets ids[start+1:start+length+1], scored from `offset` on.
 
-    >>> _windows(10, 4, 2)
+    >>> sliding_windows(10, 4, 2)
     [(0, 4, 0), (2, 4, 2), (4, 4, 2), (6, 3, 2)]
     """
     windows, done, start = [], 0, 0  # done: targets 1..done already scored
@@ -177,7 +177,7 @@ def _score(gens, ids: np.ndarray, windows) -> dict[str, Any]:
             keep = np.arange(length)[None, :] >= np.asarray([off for _, _, off in batch])[:, None]  # (B, T)
             top = []
             for k, gen in enumerate(gens):
-                logits = _logits(gen, x)[keep].astype(np.float64)  # (n, V) at the scored positions
+                logits = all_logits(gen, x)[keep].astype(np.float64)  # (n, V) at the scored positions
                 m = logits.max(-1, keepdims=True)
                 logz = (m[:, 0] + np.log(np.exp(logits - m).sum(-1)))
                 nll[k] += float((logz - logits[np.arange(len(logits)), y[keep]]).sum())
@@ -189,15 +189,11 @@ def _score(gens, ids: np.ndarray, windows) -> dict[str, Any]:
     return {"nll": nll, "correct": correct, "agree": agree, "scored": scored}
 
 
-def _logits(gen, x: np.ndarray) -> np.ndarray:
-    """(B, T) ids from an empty cache -> (B, T, V) float logits."""
-    cfg, kv = gen.config, gen.bundle.kv
-    B, T = x.shape
-    empty = np.zeros((B, cfg.n_head, 0, cfg.head_size), np.dtype(kv.dtype))
-    feed = {INPUT_IDS: x, ATTENTION_MASK: np.ones((B, T), np.int64),
-            POSITION_IDS: np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
-            **{name: empty for name in kv.past_names(cfg.n_layer)}}
-    return gen.session.run([LOGITS], feed)[0]
+def all_logits(gen, x: np.ndarray) -> np.ndarray:
+    """(B, T) token ids, each row from an empty cache -> the logits of every position, (B, T, V)."""
+    state = gen.new_state(batch=x.shape[0], capacity=x.shape[1])
+    state.feed(x)
+    return state.logits
 
 
 def _greedy(gens, ids: list[int], prompts: int, new_tokens: int) -> tuple[dict | None, list]:
@@ -228,16 +224,9 @@ def _greedy(gens, ids: list[int], prompts: int, new_tokens: int) -> tuple[dict |
 
 
 def _sizes(bundle) -> dict[str, int]:
-    graph = bundle.manifest["graph"]
     files = bundle.manifest["files"]
-    model = [graph.get("file", "model.onnx")] + ([graph["external_data"]] if graph.get("external_data") else [])
     total = sum(meta["size"] for meta in files.values()) + (bundle.path / MANIFEST_NAME).stat().st_size
-    return {"model_bytes": sum(files[name]["size"] for name in model), "bundle_bytes": total}
-
-
-def _format(manifest: dict) -> str:
-    quantization = manifest.get("quantization")
-    return quantization.get("format", "?") if isinstance(quantization, dict) else "fp32"
+    return {"model_bytes": sum(files[name]["size"] for name in model_files(bundle.manifest)), "bundle_bytes": total}
 
 
 def summary_text(r: dict) -> str:

@@ -1,14 +1,13 @@
-"""The decoding loop: `Generator` (load a bundle, generate / stream / batch) on one onnxruntime session.
+"""`Generator`: load a bundle, then generate / stream / batch text on one onnxruntime session.
 
-Each call builds a `_Request` that owns everything mutable: the IOBinding, the KV cache (`kv_cache.py`),
+The convenience layer over the step-level engine (`engine.DecodeState`, made by `Generator.new_state`):
+each call builds a `_Request` that owns everything mutable, one `DecodeState` (IOBinding, KV cache, mask),
 the samplers (`sampling.py`), the incremental detokenisers and the stop-string matchers. The session and
 the bundle are shared read-only, and `InferenceSession.run_with_iobinding` is thread-safe, so one
 Generator serves concurrent calls from several threads.
 
-Per step only the last position's logits are sampled; onnxruntime writes them into a host array that the
-request allocates once per shape (prefill, decode), and the KV layout "shared_buffer" updates its cache
-in place, so a decode step allocates nothing. Batches are left-padded: attention_mask marks the padding 0
-and position_ids = cumsum(mask) - 1, so each row computes what it would compute alone.
+Per step only the last position's logits are sampled. Batches are left-padded, so each row computes what
+it would compute alone. With sliding_window, a full context drops its oldest tokens and is recomputed.
 Reference loop: edgegpt.train.generate.generate (PyTorch), which greedy decoding here matches token for token.
 """
 
@@ -22,20 +21,16 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from edgegpt.errors import ContextLengthError, EdgeGPTError, SamplingError
-from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from edgegpt.runtime.binding import Binding
+from edgegpt.errors import ContextLengthError, SamplingError
+from edgegpt.manifest import LOGITS
 from edgegpt.runtime.bundle import Bundle, check_io
-from edgegpt.runtime.kv_cache import check_onnxruntime, make_kv_cache
+from edgegpt.runtime.engine import DecodeState, PromptError, check_ids
+from edgegpt.runtime.kv_cache import check_onnxruntime
 from edgegpt.runtime.providers import CUDA, SessionConfig, create_session
 from edgegpt.runtime.sampling import Sampler, SamplingConfig
 from edgegpt.tokenizer import IncrementalDecoder
 
-__all__ = ["GenerationResult", "Generator", "PromptError", "TextStream", "Timings"]
-
-
-class PromptError(EdgeGPTError, ValueError):
-    """A prompt the model cannot take: token ids outside the vocabulary, or not token ids at all."""
+__all__ = ["GenerationResult", "Generator", "TextStream", "Timings"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +66,7 @@ class GenerationResult:
         prompt_tokens: the prompt's token ids as fed (an empty prompt is the end-of-text token).
         timings: see `Timings`.
         context_shifts: how often the sliding window dropped old tokens and recomputed the cache.
+        cached_tokens: prompt tokens the given `state` already held, not fed again (0 without a state).
     """
 
     text: str
@@ -79,6 +75,7 @@ class GenerationResult:
     prompt_tokens: list[int]
     timings: Timings
     context_shifts: int = 0
+    cached_tokens: int = 0
 
 
 class _StopText:
@@ -124,9 +121,13 @@ class _Row:
 
 
 class _Request:
-    """The mutable state of one generate/stream/batch call; iterate it to run the loop step by step."""
+    """One generate/stream/batch call: rows with their samplers and text, over one `DecodeState`.
 
-    def __init__(self, gen: "Generator", prompts: list[list[int]], config: SamplingConfig, started: float):
+    Iterate it to run the loop; after each model step it yields the new text piece of every row ("" if none).
+    """
+
+    def __init__(self, gen: "Generator", prompts: list[list[int]], config: SamplingConfig, started: float,
+                 state: DecodeState | None = None):  # fmt: skip
         self.gen, self.config, self.started = gen, config, started
         vocab, block = gen.config.vocab_size, gen.config.block_size
         bad = [i for i in config.stop_token_ids if i >= vocab]
@@ -147,35 +148,37 @@ class _Request:
                     f"model's context of {block} tokens; shorten the prompt, lower max_new_tokens to "
                     f"{max(block - longest, 0)} or pass sliding_window=True"
                 )
-        self.rows = [
-            _Row(p, Sampler(config, vocab, p), gen._new_decoder(), config.stop) for p in prompts
-        ]
-        self.binding = Binding(gen.session, gen._device)
-        self.cache = gen._new_kv_cache()
+        self.rows = [_Row(p, Sampler(config, vocab, p), gen.new_decoder(), config.stop) for p in prompts]
         # The longest sequence the cache will hold (a "shared_buffer" cache allocates that much once).
         windowed = config.sliding_window or config.max_new_tokens is None
-        self.capacity = block if windowed else min(block, longest + self.max_new)
-        self.logits: np.ndarray | None = None  # the bound host array of the last run's logits (B, T, V)
-        self.logits_value = None
-        self.outputs_bound = False  # the logits and a "shared_buffer" cache stay bound from step to step
-        self.inputs_bound = False  # the decode arrays stay bound on a CPU session with a static mask
-        self.session_s, self.steps, self.context_shifts = 0.0, 0, 0
+        capacity = block if windowed else max(min(block, longest + self.max_new), 1)
+        if state is None:
+            state = gen.new_state(batch=len(prompts), capacity=capacity)
+        elif state.batch != len(prompts) or (state.capacity < capacity and not config.sliding_window):
+            raise ContextLengthError(
+                f"the state holds {state.batch} row(s) of {state.capacity} positions; this call needs {len(prompts)} "
+                f"of {capacity}: make it with gen.new_state(batch={len(prompts)}, capacity={capacity})"
+            )
+        self.state = state
+        self.next_ids = np.empty((len(prompts), 1), dtype=np.int64)
+        self.context_shifts = self.cached_tokens = 0
         self.first_token_at: float | None = None
 
+    @property
+    def session_s(self) -> float:
+        return self.state.session_s
+
     def __iter__(self) -> Iterator[list[str]]:
-        """Run the loop; after each model step yield the new text piece of every row ("" if none)."""
-        rows, block = self.rows, self.gen.config.block_size
+        rows, block, state = self.rows, self.gen.config.block_size, self.state
         if self.max_new == 0:
             for row in rows:
                 self._finish(row, "length", [])
             return
         feed = [row.prompt for row in rows]
-        if self.config.sliding_window and max(map(len, feed)) > block:
+        if self.config.sliding_window and max(map(len, feed)) > state.capacity:
             feed = self._window(feed)
+        logits = self._feed_prompts(feed)
         while True:
-            if feed is None and self.cache.length + 1 > block:  # only with sliding_window
-                feed = self._window([row.prompt + row.tokens for row in rows])
-            logits = self._prefill(feed) if feed is not None else self._decode()
             pieces = [""] * len(rows)
             for b, row in enumerate(rows):
                 if row.finish_reason is None:
@@ -185,76 +188,35 @@ class _Request:
             yield pieces
             if all(row.finish_reason for row in rows):
                 return
-            feed = None
+            if state.length + 1 > state.capacity:  # only with sliding_window
+                state.rewind(0)
+                logits = state.feed(self._window([row.prompt + row.tokens for row in rows]))
+                continue
+            for b, row in enumerate(rows):  # finished rows: end-of-text, ignored
+                self.next_ids[b, 0] = row.tokens[-1] if row.tokens and row.finish_reason is None else self.gen.eot_id
+            logits = state.feed(self.next_ids)
+
+    def _feed_prompts(self, prompts: list[list[int]]) -> np.ndarray:
+        """Feed the prompts; a state that already holds a prefix of a single prompt feeds only the rest."""
+        state = self.state
+        if state.batch == 1 and state.length:
+            held, prompt = state.tokens[0], prompts[0]
+            common = next((i for i, (a, b) in enumerate(zip(held, prompt)) if a != b), min(len(held), len(prompt)))
+            common = min(common, len(prompt) - 1)  # feed at least one token: its logits pick the next
+            state.rewind(common)
+            self.cached_tokens = common
+            return state.feed(prompt[common:])
+        if state.length:
+            state.rewind(0)
+        return state.feed(prompts)
 
     def _window(self, histories: list[list[int]]) -> list[list[int]]:
         """Keep the most recent tokens so that the rest of the generation fits with the fewest recomputations."""
-        block = self.gen.config.block_size
+        block = self.state.capacity
         remaining = max((self.max_new - len(r.tokens) for r in self.rows if r.finish_reason is None), default=1)
         keep = block - min(max(remaining, 1), block // 2)
         self.context_shifts += 1
         return [h[-keep:] for h in histories]
-
-    def _prefill(self, feed: list[list[int]]) -> np.ndarray:
-        """Left-pad the rows and run them from an empty cache; -> last-position logits (B, V)."""
-        batch, width = len(feed), max(map(len, feed))
-        ids = np.full((batch, width), self.gen.eot_id, dtype=np.int64)
-        # The mask lives in one (B, capacity) buffer: a decode step sets one column instead of allocating.
-        self.mask = np.zeros((batch, self.capacity), dtype=np.int64)
-        for b, tokens in enumerate(feed):
-            ids[b, width - len(tokens) :] = tokens
-            self.mask[b, width - len(tokens) : width] = 1
-        self.width = width
-        mask = np.ascontiguousarray(self.mask[:, :width])
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        self.next_ids = np.empty((batch, 1), dtype=np.int64)
-        self.next_positions = mask.sum(axis=1, keepdims=True)  # (B, 1): the next position of each row
-        self.cache.reset(self.binding, batch, self.capacity)
-        self.inputs_bound = self.outputs_bound = False
-        return self._run(ids, mask, positions)
-
-    def _decode(self) -> np.ndarray:
-        """Feed each row's last token (finished rows: end-of-text, ignored); -> logits (B, V)."""
-        for b, row in enumerate(self.rows):
-            self.next_ids[b, 0] = row.tokens[-1] if row.tokens and row.finish_reason is None else self.gen.eot_id
-        self.mask[:, self.width] = 1
-        self.width += 1
-        if self.cache.static_mask:  # the whole (B, capacity) buffer: the same arrays, updated in place, every step
-            mask = self.mask
-        else:  # a view for one row; rows of a batch need a contiguous copy
-            mask = self.mask[:, : self.width] if len(self.rows) == 1 else np.ascontiguousarray(self.mask[:, : self.width])
-        logits = self._run(self.next_ids, mask, self.next_positions, in_place=self.cache.static_mask)
-        self.next_positions += 1  # after the run: the bound array is read by it
-        return logits
-
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, in_place: bool = False) -> np.ndarray:
-        """One model call through the IOBinding; the presents stay on the device as the next past.
-
-        `in_place`: the three arrays are the ones bound last step, updated in place. A CPU session reads a
-        bound host array when it runs, so they stay bound (saves three binds a step); CUDA copies at bind time.
-        """
-        binding = self.binding
-        if not (in_place and self.inputs_bound):
-            binding.bind_numpy(INPUT_IDS, ids)
-            binding.bind_numpy(ATTENTION_MASK, mask)
-            binding.bind_numpy(POSITION_IDS, positions)
-            self.inputs_bound = in_place and binding.reads_bound_arrays
-        shape = (*ids.shape, self.gen.config.vocab_size)
-        if self.logits is None or self.logits.shape != shape:  # once for the prefill, once for decode
-            self.logits = np.empty(shape, dtype=self.gen._logits_dtype)
-            self.logits_value = binding.wrap(self.logits)
-            self.outputs_bound = False
-        if not self.outputs_bound:  # every step for "concat": its past and presents are new tensors
-            binding.clear_outputs()
-            binding.bind_output_value(LOGITS, self.logits_value)  # first: outputs() lists in binding order
-            binding.bind_outputs([], self.cache.bind(binding))
-            self.outputs_bound = not self.cache.reads_outputs
-        start = time.perf_counter()
-        binding.run()
-        self.session_s += time.perf_counter() - start
-        self.steps += 1
-        self.cache.update(binding.outputs()[1:] if self.cache.reads_outputs else [], ids.shape[1])
-        return self.logits[:, -1, :]  # (B, T, V) -> (B, V): only the last position is sampled
 
     def _sample(self, row: _Row, logits: np.ndarray) -> str:
         """Pick the row's next token, update its text; -> the text piece it adds."""
@@ -291,8 +253,8 @@ class _Request:
             decode_s=decode,
             total_s=end - self.started,
             tokens_per_s=(len(row.tokens) - 1) / decode if len(row.tokens) > 1 and decode > 0 else 0.0,
-            session_s=self.session_s,
-            steps=self.steps,
+            session_s=self.state.session_s,
+            steps=self.state.steps,
         )
         return GenerationResult(
             text="".join(row.pieces),
@@ -301,6 +263,7 @@ class _Request:
             prompt_tokens=list(row.prompt),
             timings=timings,
             context_shifts=self.context_shifts,
+            cached_tokens=self.cached_tokens,
         )
 
 
@@ -406,8 +369,13 @@ class Generator:
         """The text of token ids."""
         return self.tokenizer.decode(self._check_ids(ids), skip_special_tokens=False)
 
-    def generate(self, prompt: str, sampling: SamplingConfig | None = None, **overrides) -> GenerationResult:
+    def generate(self, prompt: str, sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
+                 **overrides) -> GenerationResult:  # fmt: skip
         """Continue `prompt`; returns the text, token ids, finish_reason and timings.
+
+        `state`: continue on this `DecodeState` (batch 1) instead of a fresh one: the longest common prefix of
+        its tokens and the prompt is not fed again (`result.cached_tokens`), and afterwards it holds the prompt
+        and the generated tokens (all but the last). A conversation keeps one state across turns this way.
 
         Raises:
             SamplingError: an invalid or unknown sampling keyword (named in the message).
@@ -416,13 +384,14 @@ class Generator:
         >>> gen.generate("def parse(", max_new_tokens=16, temperature=0.8, top_p=0.95, seed=0).text  # doctest: +SKIP
         """
         started = time.perf_counter()
-        request = self._request([self.encode(prompt)], sampling, overrides, started)
+        request = self._request([self.encode(prompt)], sampling, overrides, started, state)
         for _ in request:
             pass
         return request.result(0)
 
-    def stream(self, prompt: str, sampling: SamplingConfig | None = None, **overrides) -> TextStream:
-        """Like `generate`, but yields text pieces as tokens arrive; never splits a multi-byte character.
+    def stream(self, prompt: str, sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
+               **overrides) -> TextStream:  # fmt: skip
+        """Like `generate` (`state` included), but yields text pieces as tokens arrive; never splits a character.
 
         The pieces joined equal `generate(...).text` for the same seed; `.result` is set when exhausted.
 
@@ -430,15 +399,18 @@ class Generator:
         ...     print(piece, end="", flush=True)
         """
         started = time.perf_counter()
-        return TextStream(self._request([self.encode(prompt)], sampling, overrides, started))
+        return TextStream(self._request([self.encode(prompt)], sampling, overrides, started, state))
 
-    def generate_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, **overrides) -> GenerationResult:
+    def generate_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
+                     **overrides) -> GenerationResult:  # fmt: skip
         """Token ids in, token ids out (`result.tokens`); ids outside the vocabulary raise `PromptError`.
+
+        `state` as for `generate`.
 
         >>> gen.generate_ids([11, 42, 7], max_new_tokens=4).tokens  # doctest: +SKIP
         """
         started = time.perf_counter()
-        request = self._request([self._check_ids(ids)], sampling, overrides, started)
+        request = self._request([self._check_ids(ids)], sampling, overrides, started, state)
         for _ in request:
             pass
         return request.result(0)
@@ -463,31 +435,32 @@ class Generator:
             pass
         return [request.result(b) for b in range(len(ids))]
 
-    def _request(self, prompts: list[list[int]], sampling, overrides: dict, started: float) -> _Request:
+    def _request(self, prompts: list[list[int]], sampling, overrides: dict, started: float, state=None) -> _Request:
         base = SamplingConfig() if sampling is None else sampling
         if not isinstance(base, SamplingConfig):
             raise SamplingError(f"sampling must be a SamplingConfig, got {type(base).__name__}")
+        if state is not None and not isinstance(state, DecodeState):
+            raise PromptError(f"state must be a DecodeState from Generator.new_state, got {type(state).__name__}")
         config = base.replace(**overrides)
         prompts = [p or [self.eot_id] for p in prompts]  # an empty prompt starts from end-of-text
-        return _Request(self, prompts, config, started)
+        return _Request(self, prompts, config, started, state)
 
-    def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        vocab = self.config.vocab_size
-        if isinstance(ids, (str, bytes)):
-            raise PromptError(f"token ids must be a sequence of integers, got {type(ids).__name__}")
-        out = []
-        for pos, i in enumerate(ids):
-            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-                raise PromptError(f"token id at position {pos} must be an integer, got {i!r}")
-            if not 0 <= i < vocab:
-                raise PromptError(f"token id {int(i)} at position {pos} is outside the vocabulary (0..{vocab - 1})")
-            out.append(int(i))
-        return out
+    def new_state(self, batch: int = 1, capacity: int | None = None) -> DecodeState:
+        """An empty `DecodeState` of `batch` rows on this generator's session: the step-level engine.
 
-    def _new_decoder(self) -> IncrementalDecoder:
-        """A fresh detokeniser sharing the prototype's id -> bytes table (building that table costs ms)."""
+        Args:
+            batch: rows fed together.
+            capacity: positions to hold at most (default and maximum: the model's block_size); a
+                "shared_buffer" cache allocates this much at once.
+
+        >>> state = gen.new_state()  # doctest: +SKIP
+        >>> logits = state.feed(gen.encode("def parse("))  # (1, vocab)  # doctest: +SKIP
+        """
+        return DecodeState(self.session, self.bundle, self._device, self._logits_dtype, batch, capacity)
+
+    def new_decoder(self) -> IncrementalDecoder:
+        """A fresh incremental detokeniser (token ids in, text pieces out, never half a character)."""
         return self._decoder.fresh()
 
-    def _new_kv_cache(self):
-        kv, c = self.bundle.kv, self.config
-        return make_kv_cache(kv.layout, kv.past_names(c.n_layer), kv.present_names(c.n_layer), c.n_head, c.head_size, kv.dtype)
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        return check_ids(ids, self.config.vocab_size)

@@ -6,10 +6,9 @@ onnxruntime has no option for it, and glibc's `GLIBC_TUNABLES=glibc.malloc.huget
 before the process starts, which a library cannot do. So, after the session is built, the anonymous memory
 that appeared while it was built is collapsed into huge pages with madvise(MADV_COLLAPSE) (Linux 6.1+),
 synchronously; only pieces already wholly resident (mincore), so the resident set does not grow.
-Measured on the `small` preset (2-core Zen 3, decode step at past 192, interleaved process pairs): fp32
-step faster in 11 of 12 pairs (median ratio about 0.89), int8 about 6 %; gpt2 fp32 about 5 % (one process,
-two sessions, 17 of 20 blocks). The kernel takes 2-4 ms per 2 MiB on this VM: 0.03-0.15 s more load for
-`small`, 1.3-1.6 s for gpt2's 650 MB, which only long generations win back.
+Decode steps run faster with the weights on huge pages; the collapse itself adds load time in proportion
+to the memory collapsed, which only long generations win back (measurements: docs/design.md, "6. The
+session: providers, threads, huge pages").
 
 Best effort by design: on other systems, on older kernels, with THP set to "never", or for ranges the kernel
 refuses, nothing happens and nothing fails (`log` at debug level says how much was collapsed).

@@ -3,9 +3,11 @@
 One class per `graph.kv_cache.layout` of the manifest. Each keeps its tensors as OrtValues on the
 session's device (CUDA: the cache never round-trips to the host) and binds them through the request's
 `binding.Binding`, so the same code runs on CPU in tests. The interface: `reset(binding, batch, capacity)`
-before a prefill from an empty cache, `bind(binding)` before each run (binds the pasts, and the presents
-that are written in place; returns the present names that onnxruntime must allocate), `update(presents,
-new_tokens)` after it, `length` (positions cached) and `reads_outputs` (whether `update` needs the outputs).
+once, before the first run, `bind(binding)` before each run (binds the pasts, and the presents that are
+written in place; returns the present names that onnxruntime must allocate), `update(presents,
+new_tokens)` after it, `truncate(binding, length)` to forget positions from `length` on, `copy_from(other,
+binding)` to take another cache's contents (`engine.DecodeState.fork`), `length` (positions cached) and
+`reads_outputs` (whether `update` needs the outputs).
 
 - "concat" (`ConcatKVCache`, the MultiHeadAttention graph): the graph returns present = concat(past, new),
   (B, H, P+T, D); onnxruntime allocates it, and the next step binds it as the past without a copy. A new
@@ -45,6 +47,7 @@ class ConcatKVCache:
 
     def reset(self, binding, batch: int, capacity: int) -> None:
         """Start empty: P = 0 is a valid past on the first step. (`capacity` is not needed: presents grow.)"""
+        self.batch = batch
         empty = binding.empty(np.zeros((batch, self.n_head, 0, self.head_size), dtype=self.dtype))
         self.values = [empty] * len(self.past_names)  # read-only inputs: one empty tensor serves all
         self.length = 0
@@ -59,6 +62,18 @@ class ConcatKVCache:
         """Take this step's presents (still on the device) as the next step's past."""
         self.values = presents
         self.length += new_tokens
+
+    def truncate(self, binding, length: int) -> None:
+        """Keep positions [0, length): a new, shorter past (through the host: a value cannot be sliced in place)."""
+        if length == 0:
+            self.reset(binding, self.batch, 0)
+            return
+        self.values = [binding.from_numpy(binding.to_numpy(v)[:, :, :length]) for v in self.values]
+        self.length = length
+
+    def copy_from(self, other: "ConcatKVCache", binding) -> None:
+        """Share `other`'s past: a step never writes into a past, it returns new presents."""
+        self.values, self.length, self.batch = list(other.values), other.length, other.batch
 
 
 class SharedBufferKVCache:
@@ -76,7 +91,7 @@ class SharedBufferKVCache:
         self.length = 0
 
     def reset(self, binding, batch: int, capacity: int) -> None:
-        """Allocate the buffers on the device, or keep the request's own when their shape already fits."""
+        """Allocate the buffers on the device, or keep its own when their shape already fits."""
         shape = (batch, self.n_head, capacity, self.head_size)
         if shape != self.shape:
             self.buffers = [binding.allocate(shape, self.dtype) for _ in self.past_names]
@@ -93,6 +108,15 @@ class SharedBufferKVCache:
     def update(self, presents: list, new_tokens: int) -> None:
         """The kernel wrote the new positions in place: only count them."""
         self.length += new_tokens
+
+    def truncate(self, binding, length: int) -> None:
+        """Positions from `length` on are never read again (the mask ends before them) and get overwritten."""
+        self.length = length
+
+    def copy_from(self, other: "SharedBufferKVCache", binding) -> None:
+        """Copy `other`'s buffers into new ones (written in place, they cannot be shared)."""
+        self.buffers = [binding.from_numpy(binding.to_numpy(buffer)) for buffer in other.buffers]
+        self.shape, self.length = other.shape, other.length
 
 
 KV_CACHES = {"concat": ConcatKVCache, "shared_buffer": SharedBufferKVCache}

@@ -1,6 +1,28 @@
 """Read what the runtime must check in `model.onnx` before onnxruntime opens it: external-data locations
 and the graph's input and output names.
 
+Why not leave external-data paths to onnxruntime: it checks them only from 1.24 on, and it cannot know
+which files the manifest hashes. Measured with a MatMul model saved with external data, opened by
+`InferenceSession(path)` on CPU (onnxruntime 1.22.0, 1.22.1, 1.23.2, 1.24.1, 1.32.0):
+
+    location / file                     ort 1.22.0 - 1.23.2  ort 1.24.1, 1.32.0          manifest checks
+    "../outside/w.bin"                  loads it             "escapes model directory"   never see it
+    an absolute path (in or out)        loads it             "Absolute path not allowed" never see it
+    sub/w.bin, sub/ a symlinked dir     loads it             "escapes model directory"   never see it
+    w.bin, a symlink to a file outside  loads it             "escapes model directory"   refuse it if listed
+    w.bin, also hard-linked outside     loads it             loads it                    refuse it if listed
+    w.bin in the bundle, not listed     loads it             loads it                    never see it
+    w.bin missing                       "cannot get size"    "does not exist"            refuse it if listed
+
+`verify_bundle` hashes and `safe_member`-checks only the files the manifest lists. So `Bundle.load` reads
+every location here and refuses, before any session and with a message naming the location and the fix:
+on onnxruntime < 1.24 (pyproject allows >= 1.22), data outside the bundle reached by "..", an absolute
+path or a symlinked directory; on every version, data in the bundle that the manifest does not hash,
+which onnxruntime would load although nothing checked it. The main graph's input and output names let
+`Bundle.load` refuse a graph without the runtime's I/O before a session too (`Generator` checks the
+session again; `export.quantize` uses `Bundle.load` alone). Test:
+tests/runtime/test_generator.py::test_external_data_leaving_the_bundle_is_refused.
+
 Hand-written on purpose: the runtime may not depend on the `onnx` package (it pulls in protobuf and is
 not part of the base install), and these few fields need only protobuf's wire format. The reader walks
     ModelProto.graph (7) and .training_info (20) / .functions (25)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgegpt.errors import BundleError, ConfigError, ProviderError
+from edgegpt.checks import check_bool, check_choice, check_int
+from edgegpt.errors import BundleError, ProviderError
 from edgegpt.runtime.huge_pages import huge_pages_for_new_memory
 
 __all__ = ["SessionConfig", "create_session", "cuda_problem"]
@@ -46,14 +47,13 @@ class SessionConfig:
         optimization: graph optimisation level: "disable", "basic", "extended" or "all".
         memory_arena: onnxruntime's CPU memory arena (faster; holds on to its peak memory).
         spinning: let idle onnxruntime threads busy-wait for the next op (onnxruntime's own default).
-            On a quiet machine it cuts the per-op hand-off: `edgegpt bench --preset small`, 2 threads,
-            decode 409 vs 334 tok/s (fp32) and 1,151 vs 813 (int8). Turn it off when other busy
-            processes share the cores: there the spinning threads steal the time the work needs.
+            On a quiet machine it cuts the per-op hand-off, so decoding is faster. Turn it off when other
+            busy processes share the cores: there the spinning threads steal the time the work needs.
         huge_pages: on CPU, move the session's weights to 2 MiB transparent huge pages after loading (Linux
             6.1+, best effort; see `huge_pages`): a decode step streams every weight, and 4 KiB pages stall
-            the prefetcher at each page boundary. `small` fp32 decode steps about 10 % faster. The move costs
-            load time: on this 2-core VM 2-4 ms per 2 MiB (0.03-0.15 s for `small`, 1.3-1.6 s for gpt2's
-            650 MB); turn it off for one-shot runs of big models.
+            the prefetcher at each page boundary, so decode steps run faster. The move costs load time in
+            proportion to the model's size; turn it off for one-shot runs of big models. (Measurements:
+            docs/design.md, "6. The session: providers, threads, huge pages".)
         device_id: the CUDA device.
         log_severity: onnxruntime's own log level, 0 (verbose) to 4 (fatal); 3 shows errors only.
 
@@ -73,19 +73,13 @@ class SessionConfig:
     log_severity: int = 3
 
     def __post_init__(self):
-        if self.provider not in PROVIDERS:
-            raise ConfigError(f"provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
-            raise ConfigError(f"threads must be a positive integer or None, got {self.threads!r}")
-        if self.optimization not in OPTIMIZATION:
-            raise ConfigError(f"optimization must be one of {', '.join(OPTIMIZATION)}, got {self.optimization!r}")
+        check_choice("provider", self.provider, PROVIDERS)
+        check_int("threads", self.threads, low=1, optional=True)
+        check_choice("optimization", self.optimization, OPTIMIZATION)
         for name in ("memory_arena", "spinning", "huge_pages"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
-            raise ConfigError(f"device_id must be an integer >= 0, got {self.device_id!r}")
-        if self.log_severity not in range(5):
-            raise ConfigError(f"log_severity must be 0..4, got {self.log_severity!r}")
+            check_bool(name, getattr(self, name))
+        check_int("device_id", self.device_id)
+        check_int("log_severity", self.log_severity, high=4)
 
     def session_options(self) -> ort.SessionOptions:
         """The `ort.SessionOptions` for this config."""

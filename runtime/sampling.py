@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from edgegpt.checks import check_bool, check_int, check_real
 from edgegpt.errors import SamplingError
 
 __all__ = ["SamplingConfig", "Sampler", "UnknownParameterError"]
@@ -73,14 +74,14 @@ class SamplingConfig:
     sliding_window: bool = False
 
     def __post_init__(self):
-        _check_int("max_new_tokens", self.max_new_tokens, allow_none=True)
-        _check_int("top_k", self.top_k)
-        _check_real("temperature", self.temperature, lo=0.0)
-        _check_real("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
-        _check_real("min_p", self.min_p, lo=0.0, hi=1.0)
-        _check_real("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
-        _check_real("presence_penalty", self.presence_penalty)
-        _check_real("frequency_penalty", self.frequency_penalty)
+        check_int("max_new_tokens", self.max_new_tokens, optional=True, error=SamplingError)
+        check_int("top_k", self.top_k, error=SamplingError)
+        check_real("temperature", self.temperature, low=0.0, error=SamplingError)
+        check_real("top_p", self.top_p, low=0.0, high=1.0, low_open=True, error=SamplingError)
+        check_real("min_p", self.min_p, low=0.0, high=1.0, error=SamplingError)
+        check_real("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True, error=SamplingError)
+        check_real("presence_penalty", self.presence_penalty, error=SamplingError)
+        check_real("frequency_penalty", self.frequency_penalty, error=SamplingError)
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         stop = tuple(stop) if isinstance(stop, Iterable) else None
         if stop is None or not all(isinstance(s, str) and s for s in stop):
@@ -91,13 +92,11 @@ class SamplingConfig:
             raise SamplingError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
         ids = tuple(ids)
         for i in ids:
-            _check_int("stop_token_ids", i)
+            check_int("stop_token_ids", i, error=SamplingError)
         object.__setattr__(self, "stop_token_ids", ids)
-        if self.seed is not None:
-            _check_int("seed", self.seed)
+        check_int("seed", self.seed, optional=True, error=SamplingError)
         for name in ("ignore_eos", "sliding_window"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise SamplingError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name), error=SamplingError)
 
     @property
     def greedy(self) -> bool:
@@ -121,23 +120,6 @@ class SamplingConfig:
                 hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
                 raise UnknownParameterError(f"unknown sampling parameter {name!r}; {hint}")
         return dataclasses.replace(self, **overrides) if overrides else self
-
-
-def _check_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise SamplingError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _check_real(name: str, value: Any, *, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False) -> None:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not ok or not math.isfinite(value):
-        raise SamplingError(f"{name} must be a finite number, got {value!r}")
-    if value < lo or (lo_open and value == lo) or value > hi:
-        left = "(" if lo_open else "["
-        bounds = f"in {left}{lo:g}, {hi:g}]" if math.isfinite(hi) else (f"> {lo:g}" if lo_open else f">= {lo:g}")
-        raise SamplingError(f"{name} must be {bounds}, got {value!r}")
 
 
 class Sampler:

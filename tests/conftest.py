@@ -1,4 +1,11 @@
-"""Shared fixtures: a tiny random-weight checkpoint (seeded) that export and runtime tests build on."""
+"""Shared fixtures: a tiny random-weight checkpoint (seeded) that export and runtime tests build on, its
+"lively" variant and that variant's bundles, and the reference greedy decoders (PyTorch, onnxruntime-genai).
+
+Long end-to-end tests (training runs, the bench, the quantization gates, CLI and base-venv subprocess
+runs) carry `@pytest.mark.slow`. `make test` and CI run everything; to skip them locally:
+
+    .venv/bin/python -m pytest -m "not slow"
+"""
 
 from __future__ import annotations
 
@@ -77,3 +84,51 @@ def lively_checkpoint(tiny_checkpoint, tmp_path_factory):
                 p.normal_(0.0, 0.15)
     path = save_checkpoint(tmp_path_factory.mktemp("lively") / "checkpoint", ckpt.model, ckpt.tokenizer.to_str())
     return ckpt.model.eval(), path
+
+
+@pytest.fixture(scope="session")
+def lively_mha_bundle(lively_checkpoint, tmp_path_factory) -> Path:
+    """The lively checkpoint's "mha" bundle (KV layout "concat"), validated on export."""
+    from edgegpt.export import export_bundle
+
+    return export_bundle(lively_checkpoint[1], tmp_path_factory.mktemp("lively_mha") / "bundle", attention="mha")
+
+
+@pytest.fixture(scope="session")
+def lively_gqa_bundle(lively_checkpoint, tmp_path_factory) -> Path:
+    """The lively checkpoint's "gqa" bundle (KV layout "shared_buffer"), validated on export."""
+    from edgegpt.export import export_bundle
+
+    return export_bundle(lively_checkpoint[1], tmp_path_factory.mktemp("lively_gqa") / "bundle", attention="gqa")
+
+
+@pytest.fixture(scope="session")
+def torch_greedy():
+    """`torch_greedy(model, ids, n)`: the n token ids PyTorch's greedy `generate` appends to the prompt `ids`."""
+    import torch
+
+    from edgegpt.train.generate import generate
+
+    def run(model, ids: list[int], n: int) -> list[int]:
+        return generate(model, torch.tensor([ids]), n)[0, len(ids) :].tolist()
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def genai_greedy():
+    """`genai_greedy(bundle, ids, n)`: the token ids onnxruntime-genai's greedy search appends to the prompt `ids`,
+    at most n (it stops early at end of text). Skips the test when onnxruntime-genai is not installed."""
+
+    def run(bundle: Path, ids: list[int], n: int) -> list[int]:
+        og = pytest.importorskip("onnxruntime_genai")
+        model = og.Model(str(bundle))
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + n)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+        return [int(t) for t in gen.get_sequence(0)][len(ids) :]
+
+    return run

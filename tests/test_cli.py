@@ -1,7 +1,13 @@
+import dataclasses
+import json
+
+import click
 import pytest
 from click.testing import CliRunner
 
 from edgegpt.cli import main
+from edgegpt.cli_support import Command, Group, field_options, given
+from edgegpt.errors import BundleError, ConfigError, SamplingError
 
 
 @pytest.mark.parametrize(
@@ -36,3 +42,80 @@ def test_existing_run_is_refused_without_resume_or_force(tmp_path, tiny_checkpoi
     result = CliRunner().invoke(main, ["train", "--out", str(tiny_checkpoint.parent), "--steps", "1"])
     assert result.exit_code == 2
     assert "--resume" in result.output and "--force" in result.output
+
+
+def _failing_command(exc):
+    @click.command("fail", cls=Command)
+    @click.option("--top-p", type=float)
+    def fail(top_p):
+        """Raise `exc`."""
+        raise exc
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    "exc, code, expected",
+    [
+        (ConfigError("n_layer must be a positive integer, got 0"), 2, "Usage: fail"),
+        (SamplingError("top_p must be in (0, 1], got 0"), 2, "Invalid value for --top-p: top_p must be in (0, 1], got 0"),
+        (SamplingError("stop must be non-empty strings, got ['']"), 2, "Invalid value: stop must be"),
+        (BundleError("b/manifest.json: format_version 2"), 1, "Error: BundleError: b/manifest.json: format_version 2"),
+        (ModuleNotFoundError("No module named 'torch'", name="torch"), 1, "pip install 'edgegpt[train]'"),
+        (ModuleNotFoundError("No module named 'onnxruntime_genai'", name="onnxruntime_genai"), 1, "pip install 'edgegpt[genai]'"),
+    ],
+)
+def test_errors_map_to_click_in_one_place(exc, code, expected):
+    result = CliRunner().invoke(_failing_command(exc), [])
+    assert result.exit_code == code and expected in result.output
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_original_error():
+    @click.group(cls=Group)
+    @click.option("--debug", is_flag=True)
+    @click.pass_context
+    def root(ctx, debug):
+        ctx.obj = {"debug": debug}
+
+    root.add_command(_failing_command(ConfigError("bad")))
+    assert CliRunner().invoke(root, ["fail"]).exit_code == 2
+    result = CliRunner().invoke(root, ["--debug", "fail"])
+    assert isinstance(result.exception, ConfigError)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Knobs:
+    limit: int | None = 5
+    ratio: float = 0.5
+    fast: bool = False
+    ids: tuple[int, ...] = ()
+
+
+def test_field_options_make_one_flag_per_field_and_collect_the_given_ones():
+    @click.command()
+    @field_options({"limit": {"flags": ("-l", "--limit")}, "ratio": {"help": "A ratio. [default: {default}]"}, "fast": {}, "ids": {}}, of=_Knobs)
+    def cmd(**flags):
+        click.echo(json.dumps(given(flags)))
+
+    runner = CliRunner()
+    assert json.loads(runner.invoke(cmd, []).output) == {}
+    result = runner.invoke(cmd, ["-l", "3", "--ratio", "0.25", "--fast", "--ids", "1", "--ids", "2"])
+    assert json.loads(result.output) == {"limit": 3, "ratio": 0.25, "fast": True, "ids": [1, 2]}
+    help_text = runner.invoke(cmd, ["--help"]).output
+    assert "A ratio. [default: 0.5]" in help_text and "[default: 5]" in help_text
+    assert help_text.index("--limit") < help_text.index("--ratio") < help_text.index("--fast") < help_text.index("--ids")
+
+
+def test_every_config_field_has_its_flag():
+    from edgegpt.runtime.cli import chat_command, generate_command
+    from edgegpt.runtime.sampling import SamplingConfig
+    from edgegpt.train.config import TrainConfig
+
+    sampling = {f.name for f in dataclasses.fields(SamplingConfig)}
+    session = {"provider", "threads", "spinning", "huge_pages"}
+    assert {p.name for p in generate_command.params} == sampling | session | {"bundle", "prompt", "prompt_file", "as_json"}
+    assert {p.name for p in chat_command.params} >= sampling - {"sliding_window"}  # chat always slides
+    train = {p.name for p in main.commands["train"].params}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= train
+    assert {"n_layer", "n_head", "n_embd", "block_size", "dropout"} <= train

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from edgegpt.checks import check_bool, check_int, check_real
 from edgegpt.config import GPTConfig
-from edgegpt.errors import ConfigError
+from edgegpt.errors import ConfigError, SamplingError
 from edgegpt.train.config import TrainConfig
 
 
@@ -48,3 +49,43 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert lrs[100] == pytest.approx(1e-4)
     with pytest.raises(ConfigError, match="unknown training config key.*stpes"):
         TrainConfig.from_dict({"stpes": 3})
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"steps": 0}, "steps must be a positive integer, got 0"),
+        ({"batch_size": 2.5}, "batch_size must be a positive integer, got 2.5"),
+        ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0, got -1"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0, got 0.0"),
+        ({"grad_clip": float("nan")}, "grad_clip must be a finite number, got nan"),
+    ],
+)
+def test_train_config_names_the_bad_field(fields, message):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**fields)
+    assert str(info.value) == message
+
+
+def test_checks_take_numpy_scalars_but_not_bools():
+    import numpy as np
+
+    check_int("top_k", np.int64(3))
+    check_real("top_p", np.float32(0.5), low=0.0, high=1.0)
+    check_bool("ignore_eos", np.bool_(True))
+    for bad in (True, np.bool_(True)):
+        with pytest.raises(ConfigError, match="must be an integer >= 0"):
+            check_int("top_k", bad)
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            check_real("top_p", bad)
+    with pytest.raises(ConfigError, match="fast must be true or false, got 'yes'"):
+        check_bool("fast", "yes")
+
+
+def test_checks_raise_the_error_they_are_given():
+    with pytest.raises(SamplingError, match=r"^seed must be an integer >= 0 or None, got -3$"):
+        check_int("seed", -3, optional=True, error=SamplingError)
+    with pytest.raises(SamplingError, match=r"^temperature must be >= 0, got -1$"):
+        check_real("temperature", -1, low=0.0, error=SamplingError)
+    with pytest.raises(ConfigError, match=r"^log_severity must be an integer in 0..4, got 5$"):
+        check_int("log_severity", 5, high=4)

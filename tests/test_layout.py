@@ -16,6 +16,7 @@ module that breaks the rule, and a third imports every runtime module in a fresh
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,66 @@ def test_every_runtime_module_loads_without_torch_or_onnx():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def private_names(source: str) -> set[str]:
+    """The private names a module defines: `_function`, `_Class`, `_CONSTANT`, `self._attribute`."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name.startswith("_") and not node.name.startswith("__"):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr.startswith("_"):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id.startswith("_") and node.id != "_":
+            names.add(node.id)
+    return {n for n in names if not n.startswith("__")}
+
+
+def private_uses(source: str, private: set[str]) -> list[tuple[str, int]]:
+    """(name, line) for every `x._name` or `from ... import _name` of a name in `private`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in private:
+            found.append((node.attr, node.lineno))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("edgegpt.runtime"):
+            found += [(alias.name, node.lineno) for alias in node.names if alias.name.startswith("_")]
+    return found
+
+
+def test_nothing_outside_the_runtime_uses_its_private_names():
+    """The runtime's public layer (DecodeState, Generator, ...) is what the bench, export and tests build on."""
+    runtime = {path: path.read_text() for path in (ROOT / "runtime").glob("*.py")}
+    others = {path: path.read_text() for d in ("edgegpt", "export", "tests") for path in (ROOT / d).rglob("*.py")}
+    defined_elsewhere = set().union(*(private_names(text) for text in others.values()))
+    private = set().union(*(private_names(text) for text in runtime.values())) - defined_elsewhere
+    uses = [f"{p.relative_to(ROOT)}:{line}: {name}" for p, text in others.items() for name, line in private_uses(text, private)]
+    assert not uses, "private runtime names used outside runtime/:\n" + "\n".join(uses)
+
+
+def test_the_private_name_check_sees_a_use():
+    private = private_names("class A:\n    def __init__(self):\n        self._fast = True\n")
+    assert private == {"_fast"}
+    assert private_uses("def f(b):\n    b._fast = False\n", private) == [("_fast", 2)]
+    assert private_uses("from edgegpt.runtime.evaluate import _windows\n", set()) == [("_windows", 1)]
+
+
+def test_the_readme_layout_names_every_module():
+    """README's Layout block lists each package folder and every module in it, and nothing that is gone."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```")[1]
+    folders = {"edgegpt/": ROOT / "edgegpt", "edgegpt/train/": ROOT / "edgegpt/train", "edgegpt/bench/": ROOT / "edgegpt/bench",
+               "export/": ROOT / "export", "runtime/": ROOT / "runtime"}  # fmt: skip
+    sections, current = {}, None
+    for line in block.splitlines():
+        head = line.split(" ", 1)[0]
+        if head in folders or head.endswith("/"):
+            current = head
+        if current:
+            sections[current] = sections.get(current, "") + " " + line
+    for folder, path in folders.items():
+        assert folder in sections, f"README's layout does not list {folder}"
+        modules = {p.stem for p in path.glob("*.py") if p.stem != "__init__"} | {p.name for p in path.glob("*.json")}
+        missing = sorted(m for m in modules if m not in sections[folder])
+        assert not missing, f"README's layout misses {folder}: {missing}"
+        gone = sorted(name for name in re.findall(r"\b(\w+\.(?:py|json))\b", sections[folder]) if not (path / name).exists())
+        assert not gone, f"README's layout names files that {folder} does not have: {gone}"

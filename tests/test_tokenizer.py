@@ -106,6 +106,14 @@ def test_save_and_load_roundtrip(tok, tmp_path):
         assert encode(loaded, "héllo 😀") == encode(tok, "héllo 😀")
 
 
+def test_load_checks_the_vocabulary_size_against_the_model(tok, tmp_path):
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(tmp_path, vocab_size=tok.get_vocab_size()).to_str() == tok.to_str()
+    with pytest.raises(DataError, match=f"has {tok.get_vocab_size()} tokens but the model's vocab_size is 64") as info:
+        load_tokenizer(tmp_path, vocab_size=64)
+    assert str(tmp_path / "tokenizer.json") in str(info.value)
+
+
 def test_load_missing_file_names_path(tmp_path):
     with pytest.raises(DataError) as info:
         load_tokenizer(tmp_path)
@@ -175,15 +183,6 @@ def test_stream_cut_mid_character_flushes_replacement():
     assert dec.flush() == "\ufffd"
     assert "".join(pieces) + "\ufffd" == decode(tok, ids[:3])
     assert [dec.step(i) for i in ids] == ["a", "", "", "", "😀"]  # flush left the decoder clean
-
-
-def test_stream_reset_drops_held_bytes(tok):
-    dec = IncrementalDecoder(tok)
-    partial = encode(tok, "😀")
-    for i in partial[:-1]:
-        dec.step(i)
-    dec.reset()
-    assert "".join(stream(dec, encode(tok, "ok"))) == "ok"
 
 
 def test_fresh_decoder_shares_table_not_state(tok):

@@ -1,8 +1,10 @@
 """The `edgegpt bench` click command (edgegpt/cli.py adds `bench_command` to the group).
 
-Module-level imports stay light (click and the standard library); the benchmark loads inside the command.
-Each flag maps 1:1 to a `BenchConfig` field (`--prompt-tokens` -> `prompt_tokens`); an unset flag keeps the
-dataclass default, or `BenchConfig.short()`'s with `--short`.
+A bundle as SOURCE is timed by the runtime alone (`edgegpt.runtime.bench`, base install); anything else is
+the comparison (`edgegpt.bench.compare`). Module-level imports stay light (click, the standard library,
+edgegpt.cli_support); the benchmark loads inside the command. Each flag maps 1:1 to a field of
+`BenchConfig` or `DeviceBenchConfig` (`--prompt-tokens` -> `prompt_tokens`); an unset flag keeps the
+dataclass default, or `short()`'s with `--short`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import dataclasses
 from pathlib import Path
 
 import click
+
+from edgegpt.cli_support import Command, field_options, given
 
 __all__ = ["bench_command"]
 
@@ -22,30 +26,39 @@ def _csv(kind=str):
         if value is None:
             return None
         try:
-            return tuple(kind(v.strip()) for v in value.split(",") if v.strip())
+            values = tuple(kind(v.strip()) for v in value.split(",") if v.strip())
         except ValueError:
-            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}") from None
+            values = ()
+        if not values:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}")
+        return values
 
     return parse
 
 
-@click.command("bench")
-@click.argument("checkpoint", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+# BenchConfig field -> how its flag differs from a plain --field-name (the defaults stay in BenchConfig).
+_BENCH_FLAGS = {
+    "formats": {"callback": _csv(), "help": "Bundle formats: fp32,fp16,int8,int4. [default: fp32,int8,int4; with --provider cuda also fp16]"},
+    "backends": {"callback": _csv(), "help": "torch,edgegpt,genai. [default: all three]"},
+    "runs": {"type": click.IntRange(min=1), "help": "Rounds (interleaved when comparing); figures are medians over them. [default: 5]"},
+    "prompt_tokens": {"type": click.IntRange(min=1), "help": "Prompt length. [default: 128]"},
+    "new_tokens": {"type": click.IntRange(min=2), "help": "Tokens generated per run. [default: 128]"},
+    "batch": {"callback": _csv(int), "help": "Batch sizes to time. [default: 1,8; a bundle alone: 1]"},
+    "threads": {"type": click.IntRange(min=1), "help": "Threads of every backend. [default: 2; a bundle alone: one per core]"},
+    "provider": {"type": click.Choice(["cpu", "cuda"]), "help": "[default: cpu]"},
+    "spinning": {"flags": ("--spinning/--no-spinning",), "help": "Busy-waiting onnxruntime threads (edgegpt and genai). [default: on]"},
+    "huge_pages": {"flags": ("--huge-pages/--no-huge-pages",), "help": "edgegpt's weights in 2 MiB pages (CPU, Linux). [default: on]"},
+    "seed": {"type": int, "help": "Seeds the prompts and a preset's weights. [default: 0]"},
+}
+
+
+@click.command("bench", cls=Command)
+@click.argument("source", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="An existing bundle to measure (repeatable; its format is read from the manifest).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), help="A random-weight model of this shape (no training).")
 @click.option("--vocab-size", type=click.IntRange(min=257), help="Vocabulary of the --preset model [default: 512 tiny, 4096 small, 50257 gpt2].")
-@click.option("--formats", callback=_csv(), help="Bundle formats: fp32,fp16,int8,int4. [default: fp32,int8,int4; with --provider cuda also fp16]")
-@click.option("--backends", callback=_csv(), help="torch,edgegpt,genai. [default: all three]")
-@click.option("--runs", type=click.IntRange(min=1), help="Interleaved rounds; figures are medians over them. [default: 5]")
-@click.option("--prompt-tokens", type=click.IntRange(min=1), help="Prompt length. [default: 128]")
-@click.option("--new-tokens", type=click.IntRange(min=2), help="Tokens generated per run. [default: 128]")
-@click.option("--batch", callback=_csv(int), help="Batch sizes to time. [default: 1,8]")
-@click.option("--threads", type=click.IntRange(min=1), help="Threads of every backend. [default: 2]")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), help="[default: cpu]")
-@click.option("--spinning/--no-spinning", default=None, help="Busy-waiting onnxruntime threads (edgegpt and genai). [default: on]")
-@click.option("--huge-pages/--no-huge-pages", default=None, help="edgegpt's weights in 2 MiB pages (CPU, Linux). [default: on]")
-@click.option("--seed", type=int, help="Seeds the prompts and a preset's weights. [default: 0]")
+@field_options(_BENCH_FLAGS)
 @click.option("--short", is_flag=True, help="A quick look: 3 rounds, 32-token prompt, 32 new tokens, batch 1.")
 @click.option("--attention", help="Export the graph with this attention (export_bundle's `attention`, e.g. mha, gqa) [default: the exporter's].")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -53,42 +66,46 @@ def _csv(kind=str):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure and the environment here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a bar chart (PNG) here.")
 @click.pass_context
-def bench_command(ctx, checkpoint, bundles, preset, vocab_size, short, attention, work_dir, json_path, plot_path, **flags):
-    """Speed and memory of PyTorch, the edgegpt runtime and onnxruntime-genai on the same weights.
+def bench_command(ctx, source, bundles, preset, vocab_size, short, attention, work_dir, json_path, plot_path, **flags):
+    """Time a bundle on this device, or compare PyTorch, the edgegpt runtime and onnxruntime-genai.
 
-    Give a CHECKPOINT (exported and quantized to a temporary directory), --bundle directories, or a
-    --preset (random weights). Each backend runs in its own process, in interleaved rounds; the Markdown
-    table goes to stdout, progress to stderr.
+    A bundle as SOURCE: prefill and decode tokens/s, first-token latency and memory with the runtime
+    alone (the base install is enough, as llama-bench for llama.cpp).
+
+    A checkpoint (or run directory) as SOURCE, --bundle directories, or a --preset (random weights): the
+    same weights through every backend, each in its own process, in interleaved rounds (needs the train
+    extra; genai rows need edgegpt[genai]). The Markdown table goes to stdout, progress to stderr.
 
     \b
     Examples:
+      edgegpt bench bundles/small-int8
+      edgegpt bench bundles/small --short --batch 1,4 --json small.json
       edgegpt bench --preset small --json bench-small.json --plot bench-small.png
       edgegpt bench --preset gpt2 --work-dir runs/bench-gpt2 --json bench-gpt2.json
       edgegpt bench runs/demo/run --short --backends torch,edgegpt --formats fp32,int8
       edgegpt bench --bundle bundles/small --bundle bundles/small-int8 --runs 7
     """
-    from edgegpt.bench.compare import BenchConfig, run_bench
-    from edgegpt.errors import ConfigError, EdgeGPTError
+    from edgegpt.manifest import MANIFEST_NAME
 
-    root = ctx.find_root().obj
-    debug = bool(isinstance(root, dict) and root.get("debug"))
-    given = {k: v for k, v in flags.items() if v is not None}
-    if given.get("provider") == "cuda" and "formats" not in given:
-        given["formats"] = ("fp32", "fp16", "int8", "int4")
-    try:
-        config = dataclasses.replace(BenchConfig.short() if short else BenchConfig(), **given)
-        report = run_bench(
-            config, checkpoint=checkpoint, bundles=bundles, preset=preset, vocab_size=vocab_size, work_dir=work_dir,
-            attention=attention,
-        )
-    except ConfigError as exc:
-        if debug:
-            raise
-        raise click.UsageError(str(exc), ctx) from None
-    except EdgeGPTError as exc:
-        if debug:
-            raise
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    if source is not None and (source / MANIFEST_NAME).is_file():
+        comparing = {"--bundle": bundles, "--preset": preset, "--vocab-size": vocab_size, "--attention": attention,
+                     "--work-dir": work_dir, "--plot": plot_path, "--formats": flags["formats"], "--backends": flags["backends"]}  # fmt: skip
+        wrong = [flag for flag, value in comparing.items() if value]
+        if wrong:
+            raise click.UsageError(
+                f"{source} is a bundle, which is timed alone; {', '.join(wrong)} only go with the comparison: give "
+                f"the bundle as --bundle {source} to compare backends on it"
+            )
+        _bench_one_bundle(source, short, json_path, given(flags))
+        return
+    from edgegpt.bench.compare import BenchConfig, run_bench
+
+    settings = given(flags)
+    if settings.get("provider") == "cuda" and "formats" not in settings:
+        settings["formats"] = ("fp32", "fp16", "int8", "int4")
+    config = dataclasses.replace(BenchConfig.short() if short else BenchConfig(), **settings)
+    report = run_bench(config, checkpoint=source, bundles=bundles, preset=preset, vocab_size=vocab_size, work_dir=work_dir,
+                       attention=attention)  # fmt: skip
     click.echo(report.markdown(), nl=False)
     if json_path:
         report.write_json(json_path)
@@ -96,3 +113,19 @@ def bench_command(ctx, checkpoint, bundles, preset, vocab_size, short, attention
     if plot_path:
         report.plot(plot_path)
         click.echo(f"wrote {plot_path}", err=True)
+
+
+def _bench_one_bundle(bundle: Path, short: bool, json_path: Path | None, settings: dict) -> None:
+    """`edgegpt bench BUNDLE`: the runtime alone (`edgegpt.runtime.bench`)."""
+    import json
+
+    from edgegpt.runtime.bench import DeviceBenchConfig, bench_bundle, markdown
+
+    known = {f.name for f in dataclasses.fields(DeviceBenchConfig)}
+    settings = {k: v for k, v in settings.items() if k in known}
+    config = DeviceBenchConfig.short(**settings) if short else DeviceBenchConfig(**settings)
+    result = bench_bundle(bundle, config)
+    click.echo(markdown(result), nl=False)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {json_path}", err=True)

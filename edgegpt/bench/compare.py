@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,14 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from edgegpt.config import PRESETS, GPTConfig
-from edgegpt.errors import ConfigError, EdgeGPTError
+from edgegpt.errors import BundleError, ConfigError, EdgeGPTError
+from edgegpt.files import aside, recover
+from edgegpt.manifest import FORMATS, MANIFEST_NAME, bundle_format, model_files, read_manifest
+from edgegpt.runtime.bench import make_prompts
 
 __all__ = ["BACKENDS", "FORMATS", "BenchConfig", "BenchError", "BenchReport", "Subject", "run_bench"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "edgegpt", "genai")
-FORMATS = ("fp32", "fp16", "int8", "int4")
 PRESET_VOCAB = {"tiny": 512, "small": 4096, "gpt2": 50257}  # gpt2: GPT-2's 124 M shape needs its vocabulary
 WORKER_TIMEOUT_S = 1800
 
@@ -95,10 +96,10 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self):
+        from edgegpt.checks import check_bool, check_choice, check_int
+
         for name in ("runs", "prompt_tokens", "new_tokens", "threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, getattr(self, name), low=1)
         if self.new_tokens < 2:
             raise ConfigError(f"new_tokens must be at least 2 (decode speed needs two tokens), got {self.new_tokens}")
         for name, allowed in (("formats", FORMATS), ("backends", BACKENDS)):
@@ -106,13 +107,13 @@ class BenchConfig:
             bad = [v for v in values if v not in allowed]
             if bad or not values or len(set(values)) != len(values):
                 raise ConfigError(f"{name} must be distinct values from {', '.join(allowed)}, got {','.join(values) or 'none'}")
-        if not self.batch or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch):
+        if not self.batch:
             raise ConfigError(f"batch must be positive integers, got {self.batch!r}")
+        for size in self.batch:
+            check_int("batch", size, low=1)
         for name in ("spinning", "huge_pages"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.provider not in ("cpu", "cuda"):
-            raise ConfigError(f"provider must be cpu or cuda, got {self.provider!r}")
+            check_bool(name, getattr(self, name))
+        check_choice("provider", self.provider, ("cpu", "cuda"))
 
     @classmethod
     def short(cls) -> "BenchConfig":
@@ -299,19 +300,20 @@ def _preset_checkpoint(preset: str, vocab_size: int | None, seed: int, out: Path
     marker.write_text(json.dumps(wanted) + "\n")
     import shutil
 
-    for stale in out.parent.glob("bundle-*"):  # bundles of the previous weights
-        shutil.rmtree(stale)
+    # Bundles of the previous weights, and any left aside by an interrupted replacement (edgegpt.files):
+    # only directories with a manifest, so that nothing but bundles is deleted from a user's --work-dir.
+    for stale in [*out.parent.glob("bundle-*"), *out.parent.glob(aside("bundle-*").name)]:
+        if (stale / MANIFEST_NAME).is_file() and not stale.is_symlink():
+            shutil.rmtree(stale)
     return out
 
 
 def _build_bundles(checkpoint: Path, work: Path, formats: tuple[str, ...], attention: str | None) -> dict[str, Path]:
     """Export (fp32) and quantize `checkpoint` into `work`/bundle-FORMAT[-ATTENTION]; existing bundles are reused."""
-    from edgegpt.manifest import MANIFEST_NAME
-
     paths: dict[str, Path] = {}
     suffix = f"-{attention}" if attention else ""
     fp32 = work / f"bundle-fp32{suffix}"
-    if not (fp32 / MANIFEST_NAME).is_file():
+    if not (recover(fp32) / MANIFEST_NAME).is_file():
         from edgegpt.export import export_bundle
 
         log.info("exporting %s -> %s", checkpoint, fp32)
@@ -323,7 +325,7 @@ def _build_bundles(checkpoint: Path, work: Path, formats: tuple[str, ...], atten
         paths["fp32"] = fp32
     for fmt in (f for f in formats if f != "fp32"):
         out = work / f"bundle-{fmt}{suffix}"
-        if not (out / MANIFEST_NAME).is_file():
+        if not (recover(out) / MANIFEST_NAME).is_file():
             from edgegpt.export.quantize import quantize_bundle
 
             log.info("quantizing %s -> %s (%s)", fp32, out, fmt)
@@ -334,34 +336,16 @@ def _build_bundles(checkpoint: Path, work: Path, formats: tuple[str, ...], atten
     return paths
 
 
-def bundle_format(manifest: dict[str, Any]) -> str:
-    """fp32, fp16, int8 or int4, from a manifest's "quantization" section (None: fp32)."""
-    q = manifest.get("quantization")
-    if not q:
-        return "fp32"
-    if isinstance(q, str):
-        return q
-    for key in ("to", "format", "scheme", "dtype", "method", "type"):
-        value = q.get(key)
-        if isinstance(value, str):
-            for fmt in FORMATS:
-                if fmt in value.lower():
-                    return fmt
-    raise BenchError(f"cannot tell the format of a bundle from its quantization section {q!r}")
-
-
 def _take_bundles(bundles) -> tuple[Path | None, dict[str, Path], dict[str, Any]]:
     """Existing bundles by format, and the checkpoint that PyTorch can run (from the manifest's source)."""
-    from edgegpt.manifest import MANIFEST_NAME
-
     paths: dict[str, Path] = {}
     ckpt = None
     for bundle in map(Path, bundles):
-        file = bundle / MANIFEST_NAME
-        if not file.is_file():
-            raise BenchError(f"{bundle}: no {MANIFEST_NAME}; is this a bundle written by `edgegpt export`?")
-        manifest = json.loads(file.read_text())
-        fmt = bundle_format(manifest)
+        try:
+            manifest = read_manifest(bundle)  # also restores one that an interrupted --force left aside
+            fmt = bundle_format(manifest)
+        except BundleError as exc:
+            raise BenchError(str(exc)) from exc
         if fmt in paths:
             raise ConfigError(f"two {fmt} bundles given ({paths[fmt]}, {bundle}); give one per format")
         paths[fmt] = bundle
@@ -400,38 +384,22 @@ def decode_weight_bytes(model_path: Path) -> dict[str, int]:
 
 
 def _bundle_info(path: Path) -> dict[str, Any]:
-    from edgegpt.manifest import MANIFEST_NAME
-
-    manifest = json.loads((path / MANIFEST_NAME).read_text())
-    graph = manifest.get("graph") or {}
-    model_files = [graph.get("file", "model.onnx")] + ([graph["external_data"]] if graph.get("external_data") else [])
+    manifest = read_manifest(path)
+    model = model_files(manifest)
     sizes = {name: (path / name).stat().st_size for name in [*manifest.get("files", {}), MANIFEST_NAME] if (path / name).is_file()}
     info = {
         "path": str(path),
         "size_bytes": sum(sizes.values()),
-        "model_bytes": sum(sizes.get(f, 0) for f in model_files),
+        "model_bytes": sum(sizes.get(f, 0) for f in model),
         "quantization": manifest.get("quantization"),
         "model": manifest.get("model"),
     }
     try:
-        info["weights"] = decode_weight_bytes(path / model_files[0])
+        info["weights"] = decode_weight_bytes(path / model[0])
     except ImportError as exc:
         info["weights"] = None
         info["weights_error"] = f"{exc}: install onnx to compute the decode bound"
     return info
-
-
-def make_prompts(vocab_size: int, eot_id: int, count: int, length: int, seed: int) -> list[list[int]]:
-    """`count` seeded random prompts of `length` token ids, none of them `eot_id`.
-
-    >>> p = make_prompts(10, 0, 2, 5, seed=0); len(p), len(p[0]), any(0 in row for row in p)
-    (2, 5, False)
-    """
-    import numpy as np
-
-    ids = np.random.default_rng(seed).integers(0, vocab_size - 1, size=(count, length))
-    ids[ids >= eot_id] += 1  # skip the end-of-text id
-    return ids.tolist()
 
 
 def _subjects(config: BenchConfig, ckpt: Path | None, paths: dict[str, Path], notes: list[str]) -> list[Subject]:
@@ -544,11 +512,10 @@ def _model_config(ckpt: Path | None, bundles: dict[str, dict]) -> GPTConfig:
 
 
 def _eot_id(ckpt: Path | None, paths: dict[str, Path]) -> int:
-    from edgegpt.manifest import MANIFEST_NAME
     from edgegpt.tokenizer import eot_id, load_tokenizer
 
     for path in paths.values():
-        meta = json.loads((path / MANIFEST_NAME).read_text()).get("tokenizer") or {}
+        meta = read_manifest(path).get("tokenizer") or {}
         if isinstance(meta.get("eot_token_id"), int):
             return meta["eot_token_id"]
     return eot_id(load_tokenizer(ckpt))
@@ -589,12 +556,3 @@ def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"ok": False, "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"}
     return json.loads(lines[-1])
-
-
-def median_min_max(values: list[float]) -> tuple[float, float, float]:
-    """(median, min, max) of a non-empty list.
-
-    >>> median_min_max([3.0, 1.0, 2.0])
-    (2.0, 1.0, 3.0)
-    """
-    return statistics.median(values), min(values), max(values)

@@ -1,22 +1,26 @@
 """What `edgegpt.bench.compare` measured, rendered: summary statistics, the targets, Markdown, JSON and a bar chart.
 
 `summarize` turns the per-round results into one row per backend (median, min and max of every figure;
-ratios taken within each round, then their median) and checks the speed targets of the benchmark issue.
+ratios taken within each round, then their median) and checks the speed targets of the benchmark issue,
+which are data: targets.json beside this file (model shapes, figures, thresholds).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 __all__ = ["environment", "markdown", "plot", "summarize", "to_json"]
 
 FIGURES = ("ttft_s", "prefill_tok_s", "decode_tok_s", "step_p50_ms", "step_p95_ms", "python_share", "peak_rss_mb")
-SHAPES = {"small": (6, 6, 384), "gpt2": (12, 12, 768)}  # (n_layer, n_head, n_embd) the targets are set for
+TARGETS = json.loads(resources.files("edgegpt.bench").joinpath("targets.json").read_text(encoding="utf-8"))
+SHAPES = {name: tuple(shape) for name, shape in TARGETS["shapes"].items()}  # (n_layer, n_head, n_embd) of each target shape
 NOISY_PROBE_SPREAD = 0.15  # probe rounds further apart than this (of the best) mean the machine was shared
 BUSY_SHARE = 0.25  # more of the CPU time than this taken by other work before the run: a busy machine
 
@@ -208,39 +212,38 @@ def _shape(model: dict) -> str | None:
 
 
 def targets(report, rows: list[dict]) -> list[dict[str, Any]]:
-    """The issue's targets that apply to this model shape: value, threshold, met."""
+    """The issue's targets (targets.json) that apply to this model shape: value, threshold, met."""
     by_name = {row["name"]: row for row in rows}
-    shape = _shape(report.model)
+    shape, b1 = _shape(report.model), min(report.config.batch)
     out = []
-
-    def check(text: str, stat: dict | None, threshold: float, above: bool = True):
-        if stat is None:
-            return
-        value = stat["median"]
-        out.append({"target": text, "value": value, "threshold": threshold, "met": value >= threshold if above else value < threshold})
-
-    def ratio(name: str, key: str):
-        return (by_name.get(name) or {}).get(key)
-
-    if shape == "small":
-        check("small: int8 >= 12x PyTorch eager (decode tok/s)", ratio("edgegpt int8", "x_torch"), 12)
-        check("small: fp32 >= 3.5x PyTorch eager", ratio("edgegpt fp32", "x_torch"), 3.5)
-        check("small: int4 >= 8x PyTorch eager", ratio("edgegpt int4", "x_torch"), 8)
-        int8 = by_name.get("edgegpt int8", {})
-        if int8.get("generate_peak_rss_mb"):
-            check("small: `edgegpt generate` on int8 peak RSS < 200 MB", int8["generate_peak_rss_mb"], 200, above=False)
+    for target in TARGETS["targets"]:
+        if "backend" in target:
+            applies = [row for row in rows if row["backend"] == target["backend"]]
         else:
-            int8_b1 = int8.get(f"batch_{min(report.config.batch)}", {})
-            check("small: int8 peak RSS < 200 MB (edgegpt process, batch 1)", int8_b1.get("peak_rss_mb"), 200, above=False)
-    if shape == "gpt2":
-        check("gpt2: fp32 >= 85 % of its bandwidth bound", ratio("edgegpt fp32", "of_bound"), 0.85)
-        check("gpt2: int8 >= 2x fp32", ratio("edgegpt int8", "x_fp32"), 2)
-        check("gpt2: int8 >= 50 % of its bandwidth bound", ratio("edgegpt int8", "of_bound"), 0.5)
-        check("gpt2: int4 >= 2.5x fp32", ratio("edgegpt int4", "x_fp32"), 2.5)
-    for row in rows:
-        if row["backend"] == "genai":
-            check(f"edgegpt >= 0.95x onnxruntime-genai ({row['format']}, batch 1)", row.get("edgegpt_over_genai"), 0.95)
+            applies = [by_name.get(target["row"]) or {}] if target["shape"] == shape else []
+        out += [result for row in applies if (result := _check(target, row, b1)) is not None]
     return out
+
+
+def _check(target: dict, row: dict, b1: int) -> dict[str, Any] | None:
+    """One target on one row: its median against the threshold; None when the row lacks the figure."""
+    stat = _figure(row, target["figure"], b1)
+    if not stat and target.get("fallback"):
+        target = {**target, **target["fallback"]}
+        stat = _figure(row, target["figure"], b1)
+    if stat is None:
+        return None
+    value, above = stat["median"], "at_least" in target
+    threshold = target["at_least"] if above else target["below"]
+    return {"target": target["text"].format(format=row.get("format")), "value": value, "threshold": threshold,
+            "met": value >= threshold if above else value < threshold}
+
+
+def _figure(row: dict, path: list[str], b1: int) -> Any:
+    """row[path[0]][path[1]]..., None where a key is missing; "{b1}" in a key is the smallest batch size."""
+    for key in path:
+        row = (row or {}).get(key.format(b1=b1))
+    return row
 
 
 # ------------------------------------------------------------------ rendering

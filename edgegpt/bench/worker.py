@@ -6,7 +6,8 @@ footprint is what a device would see). Kinds:
 
 - "torch": PyTorch eager with the KV cache, the same loop as `edgegpt.train.generate.generate` (greedy),
   timed per step; the reference.
-- "edgegpt": `edgegpt.runtime.Generator` on a bundle, greedy with `ignore_eos`, timed per model step.
+- "edgegpt": `edgegpt.runtime.Generator` on a bundle, greedy with `ignore_eos`, timed per model step by
+  `edgegpt.runtime.bench.time_generation` (what `edgegpt bench BUNDLE` reports on a device).
 - "genai": onnxruntime-genai's greedy search on the same bundle (its genai_config.json, with the thread
   count and thread spinning set as edgegpt's, and the end-of-text stop turned off so that every backend
   generates the same number of tokens).
@@ -17,65 +18,21 @@ Each generation kind runs a short warm-up, then for every batch size one timed g
 `new_tokens` tokens after a prompt of `len(prompt)` tokens. The result (one JSON object on stdout) holds
 time to first token, prefill and decode tokens/s, per-token latency percentiles, the generated ids and
 the peak resident set size (`ru_maxrss`) after the batch-1 run and at the end.
-Module-level imports are the standard library only.
+Module-level imports are the standard library and `edgegpt.runtime.bench` (numpy, no onnxruntime).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from typing import Any, Callable
 
+from edgegpt.runtime.bench import figures, peak_rss_mb
+
 # A timed generation: (prompts, new_tokens) -> (step timestamps incl. the start, tokens per row, extras)
 RunFn = Callable[[list, int], tuple]
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (1e6 bytes).
-
-    Linux: VmHWM, the high-water mark of this program's own address space. Not ru_maxrss: Linux carries
-    it across fork and exec, so a child of a large parent (one that imported torch) would report the
-    parent's size. Elsewhere ru_maxrss (KiB on Linux, bytes on macOS).
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation, like numpy's default."""
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def _figures(stamps: list[float], prompt_tokens: int, batch: int) -> dict[str, float]:
-    """Figures of one timed generation from its timestamps: start, then one per model step."""
-    ttft = stamps[1] - stamps[0]
-    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # decode steps: token k -> token k + 1
-    decode_s = stamps[-1] - stamps[1]
-    return {
-        "ttft_s": ttft,
-        "prefill_tok_s": batch * prompt_tokens / ttft,
-        "decode_tok_s": batch * len(steps) / decode_s if decode_s > 0 else 0.0,
-        "decode_s": decode_s,
-        "step_p50_ms": _percentile(steps, 50) * 1e3,
-        "step_p95_ms": _percentile(steps, 95) * 1e3,
-        "new_tokens": len(steps) + 1,
-    }
 
 
 def _measure(run: RunFn, spec: dict) -> dict[str, Any]:
@@ -85,12 +42,12 @@ def _measure(run: RunFn, spec: dict) -> dict[str, Any]:
         prompts = spec["prompts"][:batch]
         run([p[: min(len(p), 16)] for p in prompts], min(4, spec["new_tokens"]))  # allocations, lazy init
         stamps, tokens, extra = run(prompts, spec["new_tokens"])
-        figures = _figures(stamps, len(prompts[0]), batch)
-        figures.update(extra)
-        figures["tokens"] = tokens[0]
-        figures["peak_rss_mb"] = _peak_rss_mb()
-        out["batches"][str(batch)] = figures
-    out["peak_rss_mb"] = _peak_rss_mb()
+        result = figures(stamps, len(prompts[0]), batch)
+        result.update(extra)
+        result["tokens"] = tokens[0]
+        result["peak_rss_mb"] = peak_rss_mb()
+        out["batches"][str(batch)] = result
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
@@ -127,6 +84,7 @@ def _edgegpt(spec: dict) -> dict[str, Any]:
     import onnxruntime as ort
 
     from edgegpt.runtime import Generator
+    from edgegpt.runtime.bench import time_generation
 
     started = time.perf_counter()
     gen = Generator.load(spec["path"], provider=spec["provider"], threads=spec["threads"], spinning=spec["spinning"],
@@ -134,15 +92,9 @@ def _edgegpt(spec: dict) -> dict[str, Any]:
     load_s = time.perf_counter() - started
 
     def run(prompts, new_tokens):
-        started = time.perf_counter()
-        # greedy is SamplingConfig's default (temperature 0); ignore_eos: always new_tokens tokens
-        request = gen._request(prompts, None, {"max_new_tokens": new_tokens, "ignore_eos": True}, started)
-        stamps = [started]
-        for _ in request:  # one iteration per model step: the loop that generate_ids runs
-            stamps.append(time.perf_counter())
-        total = stamps[-1] - started
-        extra = {"session_s": request.session_s, "python_share": 1.0 - request.session_s / total if total else 0.0}
-        return stamps, [request.result(b).tokens for b in range(len(prompts))], extra
+        stamps, tokens, session_s = time_generation(gen, prompts, new_tokens)  # the loop generate_ids runs
+        total = stamps[-1] - stamps[0]
+        return stamps, tokens, {"session_s": session_s, "python_share": 1.0 - session_s / total if total else 0.0}
 
     result = _measure(run, spec)
     result.update(
@@ -220,7 +172,7 @@ def bandwidth_probe(threads: int, mib: int = 256, repeats: int = 5) -> dict[str,
     except ImportError as exc:  # onnx is a workstation dependency; the numpy figure still stands
         result["ort_gemv_error"] = str(exc)
     result["gbs"] = max(result["numpy_max_gbs"], result.get("ort_gemv_gbs", 0.0))
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
@@ -269,7 +221,7 @@ def _cli(spec: dict) -> dict[str, Any]:
         except SystemExit as exc:
             if exc.code:
                 raise RuntimeError(f"edgegpt generate exited {exc.code}") from None
-    return {"peak_rss_mb": _peak_rss_mb(), "wall_s": time.perf_counter() - started, "torch_imported": "torch" in sys.modules}
+    return {"peak_rss_mb": peak_rss_mb(), "wall_s": time.perf_counter() - started, "torch_imported": "torch" in sys.modules}
 
 
 KINDS = {"torch": _torch, "edgegpt": _edgegpt, "genai": _genai, "cli": _cli}

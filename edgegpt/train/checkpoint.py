@@ -7,17 +7,16 @@ Layout of a checkpoint directory:
     train_state.pt      optimizer state and torch RNG state (loaded with weights_only=True only)
     train_state.json    step, data RNG state, training config
 
-Saving is atomic: everything is written to a temporary sibling directory, the old checkpoint is moved
-aside, the new one renamed into place, and the old one deleted. A kill at any point leaves either the
-new or the previous checkpoint readable; `_recover` puts a moved-aside previous checkpoint back.
+Saving is atomic (`edgegpt.files.staged_dir`): everything is written to a temporary sibling directory, the
+old checkpoint is moved aside, the new one renamed into place, and the old one deleted. A kill at any point
+leaves either the new or the previous checkpoint readable; `resolve` puts a moved-aside previous
+checkpoint back (`edgegpt.files.recover`).
 Pickle is never loaded except through `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgegpt.config import GPTConfig
-from edgegpt.errors import CheckpointError, ConfigError
+from edgegpt.errors import CheckpointError, ConfigError, DataError
+from edgegpt.files import recover, staged_dir
+from edgegpt.tokenizer import load_tokenizer
 from edgegpt.train.model import SimpleGPT
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
@@ -36,22 +37,10 @@ TIED = "lm_head.weight"  # same tensor as tok_emb.weight; not stored twice
 
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, given it or a training run directory that holds `checkpoint/`."""
-    path = Path(path)
-    _recover(path)
-    if (path / "checkpoint" / CONFIG).exists() or not (path / CONFIG).exists() and (path / "checkpoint").exists():
-        path = path / "checkpoint"
-        _recover(path)
+    path, inner = recover(path), recover(Path(path) / "checkpoint")  # a save interrupted between its renames
+    if (inner / CONFIG).exists() or not (path / CONFIG).exists() and inner.exists():
+        path = inner
     return path
-
-
-def _aside(path: Path) -> Path:
-    return path.with_name(path.name + ".previous")
-
-
-def _recover(path: Path) -> None:
-    """Undo a save interrupted between its two renames: the previous checkpoint is put back."""
-    if not path.exists() and _aside(path).exists():
-        _aside(path).rename(path)
 
 
 def save_checkpoint(
@@ -78,10 +67,7 @@ def save_checkpoint(
     'ckpt'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _recover(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with staged_dir(path) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED}
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt", "edgegpt": "1"})
         model.config.to_json(tmp / CONFIG)
@@ -90,13 +76,6 @@ def save_checkpoint(
             torch.save(optimizer_state, tmp / TRAIN_STATE_PT)
         if train_state is not None:
             (tmp / TRAIN_STATE_JSON).write_text(json.dumps(train_state, indent=2))
-        if path.exists():
-            path.rename(_aside(path))
-        tmp.rename(path)
-        shutil.rmtree(_aside(path), ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -134,23 +113,6 @@ def _read_weights(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_tokenizer_json(path: str | Path, vocab_size: int):
-    """The checkpoint's tokenizer, refused if its vocabulary size differs from the model's."""
-    from tokenizers import Tokenizer
-
-    file = Path(path) / TOKENIZER
-    try:
-        tok = Tokenizer.from_file(str(file))
-    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-        raise CheckpointError(f"{file}: missing or unreadable tokenizer ({exc})") from exc
-    if tok.get_vocab_size() != vocab_size:
-        raise CheckpointError(
-            f"{file}: tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is {vocab_size}; "
-            "use the tokenizer the model was trained with"
-        )
-    return tok
-
-
 @dataclass
 class Checkpoint:
     """A loaded checkpoint: the model (eval mode, CPU), its tokenizer and the directory it came from."""
@@ -176,7 +138,10 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         raise CheckpointError(f"{path}: no such checkpoint directory")
     config = _read_config(path)
     state = _read_weights(path, config)
-    tokenizer = load_tokenizer_json(path, config.vocab_size)
+    try:
+        tokenizer = load_tokenizer(path / TOKENIZER, vocab_size=config.vocab_size)
+    except DataError as exc:  # its message names the file
+        raise CheckpointError(str(exc)) from exc
     model = SimpleGPT(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if set(missing) != {TIED} or unexpected:  # internal invariant: _read_weights checked the names

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from edgegpt.checks import check_int, check_real
 from edgegpt.errors import ConfigError
 
 
@@ -39,10 +40,11 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.learning_rate <= 0 or self.min_lr < 0 or self.grad_clip < 0:
-            raise ConfigError("warmup_steps, min_lr and grad_clip must be >= 0 and learning_rate > 0")
+            check_int(name, getattr(self, name), low=1)
+        check_int("warmup_steps", self.warmup_steps)
+        check_real("learning_rate", self.learning_rate, low=0.0, low_open=True)
+        check_real("min_lr", self.min_lr, low=0.0)
+        check_real("grad_clip", self.grad_clip, low=0.0)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 

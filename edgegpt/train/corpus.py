@@ -20,6 +20,7 @@ from edgegpt.train.checkpoint import load_checkpoint, load_train_state, resolve
 from edgegpt.config import GPTConfig
 from edgegpt.train.data import check_enough, corpus_texts_for_tokenizer, find_corpus_files, load_token_ids, read_corpus, split_ids
 from edgegpt.errors import ConfigError
+from edgegpt.files import aside
 from edgegpt.train.model import SimpleGPT
 from edgegpt.tokenizer import eot_id, train_tokenizer
 from edgegpt.train.trainer import TrainResult, train
@@ -90,8 +91,9 @@ def train_on_corpus(
         documents = read_corpus(files)
         tokenizer = train_tokenizer(corpus_texts_for_tokenizer(documents), vocab_size=vocab_size)
         config = dataclasses.replace(config, vocab_size=tokenizer.get_vocab_size())
-        if force:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if force:  # the checkpoint and any copy an interrupted save left aside, which `resolve` would restore
+            for directory in (ckpt_dir, aside(ckpt_dir)):
+                shutil.rmtree(directory, ignore_errors=True)
             for name in ("metrics.jsonl", "loss.png"):
                 (out / name).unlink(missing_ok=True)
     ids = load_token_ids(files, tokenizer, cache_dir or default_cache_dir())

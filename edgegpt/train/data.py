@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import sysconfig
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edgegpt.errors import ConfigError, DataError
+from edgegpt.files import atomic_write
 from edgegpt.tokenizer import eot_id
 
 __all__ = [
@@ -178,9 +177,9 @@ def corpus_texts_for_tokenizer(docs: Sequence[str], max_chars: int = 4_000_000, 
     """A deterministic sample of about `max_chars` characters of `docs`, to train the BPE quickly.
 
     Whole documents are taken in a seeded random order (so every part of the corpus is represented, not
-    just the alphabetically first files); the last one is cut to fit. On the CPython 3.11 stdlib (31 M
-    chars, 2 cores), 4 M chars trains a 4096 vocabulary in 1.5-3 s instead of 6-24 s, and its tokens for
-    the whole corpus are only 2.4% more than those of a tokenizer trained on all of it.
+    just the alphabetically first files); the last one is cut to fit. On the default corpus the sample
+    trains several times faster than the whole corpus, at the cost of only slightly more tokens for the
+    whole corpus (measurements: docs/design.md, "9. Training data").
 
     Raises:
         ConfigError: `max_chars` is not positive.
@@ -216,8 +215,8 @@ def load_token_ids(files: Sequence[CorpusFile | str | Path], tokenizer: Tokenize
 
     The cache key is a sha256 over the documents' contents (not paths or mtimes: a moved corpus still
     hits, an edited file misses), the tokenizer's JSON and the dtype; the file is
-    `cache_dir/tokens-<key>.<dtype>.bin`, written atomically. On the default corpus (31 M chars ->
-    9.6 M tokens) a cache hit takes ~0.1-0.3 s (read + hash); a miss tokenizes for 10-35 s on 2 cores.
+    `cache_dir/tokens-<key>.<dtype>.bin`, written atomically. A cache hit costs only reading and hashing
+    the documents, far less than tokenizing them (measurements: docs/design.md, "9. Training data").
 
     Args:
         files: as for `read_corpus` (scanned binary files are skipped, explicit ones raise).
@@ -257,7 +256,7 @@ def load_token_ids(files: Sequence[CorpusFile | str | Path], tokenizer: Tokenize
 
 
 def _encode_batch(tokenizer: Tokenizer, docs: list[str]) -> list[list[int]]:
-    """Token ids of each document, in parallel; `encode_batch_fast` (no offsets) is ~2x faster where present."""
+    """Token ids of each document, in parallel; `encode_batch_fast` (no offsets) is used where present (faster)."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     return [e.ids for e in encode(docs, add_special_tokens=False)]
 
@@ -266,20 +265,14 @@ def _write_tokens(
     path: Path, docs: list[str], tokenizer: Tokenizer, eot: int, dtype: np.dtype, chunk: int = 256
 ) -> None:
     """Tokenize `docs` chunk by chunk (bounded memory) into a temp file beside `path`, then rename it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for start in range(0, len(docs), chunk):
-                ids: list[int] = []
-                for i, doc_ids in enumerate(_encode_batch(tokenizer, docs[start : start + chunk]), start):
-                    if i:
-                        ids.append(eot)  # EOT between documents, not after the last
-                    ids.extend(doc_ids)
-                np.asarray(ids, dtype=dtype).tofile(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        for start in range(0, len(docs), chunk):
+            ids: list[int] = []
+            for i, doc_ids in enumerate(_encode_batch(tokenizer, docs[start : start + chunk]), start):
+                if i:
+                    ids.append(eot)  # EOT between documents, not after the last
+                ids.extend(doc_ids)
+            np.asarray(ids, dtype=dtype).tofile(f)
     logger.info("tokenized %d documents into %s", len(docs), path)
 
 

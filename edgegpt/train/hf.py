@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +35,14 @@ from safetensors.torch import load_file, save_file
 from edgegpt.train.checkpoint import TIED, TOKENIZER, load_checkpoint, save_checkpoint
 from edgegpt.config import GPTConfig
 from edgegpt.errors import CheckpointError, ConfigError
+from edgegpt.files import recover, staged_dir
+from edgegpt.tokenizer import EOT  # GPT-2's end-of-text token: bos and eos in its config
 from edgegpt.train.model import SimpleGPT
 
 __all__ = ["import_hf", "export_hf", "EOT"]
 
 log = logging.getLogger(__name__)
 
-EOT = "<|endoftext|>"  # GPT-2's end-of-text token: bos and eos in its config
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh-approximate GELU of FeedForward
 # (edgegpt sub-module, GPT-2 sub-module, Conv1D weight stored transposed)
 LAYER_PARTS = (
@@ -238,7 +238,7 @@ def _read_hf_tokenizer(src: Path, vocab_size: int):
 
 def _check_out_dir(out: Path, force: bool) -> None:
     """Refuse a file, or a non-empty directory unless `force`."""
-    if out.exists() and not out.is_dir():
+    if recover(out).exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out}: exists and is not empty; choose another directory or pass force=True")
@@ -270,7 +270,7 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
     >>> import_hf("hf/gpt2", "ckpt/gpt2")  # doctest: +SKIP
     PosixPath('ckpt/gpt2')
     """
-    src, out = Path(src_dir), Path(out_ckpt_dir)
+    src, out = recover(src_dir), Path(out_ckpt_dir)  # `src` may be an `export_hf` directory
     if not src.is_dir():
         raise CheckpointError(f"{src}: no such directory; pass a local Hugging Face model directory")
     _check_out_dir(out, force)
@@ -355,23 +355,10 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False)
     eot = ckpt.tokenizer.token_to_id(EOT)
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT} if eot is not None else {}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size, **special}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    aside = out.with_name(f".{out.name}.replaced")
-    try:
+    with staged_dir(out) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})  # transformers checks "format"
         (tmp / "config.json").write_text(json.dumps(_hf_config(config, eot), indent=2) + "\n")
         shutil.copyfile(ckpt.path / TOKENIZER, tmp / TOKENIZER)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-            out.rename(aside)
-        tmp.rename(out)
-        shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not out.exists() and aside.exists():  # interrupted between the two renames: put the old one back
-            aside.rename(out)
-        raise
     log.info("exported %s to %s", ckpt.path, out)
     return out

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from edgegpt.train.checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from edgegpt.train.data import get_batch
 from edgegpt.errors import ConfigError
+from edgegpt.files import atomic_write
 from edgegpt.train.model import SimpleGPT
 from edgegpt.train.config import TrainConfig
 
@@ -133,10 +134,11 @@ def plot_losses(out: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / ".loss.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out / "loss.png")
+    try:
+        with atomic_write(out / "loss.png", "wb") as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _distributed() -> tuple[int, int]:

@@ -12,9 +12,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from edgegpt.bench.compare import BenchConfig, decode_weight_bytes, make_prompts, placeholder_tokenizer
+from edgegpt.bench.compare import BenchConfig, decode_weight_bytes, placeholder_tokenizer
+from edgegpt.runtime.bench import make_prompts
 from edgegpt.bench.cli import bench_command
-from edgegpt.bench.worker import _figures, _percentile
 from edgegpt.errors import ConfigError
 
 NEW_TOKENS = 8
@@ -41,6 +41,7 @@ def _expected_rows() -> list[str]:
     return ["torch eager"] + [f"{b} {f}" for f in ("fp32", "int8") for b in backends]
 
 
+@pytest.mark.slow
 def test_bench_prints_both_tables_with_a_row_per_backend(bench):
     result, _, _, _ = bench
     assert result.exit_code == 0, result.output
@@ -51,6 +52,7 @@ def test_bench_prints_both_tables_with_a_row_per_backend(bench):
         assert sum(line.startswith(f"| {name} |") for line in table.splitlines()) == 2, name  # speed + memory tables
 
 
+@pytest.mark.slow
 def test_bench_json_has_every_figure_positive(bench):
     _, data, _, _ = bench
     assert data is not None
@@ -80,6 +82,7 @@ def test_bench_json_has_every_figure_positive(bench):
                 assert r["torch_imported"] is False and r["cli"]["torch_imported"] is False, f"{name}: torch imported"
 
 
+@pytest.mark.slow
 def test_bench_fp32_tokens_equal_pytorch_and_genai(bench):
     _, data, _, _ = bench
     rows = {row["name"]: row for row in data["summary"]}
@@ -89,17 +92,20 @@ def test_bench_fp32_tokens_equal_pytorch_and_genai(bench):
     assert all(row["deterministic"] for row in rows.values())
 
 
+@pytest.mark.slow
 def test_bench_rounds_rotate_the_order(bench):
     _, data, _, _ = bench
     first, second = data["order"]
     assert sorted(first) == sorted(second) and first != second and first[1:] + first[:1] == second
 
 
+@pytest.mark.slow
 def test_bench_writes_a_png(bench):
     _, _, png, _ = bench
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_the_context_is_a_usage_error(bench):
     _, _, _, work = bench  # reuses the exported bundles
     args = ["--preset", "tiny", "--runs", "1", "--prompt-tokens", "60", "--new-tokens", "8", "--formats", "fp32", "--work-dir", str(work)]
@@ -140,14 +146,6 @@ def test_decode_weight_bytes_skip_embedding_tables(tmp_path):
     )  # fmt: skip
     onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
     assert decode_weight_bytes(tmp_path / "m.onnx") == {"read": 3200, "gathered": 3200, "total": 6400}
-
-
-def test_figures_from_step_timestamps():
-    stamps = [0.0, 0.1, 0.11, 0.12, 0.14]  # start, first token after 100 ms, then 3 decode steps
-    f = _figures(stamps, prompt_tokens=10, batch=2)
-    assert f["ttft_s"] == pytest.approx(0.1) and f["prefill_tok_s"] == pytest.approx(200)
-    assert f["decode_tok_s"] == pytest.approx(2 * 3 / 0.04) and f["new_tokens"] == 4
-    assert f["step_p50_ms"] == pytest.approx(10) and _percentile([1, 2, 3, 4], 50) == 2.5
 
 
 def test_cli_module_imports_nothing_heavy():

@@ -23,7 +23,6 @@ from edgegpt.errors import CheckpointError, ExportError, ParityError
 from edgegpt.export import export_bundle
 from edgegpt.export import onnx_export, validate
 from edgegpt.export.cli import export as export_cmd
-from edgegpt.train.generate import generate
 from edgegpt.manifest import MANIFEST_NAME, sha256_file, verify_bundle
 
 ATOL = 1e-4
@@ -66,17 +65,15 @@ def manifest(bundle) -> dict:
 
 
 @pytest.fixture(scope="session")
-def lively(lively_checkpoint):
+def lively(lively_checkpoint, lively_mha_bundle):
     """(model, "mha" bundle); its own validation greedy-checks 32 tokens too."""
-    model, path = lively_checkpoint
-    return model, export_bundle(path, path.parent / "bundle", attention="mha")
+    return lively_checkpoint[0], lively_mha_bundle
 
 
 @pytest.fixture(scope="session")
-def lively_gqa(lively_checkpoint):
-    """(model, "gqa" bundle); tests/export/test_shared_kv.py checks the validation of such an export."""
-    model, path = lively_checkpoint
-    return model, export_bundle(path, path.parent / "bundle_gqa", attention="gqa", validate=False)
+def lively_gqa(lively_checkpoint, lively_gqa_bundle):
+    """(model, "gqa" bundle); tests/export/test_shared_kv.py checks the validation of this export."""
+    return lively_checkpoint[0], lively_gqa_bundle
 
 
 def test_checker_and_shape_inference(bundle, model):
@@ -88,31 +85,10 @@ def test_checker_and_shape_inference(bundle, model):
     assert (logits.name, dims) == ("logits", ["batch_size", "sequence_length", model.config.vocab_size])
 
 
-def _run_case(model, sess, batch, new, past, pads=()):
-    """Max abs logit and present differences, ORT vs PyTorch, over real positions."""
-    cfg = model.config
-    g = torch.Generator().manual_seed(batch * 1000 + new * 10 + past)
-    ids = torch.randint(0, cfg.vocab_size, (batch, past + new), generator=g)
-    mask = torch.ones(batch, past + new, dtype=torch.long)
-    for row, pad in enumerate(pads):
-        mask[row, :pad] = 0
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    with torch.no_grad():
-        cache = model(ids[:, :past], None, mask[:, :past], pos[:, :past])[1] if past else None
-        logits, presents = model(ids[:, past:], cache, mask, pos[:, past:])
-    empty = torch.zeros(batch, cfg.n_head, 0, cfg.head_size)
-    pasts = [t for kv in cache for t in kv] if cache else [empty] * (2 * cfg.n_layer)
-    feed = dict(input_ids=ids[:, past:], attention_mask=mask, position_ids=pos[:, past:])
-    for i in range(cfg.n_layer):
-        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = pasts[2 * i], pasts[2 * i + 1]
-    got = sess.run(None, {k: v.numpy() for k, v in feed.items()})
-    assert got[0].shape == (batch, new, cfg.vocab_size)
-    assert got[1].shape == (batch, cfg.n_head, past + new, cfg.head_size)
-    real_q, real_k = mask[:, past:].bool().numpy(), mask.bool().numpy()
-    logit_diff = np.abs(got[0] - logits.numpy())[real_q].max()
-    ours = [t.numpy() for kv in presents for t in kv]
-    present_diff = max(np.abs(a - b).transpose(0, 2, 1, 3)[real_k].max() for a, b in zip(got[1:], ours))
-    return float(logit_diff), float(present_diff)
+def _case_diffs(model, sess, batch, new, past, pads=()) -> dict[str, float]:
+    """Max abs difference per graph output, ORT vs PyTorch, over real positions: the export validation's parity case."""
+    case = validate.Case("test", batch, new, past, tuple(pads))
+    return validate._case_diffs(model, sess, case, seed=batch * 1000 + new * 10 + past)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +99,8 @@ def _run_case(model, sess, batch, new, past, pads=()):
         (3, 64, 0, ()),
         (1, 1, 63, ()),  # decode at the last position
         (3, 1, 20, ()),  # batched decode
-        (3, 4, 30, ()),  # a chunk of tokens after a past
+        (1, 4, 30, ()),  # a chunk of tokens after a past
+        (3, 4, 30, ()),
         (3, 10, 0, (0, 3, 6)),  # left-padded prefill
         (3, 1, 10, (0, 3, 6)),  # decode on a left-padded cache
     ],
@@ -132,12 +109,8 @@ def test_parity_with_pytorch(model, any_sess, attention, batch, new, past, pads)
     assert model.config.block_size == 64
     if attention == "gqa" and batch > 1 and new > 1 and past:
         pytest.skip("GroupQueryAttention's CPU kernel takes a multi-token chunk after a past at batch 1 only")
-    logit_diff, present_diff = _run_case(model, any_sess, batch, new, past, pads)
-    assert logit_diff <= ATOL and present_diff <= ATOL, (logit_diff, present_diff)
-
-
-def test_gqa_chunk_after_a_past_at_batch_1(model, gqa_bundle):
-    assert max(_run_case(model, validate.session(gqa_bundle / "model.onnx"), 1, 4, 30)) <= ATOL
+    diffs = _case_diffs(model, any_sess, batch, new, past, pads)
+    assert max(diffs.values()) <= ATOL, diffs
 
 
 def test_left_padding_matches_the_unpadded_row(any_sess, model):
@@ -157,10 +130,10 @@ def test_left_padding_matches_the_unpadded_row(any_sess, model):
 
 
 @pytest.mark.parametrize("seed", [1, 3])
-def test_greedy_32_tokens_equal_pytorch_generate(attention, request, seed):
+def test_greedy_32_tokens_equal_pytorch_generate(attention, request, seed, torch_greedy):
     model, bundle = request.getfixturevalue("lively_gqa" if attention == "gqa" else "lively")
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(seed))
-    expected = generate(model, prompt, 32)[0, 8:].tolist()
+    expected = torch_greedy(model, prompt[0].tolist(), 32)
     assert len(set(expected)) >= 5  # a varied sequence, so that agreement means something
     sess = validate.session(bundle / "model.onnx")
     tokens, _ = validate.greedy_onnx(sess, prompt.numpy(), 32, model.config, shared_buffer=attention == "gqa")
@@ -222,21 +195,13 @@ def test_genai_config_describes_the_graph(bundle, model):
     assert json.loads((bundle / "tokenizer_config.json").read_text())["tokenizer_class"] == "GPT2Tokenizer"
 
 
-def test_onnxruntime_genai_generates_edgegpt_tokens(lively):
+def test_onnxruntime_genai_generates_edgegpt_tokens(lively, torch_greedy, genai_greedy):
     og = pytest.importorskip("onnxruntime_genai")
     model, bundle = lively
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))[0].tolist()
-    genai_model = og.Model(str(bundle))
-    params = og.GeneratorParams(genai_model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + 32)
-    gen = og.Generator(genai_model, params)
-    gen.append_tokens(prompt)
-    while not gen.is_done():
-        gen.generate_next_token()
-    tokens = [int(t) for t in gen.get_sequence(0)][len(prompt) :]
-    expected = generate(model, torch.tensor([prompt]), 32)[0, len(prompt) :].tolist()
-    assert tokens == expected[: len(tokens)] and len(tokens) >= 16  # genai stops early only on EOT (id 0)
-    tokenizer = og.Tokenizer(genai_model)
+    tokens = genai_greedy(bundle, prompt, 32)
+    assert tokens == torch_greedy(model, prompt, 32)[: len(tokens)] and len(tokens) >= 16  # genai stops early only on EOT (id 0)
+    tokenizer = og.Tokenizer(og.Model(str(bundle)))
     text = "def parse(self, s):\n    return s.strip()"
     assert list(tokenizer.encode(text)) == load_tokenizer_ids(bundle, text)
 
@@ -269,7 +234,7 @@ def test_external_data_bundle_runs_and_is_hashed(tiny_checkpoint, model, tmp_pat
     assert manifest["files"]["model.onnx.data"]["size"] > 0.95 * 4 * model.num_params()  # the weights live there
     assert manifest["files"]["model.onnx.data"]["size"] < 4 * model.num_params()  # once: the tied matrix is not copied
     assert (out / "model.onnx").stat().st_size < 100_000
-    assert max(_run_case(model, validate.session(out / "model.onnx"), 3, 1, 20)) <= ATOL
+    assert max(_case_diffs(model, validate.session(out / "model.onnx"), 3, 1, 20).values()) <= ATOL
 
 
 def test_no_optimize_keeps_the_plain_graph(tiny_checkpoint, model, tmp_path):
@@ -278,7 +243,7 @@ def test_no_optimize_keeps_the_plain_graph(tiny_checkpoint, model, tmp_path):
     assert optimization["optimizer"] is None
     assert optimization["op_counts_after"] == optimization["op_counts_before"]
     assert "SkipLayerNormalization" not in optimization["op_counts_after"]
-    assert max(_run_case(model, validate.session(out / "model.onnx"), 1, 5, 7)) <= ATOL
+    assert max(_case_diffs(model, validate.session(out / "model.onnx"), 1, 5, 7).values()) <= ATOL
 
 
 def test_parity_error_names_output_case_and_difference(model, bundle):

@@ -30,6 +30,8 @@ from edgegpt.runtime import Generator
 QUALITY = {"int8": (0.93, 1.0), "int4": (0.85, 3.0), "fp16": (0.99, 0.05)}
 SIZE_RATIO = {"int8": 0.40, "int4": 0.30, "fp16": 0.55}  # model bytes / fp32 model bytes, at most
 
+pytestmark = pytest.mark.slow  # nearly every test builds on the trained model (`fp32`) and the quantization gates
+
 
 def _snapshot(path: Path) -> dict[str, str]:
     return {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
@@ -152,9 +154,9 @@ def test_fp16_logits_match_fp32_on_cpu(quantized, fp32):
     ref = Generator.load(fp32, provider="cpu", threads=2)
     half = Generator.load(quantized["fp16"], provider="cpu", threads=2)
     assert half.bundle.kv.dtype == "float16"
-    from edgegpt.runtime.evaluate import _logits
+    from edgegpt.runtime.evaluate import all_logits
 
-    a, b = _logits(ref, np.asarray([ids])), _logits(half, np.asarray([ids]))
+    a, b = all_logits(ref, np.asarray([ids])), all_logits(half, np.asarray([ids]))
     assert b.dtype == np.float32 and np.isfinite(b).all()
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.95
@@ -252,17 +254,9 @@ def test_the_groupqueryattention_graph_quantizes_the_same_way(fp32, texts, tmp_p
     assert len(Generator.load(out, provider="cpu").generate("def ", max_new_tokens=8, ignore_eos=True).tokens) == 8
 
 
-def test_onnxruntime_genai_loads_the_int4_bundle(quantized):
-    og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(str(quantized["int4"]))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=24)
-    gen = og.Generator(model, params)
+def test_onnxruntime_genai_loads_the_int4_bundle(quantized, genai_greedy):
     prompt = [5, 6, 7, 8]
-    gen.append_tokens(prompt)
-    while not gen.is_done():
-        gen.generate_next_token()
-    tokens = [int(t) for t in gen.get_sequence(0)][len(prompt):]
+    tokens = genai_greedy(quantized["int4"], prompt, 20)
     ours = Generator.load(quantized["int4"], provider="cpu").generate_ids(prompt, max_new_tokens=len(tokens), ignore_eos=True)
     assert tokens and tokens == ours.tokens[: len(tokens)]
 

@@ -1,7 +1,7 @@
 """The GroupQueryAttention graph and its KV layout "shared_buffer", end to end.
 
-Export (parity with PyTorch, greedy tokens, manifest and genai config), the refusal of head sizes the
-kernel cannot run, and the runtime: generate / batch / stream / sliding window / threads on the "gqa"
+Export (the validation recorded in the manifest, greedy tokens, genai config; the parity cases of both graphs
+are in test_export.py), the refusal of head sizes the kernel cannot run, and the runtime: generate / batch / stream / sliding window / threads on the "gqa"
 bundle give the "mha" bundle's tokens, and the cache buffers and logits are allocated once per request.
 The models have larger random weights than the seeded tiny checkpoint so that greedy tokens vary.
 """
@@ -22,22 +22,20 @@ from edgegpt.train.checkpoint import save_checkpoint
 from edgegpt.errors import ExportError
 from edgegpt.export import export_bundle, onnx_export, validate
 from edgegpt.export.cli import export as export_cmd
-from edgegpt.train.generate import generate
 from edgegpt.runtime import Bundle, Generator
 from edgegpt.runtime import binding as binding_module
-from edgegpt.runtime.kv_cache import SharedBufferKVCache
 
 PROMPTS = [[11, 42, 7], [5], list(range(100, 130)), [9, 8, 7, 6, 5, 4]]
 
 
 @pytest.fixture(scope="module")
-def gqa_bundle(lively_checkpoint, tmp_path_factory) -> Path:
-    return export_bundle(lively_checkpoint[1], tmp_path_factory.mktemp("gqa") / "bundle", attention="gqa")  # validated
+def gqa_bundle(lively_gqa_bundle) -> Path:
+    return lively_gqa_bundle  # validated on export (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def mha_bundle(lively_checkpoint, tmp_path_factory) -> Path:
-    return export_bundle(lively_checkpoint[1], tmp_path_factory.mktemp("mha") / "bundle", attention="mha", validate=False)
+def mha_bundle(lively_mha_bundle) -> Path:
+    return lively_mha_bundle
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +46,6 @@ def gqa(gqa_bundle) -> Generator:
 @pytest.fixture(scope="module")
 def mha(mha_bundle) -> Generator:
     return Generator.load(mha_bundle, provider="cpu", threads=1)
-
-
-def _torch_greedy(model, ids: list[int], n: int) -> list[int]:
-    return generate(model, torch.tensor([ids]), n)[0, len(ids) :].tolist()
 
 
 # --- export ----------------------------------------------------------------------------------------------
@@ -78,25 +72,16 @@ def test_gqa_bundle_manifest_graph_and_genai_config(gqa_bundle, lively_checkpoin
     assert genai["search"]["past_present_share_buffer"] is True and genai["model"]["type"] == "decoder"
 
 
-@pytest.mark.parametrize(
-    "batch, new, past, pads", [(1, 64, 0, ()), (3, 1, 20, ()), (1, 4, 30, ()), (3, 10, 0, (0, 3, 6)), (3, 1, 10, (0, 3, 6))]
-)
-def test_gqa_parity_with_pytorch(lively_checkpoint, gqa_bundle, batch, new, past, pads):
-    model, sess = lively_checkpoint[0], validate.session(gqa_bundle / "model.onnx")
-    case = validate.Case("t", batch, new, past, pads)
-    diffs = validate._case_diffs(model, sess, case, seed=batch * 100 + new + past)
-    assert max(diffs.values()) <= validate.ATOL, diffs
-
-
-def test_shared_buffer_greedy_equals_pytorch_and_concat_use(lively_checkpoint, gqa_bundle):
+def test_the_gqa_graph_also_decodes_with_a_growing_past(lively_checkpoint, gqa_bundle, torch_greedy):
+    """Each present fed back as the next past of exactly P positions, the "concat" use; the shared buffer's
+    greedy tokens are checked in test_export.py (test_greedy_32_tokens_equal_pytorch_generate)."""
     model = lively_checkpoint[0]
     sess = validate.session(gqa_bundle / "model.onnx")
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
-    expected = _torch_greedy(model, prompt[0].tolist(), 32)
+    expected = torch_greedy(model, prompt[0].tolist(), 32)
     assert len(set(expected)) >= 5
-    shared, _ = validate.greedy_onnx(sess, prompt.numpy(), 32, model.config, shared_buffer=True)
-    grown, _ = validate.greedy_onnx(sess, prompt.numpy(), 32, model.config)  # past of exactly P positions
-    assert shared[0].tolist() == grown[0].tolist() == expected
+    grown, _ = validate.greedy_onnx(sess, prompt.numpy(), 32, model.config)
+    assert grown[0].tolist() == expected
 
 
 def test_head_size_not_a_multiple_of_8_is_refused_before_export(tiny_tokenizer, tmp_path, monkeypatch):
@@ -121,32 +106,24 @@ def test_cli_attention_option(lively_checkpoint, gqa_bundle, tmp_path):
     assert runner.invoke(export_cmd, [str(lively_checkpoint[1]), "-o", str(tmp_path / "b"), "--attention", "flash"]).exit_code == 2
 
 
-def test_onnxruntime_genai_runs_the_shared_buffer_graph(lively_checkpoint, gqa_bundle):
-    og = pytest.importorskip("onnxruntime_genai")
+def test_onnxruntime_genai_runs_the_shared_buffer_graph(lively_checkpoint, gqa_bundle, torch_greedy, genai_greedy):
     model = lively_checkpoint[0]
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))[0].tolist()
-    genai_model = og.Model(str(gqa_bundle))
-    params = og.GeneratorParams(genai_model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + 32)
-    gen = og.Generator(genai_model, params)
-    gen.append_tokens(prompt)
-    while not gen.is_done():
-        gen.generate_next_token()
-    tokens = [int(t) for t in gen.get_sequence(0)][len(prompt) :]
-    assert tokens == _torch_greedy(model, prompt, 32)[: len(tokens)] and len(tokens) >= 16
+    tokens = genai_greedy(gqa_bundle, prompt, 32)
+    assert tokens == torch_greedy(model, prompt, 32)[: len(tokens)] and len(tokens) >= 16
 
 
 # --- runtime ---------------------------------------------------------------------------------------------
 
 
-def test_bundle_load_reads_the_shared_buffer_layout(gqa):
-    assert gqa.bundle.kv.layout == "shared_buffer" and isinstance(gqa._new_kv_cache(), SharedBufferKVCache)
+def test_bundle_load_reads_the_shared_buffer_layout(gqa, mha):
+    assert gqa.bundle.kv.layout == "shared_buffer" and mha.bundle.kv.layout == "concat"
 
 
-def test_generate_equals_the_mha_bundle_and_pytorch(gqa, mha, lively_checkpoint):
+def test_generate_equals_the_mha_bundle_and_pytorch(gqa, mha, lively_checkpoint, torch_greedy):
     for ids in PROMPTS:
         tokens = gqa.generate_ids(ids, max_new_tokens=24, ignore_eos=True).tokens
-        assert tokens == mha.generate_ids(ids, max_new_tokens=24, ignore_eos=True).tokens == _torch_greedy(lively_checkpoint[0], ids, 24)
+        assert tokens == mha.generate_ids(ids, max_new_tokens=24, ignore_eos=True).tokens == torch_greedy(lively_checkpoint[0], ids, 24)
 
 
 def test_left_padded_batch_equals_each_prompt_alone(gqa, mha):
@@ -172,66 +149,58 @@ def test_stream_and_sliding_window_equal_the_mha_bundle(gqa, mha):
     assert full.tokens == mha.generate_ids([1, 2, 3], max_new_tokens=None, ignore_eos=True).tokens
 
 
-def test_buffers_and_logits_are_allocated_once_and_written_in_place(gqa, monkeypatch):
-    allocations = []
+@pytest.fixture
+def allocations(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the device buffers allocated from now on (each "shared_buffer" key or value buffer)."""
+    shapes = []
     allocate = binding_module.Binding.allocate
 
     def counting(self, shape, dtype):
-        allocations.append(shape)
+        shapes.append(tuple(shape))
         return allocate(self, shape, dtype)
 
     monkeypatch.setattr(binding_module.Binding, "allocate", counting)
-    request = gqa._request([[11, 42, 7], [5, 6]], None, dict(max_new_tokens=10, ignore_eos=True), 0.0)
-    pointers, logits_pointers = [], set()
-    for _ in request:
-        pointers.append([buffer.data_ptr() for buffer in request.cache.buffers])
-        logits_pointers.add(request.logits.ctypes.data)
+    return shapes
+
+
+def test_buffers_and_logits_are_allocated_once_and_written_in_place(gqa, allocations):
+    state = gqa.new_state(batch=2, capacity=3 + 10)
+    logits = state.feed([[11, 42, 7], [5, 6]])
+    logits_pointers = {logits.ctypes.data}
+    for _ in range(9):
+        logits = state.feed(logits.argmax(axis=1)[:, None])
+        logits_pointers.add(logits.ctypes.data)
     cfg = gqa.config
-    # One (B, H, prompt + new, D) buffer per key/value and layer, allocated at the prefill, never again.
+    # One (B, H, capacity, D) buffer per key/value and layer, allocated with the state, never again.
     assert allocations == [(2, cfg.n_head, 3 + 10, cfg.head_size)] * (2 * cfg.n_layer)
-    assert len(pointers) == 10 and all(step == pointers[0] for step in pointers)
     assert len(logits_pointers) == 2  # one host array for the prefill's logits, one for every decode step
-    assert request.cache.length == 3 + 9  # the prompt and the 9 tokens fed back, in a buffer of 13 positions
+    assert state.length == 3 + 9  # the prompt and 9 tokens fed back, in a buffer of 13 positions
 
 
-def test_shared_buffer_capacity_follows_the_request(gqa):
-    block = gqa.config.block_size
+def test_shared_buffer_capacity_follows_the_request(gqa, allocations):
+    block, cfg = gqa.config.block_size, gqa.config
     for knobs, capacity in [
         (dict(max_new_tokens=5), 3 + 5),
         (dict(max_new_tokens=None), block),
         (dict(max_new_tokens=5, sliding_window=True), block),
     ]:
-        request = gqa._request([[11, 42, 7]], None, dict(ignore_eos=True, **knobs), 0.0)
-        next(iter(request))
-        assert request.cache.shape == (1, gqa.config.n_head, capacity, gqa.config.head_size), knobs
+        allocations.clear()
+        gqa.generate_ids([11, 42, 7], ignore_eos=True, **knobs)
+        assert set(allocations) == {(1, cfg.n_head, capacity, cfg.head_size)}, knobs
 
 
-def test_shared_buffer_cache_contents_match_pytorch(gqa, lively_checkpoint):
+def test_shared_buffer_decode_steps_match_pytorch(gqa, lively_checkpoint):
+    """Each step's logits, read from the cache the kernel wrote in place, equal PyTorch's on the whole sequence."""
     model = lively_checkpoint[0]
-    request = gqa._request([[11, 42, 7, 9]], None, dict(max_new_tokens=6, ignore_eos=True), 0.0)
-    for _ in request:
-        pass
-    length = request.cache.length  # 4 prompt + 5 fed back
-    ids = torch.tensor([[11, 42, 7, 9] + request.rows[0].tokens[:-1]])
-    with torch.no_grad():
-        cache = model(ids)[1]
-    for layer in range(model.config.n_layer):
-        for kv in range(2):
-            got = np.asarray(request.cache.buffers[2 * layer + kv].numpy())[:, :, :length]
-            assert np.abs(got - cache[layer][kv].numpy()).max() <= validate.ATOL
-
-
-def test_public_iobinding_api_gives_the_same_tokens(gqa, monkeypatch):
-    expected = [gqa.generate_ids(p, max_new_tokens=10, ignore_eos=True).tokens for p in PROMPTS]
-    init = binding_module.Binding.__init__
-
-    def public_only(self, *args):
-        init(self, *args)
-        self._fast = False
-
-    monkeypatch.setattr(binding_module.Binding, "__init__", public_only)
-    assert [gqa.generate_ids(p, max_new_tokens=10, ignore_eos=True).tokens for p in PROMPTS] == expected
-    assert [r.tokens for r in gqa.generate_batch(PROMPTS, max_new_tokens=10, ignore_eos=True)] == expected
+    state = gqa.new_state()
+    ids = [11, 42, 7, 9]
+    logits = state.feed(ids)
+    for _ in range(6):
+        with torch.no_grad():
+            expected = model(torch.tensor([ids]))[0][0, -1].numpy()
+        assert np.abs(logits[0] - expected).max() <= validate.ATOL
+        ids.append(int(logits[0].argmax()))
+        logits = state.feed(ids[-1:])
 
 
 def test_concurrent_requests_have_their_own_buffers(gqa):

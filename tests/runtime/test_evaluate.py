@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgegpt.errors import ConfigError, DataError
-from edgegpt.runtime.evaluate import _windows, evaluate_bundle
+from edgegpt.runtime.evaluate import sliding_windows, evaluate_bundle
 from edgegpt.runtime.cli import eval_command as eval_cmd
 
 
@@ -33,7 +33,7 @@ def text_file(sample_text, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("n, size, stride", [(10, 4, 2), (100, 16, 8), (100, 16, 16), (17, 16, 5), (2, 16, 8), (50, 8, 3)])
 def test_windows_score_every_target_once_with_enough_context(n, size, stride):
     scored = []
-    for k, (start, length, offset) in enumerate(_windows(n, size, stride)):
+    for k, (start, length, offset) in enumerate(sliding_windows(n, size, stride)):
         assert 1 <= length <= size and start + length <= n - 1 and 0 <= offset < length
         targets = [start + j + 1 for j in range(offset, length)]
         scored += targets
@@ -53,7 +53,7 @@ def test_perplexity_equals_pytorch_on_the_same_windows(bundle, text_file, tiny_c
     ids = encode(ckpt.tokenizer, text_file.read_text())[:701]
     nll, count = 0.0, 0
     with torch.no_grad():
-        for start, length, offset in _windows(len(ids), ckpt.config.block_size, 24):
+        for start, length, offset in sliding_windows(len(ids), ckpt.config.block_size, 24):
             x = torch.tensor([ids[start : start + length]])
             y = torch.tensor(ids[start + 1 : start + length + 1])
             logp = torch.log_softmax(ckpt.model(x)[0][0].double(), -1)
@@ -61,7 +61,7 @@ def test_perplexity_equals_pytorch_on_the_same_windows(bundle, text_file, tiny_c
             count += length - offset
     assert result["scored_tokens"] == count == 700
     assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
-    assert result["windows"] == {"size": 64, "stride": 24, "count": len(_windows(701, 64, 24))}
+    assert result["windows"] == {"size": 64, "stride": 24, "count": len(sliding_windows(701, 64, 24))}
 
 
 def test_a_bundle_agrees_with_itself(bundle, text_file):

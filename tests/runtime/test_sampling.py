@@ -99,7 +99,8 @@ def test_penalties():
     repeat = Sampler(SamplingConfig(repetition_penalty=2.0), vocab_size=3, prompt_ids=[0])
     assert repeat(logits) == 1  # 2.0 / 2 < 1.9
     negative = Sampler(SamplingConfig(repetition_penalty=2.0), vocab_size=3, prompt_ids=[2])
-    assert negative._penalise(logits)[2] == -2.0  # negative logits are multiplied
+    below_zero = np.array([-1.5, -1.9, -1.0], dtype=np.float32)
+    assert negative(below_zero) == 0  # a negative logit is multiplied: -1.0 * 2 < -1.5 (divided, it would win)
     presence = Sampler(SamplingConfig(presence_penalty=0.5), vocab_size=3)
     assert [presence(logits) for _ in range(2)] == [0, 1]
     frequency = Sampler(SamplingConfig(frequency_penalty=0.06), vocab_size=3)

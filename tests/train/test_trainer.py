@@ -14,6 +14,7 @@ import edgegpt.train.checkpoint as checkpoint_mod
 from edgegpt.train.checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from edgegpt.config import GPTConfig
 from edgegpt.errors import CheckpointError
+from edgegpt.files import aside
 from edgegpt.train.model import SimpleGPT
 from edgegpt.train.trainer import TrainConfig, train, weights_sha256
 
@@ -37,6 +38,7 @@ def _run(out, ids, tokenizer_json, steps, resume=False, **kw):
     return train(SimpleGPT(CONFIG), ids[:4000], ids[4000:], cfg, out, tokenizer_json, resume=resume, progress=False)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, ids, tiny_tokenizer):
     tok = tiny_tokenizer.to_str()
     straight = _run(tmp_path / "a", ids, tok, steps=8)
@@ -49,6 +51,7 @@ def test_resume_continues_exactly(tmp_path, ids, tiny_tokenizer):
     assert load_train_state(tmp_path / "b")[1]["step"] == 8
 
 
+@pytest.mark.slow
 def test_training_reduces_loss_and_writes_metrics_and_plot(tmp_path, ids, tiny_tokenizer):
     # A learnable stream: a repeated pattern.
     pattern = np.tile(np.arange(64, dtype=np.uint16), 100)
@@ -82,7 +85,7 @@ def test_a_kill_between_the_renames_recovers_the_previous_checkpoint(tmp_path, t
     torch.manual_seed(0)
     old = SimpleGPT(CONFIG)
     save_checkpoint(tmp_path / "ckpt", old, tiny_tokenizer.to_str())
-    (tmp_path / "ckpt").rename(tmp_path / "ckpt.previous")  # the state a SIGKILL mid-save can leave
+    (tmp_path / "ckpt").rename(aside(tmp_path / "ckpt"))  # the state a SIGKILL mid-save can leave
     assert weights_sha256(load_checkpoint(tmp_path / "ckpt").model) == weights_sha256(old)
 
 
@@ -114,6 +117,7 @@ def corpus_file(tmp_path_factory, sample_text):
     return path
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path, corpus_file):
     out = tmp_path / "run"
     proc = subprocess.Popen(
@@ -133,6 +137,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, corpus_file):
     assert load_checkpoint(out).model.num_params() > 0
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_training_ends_with_identical_weights(tmp_path, corpus_file):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
