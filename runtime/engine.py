@@ -104,21 +104,17 @@ class DecodeState:
             PromptError: ids outside the vocabulary, an empty row, rows of unequal lengths after the first feed.
             ContextLengthError: the tokens do not fit in the remaining capacity.
         """
+        step = isinstance(tokens, np.ndarray) and tokens.shape == self._next_ids.shape and tokens.dtype.kind in "iu"
+        if step and self.length:  # the decode step from a (B, 1) array: no lists of lists to build and check
+            return self._step(tokens[:, 0].tolist())
         rows = self._rows(tokens)
         if self.length == 0:
             return self._prefill(rows)
         count = len(rows[0])
-        if self.length + count > self.capacity:
-            raise ContextLengthError(
-                f"{count} new tokens after {self.length} exceed the state's capacity of {self.capacity} positions; "
-                f"rewind it, or make a state with a larger capacity (at most the model's {self._bundle.config.block_size})"
-            )
-        if count == 1 or not (self.batch > 1 and self._cache.static_mask):
-            if count == 1:
-                for b, row in enumerate(rows):
-                    self._next_ids[b, 0] = row[0]
-                    self.tokens[b].append(row[0])
-                return self._decode()
+        self._check_room(count)
+        if count == 1:
+            return self._step([row[0] for row in rows])
+        if not (self.batch > 1 and self._cache.static_mask):
             return self._chunk(rows)
         columns = []  # B > 1 on "shared_buffer": one column per call (the kernel's limit)
         for column in range(count):
@@ -138,6 +134,24 @@ class DecodeState:
         if self._logits is None:
             raise PromptError("no logits yet: feed tokens first")
         return self._chunk_logits if self._chunk_logits is not None else self._logits
+
+    def _check_room(self, count: int) -> None:
+        if self.length + count > self.capacity:
+            raise ContextLengthError(
+                f"{count} new tokens after {self.length} exceed the state's capacity of {self.capacity} positions; "
+                f"rewind it, or make a state with a larger capacity (at most the model's {self._bundle.config.block_size})"
+            )
+
+    def _step(self, ids: list[int]) -> np.ndarray:
+        """One token per row (after a prefix), checked one by one: the cheapest path, taken every decode step."""
+        self._check_room(1)
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise PromptError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+        for b, i in enumerate(ids):
+            self._next_ids[b, 0] = i
+            self.tokens[b].append(i)
+        return self._decode()
 
     def rewind(self, length: int) -> None:
         """Forget the positions from `length` on (0 empties the state); the cache keeps positions [0, length).
