@@ -58,14 +58,17 @@ _MODEL_FLAGS = {
 
 @main.command()
 @click.argument("corpus", nargs=-1, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Run directory (checkpoint/, metrics.jsonl, loss.png).")
-@click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), default="tiny", show_default=True)
-@click.option("--vocab-size", type=int, default=4096, show_default=True, help="BPE vocabulary size.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (checkpoint/, metrics.jsonl, loss.png).")
+@click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), default=None,
+              help="Model shape [default: tiny; with --resume, the checkpoint's: a preset that contradicts it is refused].")
+@click.option("--vocab-size", type=int, default=None,
+              help="BPE vocabulary size [default: 4096; with --resume, the checkpoint's].")
 @field_options(_MODEL_FLAGS, of=GPTConfig)
 @click.option("--glob", "pattern", help="Files to take from CORPUS directories [default: **/*; **/*.py for the default corpus].")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSON with training-config fields; flags override it.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Token-id cache (default ~/.cache/edgegpt).")
-@click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoint, with its model (model flags must agree with it).")
 @click.option("--force", is_flag=True, help="Start afresh even if OUT already holds a checkpoint.")
 @_train_options
 @click.pass_context
@@ -96,33 +99,41 @@ def train(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, resume, 
         force=force,
         progress=not ctx.obj["quiet"],
     )
+    import signal
+
     val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
     rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
+    signum = result.signal or signal.SIGINT  # another rank's signal stopped this one
+    how = f"interrupted at step {result.step} by {signal.Signals(signum).name}, checkpoint saved" if result.interrupted \
+        else f"done at step {result.step}"
     click.echo(
-        f"{rank}{'interrupted' if result.interrupted else 'done'} at step {result.step}: train loss "
-        f"{result.train_loss:.4f}, val loss {val}, {result.tokens_per_s:,.0f} tokens/s, "
+        f"{rank}{how}: train loss {result.train_loss:.4f}, val loss {val}, {result.tokens_per_s:,.0f} tokens/s, "
         f"weights {result.weights_sha256[:16]} -> {out / 'checkpoint'}",
         err=True,
     )
     if result.interrupted:
-        ctx.exit(130)
+        ctx.exit(128 + signum)  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports a death by the signal
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("prompt", default="")
-@click.option("-n", "--max-new-tokens", type=int, default=100, show_default=True)
-@click.option("--temperature", "-t", type=float, default=0.8, show_default=True, help="0 is greedy.")
+@click.option("-n", "--max-new-tokens", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Tokens to generate at most (fewer when the context has no more room).")
+@click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 keeps all tokens.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Same seed, same text.")
 def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
     """Generate text from a checkpoint with PyTorch (the reference for the ONNX runtime).
 
+    Greedy by default, and prints the continuation only, as `edgegpt generate` does: for a checkpoint and
+    its fp32 bundle the two commands print the same text.
+
     \b
     Examples:
-      edgegpt sample runs/tiny "def main(" -n 64 --seed 0
-      edgegpt sample runs/tiny "import " --temperature 0
+      edgegpt sample runs/tiny "def main(" -n 48
+      edgegpt sample runs/tiny "import " -t 0.8 --top-p 0.95 --seed 0
     """
     import torch
 
@@ -142,8 +153,11 @@ def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
         top_p=top_p,
         seed=seed,
         eos_token_id=eot_id(ckpt.tokenizer),
+        sampled_vocab_size=ckpt.config.sampled_ids(ckpt.tokenizer.get_vocab_size()),  # never a padded id
     )
-    click.echo(prompt + decode(ckpt.tokenizer, out[0, len(ids):].tolist()))
+    new = out[0, len(ids) :].tolist()
+    eot = eot_id(ckpt.tokenizer)
+    click.echo(decode(ckpt.tokenizer, new[: new.index(eot)] if eot in new else new))  # as generate: not the end-of-text
 
 
 @main.command("import-hf")
@@ -162,8 +176,32 @@ def import_hf_cmd(src, out, force):
     click.echo(import_hf(src, out, force=force))
 
 
+@main.command("import-nanogpt")
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
+@click.option("--tokenizer", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="tokenizer.json, vocab.json + merges.txt (repeat the flag), nanoGPT's meta.pkl, or a directory "
+                   "holding one [default: data/<dataset>/meta.pkl beside the checkpoint, as nanoGPT finds it].")
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint directory.")
+def import_nanogpt_cmd(ckpt, out, tokenizer, force):
+    """Import a nanoGPT checkpoint (ckpt.pt) as an edgegpt checkpoint; then export, quantize, generate.
+
+    The file is read with torch.load(weights_only=True) only: one that needs more is refused. The model keeps
+    nanoGPT's exact GELU, its bias setting and its padded vocabulary (padded ids are never sampled).
+
+    \b
+    Examples:
+      edgegpt import-nanogpt out-shakespeare-char/ckpt.pt -o runs/shakespeare
+      edgegpt import-nanogpt out/ckpt.pt -o runs/owt --tokenizer gpt2/tokenizer.json
+      edgegpt import-nanogpt out/ckpt.pt -o runs/owt --tokenizer vocab.json --tokenizer merges.txt
+    """
+    from edgegpt.train.nanogpt import import_nanogpt
+
+    click.echo(import_nanogpt(ckpt, out, tokenizer=list(tokenizer) or None, force=force))
+
+
 @main.command("export-hf")
-@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Directory for config.json, model.safetensors, tokenizer.json.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export_hf_cmd(checkpoint, out, force):

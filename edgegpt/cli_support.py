@@ -20,6 +20,7 @@ Module-level imports: the standard library, click and edgegpt.errors, as every C
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -31,8 +32,10 @@ from edgegpt.errors import ConfigError, EdgeGPTError, SamplingError
 
 __all__ = ["Command", "Group", "click_error", "field_options", "given", "root_flag"]
 
-# A missing optional module -> the extra that installs it; the others come with edgegpt[train].
-_EXTRA_OF = {"onnxruntime_genai": "genai"}
+# A missing optional module -> the command that installs it; the others come with the training extra, whose
+# torch is pinned to the CPU build as in the README (an unpinned torch pulls a multi-GB CUDA build).
+_INSTALL = {"onnxruntime_genai": "pip install 'edgegpt[genai]'"}
+TRAIN_INSTALL = "pip install 'torch==2.13.0' 'edgegpt[train]'"
 
 
 def root_flag(ctx: click.Context, name: str) -> bool:
@@ -48,9 +51,18 @@ def click_error(exc: Exception, ctx: click.Context) -> click.ClickException:
     if isinstance(exc, SamplingError):  # its message starts with the SamplingConfig field it rejects
         return click.BadParameter(str(exc), ctx, param_hint=_flag_of(ctx.command, str(exc).split(" ", 1)[0]))
     if isinstance(exc, ImportError):
-        extra = _EXTRA_OF.get((exc.name or "").split(".")[0], "train")
-        return click.ClickException(f"{exc}; install the extra: pip install 'edgegpt[{extra}]'")
-    return click.ClickException(f"{type(exc).__name__}: {exc}")
+        return click.ClickException(f"{exc}; install it: {_INSTALL.get((exc.name or '').split('.')[0], TRAIN_INSTALL)}")
+    return click.ClickException(f"{type(exc).__name__}: {_as_flags(str(exc), ctx.command)}")
+
+
+def _as_flags(message: str, command: click.Command) -> str:
+    """The API keywords a message names (`sliding_window=True`, `max_new_tokens`) as this command's flags."""
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name and "_" in param.name:
+            flag = max(param.opts, key=len)
+            message = re.sub(rf"\b{param.name}=True\b", flag, message)
+            message = re.sub(rf"\b{param.name}\b", flag, message)
+    return message
 
 
 def _flag_of(command: click.Command, name: str) -> str | None:

@@ -2,6 +2,12 @@
 
 Torch-free on purpose: the runtime reads the same config from a bundle's manifest.
 Vocabulary follows nanoGPT (n_layer, n_head, n_embd, block_size, vocab_size).
+
+Two fields exist for imported models (docs/design.md, "GELU and padded vocabularies"): `gelu` picks the
+MLP's activation, GPT-2's tanh approximation (the default) or the exact erf GELU that nanoGPT and
+`activation_function="gelu"` use; `sampled_vocab_size` marks ids at or above it as never sampled (the padded
+rows of nanoGPT's 50304-token vocabulary, or an end-of-text token appended to a character vocabulary).
+Configs written before either field existed load with their defaults.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgegpt.checks import check_bool, check_int, check_real
+from edgegpt.checks import check_bool, check_choice, check_int, check_real
 from edgegpt.errors import ConfigError
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -22,6 +28,9 @@ PRESETS: dict[str, dict[str, int]] = {
     # The GPT-2 124 M shape.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
 }
+# The MLP's GELU: "tanh" is GPT-2's approximation (nn.GELU(approximate="tanh")), "erf" the exact
+# x * Phi(x) of nn.GELU() that nanoGPT uses. They differ by up to ~5e-4 per activation.
+GELUS = ("tanh", "erf")
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True
+    gelu: str = "tanh"
+    sampled_vocab_size: int | None = None  # None: every id below vocab_size may be sampled
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -50,10 +61,21 @@ class GPTConfig:
             )
         check_real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         check_bool("bias", self.bias)
+        check_choice("gelu", self.gelu, GELUS)
+        check_int("sampled_vocab_size", self.sampled_vocab_size, low=1, high=self.vocab_size, optional=True)
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    def sampled_ids(self, tokenizer_size: int) -> int:
+        """How many ids (0..n-1) generation may pick: not the padding past the tokenizer, nor ids at or
+        above `sampled_vocab_size`.
+
+        >>> GPTConfig(vocab_size=320).sampled_ids(300), GPTConfig(vocab_size=66, sampled_vocab_size=65).sampled_ids(66)
+        (300, 65)
+        """
+        return min(self.vocab_size, tokenizer_size, self.sampled_vocab_size or self.vocab_size)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "GPTConfig":

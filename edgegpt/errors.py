@@ -47,3 +47,11 @@ class ProviderError(EdgeGPTError):
 
 class SamplingError(EdgeGPTError, ValueError):
     """An invalid sampling parameter."""
+
+
+class StorageError(EdgeGPTError, OSError):
+    """A file or directory could not be written (disk full, quota, permissions); what was there is kept."""
+
+
+class LockError(EdgeGPTError):
+    """Another process is writing the same output (a training run directory); its process id is named."""

@@ -50,7 +50,8 @@ def export_bundle(
     Args:
         checkpoint: a checkpoint directory (or a training run directory holding `checkpoint/`).
         out: the bundle directory to create; built beside it and renamed into place when complete.
-        force: replace an existing bundle at `out`.
+        force: replace an existing bundle at `out`: only one that verifies (manifest and hashes) and holds no
+            file its manifest does not list, or an empty directory (see edgegpt.export.bundle).
         optimize: apply onnxruntime's fusions (SkipLayerNormalization, FastGelu); off leaves the plain export.
         external_data: store weights in `model.onnx.data` (always done above 2 GB).
         validate: run the parity and greedy checks (the ONNX checker always runs).
@@ -64,8 +65,12 @@ def export_bundle(
 
     Raises:
         CheckpointError: a missing or corrupt checkpoint, a config that does not fit the weights, a tokenizer
-            of another vocabulary size or without an end-of-text token; raised before any export work.
-        ExportError: `out` exists (without `force`), the exporter, optimizer or checker failed.
+            with more tokens than the model's vocab_size or without an end-of-text token; raised before any
+            export work. (Fewer tokens is a padded vocabulary: the manifest's tokenizer.sampled_vocab_size
+            tells the runtime which ids it may sample.)
+        ExportError: `out` exists (without `force`, or with it but is no bundle that verifies, or holds unlisted
+            files), the exporter, optimizer or checker failed.
+        StorageError: the bundle could not be written (disk full...); a bundle already at `out` is kept.
         ParityError: the graph's outputs or greedy tokens differ from PyTorch's; names output, case, difference.
 
     >>> export_bundle("runs/tiny/checkpoint", "bundles/tiny")  # doctest: +SKIP
@@ -102,7 +107,7 @@ def export_bundle(
         genai.write_genai_files(tmp, cfg, eot, share_buffer=onnx_export.kv_layout(attention) == "shared_buffer")
         manifest = {
             "model": cfg.to_dict(),
-            "tokenizer": {"file": TOKENIZER, "vocab_size": ckpt.tokenizer.get_vocab_size(), "eot_token_id": eot},
+            "tokenizer": _tokenizer_section(cfg, TOKENIZER, ckpt.tokenizer.get_vocab_size(), eot),
             "graph": _graph_section(tmp / MODEL_FILE, external_data, attention),
             "quantization": None,
             "producer": _producer(),
@@ -149,6 +154,12 @@ def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_dat
         "optimization": {"optimizer": optimizer, "op_counts_before": before, "op_counts_after": after},
         "validation": _validation_section(parity, greedy),
     }
+
+
+def _tokenizer_section(cfg, file: str, size: int, eot: int) -> dict:
+    """The manifest's "tokenizer". With a padded model vocabulary (nanoGPT's 50304 for GPT-2's 50257 tokens)
+    `vocab_size` here is below model.vocab_size, and ids from `sampled_vocab_size` on are never sampled."""
+    return {"file": file, "vocab_size": size, "eot_token_id": eot, "sampled_vocab_size": cfg.sampled_ids(size)}
 
 
 def _graph_section(final: Path, external_data: bool, attention: str) -> dict:

@@ -8,7 +8,7 @@ from edgegpt.cli_support import Command
 
 
 @click.command("export", cls=Command)
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(), help="Bundle directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--no-optimize", "no_optimize", is_flag=True, help="Skip onnxruntime's fusions (plain export).")

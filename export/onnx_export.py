@@ -57,6 +57,9 @@ Choices (measurements: docs/design.md, "3. The graph"):
   builds (mobile) run it. 18 and 19 give the same fused graph. 20 is refused: it exports GELU as ONNX's
   `Gelu(approximate="tanh")`, which onnxruntime 1.32's optimizer rewrites into the erf-based `BiasGelu`,
   a silent change of the model's function.
+- GELU (`GPTConfig.gelu`): at opset 17-19 the tanh approximation is traced as its Mul/Tanh/Add pattern and
+  the exact GELU of nanoGPT as Div/Erf/Add/Mul; onnxruntime's optimizer fuses them into FastGelu and
+  BiasGelu (Gelu without bias) respectively, and validate.py checks that each graph keeps its function.
 References: onnxruntime ContribOperators.md (MultiHeadAttention, GroupQueryAttention); onnxruntime-genai's
 model builder (the GroupQueryAttention graph and its mask-derived inputs); torch.onnx TorchScript exporter docs.
 """

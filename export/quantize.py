@@ -96,6 +96,7 @@ def quantize_bundle(
     *,
     to: str,
     force: bool = False,
+    accept_gate_failure: bool = False,
     per_channel: bool | None = None,
     block_size: int | None = None,
     accuracy_level: int | None = None,
@@ -116,8 +117,10 @@ def quantize_bundle(
         src: an fp32 bundle directory (verified first; never written to).
         out: the bundle directory to create; built beside it and renamed into place when complete.
         to: "int8", "int4" or "fp16".
-        force: replace an existing bundle at `out`, and write the bundle even if it misses the accuracy gate
-            (the gate's outcome is still recorded in the manifest).
+        force: replace an existing bundle at `out` (only one that verifies and holds no unlisted file; see
+            edgegpt.export.bundle). It does not touch the accuracy gate.
+        accept_gate_failure: write the bundle even if its perplexity misses the accuracy gate; the failure is
+            recorded in its manifest (`quantization.gate`: passed false, accepted_failure true).
         per_channel: int8: one scale per output channel (default True) or one per matrix.
         block_size: int4: weights per scale, 16..256, a power of two (default 32).
         accuracy_level: int4: MatMulNBits accuracy_level 0..4 (default 4: int8 activations on CPU).
@@ -136,10 +139,12 @@ def quantize_bundle(
     Raises:
         ConfigError: an unknown format, an option that does not apply to it, a bad value, `out` == `src`.
         BundleError: `src` is not a valid bundle.
-        ExportError: `out` exists (without `force`) or is not a bundle.
+        ExportError: `out` exists (without `force`), or is not a bundle that `force` may replace.
+        StorageError: the new bundle could not be written (disk full...); a bundle already at `out` is kept.
         QuantizationError: `src` is already quantized; the quantizer failed; the result lost a fused kernel,
             changed the graph I/O, left a weight matrix unquantized or produced non-finite logits; or, with
-            `eval_text`, its perplexity exceeds the gate (the message shows both perplexities).
+            `eval_text`, its perplexity exceeds the gate (the message shows both perplexities) and
+            `accept_gate_failure` is False.
 
     >>> quantize_bundle("bundles/small", "bundles/small-int8", to="int8")  # doctest: +SKIP
     PosixPath('bundles/small-int8')
@@ -165,7 +170,7 @@ def quantize_bundle(
         manifest["quantization"]["op_counts_runtime"] = _runtime_op_counts(tmp / source.model_path.name, graph)
         if options["eval_text"] is not None:
             manifest["eval"], manifest["quantization"]["gate"] = _evaluate_and_gate(
-                source, tmp, out, to, options, force=force, threads=threads
+                source, tmp, out, to, options, accept_failure=accept_gate_failure, threads=threads
             )
         write_manifest(tmp, manifest)
     log.info("wrote %s bundle %s", to, out)
@@ -540,8 +545,9 @@ def _runtime_op_counts(path: Path, graph_result: dict) -> dict[str, int] | None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _evaluate_and_gate(source, tmp: Path, out: Path, to: str, options: dict, *, force: bool, threads) -> tuple[dict, dict]:
-    """Measure the new bundle against the source on eval_text; refuse it past the gate unless `force`."""
+def _evaluate_and_gate(source, tmp: Path, out: Path, to: str, options: dict, *, accept_failure: bool,
+                       threads) -> tuple[dict, dict]:
+    """Measure the new bundle against the source on eval_text; refuse it past the gate unless `accept_failure`."""
     from edgegpt.runtime.evaluate import evaluate_bundle
 
     result = evaluate_bundle(tmp, options["eval_text"], reference=source.path, threads=threads)
@@ -550,15 +556,15 @@ def _evaluate_and_gate(source, tmp: Path, out: Path, to: str, options: dict, *, 
     increase = 100.0 * (ppl / ref_ppl - 1.0)
     limit = options["max_ppl_increase"]
     gate = {"metric": "perplexity", "max_increase_percent": limit, "increase_percent": increase,
-            "passed": bool(increase <= limit), "forced": False}
+            "passed": bool(increase <= limit), "accepted_failure": False}
     if not gate["passed"]:
         message = (f"{to} perplexity {ppl:.4f} vs fp32 {ref_ppl:.4f} on {Path(options['eval_text']).name}: "
                    f"+{increase:.2f} %, over the {limit:g} % limit")
-        if not force:
-            raise QuantizationError(f"{message}; not written. Raise max_ppl_increase (--max-ppl-increase) or pass "
-                                    "force=True (--force) to write it anyway")
-        gate["forced"] = True
-        log.warning("%s; written anyway (force)", message)
+        if not accept_failure:  # the CLI shows the keywords as its flags (edgegpt.cli_support)
+            raise QuantizationError(f"{message}; not written. Raise max_ppl_increase, or pass accept_gate_failure=True "
+                                    "to write it anyway")
+        gate["accepted_failure"] = True
+        log.warning("%s; written anyway (accept_gate_failure)", message)
     return result, gate
 
 

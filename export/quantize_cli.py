@@ -14,7 +14,10 @@ from edgegpt.manifest import QUANTIZED_FORMATS as FORMATS  # torch- and onnx-fre
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--to", "to", required=True, type=click.Choice(FORMATS), help="Target format.")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Bundle directory to create.")
-@click.option("--force", is_flag=True, help="Replace an existing bundle at --out, and write even past the accuracy gate.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out (only a bundle that verifies and holds "
+              "no file its manifest does not list).")
+@click.option("--accept-gate-failure", is_flag=True, help="Write the bundle even if it misses the accuracy gate "
+              "(--eval-text); the failure is recorded in its manifest.")
 @click.option("--per-channel/--per-tensor", "per_channel", default=None, help="int8 weight scales [default: per-channel].")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
               help="int4 weights per scale [default: 32].")
@@ -29,13 +32,14 @@ from edgegpt.manifest import QUANTIZED_FORMATS as FORMATS  # torch- and onnx-fre
 @click.option("--max-ppl-increase", type=click.FloatRange(min=0), default=None,
               help="Gate, percent over BUNDLE's perplexity [default: int8 2, int4 10, fp16 1].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads for checks and eval.")
-def quantize(bundle, to, out, force, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text,
+def quantize(bundle, to, out, force, accept_gate_failure, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text,
              max_ppl_increase, threads):
     """Quantize an fp32 bundle to int8, int4 or fp16 as a new bundle.
 
     The source is left untouched; the new bundle appears only when complete. With --eval-text, its
     perplexity, top-1 and greedy agreement with BUNDLE are measured and recorded in its manifest, and a
-    perplexity increase past --max-ppl-increase refuses the bundle unless --force.
+    perplexity increase past --max-ppl-increase refuses the bundle unless --accept-gate-failure. --force
+    only replaces an existing bundle at --out.
 
     \b
     Examples:
@@ -47,7 +51,7 @@ def quantize(bundle, to, out, force, per_channel, block_size, accuracy_level, em
     from edgegpt.export.quantize import quantize_bundle
 
     path = quantize_bundle(
-        bundle, out, to=to, force=force, per_channel=per_channel,
+        bundle, out, to=to, force=force, accept_gate_failure=accept_gate_failure, per_channel=per_channel,
         block_size=None if block_size is None else int(block_size), accuracy_level=accuracy_level,
         embedding=embedding, calibrate=calibrate, eval_text=eval_text, max_ppl_increase=max_ppl_increase,
         threads=threads,
@@ -64,5 +68,5 @@ def quantize(bundle, to, out, force, per_channel, block_size, accuracy_level, em
 def _gate_line(gate: dict | None) -> str:
     if not gate:
         return ""
-    verdict = "passed" if gate["passed"] else "FAILED (written with --force)"
+    verdict = "passed" if gate["passed"] else "FAILED (written with --accept-gate-failure)"
     return f"\ngate: {gate['increase_percent']:+.2f} % vs limit {gate['max_increase_percent']:g} %: {verdict}"

@@ -1,11 +1,14 @@
-"""Validation of an exported graph: ONNX checker, shape inference, the I/O contract, parity with PyTorch.
+"""Validation of an exported graph: ONNX checker, shape inference, the I/O contract, the GELU's function,
+parity with PyTorch.
 
 Parity feeds the same ids to SimpleGPT and to onnxruntime for prefill and decode steps: batch 1 and 3,
 T = 1 and T = block_size, an empty and a filled past, a multi-token chunk after a past, and a left-padded
 batch (prefill, then a decode step on its cache). It compares logits and presents at the real positions
 only: a query on left padding sees no key at all, PyTorch and onnxruntime fill such rows differently, and
 no real position ever reads them. A greedy generation through the graph must then equal
-`edgegpt.train.generate.generate` token for token.
+`edgegpt.train.generate.generate` token for token. Parity runs the model itself, so it honours every
+config choice (the tanh or erf GELU, bias=False, a padded vocabulary); `check_graph` also checks that the
+graph's GELU nodes compute the config's function (a tanh/erf mix-up can hide inside 1e-4 on a random model).
 
 A GroupQueryAttention graph (KV layout "shared_buffer") runs the same cases with a past of exactly P
 positions (the kernel then returns a concatenated present), except one: onnxruntime's CPU kernel rejects a
@@ -28,7 +31,7 @@ import torch
 from edgegpt.config import GPTConfig
 from edgegpt.errors import ExportError, ParityError
 from edgegpt.export.onnx_export import input_names, output_names
-from edgegpt.export.optimize import graph_io
+from edgegpt.export.optimize import check_gelu, graph_io
 from edgegpt.train.generate import generate
 from edgegpt.train.model import SimpleGPT
 
@@ -51,10 +54,11 @@ GREEDY_TOKENS = 32
 
 
 def check_graph(path: Path, config: GPTConfig) -> None:
-    """The ONNX checker (full check: strict shape inference included) and the graph's I/O contract.
+    """The ONNX checker (full check: strict shape inference included), the graph's I/O contract and its GELU.
 
     Raises:
-        ExportError: the checker rejects the graph, or its inputs/outputs are not the bundle contract's.
+        ExportError: the checker rejects the graph, its inputs/outputs are not the bundle contract's, or its
+            GELU nodes compute another function than `config.gelu` (tanh approximation or exact erf).
     """
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -72,6 +76,7 @@ def check_graph(path: Path, config: GPTConfig) -> None:
         raise ExportError(f"{path.name}: graph dtypes {dtypes} differ from the contract (ids/mask int64, logits float32)")
     if outputs[0]["shape"][-1] != config.vocab_size:
         raise ExportError(f"{path.name}: logits have shape {outputs[0]['shape']}, expected [..., {config.vocab_size}]")
+    check_gelu(inferred, config, path.name)
 
 
 def graph_attention(path: Path) -> str:

@@ -18,6 +18,7 @@ Method:
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import sys
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from edgegpt.checks import check_bool, check_choice, check_int
 from edgegpt.errors import ConfigError
 from edgegpt.manifest import bundle_format
 
@@ -39,8 +41,9 @@ class DeviceBenchConfig:
     """What `bench_bundle` measures.
 
     Attributes:
-        prompt_tokens: prompt length; prompt_tokens + new_tokens must fit the model's block_size.
-        new_tokens: tokens generated per run (at least 2: decode speed needs two).
+        prompt_tokens: prompt length; prompt_tokens + new_tokens must fit the model's block_size
+            (None: 128, or half the context when that is smaller).
+        new_tokens: tokens generated per run, at least 2 (None: as prompt_tokens' default).
         batch: batch sizes to time.
         runs: repetitions; each figure is the median.
         threads: onnxruntime intra-op threads (None: one per physical core, the runtime's default).
@@ -49,8 +52,8 @@ class DeviceBenchConfig:
         seed: seeds the prompts.
     """
 
-    prompt_tokens: int = 128
-    new_tokens: int = 128
+    prompt_tokens: int | None = None
+    new_tokens: int | None = None
     batch: tuple[int, ...] = (1,)
     runs: int = 5
     threads: int | None = None
@@ -60,14 +63,19 @@ class DeviceBenchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("prompt_tokens", "new_tokens", "runs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.new_tokens < 2:
+        for name in ("prompt_tokens", "new_tokens"):
+            check_int(name, getattr(self, name), low=1, optional=True)
+        check_int("runs", self.runs, low=1)
+        if self.new_tokens is not None and self.new_tokens < 2:
             raise ConfigError(f"new_tokens must be at least 2 (decode speed needs two tokens), got {self.new_tokens}")
-        if not self.batch or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch):
+        if not self.batch:
             raise ConfigError(f"batch must be positive integers, got {self.batch!r}")
+        for size in self.batch:
+            check_int("batch", size, low=1)
+        check_int("threads", self.threads, low=1, optional=True)
+        check_choice("provider", self.provider, ("auto", "cpu", "cuda"))
+        for name in ("spinning", "huge_pages"):
+            check_bool(name, getattr(self, name))
 
     @classmethod
     def short(cls, **overrides: Any) -> "DeviceBenchConfig":
@@ -93,13 +101,12 @@ def time_generation(gen, prompts: list[list[int]], new_tokens: int) -> tuple[lis
         (timestamps: the start, then one after each token is picked; the tokens per row; seconds spent
         inside onnxruntime).
     """
-    from edgegpt.runtime.sampling import Sampler, SamplingConfig
+    from edgegpt.runtime.sampling import SamplingConfig
 
     config = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)
-    vocab = gen.config.vocab_size
     stamps = [time.perf_counter()]
     state = gen.new_state(batch=len(prompts), capacity=max(map(len, prompts)) + new_tokens)
-    samplers = [Sampler(config, vocab, p) for p in prompts]
+    samplers = [gen.new_sampler(config, p) for p in prompts]  # never the padded ids of a padded vocabulary
     decoders = [gen.new_decoder() for _ in prompts]
     tokens: list[list[int]] = [[] for _ in prompts]
     step = np.empty((len(prompts), 1), dtype=np.int64)
@@ -169,12 +176,15 @@ def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConf
                          huge_pages=config.huge_pages)  # fmt: skip
     load_s = time.perf_counter() - started
     block = gen.config.block_size
-    if config.prompt_tokens + config.new_tokens > block:
+    prompt_tokens = config.prompt_tokens or min(128, block // 2)
+    new_tokens = config.new_tokens or min(128, block // 2)
+    if prompt_tokens + new_tokens > block:
         half = block // 2
         raise ConfigError(
-            f"prompt_tokens {config.prompt_tokens} + new_tokens {config.new_tokens} exceed the model's context of "
+            f"prompt_tokens {prompt_tokens} + new_tokens {new_tokens} exceed the model's context of "
             f"{block} tokens; lower them (e.g. --prompt-tokens {half} --new-tokens {half})"
         )
+    config = dataclasses.replace(config, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     prompts = make_prompts(gen.config.vocab_size, gen.eot_id, max(config.batch), config.prompt_tokens, config.seed)
     rows = []
     for batch in sorted(config.batch):

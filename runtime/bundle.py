@@ -3,7 +3,9 @@
 Checks, in order: the manifest's format and version, the size and sha256 of every listed file
 (`edgegpt.manifest.verify_bundle`), the model config, the KV-cache layout, the external-data locations
 inside `model.onnx` (each must be a safe, hashed member of the bundle), the graph's input and output names,
-and the tokenizer (loadable, an end-of-text token, the same vocabulary size as the model).
+and the tokenizer (loadable, an end-of-text token, no more tokens than the model's vocabulary: a model
+vocabulary larger than the tokenizer's is padding, e.g. nanoGPT's 50304 for GPT-2's 50257, and those ids are
+never sampled).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from edgegpt.manifest import (
     verify_bundle,
 )
 from edgegpt.runtime.kv_cache import KV_CACHES
-from edgegpt.runtime.onnx_paths import read_graph_summary
+from edgegpt.runtime.onnx_paths import GraphSummary, read_graph_summary
 
 __all__ = ["Bundle", "KVCacheSpec"]
 
@@ -112,6 +114,7 @@ class Bundle:
         declared_out = [o.get("name") for o in graph.get("outputs", []) if isinstance(o, dict)]
         check_io(f"{where} 'graph'", declared_in, declared_out, expected_in, expected_out)
         check_io(str(model_path), summary.inputs, summary.outputs, expected_in, expected_out)
+        check_model_settings(summary, config, kv, where)
         tokenizer, eot = _tokenizer(path, manifest, config, where)
         return cls(path, manifest, config, kv, tokenizer, eot)
 
@@ -122,6 +125,51 @@ def check_io(where: str, inputs: list, outputs: list, expected_in: list[str], ex
     if missing:
         shown = ", ".join(missing[:6]) + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
         raise BundleError(f"{where}: the graph lacks {shown}; re-export the bundle with this edgegpt")
+
+
+def check_model_settings(summary: GraphSummary, config: GPTConfig, kv: KVCacheSpec, where: Path) -> None:
+    """BundleError where the manifest's model settings disagree with what the graph itself says.
+
+    The manifest cannot hash itself, so an edited block_size (or any shape) would otherwise surface as a raw
+    onnxruntime error mid-generation, or as a huge allocation. Checked: the vocabulary (the logits' last
+    dimension), the layers (past inputs), the heads and head size (a past input's dims), the context
+    (the rows of the table that position_ids index) and the GELU (FastGelu is the tanh one; Gelu, BiasGelu
+    or a bare Erf the exact one). A dimension the graph leaves dynamic is not checked.
+    """
+    said: dict[str, int] = {}
+    logits = summary.shapes.get(LOGITS, [])
+    if len(logits) == 3 and isinstance(logits[2], int):
+        said["vocab_size"] = logits[2]
+    said["n_layer"] = sum(name.startswith(kv.past_key.split("{")[0]) for name in summary.inputs) // 2
+    past = summary.shapes.get(kv.past_names(1)[0], [])
+    if len(past) == 4 and isinstance(past[1], int) and isinstance(past[3], int):
+        said["n_head"], said["head_size"] = past[1], past[3]
+    rows = _position_table_rows(summary)
+    if rows is not None:
+        said["block_size"] = rows
+    ops = {op for op, _, _ in summary.nodes}
+    if ops & {"FastGelu", "Erf", "Gelu", "BiasGelu"}:  # fused or not, the two GELUs leave different ops
+        said["gelu"] = "tanh" if "FastGelu" in ops else "erf"
+    wrong = [f"{name} {getattr(config, name)} (the graph: {value})" for name, value in said.items() if getattr(config, name) != value]
+    if wrong:
+        raise BundleError(
+            f"{where}: 'model' disagrees with the graph: {', '.join(wrong)}; the manifest was edited or belongs to "
+            "another model: re-export the bundle"
+        )
+
+
+def _position_table_rows(summary: GraphSummary) -> int | None:
+    """Rows of the table that position_ids index (through a dequantization, if any); None if not found."""
+    producers = {output: inputs for _, inputs, outputs in summary.nodes for output in outputs}
+    for op, inputs, _ in summary.nodes:
+        if op.startswith("Gather") and len(inputs) > 1 and inputs[1] == POSITION_IDS:
+            table = inputs[0]
+            for _ in range(3):  # e.g. DequantizeLinear(table_q) -> Gather
+                if table in summary.initializer_dims:
+                    dims = summary.initializer_dims[table]
+                    return dims[0] if dims else None
+                table = (producers.get(table) or [""])[0]
+    return None
 
 
 def _config(manifest: dict, where: Path) -> GPTConfig:
@@ -182,9 +230,14 @@ def _tokenizer(path: Path, manifest: dict, config: GPTConfig, where: Path):
         raise BundleError(f"{where}: tokenizer file {name!r} is not listed (hashed) in 'files'; re-export the bundle")
     file = safe_member(path, name)
     try:
-        tok = load_tokenizer(file, vocab_size=config.vocab_size)
+        tok = load_tokenizer(file)
     except DataError as exc:  # its message names the file
         raise BundleError(f"{exc}; re-export the bundle from one checkpoint") from exc
+    if tok.get_vocab_size() > config.vocab_size:  # fewer: a padded vocabulary, whose extra ids are never sampled
+        raise BundleError(
+            f"{file}: the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is only "
+            f"{config.vocab_size}; re-export the bundle from one checkpoint"
+        )
     try:
         eot = eot_id(tok)
     except DataError as exc:
@@ -192,8 +245,14 @@ def _tokenizer(path: Path, manifest: dict, config: GPTConfig, where: Path):
     size = tok.get_vocab_size()
     if meta.get("vocab_size", size) != size:
         raise BundleError(
-            f"{where}: tokenizer.vocab_size {meta['vocab_size']} but {file} has {size} tokens; re-export the bundle"
+            f"{where}: tokenizer.vocab_size is {meta['vocab_size']} but {file} has {size} tokens; re-export the bundle"
         )
     if meta.get("eot_token_id", eot) != eot:
         raise BundleError(f"{where}: tokenizer.eot_token_id {meta['eot_token_id']} but the tokenizer's is {eot}")
+    sampled = config.sampled_ids(size)
+    if meta.get("sampled_vocab_size", sampled) != sampled:
+        raise BundleError(
+            f"{where}: tokenizer.sampled_vocab_size {meta['sampled_vocab_size']} but the model and tokenizer "
+            f"sample ids 0..{sampled - 1}; re-export the bundle"
+        )
     return tok, eot

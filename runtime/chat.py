@@ -1,11 +1,11 @@
 """`Conversation`: a chat on one `Generator` that keeps its KV cache from turn to turn.
 
-The text of the conversation is "User: ...\\nAssistant: ...\\n" turns; each reply stops at the next
-"\\nUser:". Every turn continues on the same `DecodeState` (`Generator.stream(..., state=...)`): the
-tokens the cache already holds (the longest common prefix of the conversation so far and the new text)
-are not fed again, so a turn costs its own new tokens, not the whole history. When the conversation
-outgrows the model's context, the oldest tokens are dropped and the cache is recomputed once (the
-sliding window of `SamplingConfig`).
+The conversation is "User: ...\\nAssistant: ...\\n" turns; each reply stops at the next "\\nUser:". It is
+kept as token ids, the reply's as the model sampled them, so the next turn's prompt starts with exactly
+the tokens the cache holds: every turn continues on the same `DecodeState`
+(`Generator.stream_ids(..., state=...)`) and feeds only its own new tokens, not the whole history (the
+longest common prefix is reused, as llama.cpp's server does for a slot). When the conversation outgrows
+the model's context, its oldest tokens are dropped and the cache is recomputed once.
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ USER, ASSISTANT = "User:", "Assistant:"
 
 
 class Conversation:
-    """Turns of a chat; `say` streams the reply, the history and the cache carry over to the next turn.
+    """Turns of a chat; `say` streams the reply, and the history and the cache carry over to the next turn.
+
+    Attributes:
+        history: the conversation's text so far.
+        ids: its token ids, as the model saw them.
+        last_result: the last reply's `GenerationResult` (`cached_tokens`: prompt tokens not fed again).
 
     >>> chat = Conversation(gen, SamplingConfig(max_new_tokens=64))  # doctest: +SKIP
     >>> print("".join(chat.say("What is a list comprehension?")))  # doctest: +SKIP
-    >>> chat.last_result.cached_tokens  # prompt tokens not fed again  # doctest: +SKIP
     """
 
     def __init__(self, gen: Generator, sampling: SamplingConfig | None = None):
@@ -34,20 +38,38 @@ class Conversation:
         self.sampling = base.replace(stop=(f"\n{USER}", *base.stop), sliding_window=True)
         self.state = gen.new_state()
         self.history = ""
+        self.ids: list[int] = []
         self.last_result: GenerationResult | None = None
 
     def say(self, message: str) -> Iterator[str]:
         """Add a user turn and stream the reply; the reply joins the history once the stream is exhausted."""
-        self.history += f"{USER} {message}\n{ASSISTANT}"
-        stream = self.gen.stream(self.history, self.sampling, state=self.state)
-        reply = []
+        turn = f"{USER} {message}\n{ASSISTANT}"
+        prompt = self._fit(self.ids + self.gen.encode(turn))
+        stream = self.gen.stream_ids(prompt, self.sampling, state=self.state)
+        pieces = []
         for piece in stream:
-            reply.append(piece)
+            pieces.append(piece)
             yield piece
-        self.history += "".join(reply) + "\n"
+        reply = "".join(pieces)
+        self.history += turn + reply + "\n"
+        self.ids = prompt + self._reply_ids(stream.result.tokens, reply) + self.gen.encode("\n")
         self.last_result = stream.result
 
     def reset(self) -> None:
         """Forget the conversation (the cache too)."""
-        self.history = ""
+        self.history, self.ids = "", []
         self.state.rewind(0)
+
+    def _fit(self, ids: list[int]) -> list[int]:
+        """The most recent tokens, leaving room for a reply; unchanged while the conversation fits."""
+        block = self.gen.config.block_size
+        room = min(self.sampling.max_new_tokens or block // 2, block // 2)
+        return ids if len(ids) + room <= block else ids[-(block - room) :]
+
+    def _reply_ids(self, tokens: list[int], reply: str) -> list[int]:
+        """The sampled tokens that spell `reply` (a stop string cut after them is dropped), as sampled."""
+        for k in range(len(tokens), -1, -1):
+            text = self.gen.decode(tokens[:k])
+            if reply.startswith(text):  # k = len(tokens) at once, unless a stop string cut the reply
+                return tokens[:k] + (self.gen.encode(reply[len(text) :]) if len(text) < len(reply) else [])
+        return self.gen.encode(reply)

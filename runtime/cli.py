@@ -1,13 +1,17 @@
-"""The runtime's click commands, `generate` and `chat`, for the `edgegpt` group (edgegpt/cli.py adds them).
+"""The runtime's click commands, `generate`, `chat` and `eval`, for the `edgegpt` group (edgegpt/cli.py adds them).
 
-Module-level imports stay light (click and the standard library): onnxruntime and numpy load inside the
-commands. Every sampling flag maps 1:1 to a `SamplingConfig` field (`--top-k` -> `top_k`); an unset flag
-keeps the dataclass default, so the defaults live in one place.
+Module-level imports stay light (click, the standard library, edgegpt.cli_support): onnxruntime and numpy
+load inside the commands. Every sampling flag maps 1:1 to a `SamplingConfig` field (`--top-k` -> `top_k`);
+an unset flag keeps the dataclass default, so the defaults live in one place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,10 +21,24 @@ from edgegpt.cli_support import Command, field_options, given
 
 __all__ = ["chat_command", "eval_command", "generate_command"]
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+_ESCAPE = re.compile(r"\\(n|t|r|\\|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4})")
+
+
+def unescape(text: str) -> str:
+    r"""The usual backslash escapes of a flag's text (a shell passes "\n" as two characters).
+
+    >>> unescape(r"\n\nUser:"), unescape(r"a\\nb"), unescape(r"\x41\u00e9"), unescape("plain \\d")
+    ('\n\nUser:', 'a\\nb', 'Aé', 'plain \\d')
+    """
+    return _ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1)) or chr(int(m.group(1)[1:], 16)), text)
+
+
 # SamplingConfig field -> its flag (default --field-name), click type and help. The defaults stay in
 # SamplingConfig (an unset flag is None); the help repeats them, as importing SamplingConfig loads numpy.
 _SAMPLING_FLAGS = {
-    "max_new_tokens": {"flags": ("-n", "--max-new-tokens"), "type": click.IntRange(min=0), "help": "Tokens to generate at most. [default: 64]"},
+    "max_new_tokens": {"flags": ("-n", "--max-new-tokens"), "type": click.IntRange(min=0),
+                       "help": "Tokens to generate at most. [default: 64, or what the context has room for]"},
     "temperature": {"flags": ("-t", "--temperature"), "type": float, "help": "0 is greedy. [default: 0]"},
     "top_k": {"type": int, "help": "Keep the k most likely tokens; 0 keeps all. [default: 0]"},
     "top_p": {"type": float, "help": "Nucleus sampling mass in (0, 1]. [default: 1]"},
@@ -29,7 +47,8 @@ _SAMPLING_FLAGS = {
     "presence_penalty": {"type": float, "help": "[default: 0]"},
     "frequency_penalty": {"type": float, "help": "[default: 0]"},
     "seed": {"type": int, "help": "Same seed, same text."},
-    "stop": {"multiple": True, "help": "Stop at this string (not printed); repeatable."},
+    "stop": {"multiple": True, "callback": lambda ctx, param, values: tuple(map(unescape, values)),
+             "help": "Stop at this string (not printed); repeatable. Understands \\n, \\t, \\r, \\\\, \\xHH and \\uHHHH."},
     "stop_token_ids": {"flags": ("--stop-token-id",), "type": int, "multiple": True, "help": "Stop at this token id; repeatable."},
     "ignore_eos": {"is_flag": True, "help": "Keep going after the end-of-text token."},
 }
@@ -55,16 +74,47 @@ def _quiet(ctx: click.Context) -> bool:
     return bool(root and isinstance(root, dict) and root.get("quiet"))
 
 
-def _read_prompt_file(path: str) -> str:
-    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+def _utf8(data: bytes, what: str, fix: str = "convert it, e.g. iconv -t UTF-8") -> str:
+    """`data` as text; UnicodeError naming `what`, the first bad byte and its offset, and the fix."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         bad = data[exc.start : exc.start + 1].hex()
-        raise click.BadParameter(
-            f"{path} is not UTF-8 text (byte 0x{bad} at offset {exc.start}); convert it, e.g. iconv -t UTF-8",
-            param_hint="--prompt-file",
-        ) from None
+        raise UnicodeError(f"{what} is not UTF-8 text (byte 0x{bad} at offset {exc.start}); {fix}") from None
+
+
+def _read_prompt_file(path: str) -> str:
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    try:
+        return _utf8(data, path)
+    except UnicodeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--prompt-file") from None
+
+
+def _check_prompt(text: str) -> str:
+    """A command-line PROMPT: bytes that are not UTF-8 arrive as surrogates (PEP 383); refuse them in one line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            _utf8(text.encode("utf-8", "surrogateescape"), "PROMPT")
+        except UnicodeError as exc:
+            raise click.BadParameter(str(exc), param_hint="PROMPT") from None
+    return text
+
+
+@contextlib.contextmanager
+def _stdout_errors():
+    """An unwritable standard output (a full disk, a closed pipe) ends the command in one line, not a traceback."""
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush at exit, where it would fail again
+        if exc.errno == errno.EPIPE:  # the reader went away (`| head`): not an error, as for other tools
+            sys.exit(141)
+        raise click.ClickException(f"cannot write the text to standard output: {exc.strerror or exc}") from None
 
 
 @click.command("generate", cls=Command)
@@ -88,22 +138,28 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
         raise click.UsageError("give PROMPT or --prompt-file, not both")
     if prompt is None and prompt_file is None:
         raise click.UsageError('give a PROMPT (may be "") or --prompt-file')
-    text = _read_prompt_file(prompt_file) if prompt_file is not None else prompt
+    text = _read_prompt_file(prompt_file) if prompt_file is not None else _check_prompt(prompt)
     from edgegpt.runtime import Generator, SamplingConfig
 
-    sampling = SamplingConfig().replace(**given(flags))
     gen = Generator.load(bundle, provider=provider, threads=threads, spinning=spinning, huge_pages=huge_pages)
+    overrides = given(flags)
+    if "max_new_tokens" not in overrides and not overrides.get("sliding_window"):  # the default fits the context
+        room = gen.config.block_size - max(len(gen.encode(text)), 1)
+        overrides["max_new_tokens"] = max(min(SamplingConfig().max_new_tokens, room), 0)
+    sampling = SamplingConfig().replace(**overrides)
     if as_json:
         result = gen.generate(text, sampling)
         timings = {k: round(v, 6) for k, v in vars(result.timings).items()}
         payload = {"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason}
         payload.update(prompt_tokens=len(result.prompt_tokens), context_shifts=result.context_shifts, timings=timings)
-        click.echo(json.dumps(payload, ensure_ascii=False))
+        with _stdout_errors():
+            click.echo(json.dumps(payload, ensure_ascii=False))
         return
     stream = gen.stream(text, sampling)
-    for piece in stream:
-        click.echo(piece, nl=False)
-    click.echo()
+    with _stdout_errors():
+        for piece in stream:
+            click.echo(piece, nl=False)
+        click.echo()
     result = stream.result
     if not _quiet(ctx):
         t = result.timings
@@ -131,6 +187,8 @@ def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
       edgegpt chat bundles/tiny
       edgegpt chat bundles/tiny -t 0.7 --top-p 0.9 -n 128
     """
+    if sys.stdin is None or sys.stdin.closed:
+        raise click.UsageError("chat reads the conversation from standard input, which is closed; run it in a terminal or pipe text in")
     from edgegpt.runtime import Generator, SamplingConfig
     from edgegpt.runtime.chat import Conversation
 
@@ -139,7 +197,12 @@ def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
     chat = Conversation(gen, sampling)
     while True:
         click.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
+        data = sys.stdin.buffer.readline()
+        try:
+            line = _utf8(data, "that line", "type it again")
+        except UnicodeError as exc:
+            click.echo(str(exc), err=True)
+            continue
         if not line or line.strip() in ("/exit", "/quit"):
             break
         line = line.rstrip("\n")
@@ -148,9 +211,10 @@ def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
             continue
         if not line.strip():
             continue
-        for piece in chat.say(line):
-            click.echo(piece, nl=False)
-        click.echo()
+        with _stdout_errors():
+            for piece in chat.say(line):
+                click.echo(piece, nl=False)
+            click.echo()
 
 
 @click.command("eval", cls=Command)

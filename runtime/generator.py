@@ -148,7 +148,7 @@ class _Request:
                     f"model's context of {block} tokens; shorten the prompt, lower max_new_tokens to "
                     f"{max(block - longest, 0)} or pass sliding_window=True"
                 )
-        self.rows = [_Row(p, Sampler(config, vocab, p), gen.new_decoder(), config.stop) for p in prompts]
+        self.rows = [_Row(p, gen.new_sampler(config, p), gen.new_decoder(), config.stop) for p in prompts]
         # The longest sequence the cache will hold (a "shared_buffer" cache allocates that much once).
         windowed = config.sliding_window or config.max_new_tokens is None
         capacity = block if windowed else max(min(block, longest + self.max_new), 1)
@@ -310,6 +310,9 @@ class Generator:
         on_cuda = session.get_providers()[0] == CUDA
         self._device = ("cuda", session_config.device_id) if on_cuda else ("cpu", 0)
         self._decoder = IncrementalDecoder(self.tokenizer)  # building the byte table costs ms: once
+        # Ids 0..sampled_vocab_size-1 may be sampled: not the padding past the tokenizer (nanoGPT's 50304 rows
+        # for 50257 tokens), nor an end-of-text token appended to a character vocabulary (edgegpt.train.nanogpt).
+        self.sampled_vocab_size = self.config.sampled_ids(self.tokenizer.get_vocab_size())
 
     @classmethod
     def load(
@@ -401,6 +404,12 @@ class Generator:
         started = time.perf_counter()
         return TextStream(self._request([self.encode(prompt)], sampling, overrides, started, state))
 
+    def stream_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
+                   **overrides) -> TextStream:  # fmt: skip
+        """`stream` for a prompt of token ids (ids outside the vocabulary raise `PromptError`)."""
+        started = time.perf_counter()
+        return TextStream(self._request([self._check_ids(ids)], sampling, overrides, started, state))
+
     def generate_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
                      **overrides) -> GenerationResult:  # fmt: skip
         """Token ids in, token ids out (`result.tokens`); ids outside the vocabulary raise `PromptError`.
@@ -420,9 +429,14 @@ class Generator:
     ) -> list[GenerationResult]:
         """Several prompts (texts or token-id lists) in one left-padded batch; one result per prompt.
 
-        Greedy output per prompt equals generating it alone; each row samples with its own RNG seeded by
-        `seed`. Rows that finish early keep being fed an end-of-text token but produce nothing more.
-        Without sliding_window the longest prompt bounds max_new_tokens for all rows.
+        Each row samples with its own RNG seeded by `seed`. Rows that finish early keep being fed an
+        end-of-text token but produce nothing more. Without sliding_window the longest prompt bounds
+        max_new_tokens for all rows.
+
+        Greedy output per prompt equals generating it alone for fp32, fp16 and int4 bundles (their
+        activations are not quantized; the tests check each). An int8 bundle quantizes activations
+        dynamically, with one scale over the whole batch, so a row can differ from its run alone after some
+        tokens: batch int8 prompts only where that is acceptable.
 
         >>> [r.text for r in gen.generate_batch(["def ", "import "], max_new_tokens=8)]  # doctest: +SKIP
         """
@@ -457,6 +471,16 @@ class Generator:
         >>> logits = state.feed(gen.encode("def parse("))  # (1, vocab)  # doctest: +SKIP
         """
         return DecodeState(self.session, self.bundle, self._device, self._logits_dtype, batch, capacity)
+
+    def new_sampler(self, sampling: SamplingConfig | None = None, prompt_ids: Sequence[int] = (), **overrides) -> Sampler:
+        """A `Sampler` for this model (keywords as `SamplingConfig`'s): it never picks an id past
+        `sampled_vocab_size`, whatever the sampling, greedy included.
+
+        >>> sampler = gen.new_sampler(temperature=0.8, seed=0)  # doctest: +SKIP
+        >>> token = sampler(state.feed(gen.encode("def parse("))[0])  # doctest: +SKIP
+        """
+        config = (SamplingConfig() if sampling is None else sampling).replace(**overrides)
+        return Sampler(config, self.config.vocab_size, prompt_ids, sampled_vocab_size=self.sampled_vocab_size)
 
     def new_decoder(self) -> IncrementalDecoder:
         """A fresh incremental detokeniser (token ids in, text pieces out, never half a character)."""

@@ -1,5 +1,5 @@
-"""Read what the runtime must check in `model.onnx` before onnxruntime opens it: external-data locations
-and the graph's input and output names.
+"""Read what the runtime must check in `model.onnx` before onnxruntime opens it: external-data locations,
+the graph's input and output names and shapes, and what the main graph says of the model's size.
 
 Why not leave external-data paths to onnxruntime: it checks them only from 1.24 on, and it cannot know
 which files the manifest hashes. Measured with a MatMul model saved with external data, opened by
@@ -20,16 +20,21 @@ on onnxruntime < 1.24 (pyproject allows >= 1.22), data outside the bundle reache
 path or a symlinked directory; on every version, data in the bundle that the manifest does not hash,
 which onnxruntime would load although nothing checked it. The main graph's input and output names let
 `Bundle.load` refuse a graph without the runtime's I/O before a session too (`Generator` checks the
-session again; `export.quantize` uses `Bundle.load` alone). Test:
-tests/runtime/test_generator.py::test_external_data_leaving_the_bundle_is_refused.
+session again; `export.quantize` uses `Bundle.load` alone). Their shapes, the main graph's initializer
+dimensions and its nodes let it check the manifest's model settings (vocabulary, heads, layers, context)
+against the graph, which the manifest cannot hash itself into. Tests:
+tests/runtime/test_generator.py::test_external_data_leaving_the_bundle_is_refused and
+::test_manifest_model_settings_must_match_the_graph.
 
 Hand-written on purpose: the runtime may not depend on the `onnx` package (it pulls in protobuf and is
 not part of the base install), and these few fields need only protobuf's wire format. The reader walks
     ModelProto.graph (7) and .training_info (20) / .functions (25)
     GraphProto.initializer (5), .sparse_initializer (15), .node (1), .input (11), .output (12)
-    NodeProto.attribute (5) -> AttributeProto.t (5), .g (6), .tensors (10), .graphs (11),
-                               .sparse_tensor (22), .sparse_tensors (23)
-    TensorProto.external_data (13) -> StringStringEntryProto.key (1) / .value (2)
+    NodeProto.input (1), .output (2), .op_type (4), .attribute (5) -> AttributeProto.t (5), .g (6),
+                               .tensors (10), .graphs (11), .sparse_tensor (22), .sparse_tensors (23)
+    ValueInfoProto.name (1), .type (2) -> TypeProto.tensor_type (1) -> .shape (2) -> .dim (1) ->
+                               Dimension.dim_value (1) / .dim_param (2)
+    TensorProto.dims (1), .name (8), .external_data (13) -> StringStringEntryProto.key (1) / .value (2)
 and skips everything else (weights in raw_data are jumped over, not copied).
 Field numbers: https://github.com/onnx/onnx/blob/main/onnx/onnx.proto
 """
@@ -52,11 +57,19 @@ _MAX_DEPTH = 64  # subgraphs nest (If/Loop bodies); a deeper file is malformed o
 
 @dataclass
 class GraphSummary:
-    """What `model.onnx` declares: main-graph input/output names and every external-data location."""
+    """What `model.onnx` declares: main-graph I/O, initializer dims and nodes; every external-data location.
+
+    `shapes` maps a main-graph input or output to its dimensions (an int, or the symbolic name of a dynamic
+    one); `initializer_dims` a main-graph initializer to its dims; `nodes` lists the main graph's nodes as
+    (op_type, inputs, outputs).
+    """
 
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     external_locations: list[str] = field(default_factory=list)
+    shapes: dict[str, list[int | str]] = field(default_factory=dict)
+    initializer_dims: dict[str, list[int]] = field(default_factory=dict)
+    nodes: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
 
 
 class _WireError(ValueError):
@@ -108,10 +121,44 @@ def _string(buf: memoryview, number: int) -> str:
     return ""
 
 
-def _tensor(buf: memoryview, out: GraphSummary) -> None:
+def _strings(buf: memoryview, number: int) -> list[str]:
+    return [bytes(v).decode("utf-8", errors="surrogateescape") for v in _lens(buf, number)]
+
+
+def _ints(buf: memoryview, number: int) -> list[int]:
+    """A repeated integer field, packed (one LEN value) or not (one VARINT each)."""
+    values = []
+    for n, wire, value in _fields(buf):
+        if n != number:
+            continue
+        if wire == _VARINT:
+            values.append(value)
+        elif wire == _LEN:
+            pos = 0
+            while pos < len(value):
+                item, pos = _varint(value, pos)
+                values.append(item)
+    return values
+
+
+def _tensor(buf: memoryview, out: GraphSummary, main: bool = False) -> None:
     for entry in _lens(buf, 13):  # TensorProto.external_data
         if _string(entry, 1) == "location":
             out.external_locations.append(_string(entry, 2))
+    if main:
+        out.initializer_dims[_string(buf, 8)] = _ints(buf, 1)
+
+
+def _shape(value_info: memoryview) -> list[int | str]:
+    """ValueInfoProto -> its tensor's dims (dim_value, or dim_param for a dynamic one; "?" when absent)."""
+    dims: list[int | str] = []
+    for kind in _lens(value_info, 2):  # .type
+        for tensor in _lens(kind, 1):  # TypeProto.tensor_type
+            for shape in _lens(tensor, 2):  # .shape
+                for dim in _lens(shape, 1):
+                    known = _ints(dim, 1)
+                    dims.append(known[0] if known else (_string(dim, 2) or "?"))
+    return dims
 
 
 def _sparse(buf: memoryview, out: GraphSummary) -> None:
@@ -120,7 +167,9 @@ def _sparse(buf: memoryview, out: GraphSummary) -> None:
             _tensor(tensor, out)
 
 
-def _node(buf: memoryview, out: GraphSummary, depth: int) -> None:
+def _node(buf: memoryview, out: GraphSummary, depth: int, main: bool = False) -> None:
+    if main:
+        out.nodes.append((_string(buf, 4), _strings(buf, 1), _strings(buf, 2)))
     for attr in _lens(buf, 5):  # NodeProto.attribute
         for n, wire, value in _fields(attr):
             if wire != _LEN:
@@ -140,15 +189,15 @@ def _graph(buf: memoryview, out: GraphSummary, depth: int, main: bool) -> None:
         if wire != _LEN:
             continue
         if n == 5:
-            _tensor(value, out)
+            _tensor(value, out, main)
         elif n == 15:
             _sparse(value, out)
         elif n == 1:
-            _node(value, out, depth)
-        elif main and n == 11:  # ValueInfoProto.name (1)
-            out.inputs.append(_string(value, 1))
-        elif main and n == 12:
-            out.outputs.append(_string(value, 1))
+            _node(value, out, depth, main)
+        elif main and n in (11, 12):  # ValueInfoProto.name (1)
+            name = _string(value, 1)
+            (out.inputs if n == 11 else out.outputs).append(name)
+            out.shapes[name] = _shape(value)
 
 
 def read_graph_summary(path: str | Path) -> GraphSummary:
@@ -159,8 +208,8 @@ def read_graph_summary(path: str | Path) -> GraphSummary:
 
     >>> import tempfile, pathlib
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.onnx"; _ = p.write_bytes(b"")
-    >>> read_graph_summary(p)
-    GraphSummary(inputs=[], outputs=[], external_locations=[])
+    >>> read_graph_summary(p).inputs
+    []
     """
     path = Path(path)
     out = GraphSummary()

@@ -5,6 +5,9 @@ need, so concurrent requests never share state. The order of the logits processo
 `generate`: penalties, temperature, top-k, top-p (over the top-k renormalised), min-p, then a draw.
 Greedy (temperature 0, no penalties) is exactly `argmax` over the float32 logits, ties to the lowest id,
 like `torch.argmax`, so it matches `edgegpt.train.generate.generate` token for token.
+With a padded vocabulary (`sampled_vocab_size` below the row's width: nanoGPT's 50304 rows for GPT-2's 50257
+tokens) the ids past it are never picked, by any step of the chain, greedy included: the chain runs on the
+row's first `sampled_vocab_size` logits, which is the same as masking the rest to -inf and costs one view.
 
 References: Holtzman et al. 2019 (top-p, "The Curious Case of Neural Text Degeneration");
 Keskar et al. 2019 (CTRL, the repetition penalty); Nguyen et al. 2024 (min-p); OpenAI's presence and
@@ -129,14 +132,22 @@ class Sampler:
         config: the validated knobs.
         vocab_size: the model's vocabulary size (the logits' last dimension).
         prompt_ids: the prompt's token ids, which the repetition penalty also covers.
+        sampled_vocab_size: ids at or above it are never picked (treated as logits of -inf): the padding
+            past the tokenizer (`Generator.sampled_vocab_size`). None or vocab_size: every id may be.
 
     >>> s = Sampler(SamplingConfig(), vocab_size=4)
     >>> s(np.array([0.1, 2.0, 2.0, -1.0], dtype=np.float32))
     1
+    >>> Sampler(SamplingConfig(), vocab_size=4, sampled_vocab_size=2)(np.array([0.1, -1.0, 2.0, 3.0], dtype=np.float32))
+    0
     """
 
-    def __init__(self, config: SamplingConfig, vocab_size: int, prompt_ids: Iterable[int] = ()):
+    def __init__(self, config: SamplingConfig, vocab_size: int, prompt_ids: Iterable[int] = (), *,
+                 sampled_vocab_size: int | None = None):  # fmt: skip
+        check_int("sampled_vocab_size", sampled_vocab_size, low=1, high=vocab_size, optional=True, error=SamplingError)
         self.config, self.vocab_size = config, vocab_size
+        # Only a padded vocabulary pays for the cut (one view per step); None keeps the plain path.
+        self._cut = sampled_vocab_size if sampled_vocab_size is not None and sampled_vocab_size < vocab_size else None
         self.rng = np.random.default_rng(config.seed)
         self._seen = np.zeros(vocab_size, dtype=bool)  # prompt + output, for the repetition penalty
         self._seen[np.asarray(list(prompt_ids), dtype=np.int64)] = True
@@ -147,6 +158,8 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         """(V,) float32 logits of the last position -> the next token id (recorded for the penalties)."""
+        if self._cut is not None:
+            logits = logits[: self._cut]  # a view: the padded ids are out of reach of every step below
         if not self._penalised:
             return self._pick(logits)
         token = self._pick(self._penalise(logits))
@@ -156,11 +169,13 @@ class Sampler:
 
     def _penalise(self, logits: np.ndarray) -> np.ndarray:
         c, logits = self.config, logits.astype(np.float32, copy=True)
+        n = logits.shape[0]  # the cut row's width when padded
+        seen_ids, counts = self._seen[:n], self._counts[:n]
         if c.repetition_penalty != 1.0:
-            seen = logits[self._seen]
-            logits[self._seen] = np.where(seen > 0, seen / c.repetition_penalty, seen * c.repetition_penalty)
+            seen = logits[seen_ids]
+            logits[seen_ids] = np.where(seen > 0, seen / c.repetition_penalty, seen * c.repetition_penalty)
         if c.presence_penalty or c.frequency_penalty:
-            logits -= c.presence_penalty * (self._counts > 0) + c.frequency_penalty * self._counts
+            logits -= c.presence_penalty * (counts > 0) + c.frequency_penalty * counts
         return logits
 
     def _pick(self, logits: np.ndarray) -> int:

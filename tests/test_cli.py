@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from edgegpt.cli import main
 from edgegpt.cli_support import Command, Group, field_options, given
-from edgegpt.errors import BundleError, ConfigError, SamplingError
+from edgegpt.errors import BundleError, ConfigError, ContextLengthError, SamplingError
 
 
 @pytest.mark.parametrize(
@@ -47,11 +47,18 @@ def test_existing_run_is_refused_without_resume_or_force(tmp_path, tiny_checkpoi
 def _failing_command(exc):
     @click.command("fail", cls=Command)
     @click.option("--top-p", type=float)
-    def fail(top_p):
+    @click.option("--sliding-window", is_flag=True)
+    def fail(top_p, sliding_window):
         """Raise `exc`."""
         raise exc
 
     return fail
+
+
+def test_an_error_names_the_commands_flags_not_the_api_keywords():
+    exc = ContextLengthError("lower top_p to 0.5 or pass sliding_window=True")
+    result = CliRunner().invoke(_failing_command(exc), [])
+    assert result.exit_code == 1 and "lower --top-p to 0.5 or pass --sliding-window" in result.output
 
 
 @pytest.mark.parametrize(
@@ -61,7 +68,7 @@ def _failing_command(exc):
         (SamplingError("top_p must be in (0, 1], got 0"), 2, "Invalid value for --top-p: top_p must be in (0, 1], got 0"),
         (SamplingError("stop must be non-empty strings, got ['']"), 2, "Invalid value: stop must be"),
         (BundleError("b/manifest.json: format_version 2"), 1, "Error: BundleError: b/manifest.json: format_version 2"),
-        (ModuleNotFoundError("No module named 'torch'", name="torch"), 1, "pip install 'edgegpt[train]'"),
+        (ModuleNotFoundError("No module named 'torch'", name="torch"), 1, "pip install 'torch==2.13.0' 'edgegpt[train]'"),
         (ModuleNotFoundError("No module named 'onnxruntime_genai'", name="onnxruntime_genai"), 1, "pip install 'edgegpt[genai]'"),
     ],
 )
@@ -119,3 +126,54 @@ def test_every_config_field_has_its_flag():
     train = {p.name for p in main.commands["train"].params}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= train
     assert {"n_layer", "n_head", "n_embd", "block_size", "dropout"} <= train
+
+
+def test_sample_and_generate_agree_by_default(tiny_checkpoint, tmp_path):
+    """Both greedy, both print the continuation only, both fit -n to the context: the same text."""
+    from edgegpt.export import export_bundle
+
+    bundle = export_bundle(tiny_checkpoint, tmp_path / "bundle", validate=False)
+    sampled = CliRunner().invoke(main, ["sample", str(tiny_checkpoint), "def main("])
+    generated = CliRunner().invoke(main, ["--quiet", "generate", str(bundle), "def main(", "--provider", "cpu"])
+    assert sampled.exit_code == 0 and generated.exit_code == 0, sampled.output + generated.output
+    assert sampled.output == generated.output and not sampled.output.startswith("def main(")
+
+
+def test_generate_stop_understands_escapes(tiny_checkpoint, tmp_path):
+    from edgegpt.runtime.cli import unescape
+
+    assert unescape(r"\n\n") == "\n\n"
+    from edgegpt.export import export_bundle
+
+    bundle = export_bundle(tiny_checkpoint, tmp_path / "bundle", validate=False)
+    free = CliRunner().invoke(main, ["--quiet", "generate", str(bundle), "def", "-n", "40", "--provider", "cpu", "--json"])
+    text = json.loads(free.output)["text"]
+    stop = text[5:7]  # two characters the greedy text contains
+    escaped = "".join(f"\\u{ord(c):04x}" for c in stop)
+    cut = CliRunner().invoke(main, ["--quiet", "generate", str(bundle), "def", "-n", "40", "--provider", "cpu", "--json", "--stop", escaped])
+    result = json.loads(cut.output)
+    assert result["finish_reason"] == "stop" and result["text"] == text[: text.index(stop)]
+
+
+@pytest.mark.parametrize(
+    "setup, args, expected",
+    [
+        (None, ["--learning-rate", "nan"], "learning_rate must be a finite number, got nan"),
+        (("c.json", '{"batch_size": "2"}'), ["--config", "c.json"], "batch_size must be a positive integer, got '2'"),
+        (("c.json", "[1, 2]"), ["--config", "c.json"], "a training config is a JSON object of TrainConfig fields"),
+        (("c.json", "{bad"), ["--config", "c.json"], "c.json: cannot read training config"),
+    ],
+)
+def test_train_refuses_bad_settings_in_one_line(tmp_path, monkeypatch, setup, args, expected):
+    monkeypatch.chdir(tmp_path)
+    if setup:
+        (tmp_path / setup[0]).write_text(setup[1])
+    result = CliRunner().invoke(main, ["train", "--out", "r", "--steps", "1", *args])
+    assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_refuses_an_out_that_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "afile"), "--steps", "1"])
+    assert result.exit_code == 2 and "is a file" in result.output and (tmp_path / "afile").read_text() == "mine"

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgegpt.checks import check_bool, check_choice, check_int
 from edgegpt.config import PRESETS, GPTConfig
 from edgegpt.errors import BundleError, ConfigError, EdgeGPTError
 from edgegpt.files import aside, recover
@@ -96,8 +97,6 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from edgegpt.checks import check_bool, check_choice, check_int
-
         for name in ("runs", "prompt_tokens", "new_tokens", "threads"):
             check_int(name, getattr(self, name), low=1)
         if self.new_tokens < 2:

@@ -59,7 +59,9 @@ def _torch(spec: dict) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     device = "cuda" if spec["provider"] == "cuda" else "cpu"
     started = time.perf_counter()
-    model = load_checkpoint(spec["path"], map_location=device).model.eval()
+    ckpt = load_checkpoint(spec["path"], map_location=device)
+    model = ckpt.model.eval()
+    sampled = ckpt.config.sampled_ids(ckpt.tokenizer.get_vocab_size())  # never a padded id, as edgegpt's Sampler
     load_s = time.perf_counter() - started
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -69,7 +71,7 @@ def _torch(spec: dict) -> dict[str, Any]:
         step, cache, generated = torch.tensor(prompts, device=device), None, []
         for _ in range(new_tokens):
             logits, cache = model(step, cache)
-            step = logits[:, -1, :].argmax(-1, keepdim=True)  # (B, 1); greedy, as edgegpt.train.generate
+            step = logits[:, -1, :sampled].argmax(-1, keepdim=True)  # (B, 1); greedy, as edgegpt.train.generate
             generated.append(step)
             sync()
             stamps.append(time.perf_counter())

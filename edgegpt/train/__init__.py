@@ -1,15 +1,15 @@
 """edgegpt.train: the PyTorch side. Define `SimpleGPT`, train it, keep checkpoints, sample from it.
 
-Needs the training extra (`pip install "edgegpt[train]"`: torch, safetensors, tqdm). Nothing on a device
-imports this package; `edgegpt.export` does, to trace the model.
+Needs the training extra (`pip install "torch==2.13.0" "edgegpt[train]"`: torch, safetensors, tqdm).
+Nothing on a device imports this package; `edgegpt.export` does, to trace the model.
 
 Modules: model.py (the five classes of the GPT: `SelfAttentionHead`, `MultiHeadSelfAttention`,
 `FeedForward`, `TransformerBlock`, `SimpleGPT`), config.py (`TrainConfig`), trainer.py (the training loop,
 DDP through torch.distributed), corpus.py (`train_on_corpus`: files -> tokenizer -> token ids -> `train`),
 data.py (corpus files, token-id cache, batches), checkpoint.py (save / load / resume), generate.py (the
 PyTorch reference decoding loop that the runtime matches token for token), hf.py (Hugging Face GPT-2 in
-and out). The public names load on first use (PEP 562): `edgegpt.train.config` stays importable without
-torch, for the CLI's flags.
+and out), nanogpt.py (nanoGPT's ckpt.pt in). The public names load on first use (PEP 562):
+`edgegpt.train.config` stays importable without torch, for the CLI's flags.
 
 >>> from edgegpt.train import SimpleGPT, TrainConfig, train  # doctest: +SKIP
 """
@@ -19,7 +19,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Checkpoint", "SimpleGPT", "TrainConfig", "TrainResult", "load_checkpoint", "save_checkpoint", "train", "train_on_corpus"]
+__all__ = [
+    "Checkpoint",
+    "SimpleGPT",
+    "TrainConfig",
+    "TrainResult",
+    "import_nanogpt",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train",
+    "train_on_corpus",
+]
 
 _HOME = {
     "Checkpoint": "checkpoint",
@@ -30,6 +40,7 @@ _HOME = {
     "TrainResult": "trainer",
     "train": "trainer",
     "train_on_corpus": "corpus",
+    "import_nanogpt": "nanogpt",
 }
 
 if TYPE_CHECKING:
@@ -37,6 +48,7 @@ if TYPE_CHECKING:
     from edgegpt.train.config import TrainConfig
     from edgegpt.train.corpus import train_on_corpus
     from edgegpt.train.model import SimpleGPT
+    from edgegpt.train.nanogpt import import_nanogpt
     from edgegpt.train.trainer import TrainResult, train
 
 

@@ -73,7 +73,8 @@ def save_checkpoint(
         model.config.to_json(tmp / CONFIG)
         (tmp / TOKENIZER).write_text(tokenizer_json)
         if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / TRAIN_STATE_PT)
+            with open(tmp / TRAIN_STATE_PT, "wb") as f:  # a file object: a full disk's OSError stays in the chain
+                torch.save(optimizer_state, f)
         if train_state is not None:
             (tmp / TRAIN_STATE_JSON).write_text(json.dumps(train_state, indent=2))
     return path
@@ -130,8 +131,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
     """Load and validate a checkpoint (or a run directory holding one) before any other work.
 
     Raises:
-        CheckpointError: missing or corrupt files, weights that do not fit the config, a tokenizer of
-            another vocabulary size.
+        CheckpointError: missing or corrupt files, weights that do not fit the config, a tokenizer with more
+            tokens than the model's vocab_size (fewer is a padded vocabulary: the rest are never sampled).
     """
     path = resolve(path)
     if not path.is_dir():
@@ -139,9 +140,14 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
     config = _read_config(path)
     state = _read_weights(path, config)
     try:
-        tokenizer = load_tokenizer(path / TOKENIZER, vocab_size=config.vocab_size)
+        tokenizer = load_tokenizer(path / TOKENIZER)
     except DataError as exc:  # its message names the file
         raise CheckpointError(str(exc)) from exc
+    if tokenizer.get_vocab_size() > config.vocab_size:  # fewer is a padded vocabulary (nanoGPT's 50304)
+        raise CheckpointError(
+            f"{path / TOKENIZER}: the tokenizer has {tokenizer.get_vocab_size()} tokens but {CONFIG} vocab_size is "
+            f"only {config.vocab_size}; use the tokenizer the model was trained with"
+        )
     model = SimpleGPT(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if set(missing) != {TIED} or unexpected:  # internal invariant: _read_weights checked the names
@@ -156,6 +162,35 @@ def load_train_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not pt.is_file() or not js.is_file():
         raise CheckpointError(f"{path}: no training state to resume from ({TRAIN_STATE_PT}, {TRAIN_STATE_JSON})")
     try:
-        return torch.load(pt, map_location="cpu", weights_only=True), json.loads(js.read_text())
-    except Exception as exc:  # torch raises UnpicklingError / RuntimeError on corrupt or unsafe files
-        raise CheckpointError(f"{pt}: unreadable training state ({exc})") from exc
+        tensors = load_tensors_only(pt)
+        return tensors, json.loads(js.read_text())
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{js}: unreadable training state ({exc})") from exc
+
+
+def load_tensors_only(file: Path) -> Any:
+    """`torch.load(file, weights_only=True)`: tensors, numbers and containers, never arbitrary objects.
+
+    Raises:
+        CheckpointError: a corrupt file; or a file that needs more than that to load. Such a file asks to run
+            code while loading (what pickle allows), which a file of weights never needs: it may be hostile.
+    """
+    import pickle
+    import re
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError: refused by the weights-only unpickler; RuntimeError: corrupt zip
+        if not isinstance(exc, pickle.UnpicklingError) and "weights_only" not in str(exc):
+            raise CheckpointError(f"{file}: unreadable ({type(exc).__name__}: {exc}); the file is corrupt") from exc
+        # torch's message suggests loading it unrestricted: exactly what a hostile file wants. Only the name of
+        # what the file asked for is kept, and the chain is cut so that --debug does not show the suggestion.
+        found = re.search(r"unsupported global:?(?: GLOBAL)? ([\w.]+)", str(exc), re.IGNORECASE)
+        reason = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(exc))
+        asks = (f"it asks to import {found[1]} while loading" if found else
+                f"it holds more than tensors ({reason[1].strip()})" if reason else "it holds more than tensors")
+    raise CheckpointError(
+        f"{file}: refused: {asks}. Loading it would run code of the file's choosing, which a file of weights never "
+        "needs: it may be hostile. Do not load it; use a file you can trust (train again, or download it again "
+        "from its original source)"
+    )

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from edgegpt.errors import ConfigError, DataError
-from edgegpt.files import atomic_write
+from edgegpt.errors import ConfigError, DataError, StorageError
+from edgegpt.files import atomic_write, storage_errors
 from edgegpt.tokenizer import eot_id
 
 __all__ = [
@@ -228,6 +228,7 @@ def load_token_ids(files: Sequence[CorpusFile | str | Path], tokenizer: Tokenize
 
     Raises:
         DataError: as for `read_corpus`, or the tokenizer lacks EOT.
+        StorageError: the cache cannot be written (disk full...); the message names the file and the free space.
 
     >>> import tempfile, pathlib
     >>> from edgegpt.tokenizer import train_tokenizer
@@ -250,8 +251,12 @@ def load_token_ids(files: Sequence[CorpusFile | str | Path], tokenizer: Tokenize
     if path.is_file() and path.stat().st_size > 0 and path.stat().st_size % dtype.itemsize == 0:
         logger.debug("token cache hit: %s", path)
         return np.memmap(path, dtype=dtype, mode="r")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _write_tokens(path, docs, tokenizer, eot, dtype)
+    try:
+        with storage_errors(cache_dir):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        _write_tokens(path, docs, tokenizer, eot, dtype)
+    except StorageError as exc:
+        raise StorageError(f"{exc}; the token cache can be elsewhere: --cache-dir DIR (or XDG_CACHE_HOME)") from exc
     return np.memmap(path, dtype=dtype, mode="r")
 
 

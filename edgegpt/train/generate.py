@@ -37,10 +37,13 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     eos_token_id: int | None = None,
+    sampled_vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Continue the prompts `idx` (B, T) by up to `max_new_tokens` tokens; returns (B, T + new) ids.
 
     temperature 0 is greedy. Prefill runs once, then one token per step through the KV cache.
+    `sampled_vocab_size`: ids at or above it are never picked (a padded vocabulary; see
+    `GPTConfig.sampled_ids`), as in `edgegpt.runtime.Sampler`.
 
     >>> model = SimpleGPT(GPTConfig.preset("tiny", vocab_size=64)).eval()
     >>> generate(model, torch.zeros(1, 2, dtype=torch.long), 3).shape
@@ -61,7 +64,7 @@ def generate(
     out, cache, step_input = idx, None, idx
     for _ in range(max_new_tokens):
         logits, cache = model(step_input, cache)
-        logits = logits[:, -1, :].float()  # (B, V): only the last position is sampled
+        logits = logits[:, -1, :sampled_vocab_size].float()  # (B, V): only the last position, never padded ids
         if temperature == 0:
             next_id = logits.argmax(-1, keepdim=True)  # (B, 1)
         else:

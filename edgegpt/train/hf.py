@@ -15,6 +15,9 @@ projections as `Conv1D`, whose weight is (in, out): the transpose of `nn.Linear`
     ln_f                        transformer.ln_f
     lm_head (tied to tok_emb)   lm_head (tied to wte, not stored)
 
+`activation_function` "gelu_new" or "gelu_pytorch_tanh" imports as `gelu="tanh"`, "gelu" (the exact erf
+GELU) as `gelu="erf"`. A model vocabulary larger than the tokenizer's (nanoGPT pads GPT-2's 50257 tokens to
+50304) imports with `sampled_vocab_size` = the tokenizer's size, so the padded ids are never sampled.
 Only local files are read, and `transformers` is never imported. Safetensors files are preferred. A
 `pytorch_model.bin` is read only through `torch.load(weights_only=True)`.
 References: Radford et al. 2019 (GPT-2); transformers' models/gpt2/modeling_gpt2.py; nanoGPT's
@@ -23,6 +26,7 @@ References: Radford et al. 2019 (GPT-2); transformers' models/gpt2/modeling_gpt2
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -32,7 +36,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from edgegpt.train.checkpoint import TIED, TOKENIZER, load_checkpoint, save_checkpoint
+from edgegpt.train.checkpoint import (
+    CONFIG,
+    TIED,
+    TOKENIZER,
+    TRAIN_STATE_JSON,
+    TRAIN_STATE_PT,
+    WEIGHTS,
+    load_checkpoint,
+    load_tensors_only,
+    save_checkpoint,
+)
 from edgegpt.config import GPTConfig
 from edgegpt.errors import CheckpointError, ConfigError
 from edgegpt.files import recover, staged_dir
@@ -43,7 +57,8 @@ __all__ = ["import_hf", "export_hf", "EOT"]
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh-approximate GELU of FeedForward
+# transformers' activation_function -> GPTConfig.gelu: its two tanh approximations, and the exact erf GELU
+ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "erf"}
 # (edgegpt sub-module, GPT-2 sub-module, Conv1D weight stored transposed)
 LAYER_PARTS = (
     ("ln_1", "ln_1", False),
@@ -83,8 +98,8 @@ def _read_hf_config(src: Path) -> GPTConfig:
     # (key, GPT2Config's default, accepted values, why and how to fix)
     rules = [
         ("model_type", None, ("gpt2",), "only GPT-2 checkpoints map onto SimpleGPT; pick a GPT-2 model"),
-        ("activation_function", "gelu_new", ACTIVATIONS,
-         f"SimpleGPT uses the tanh-approximate GELU; only {' or '.join(ACTIVATIONS)} import exactly"),
+        ("activation_function", "gelu_new", tuple(ACTIVATIONS),
+         f"SimpleGPT computes the tanh-approximate or the exact GELU; only {', '.join(ACTIVATIONS)} import exactly"),
         ("layer_norm_epsilon", 1e-5, (1e-5,), "SimpleGPT's LayerNorms use 1e-5; only models trained with it import"),
         ("n_inner", None, (None, 4 * n_embd),
          f"SimpleGPT's MLP width is 4 * n_embd; set n_inner to null or {4 * n_embd}"),
@@ -101,6 +116,7 @@ def _read_hf_config(src: Path) -> GPTConfig:
         return GPTConfig(
             vocab_size=fields["vocab_size"], block_size=fields["n_positions"], n_layer=fields["n_layer"],
             n_head=fields["n_head"], n_embd=fields["n_embd"], dropout=0.0, bias=True,
+            gelu=ACTIVATIONS[raw.get("activation_function", "gelu_new")],
         )
     except ConfigError as exc:
         raise CheckpointError(f"{file}: {exc}") from exc
@@ -108,12 +124,13 @@ def _read_hf_config(src: Path) -> GPTConfig:
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     """Tensors of one safetensors file, or of a pickle checkpoint read with weights_only=True."""
-    try:
-        if file.suffix == ".safetensors":
+    if file.suffix != ".safetensors":
+        state = load_tensors_only(file)  # refuses a pickle that asks to run code, without relaying torch's advice
+    else:
+        try:
             return load_file(file)
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # SafetensorError, UnpicklingError (unsafe pickle), RuntimeError (corrupt zip)
-        raise CheckpointError(f"{file}: unreadable weights ({exc}); re-download or re-save the model") from exc
+        except Exception as exc:  # SafetensorError, OSError
+            raise CheckpointError(f"{file}: unreadable weights ({exc}); re-download or re-save the model") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{file}: not a state dict of tensors; save the model with save_pretrained")
     return state
@@ -187,7 +204,7 @@ def _to_edgegpt(state: dict[str, torch.Tensor], config: GPTConfig, file: Path) -
     return out
 
 
-def _build_bpe(vocab: Path, merges: Path):
+def bpe_from_files(vocab: Path, merges: Path):
     """A GPT-2 byte-level BPE tokenizer (like GPT-2's tokenizer.json) from vocab.json + merges.txt."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -204,7 +221,7 @@ def _build_bpe(vocab: Path, merges: Path):
 
 
 def _read_hf_tokenizer(src: Path, vocab_size: int):
-    """tokenizer.json, else one built from vocab.json + merges.txt; its size must equal vocab_size."""
+    """tokenizer.json, else one built from vocab.json + merges.txt; at most vocab_size tokens."""
     from tokenizers import Tokenizer
 
     file = src / TOKENIZER
@@ -214,20 +231,13 @@ def _read_hf_tokenizer(src: Path, vocab_size: int):
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise CheckpointError(f"{file}: unreadable tokenizer ({exc}); re-download or re-save it") from exc
     elif (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
-        file, tok = src / "vocab.json", _build_bpe(src / "vocab.json", src / "merges.txt")
+        file, tok = src / "vocab.json", bpe_from_files(src / "vocab.json", src / "merges.txt")
     else:
         raise CheckpointError(
             f"{src}: no tokenizer.json (nor vocab.json + merges.txt); copy the model's tokenizer files "
             "next to config.json, e.g. tokenizer.save_pretrained(dir)"
         )
     n = tok.get_vocab_size()
-    if n < vocab_size:
-        raise CheckpointError(
-            f"{file}: the tokenizer has {n} tokens but config.json vocab_size is {vocab_size}: the embedding is "
-            f"padded by {vocab_size - n} rows (as nanoGPT pads 50257 to 50304). An edgegpt checkpoint's tokenizer "
-            f"and vocab_size must be equal; add {vocab_size - n} placeholder tokens to the tokenizer "
-            f"(tokenizers.Tokenizer.add_tokens) or drop the padded rows of wte and set vocab_size to {n}"
-        )
     if n > vocab_size:
         raise CheckpointError(
             f"{file}: the tokenizer has {n} tokens but config.json vocab_size is only {vocab_size}; "
@@ -236,12 +246,26 @@ def _read_hf_tokenizer(src: Path, vocab_size: int):
     return tok
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
-    """Refuse a file, or a non-empty directory unless `force`."""
+CHECKPOINT_FILES = frozenset({CONFIG, WEIGHTS, TOKENIZER, TRAIN_STATE_PT, TRAIN_STATE_JSON})
+HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
+
+
+def check_out_dir(out: Path, force: bool, replaceable: frozenset[str] = CHECKPOINT_FILES) -> None:
+    """Refuse a file; a non-empty directory unless `force`; and even with `force`, a directory holding anything
+    but the `replaceable` files (what this writer writes): replacing it would delete what edgegpt did not write."""
     if recover(out).exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory; choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
         raise CheckpointError(f"{out}: exists and is not empty; choose another directory or pass force=True")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in replaceable or not p.is_file() or p.is_symlink())
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+        raise CheckpointError(
+            f"{out}: holds files edgegpt did not write ({shown}); refusing to replace it even with force, which would "
+            "delete them: move them out, or choose another directory"
+        )
 
 
 def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = False) -> Path:
@@ -250,7 +274,8 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
     Reads config.json, the weights (model.safetensors, a sharded model.safetensors.index.json, or else
     pytorch_model.bin through `torch.load(weights_only=True)`), and tokenizer.json or vocab.json +
     merges.txt. Keys may carry the `transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model). The
-    checkpoint gets bias=True and dropout=0.0, and the weights are stored as float32.
+    checkpoint gets bias=True and dropout=0.0, and the weights are stored as float32. A config.json
+    vocab_size above the tokenizer's size (a padded embedding) sets `sampled_vocab_size` to the latter.
 
     Args:
         src_dir: the Hugging Face model directory, e.g. one written by `save_pretrained`.
@@ -262,10 +287,10 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
 
     Raises:
         CheckpointError: a missing or unreadable file. Also a config that SimpleGPT cannot compute
-            exactly: model_type other than gpt2, an activation other than gelu_new/gelu_pytorch_tanh,
+            exactly: model_type other than gpt2, an activation other than gelu_new/gelu_pytorch_tanh/gelu,
             layer_norm_epsilon other than 1e-5, or a custom n_inner. Also an lm_head that differs from
-            wte, tensors that miss or mismatch the config, a tokenizer whose size differs from
-            vocab_size, or a non-empty `out_ckpt_dir` without `force`.
+            wte, tensors that miss or mismatch the config, a tokenizer with more tokens than vocab_size,
+            or a non-empty `out_ckpt_dir` without `force`.
 
     >>> import_hf("hf/gpt2", "ckpt/gpt2")  # doctest: +SKIP
     PosixPath('ckpt/gpt2')
@@ -273,11 +298,13 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
     src, out = recover(src_dir), Path(out_ckpt_dir)  # `src` may be an `export_hf` directory
     if not src.is_dir():
         raise CheckpointError(f"{src}: no such directory; pass a local Hugging Face model directory")
-    _check_out_dir(out, force)
+    check_out_dir(out, force)
     config = _read_hf_config(src)
     file, hf_state = _read_hf_weights(src)
     state = _to_edgegpt(hf_state, config, file)
     tok = _read_hf_tokenizer(src, config.vocab_size)
+    if tok.get_vocab_size() < config.vocab_size:  # padded (nanoGPT's 50304): those rows are never sampled
+        config = dataclasses.replace(config, sampled_vocab_size=tok.get_vocab_size())
     model = SimpleGPT(config)
     model.load_state_dict(state, strict=True)
     log.info("imported %s (%s, %d parameters) into %s", src, file.name, model.num_params(), out)
@@ -296,7 +323,7 @@ def _hf_config(config: GPTConfig, eot: int | None) -> dict[str, Any]:
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_inner": None,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu_new" if config.gelu == "tanh" else "gelu",
         "layer_norm_epsilon": 1e-5,
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
@@ -317,8 +344,8 @@ def _hf_config(config: GPTConfig, eot: int | None) -> dict[str, Any]:
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write an edgegpt checkpoint as a Hugging Face GPT-2 directory that `transformers` loads.
 
-    Writes config.json (a GPT2Config for GPT2LMHeadModel; bos/eos are the id of "<|endoftext|>" if the
-    tokenizer has it, else null), model.safetensors (`transformer.*` keys, Conv1D weights transposed,
+    Writes config.json (a GPT2Config for GPT2LMHeadModel; activation_function "gelu_new" for the tanh GELU,
+    "gelu" for the exact one; bos/eos are the id of "<|endoftext|>" if the tokenizer has it, else null), model.safetensors (`transformer.*` keys, Conv1D weights transposed,
     lm_head.weight omitted because it is tied to wte, as `save_pretrained` writes it), tokenizer.json
     (the checkpoint's, byte for byte) and tokenizer_config.json (for `AutoTokenizer`). Everything is
     written to a temporary sibling directory and then renamed into place.
@@ -339,7 +366,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False)
     PosixPath('hf/gpt2-roundtrip')
     """
     out = Path(out_dir)
-    _check_out_dir(out, force)
+    check_out_dir(out, force, HF_EXPORT_FILES)
     ckpt = load_checkpoint(ckpt_dir)
     config = ckpt.config
     if not config.bias:
@@ -353,6 +380,11 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False)
         for ours, (theirs, conv1d) in _name_map(config.n_layer).items()
     }
     eot = ckpt.tokenizer.token_to_id(EOT)
+    if config.sampled_ids(ckpt.tokenizer.get_vocab_size()) < ckpt.tokenizer.get_vocab_size():
+        log.warning(
+            "%s: ids from %d on are never sampled (sampled_vocab_size), which GPT-2's config cannot say; "
+            "transformers will sample them", ckpt.path, config.sampled_vocab_size,
+        )
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT} if eot is not None else {}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size, **special}
     with staged_dir(out) as tmp:

@@ -5,8 +5,10 @@ number of heads at once), `MultiHeadSelfAttention` (fused QKV projection + all h
 `FeedForward`, `TransformerBlock` (pre-LayerNorm) and `SimpleGPT`.
 
 GPT-2 math: learned token + absolute position embeddings, pre-LN blocks, LayerNorm eps 1e-5, MLP of
-4 x n_embd with tanh-approximate GELU, a final LayerNorm and an lm_head tied to the token embedding.
-References: Radford et al. 2019 (GPT-2); Karpathy's nanoGPT model.py.
+4 x n_embd with tanh-approximate GELU (or nanoGPT's exact erf GELU: `GPTConfig.gelu`), a final LayerNorm
+and an lm_head tied to the token embedding. `bias=False` drops every Linear and LayerNorm bias, as nanoGPT's
+option does.
+References: Radford et al. 2019 (GPT-2); Hendrycks & Gimpel 2016 (GELU); Karpathy's nanoGPT model.py.
 
 The KV cache is a tuple with one (key, value) pair per layer, each (B, n_head, past, head_size).
 `SimpleGPT.forward` with cache inputs is the path that the ONNX export traces.
@@ -82,12 +84,12 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """x (B, T, C) -> (B, T, C): Linear(C, 4C), tanh-approximate GELU, Linear(4C, C)."""
+    """x (B, T, C) -> (B, T, C): Linear(C, 4C), GELU (tanh-approximate or exact erf), Linear(4C, C)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")
+        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

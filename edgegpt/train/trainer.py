@@ -2,10 +2,11 @@
 
 The loop follows nanoGPT's train.py: weight decay on matrices only, linear warm-up then cosine decay to
 min_lr, gradient accumulation with DDP's `no_sync` on all but the last micro-step, bf16 autocast on
-CUDA. What it adds: exact resume (optimizer, torch and data RNG states in the checkpoint), Ctrl-C saves
-and exits, only rank 0 writes, and metrics.jsonl + loss.png beside the checkpoint.
+CUDA. What it adds: exact resume (optimizer, torch and data RNG states in the checkpoint), Ctrl-C or
+SIGTERM saves and exits, only rank 0 writes (holding the run directory's lock, `edgegpt.files.run_lock`), and
+metrics.jsonl + loss.png beside the checkpoint.
 
-Run layout (`out`):  checkpoint/ (see edgegpt.train.checkpoint), metrics.jsonl, loss.png
+Run layout (`out`):  checkpoint/ (see edgegpt.train.checkpoint), metrics.jsonl, loss.png, .lock (pid of the writer)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from edgegpt.train.checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from edgegpt.train.data import get_batch
 from edgegpt.errors import ConfigError
-from edgegpt.files import atomic_write
+from edgegpt.files import atomic_write, run_lock, storage_errors
 from edgegpt.train.model import SimpleGPT
 from edgegpt.train.config import TrainConfig
 
@@ -46,6 +48,7 @@ class TrainResult:
     tokens_per_s: float
     interrupted: bool
     weights_sha256: str
+    signal: int | None = None  # what interrupted it: signal.SIGINT or signal.SIGTERM (the CLI exits 128 + it)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -76,23 +79,30 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 class _Interrupt:
-    """Turns SIGINT into a flag, so the loop finishes its step, saves and returns."""
+    """Turns SIGINT (Ctrl-C) and SIGTERM (kill, a scheduler's pre-emption) into a flag, so the loop finishes its
+    step, saves and returns; `signum` says which came first. Outside the main thread signals stay as they are."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.signum, self._previous = False, None, {}
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C aborts at once
+        if self.requested:  # a second signal aborts at once
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("interrupt: finishing this step, saving the checkpoint, then exiting (Ctrl-C again to abort)")
+        self.requested, self.signum = True, signum
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
+        log.warning("%s: finishing this step, saving the checkpoint, then exiting (%s aborts)",
+                    signal.Signals(signum).name, again)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 @torch.no_grad()
@@ -111,8 +121,16 @@ def estimate_loss(model, ids: np.ndarray, cfg: TrainConfig, device: torch.device
 
 
 def _write_metrics(out: Path, record: dict[str, Any]) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one line; a failed append is cut back off, so the file stays whole lines."""
+    path, line = out / "metrics.jsonl", (json.dumps(record) + "\n").encode()
+    with storage_errors(path), open(path, "ab", buffering=0) as f:  # unbuffered: nothing left to flush later
+        size = os.fstat(f.fileno()).st_size
+        try:
+            if (written := f.write(line)) != len(line):
+                raise OSError(f"{len(line)} bytes requested and {written} written")
+        except OSError:
+            f.truncate(size)
+            raise
 
 
 def plot_losses(out: Path) -> None:
@@ -122,7 +140,12 @@ def plot_losses(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -174,12 +197,34 @@ def train(
         meta: JSON-serialisable facts saved with the training state (e.g. the corpus, for resuming).
 
     Returns:
-        A TrainResult. Ctrl-C stops after the current step with a checkpoint saved (interrupted=True).
+        A TrainResult. Ctrl-C (SIGINT) or SIGTERM stops after the current step with a checkpoint saved
+        (interrupted=True, signal=the signal's number).
+
+    Raises:
+        LockError: another process is training into `out` (rank 0 holds `out/.lock` while it runs).
+        ConfigError: resuming a run that is already at or past `cfg.steps`.
+        StorageError: a checkpoint or metrics write failed (disk full...); the previous checkpoint is kept.
 
     >>> # train(SimpleGPT(GPTConfig.preset("tiny")), ids[:9000], ids[9000:], TrainConfig(steps=10), "runs/x", tok.to_str())
     """
     out = Path(out)
     rank, world = _distributed()
+    with run_lock(out) if rank == 0 else nullcontext():
+        return _train(model, train_ids, val_ids, cfg, out, tokenizer_json, resume=resume, progress=progress,
+                      meta=meta, rank=rank, world=world)
+
+
+def check_steps_left(step: int, cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume a run at `step` towards `cfg.steps` when no step is left to train."""
+    if step >= cfg.steps:
+        where = "past" if step > cfg.steps else "at"
+        raise ConfigError(f"{out}: the run is already at step {step}, {where} the requested --steps {cfg.steps}; "
+                          f"nothing to train: pass --steps above {step} to train further")
+
+
+def _train(model, train_ids, val_ids, cfg: TrainConfig, out: Path, tokenizer_json: str, *, resume: bool, progress: bool,
+           meta: dict[str, Any] | None, rank: int, world: int) -> TrainResult:
+    """The body of `train`, with the run directory locked."""
     device = _resolve_device(cfg.device if world == 1 or cfg.device != "auto" else "auto")
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -196,6 +241,7 @@ def train(
         torch.set_rng_state(tensors["torch_rng"])
         data_rng.bit_generator.state = state["data_rng"][rank]
         step = state["step"]
+        check_steps_left(step, cfg, out)
         log.info("resumed from %s at step %d", out / "checkpoint", step)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +319,9 @@ def train(
         bar.close()
     if world > 1:
         dist.barrier()
-    return TrainResult(step, loss_value, val_loss, tok_s, stop and step < cfg.steps, weights_sha256(raw_model))
+    interrupted = stop and step < cfg.steps
+    return TrainResult(step, loss_value, val_loss, tok_s, interrupted, weights_sha256(raw_model),
+                       signal=interrupt.signum if interrupted else None)
 
 
 def _any_rank(flag: bool, world: int, device: torch.device) -> bool:

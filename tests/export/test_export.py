@@ -145,7 +145,8 @@ def test_manifest_records_graph_sources_and_checks(bundle, manifest, model, tiny
     assert manifest["model"] == cfg.to_dict()
     assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "tokenizer_config.json", "genai_config.json"}
     assert manifest["files"]["model.onnx"]["sha256"] == sha256_file(bundle / "model.onnx")
-    assert manifest["tokenizer"] == {"file": "tokenizer.json", "vocab_size": cfg.vocab_size, "eot_token_id": 0}
+    assert manifest["tokenizer"] == {"file": "tokenizer.json", "vocab_size": cfg.vocab_size, "eot_token_id": 0,
+                                     "sampled_vocab_size": cfg.vocab_size}  # fmt: skip
     assert manifest["source"]["fingerprint"] == sha256_file(tiny_checkpoint / "model.safetensors")
     assert manifest["quantization"] is None
     assert {"edgegpt", "torch", "onnx", "onnxruntime"} <= set(manifest["producer"])
@@ -259,12 +260,11 @@ def test_parity_error_names_output_case_and_difference(model, bundle):
 
 
 def test_existing_output_is_refused_and_replaced_with_force(tiny_checkpoint, tmp_path):
-    out = tmp_path / "bundle"
-    out.mkdir()
-    (out / MANIFEST_NAME).write_text("{}")
+    out = export_bundle(tiny_checkpoint, tmp_path / "bundle", optimize=False, validate=False)
+    before = sha256_file(out / MANIFEST_NAME)
     with pytest.raises(ExportError, match="already exists"):
         export_bundle(tiny_checkpoint, out, validate=False)
-    assert [p.name for p in out.iterdir()] == [MANIFEST_NAME]
+    assert sha256_file(out / MANIFEST_NAME) == before
     export_bundle(tiny_checkpoint, out, force=True, validate=False)
     assert verify_bundle(out)["validation"]["parity"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temporary or moved-aside directory left
@@ -324,13 +324,14 @@ def test_config_not_matching_weights_raises_before_export(tiny_checkpoint, tmp_p
         export_bundle(ckpt, tmp_path / "bundle")
 
 
-def test_tokenizer_of_another_vocab_size_raises_before_export(tiny_checkpoint, tmp_path, monkeypatch, sample_text):
+def test_tokenizer_larger_than_the_model_raises_before_export(tiny_checkpoint, tmp_path, monkeypatch, sample_text):
+    """(A smaller one is a padded vocabulary, as nanoGPT's: tests/train/test_nanogpt.py exports one.)"""
     from edgegpt.tokenizer import train_tokenizer
 
     ckpt = _copy(tiny_checkpoint, tmp_path)
-    train_tokenizer([sample_text[:20_000]], vocab_size=280).save(str(ckpt / "tokenizer.json"))
+    train_tokenizer([sample_text], vocab_size=340).save(str(ckpt / "tokenizer.json"))
     _no_export_work(monkeypatch)
-    with pytest.raises(CheckpointError, match="vocab_size"):
+    with pytest.raises(CheckpointError, match="340 tokens but config.json vocab_size is only 320"):
         export_bundle(ckpt, tmp_path / "bundle")
 
 

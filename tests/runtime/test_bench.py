@@ -49,6 +49,11 @@ def test_bench_bundle_reports_prefill_and_decode_per_batch(bundle):
     assert "| batch | prefill tok/s | decode tok/s |" in table and table.count("\n| ") == 3  # the header and one row per batch size
 
 
+def test_the_default_lengths_fit_a_small_context(bundle):
+    result = bench_bundle(bundle, DeviceBenchConfig(runs=1, threads=1))  # the tiny model's context is 64
+    assert (result["config"]["prompt_tokens"], result["config"]["new_tokens"]) == (32, 32)
+
+
 def test_bench_bundle_refuses_what_does_not_fit(bundle):
     with pytest.raises(ConfigError, match=r"exceed the model's context of 64 tokens; lower them \(e.g. --prompt-tokens 32"):
         bench_bundle(bundle, DeviceBenchConfig(prompt_tokens=60, new_tokens=10, runs=1, threads=1))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgegpt.errors import ContextLengthError
-from edgegpt.runtime import DecodeState, Generator, PromptError
+from edgegpt.runtime import DecodeState, Generator, PromptError, SamplingConfig
 from edgegpt.runtime.chat import Conversation
 
 ATOL = 1e-4
@@ -113,18 +113,16 @@ def test_generate_on_a_state_reuses_the_common_prefix(gen):
 
 
 def test_conversation_feeds_only_new_tokens_and_replies_as_a_fresh_run(gen):
-    chat = Conversation(gen)
-    knobs = dict(max_new_tokens=6, ignore_eos=True)
-    chat.sampling = chat.sampling.replace(**knobs)
+    chat = Conversation(gen, SamplingConfig(max_new_tokens=6, ignore_eos=True))
     "".join(chat.say("hello"))
-    history = chat.history
+    ids = list(chat.ids)  # the first turn as the model saw it: prompt, the 6 sampled tokens, "\n"
     second = "".join(chat.say("again"))
-    # At least the first turn's prompt; the reply too where its text encodes back to the same tokens
-    # (random weights emit bytes that are not UTF-8, and their replacement characters do not).
-    assert chat.last_result.cached_tokens >= len(gen.encode("User: hello\nAssistant:"))
-    assert second == gen.generate(history + "User: again\nAssistant:", chat.sampling).text
+    # The cache holds all but the first reply's last token (sampled, never fed) and the "\n" after it.
+    assert chat.last_result.cached_tokens == len(ids) - 2
+    assert second == gen.generate_ids(ids + gen.encode("User: again\nAssistant:"), chat.sampling).text
+    assert chat.history.startswith("User: hello\nAssistant:") and chat.history.endswith(second + "\n")
     chat.reset()
-    assert chat.history == "" and chat.state.length == 0
+    assert chat.history == "" and chat.ids == [] and chat.state.length == 0
 
 
 def test_bad_input_is_refused_and_the_state_survives(gen):

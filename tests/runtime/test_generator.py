@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -369,6 +371,39 @@ def test_unknown_kv_layout_is_refused(bundle_copy):
         Bundle.load(bundle_copy)
 
 
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        (dict(block_size=4096), "block_size 4096 (the graph: 64)"),
+        (dict(n_layer=1), "n_layer 1 (the graph: 2)"),
+        (dict(n_head=4), "n_head 4 (the graph: 2)"),
+        (dict(gelu="erf"), "gelu erf (the graph: tanh)"),
+    ],
+)
+def test_manifest_model_settings_must_match_the_graph(bundle_copy, change, said):
+    """The manifest cannot hash itself: an edited shape is refused at load, not met mid-generation."""
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    _rewrite_manifest(bundle_copy, model={**manifest["model"], **change})
+    with pytest.raises(BundleError, match=rf"'model' disagrees with the graph: {re.escape(said)}.*re-export"):
+        Bundle.load(bundle_copy)
+
+
+def test_the_graph_check_reads_every_format(tiny_checkpoint, tmp_path):
+    """The position table is found through int8 / int4 / fp16 graphs too: their real settings pass."""
+    from edgegpt.export import export_bundle, quantize_bundle
+    from edgegpt.runtime.bundle import check_model_settings
+    from edgegpt.runtime.onnx_paths import read_graph_summary
+
+    fp32 = export_bundle(tiny_checkpoint, tmp_path / "fp32", validate=False)
+    for fmt in ("int8", "int4", "fp16"):
+        bundle = Bundle.load(quantize_bundle(fp32, tmp_path / fmt, to=fmt))
+        summary = read_graph_summary(bundle.model_path)
+        check_model_settings(summary, bundle.config, bundle.kv, bundle.path)
+        wrong = dataclasses.replace(bundle.config, block_size=32)
+        with pytest.raises(BundleError, match="block_size 32 .the graph: 64."):
+            check_model_settings(summary, wrong, bundle.kv, bundle.path)
+
+
 def test_tokenizer_of_another_vocabulary_is_refused(bundle_copy, tiny_config):
     from edgegpt.tokenizer import train_tokenizer
 
@@ -582,13 +617,13 @@ def test_cli_help_has_examples():
 
 def test_cli_chat_keeps_the_conversation(tiny_bundle, monkeypatch):
     prompts = []
-    real = Generator.stream
+    real = Generator.stream_ids
 
-    def spy(self, prompt, sampling=None, **overrides):
-        prompts.append(prompt)
-        return real(self, prompt, sampling, **overrides)
+    def spy(self, ids, sampling=None, **overrides):
+        prompts.append(self.decode(ids))
+        return real(self, ids, sampling, **overrides)
 
-    monkeypatch.setattr(Generator, "stream", spy)
+    monkeypatch.setattr(Generator, "stream_ids", spy)
     result = CliRunner().invoke(chat_command, [str(tiny_bundle), "-n", "4", "--provider", "cpu"], input="hello\nagain\n/exit\n")
     assert result.exit_code == 0, result.output
     assert prompts[0] == "User: hello\nAssistant:"
@@ -615,3 +650,35 @@ def test_base_install_generate_without_torch(tiny_bundle):
     payload = json.loads(proc.stdout)
     assert payload["finish_reason"] in ("length", "eos") and 0 < len(payload["tokens"]) <= 8
     assert isinstance(payload["text"], str)
+
+
+# --- bad input at the command line: one line, no traceback ------------------------------------------------
+
+
+def test_cli_refuses_a_prompt_that_is_not_utf8(tiny_bundle):
+    result = CliRunner().invoke(generate_command, [str(tiny_bundle), "abc\udcff", "--provider", "cpu"])  # bytes abc\xff
+    assert result.exit_code == 2 and "PROMPT is not UTF-8 text (byte 0xff at offset 3)" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_chat_asks_again_for_a_line_that_is_not_utf8(tiny_bundle):
+    result = CliRunner().invoke(chat_command, [str(tiny_bundle), "-n", "2", "--provider", "cpu"], input=b"hi\xff\nhello\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "that line is not UTF-8 text (byte 0xff at offset 2); type it again" in result.output
+
+
+def _cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgegpt.cli", *args], text=True, stderr=subprocess.PIPE, timeout=120, **kwargs)
+
+
+def test_cli_chat_with_stdin_closed_says_so(tiny_bundle):
+    proc = _cli(["chat", str(tiny_bundle), "--provider", "cpu"], stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
+    assert proc.returncode == 2 and "standard input, which is closed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_cli_generate_to_a_full_stdout_says_so(tiny_bundle):
+    with open("/dev/full", "w") as full:
+        proc = _cli(["generate", str(tiny_bundle), "def", "-n", "4", "--provider", "cpu"], stdout=full)
+    assert proc.returncode == 1 and "cannot write the text to standard output: No space left on device" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr

@@ -89,7 +89,8 @@ def _our_logits(ckpt_dir, ids):
 
 def test_import_matches_transformers_logits(imported, hf_model, ids, bpe):
     ckpt = load_checkpoint(imported)
-    expected = dict(vocab_size=V, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+    expected = dict(vocab_size=V, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True, gelu="tanh",
+                    sampled_vocab_size=None)
     assert ckpt.config.to_dict() == expected
     diff = (_our_logits(imported, ids) - _hf_logits(hf_model, ids)).abs().max().item()
     assert diff <= ATOL, f"max abs logit diff {diff:.3g} > {ATOL}"
@@ -117,9 +118,13 @@ def test_export_refuses_non_empty_dir_unless_forced(imported, tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(CheckpointError, match="not empty.*force=True"):
         export_hf(imported, out)
-    assert (out / "keep.txt").exists()
+    with pytest.raises(CheckpointError, match=r"holds files edgegpt did not write \(keep.txt\)"):
+        export_hf(imported, out, force=True)  # force replaces an earlier export, never what the user put there
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    export_hf(imported, out)
     export_hf(imported, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary directory left behind
 
 
@@ -183,14 +188,26 @@ def test_import_refuses_untied_lm_head(hf_dir, tmp_path):
         import_hf(src, tmp_path / "ckpt")
 
 
-def test_import_refuses_padded_vocab_and_shape_mismatch(hf_dir, tmp_path):
+def test_import_keeps_a_padded_vocab_unsampled_and_refuses_a_shape_mismatch(hf_dir, tmp_path):
     src = _copy(hf_dir, tmp_path)
     state = load_file(src / "model.safetensors")
     state["transformer.wte.weight"] = torch.cat([state["transformer.wte.weight"], torch.zeros(4, 32)])
     save_file(state, src / "model.safetensors", metadata={"format": "pt"})
-    _edit_config(src, vocab_size=V + 4)
-    with pytest.raises(CheckpointError, match=rf"{V} tokens but config.json vocab_size is {V + 4}.*padded by 4"):
-        import_hf(src, tmp_path / "ckpt")
+    _edit_config(src, vocab_size=V + 4)  # nanoGPT pads 50257 to 50304 the same way
+    ckpt = load_checkpoint(import_hf(src, tmp_path / "ckpt"))
+    assert ckpt.config.vocab_size == V + 4 and ckpt.config.sampled_vocab_size == V and ckpt.tokenizer.get_vocab_size() == V
     _edit_config(src, vocab_size=V, n_positions=128)
     with pytest.raises(CheckpointError, match=r"wte.weight has shape \(304, 32\) but config.json implies \(300, 32\)"):
-        import_hf(src, tmp_path / "ckpt")
+        import_hf(src, tmp_path / "other")
+
+
+def test_exact_gelu_round_trips_and_matches_transformers(hf_dir, ids, tmp_path):
+    """activation_function "gelu" (erf) imports as gelu="erf" and exports back as "gelu"."""
+    src = _copy(hf_dir, tmp_path)
+    _edit_config(src, activation_function="gelu")
+    exact = transformers.GPT2LMHeadModel.from_pretrained(src).eval()
+    ckpt = import_hf(src, tmp_path / "ckpt")
+    assert load_checkpoint(ckpt).config.gelu == "erf"
+    assert (_our_logits(ckpt, ids) - _hf_logits(exact, ids)).abs().max().item() <= ATOL
+    out = export_hf(ckpt, tmp_path / "back")
+    assert json.loads((out / "config.json").read_text())["activation_function"] == "gelu"
