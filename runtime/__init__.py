@@ -9,9 +9,9 @@ The public names load on first use (PEP 562), so `edgegpt.runtime.cli` can be im
 Modules: bundle.py (verify a bundle), onnx_paths.py (read model.onnx without `onnx`), providers.py
 (execution provider, session options), binding.py (IOBinding), kv_cache.py (KV-cache layouts),
 engine.py (`DecodeState`: feed tokens, get logits, rewind, fork), sampling.py (numpy sampling),
-generator.py (`Generator`: generate / stream / batch), chat.py (a conversation that keeps its cache),
-evaluate.py (perplexity, agreement), bench.py (time a bundle on this device), cli.py (`generate`,
-`chat`, `eval`).
+speculative.py (draft and verify: prompt lookup or a draft model), generator.py (`Generator`: generate /
+stream / batch), chat.py (a conversation that keeps its cache), evaluate.py (perplexity, agreement),
+bench.py (time a bundle on this device), cli.py (`generate`, `chat`, `eval`).
 
 >>> from edgegpt.runtime import Generator
 >>> gen = Generator.load("bundles/tiny", provider="cpu")  # doctest: +SKIP
@@ -35,6 +35,7 @@ __all__ = [
     "Sampler",
     "SamplingConfig",
     "SessionConfig",
+    "Speculative",
     "TextStream",
     "Timings",
     "UnknownParameterError",
@@ -53,6 +54,7 @@ _HOME = {
     "Sampler": "sampling",
     "SamplingConfig": "sampling",
     "UnknownParameterError": "sampling",
+    "Speculative": "speculative",
 }
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from edgegpt.runtime.generator import GenerationResult, Generator, TextStream, Timings
     from edgegpt.runtime.providers import SessionConfig
     from edgegpt.runtime.sampling import Sampler, SamplingConfig, UnknownParameterError
+    from edgegpt.runtime.speculative import Speculative
 
 
 def __getattr__(name: str) -> Any:

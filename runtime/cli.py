@@ -123,9 +123,17 @@ def _stdout_errors():
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, allow_dash=True), help="Read the prompt from a UTF-8 file ('-': stdin).")
 @_sampling_options
 @click.option("--sliding-window", is_flag=True, default=None, help="Keep the most recent tokens when the context fills up.")
+@click.option("--lookup", is_flag=True, help="Speculative decoding with prompt lookup: draft the tokens that followed an earlier match.")
+@click.option("--draft", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Speculative decoding with this draft bundle (a smaller model with the same tokenizer).")
+@click.option("--draft-tokens", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Tokens drafted per round at most (with --lookup or --draft).")
+@click.option("--lookup-ngram", type=click.IntRange(1, 16), default=3, show_default=True,
+              help="With --lookup: match the last n tokens, n from this down to 1.")
 @click.option("--json", "as_json", is_flag=True, help="Print text, tokens, finish_reason and timings as one JSON object.")
 @click.pass_context
-def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinning, huge_pages, as_json, **flags):
+def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinning, huge_pages, lookup, draft, draft_tokens,
+                     lookup_ngram, as_json, **flags):  # fmt: skip
     """Generate text from a bundle with onnxruntime (no torch), streamed to stdout.
 
     \b
@@ -133,29 +141,41 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
       edgegpt generate bundles/tiny "def main(" -n 50
       edgegpt generate bundles/tiny "import " -t 0.8 --top-p 0.95 --seed 0 --stop "\\n\\n"
       edgegpt generate bundles/tiny --prompt-file prompt.py -n 100 --json
+      edgegpt generate bundles/tiny --prompt-file prompt.py --lookup --json
+      edgegpt generate bundles/small "def main(" --draft bundles/tiny --draft-tokens 4
     """
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give PROMPT or --prompt-file, not both")
     if prompt is None and prompt_file is None:
         raise click.UsageError('give a PROMPT (may be "") or --prompt-file')
+    if lookup and draft is not None:
+        raise click.UsageError("give --lookup or --draft, not both")
     text = _read_prompt_file(prompt_file) if prompt_file is not None else _check_prompt(prompt)
-    from edgegpt.runtime import Generator, SamplingConfig
+    from edgegpt.runtime import Generator, SamplingConfig, Speculative
 
-    gen = Generator.load(bundle, provider=provider, threads=threads, spinning=spinning, huge_pages=huge_pages)
+    session = dict(provider=provider, threads=threads, spinning=spinning, huge_pages=huge_pages)
+    gen = Generator.load(bundle, **session)
+    speculative = None
+    if lookup or draft is not None:
+        speculative = Speculative(lookup=lookup, draft=None if draft is None else Generator.load(draft, **session),
+                                  draft_tokens=draft_tokens, lookup_ngram=lookup_ngram)  # fmt: skip
     overrides = given(flags)
     if "max_new_tokens" not in overrides and not overrides.get("sliding_window"):  # the default fits the context
         room = gen.config.block_size - max(len(gen.encode(text)), 1)
         overrides["max_new_tokens"] = max(min(SamplingConfig().max_new_tokens, room), 0)
     sampling = SamplingConfig().replace(**overrides)
     if as_json:
-        result = gen.generate(text, sampling)
+        result = gen.generate(text, sampling, speculative=speculative)
         timings = {k: round(v, 6) for k, v in vars(result.timings).items()}
         payload = {"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason}
         payload.update(prompt_tokens=len(result.prompt_tokens), context_shifts=result.context_shifts, timings=timings)
+        if speculative is not None:
+            payload.update(drafted_tokens=result.drafted_tokens, accepted_tokens=result.accepted_tokens,
+                           acceptance_rate=round(result.acceptance_rate, 6))  # fmt: skip
         with _stdout_errors():
             click.echo(json.dumps(payload, ensure_ascii=False))
         return
-    stream = gen.stream(text, sampling)
+    stream = gen.stream(text, sampling, speculative=speculative)
     with _stdout_errors():
         for piece in stream:
             click.echo(piece, nl=False)
@@ -163,9 +183,14 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
     result = stream.result
     if not _quiet(ctx):
         t = result.timings
+        shifts = f", context shifts {result.context_shifts}" if result.context_shifts else ""
+        drafts = ""
+        if speculative is not None:
+            drafts = (f", drafted {result.drafted_tokens}, accepted {result.accepted_tokens} ({result.acceptance_rate:.0%}), "
+                      f"{len(result.tokens) / max(t.steps, 1):.2f} tokens per model call")  # fmt: skip
         click.echo(
             f"[{len(result.tokens)} tokens, {t.tokens_per_s:.1f} tokens/s, first token {t.time_to_first_token_s * 1e3:.1f} ms, "
-            f"finish_reason {result.finish_reason}{', context shifts %d' % result.context_shifts if result.context_shifts else ''}]",
+            f"finish_reason {result.finish_reason}{shifts}{drafts}]",
             err=True,
         )
 

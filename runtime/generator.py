@@ -9,6 +9,8 @@ Generator serves concurrent calls from several threads.
 Per step only the last position's logits are sampled. Batches are left-padded, so each row computes what
 it would compute alone. With sliding_window, a full context drops its oldest tokens and is recomputed.
 Reference loop: edgegpt.train.generate.generate (PyTorch), which greedy decoding here matches token for token.
+With `speculative=` (`speculative.py`), a batch-1 request runs `_Request._speculate` instead: drafts are
+verified k + 1 positions per model call, and every emitted token goes through the same `_emit` as here.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from edgegpt.runtime.engine import DecodeState, PromptError, check_ids
 from edgegpt.runtime.kv_cache import check_onnxruntime
 from edgegpt.runtime.providers import CUDA, SessionConfig, create_session
 from edgegpt.runtime.sampling import Sampler, SamplingConfig
+from edgegpt.runtime.speculative import Drafter, ModelDrafter, Speculative, accept, check_request, draw, probabilities
 from edgegpt.tokenizer import IncrementalDecoder
 
 __all__ = ["GenerationResult", "Generator", "TextStream", "Timings"]
@@ -43,7 +46,9 @@ class Timings:
         total_s: the whole call.
         tokens_per_s: decode speed, (tokens - 1) / decode_s (0 with fewer than two tokens).
         session_s: time spent inside onnxruntime over all steps.
-        steps: model calls (prefill, one per token, and any sliding-window recomputation).
+        steps: model calls (prefill, one per token, and any sliding-window recomputation; with speculative
+            decoding one per verified round).
+        draft_steps: the draft model's calls (speculative decoding with a draft model; 0 otherwise).
     """
 
     time_to_first_token_s: float
@@ -52,6 +57,7 @@ class Timings:
     tokens_per_s: float
     session_s: float
     steps: int
+    draft_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class GenerationResult:
         timings: see `Timings`.
         context_shifts: how often the sliding window dropped old tokens and recomputed the cache.
         cached_tokens: prompt tokens the given `state` already held, not fed again (0 without a state).
+        drafted_tokens, accepted_tokens: speculative decoding's drafts verified and kept (0 without it).
     """
 
     text: str
@@ -76,6 +83,13 @@ class GenerationResult:
     timings: Timings
     context_shifts: int = 0
     cached_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """accepted_tokens / drafted_tokens (0 when nothing was drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
 class _StopText:
@@ -127,8 +141,12 @@ class _Request:
     """
 
     def __init__(self, gen: "Generator", prompts: list[list[int]], config: SamplingConfig, started: float,
-                 state: DecodeState | None = None):  # fmt: skip
+                 state: DecodeState | None = None, speculative: Speculative | None = None):  # fmt: skip
         self.gen, self.config, self.started = gen, config, started
+        if speculative is not None:
+            if not isinstance(speculative, Speculative):
+                raise SamplingError(f"speculative must be a Speculative, got {type(speculative).__name__}")
+            check_request(config, len(prompts))
         vocab, block = gen.config.vocab_size, gen.config.block_size
         bad = [i for i in config.stop_token_ids if i >= vocab]
         if bad:
@@ -160,6 +178,11 @@ class _Request:
                 f"of {capacity}: make it with gen.new_state(batch={len(prompts)}, capacity={capacity})"
             )
         self.state = state
+        self.drafter: Drafter | None = None
+        if speculative is not None:
+            cut = gen.sampled_vocab_size
+            self.drafter = (Drafter(speculative, config, cut) if speculative.lookup
+                            else ModelDrafter(speculative, config, cut, gen, capacity))  # fmt: skip
         self.next_ids = np.empty((len(prompts), 1), dtype=np.int64)
         self.context_shifts = self.cached_tokens = 0
         self.first_token_at: float | None = None
@@ -178,6 +201,9 @@ class _Request:
         if self.config.sliding_window and max(map(len, feed)) > state.capacity:
             feed = self._window(feed)
         logits = self._feed_prompts(feed)
+        if self.drafter is not None:
+            yield from self._speculate(logits)
+            return
         while True:
             pieces = [""] * len(rows)
             for b, row in enumerate(rows):
@@ -218,9 +244,49 @@ class _Request:
         self.context_shifts += 1
         return [h[-keep:] for h in histories]
 
+    def _speculate(self, logits: np.ndarray) -> Iterator[list[str]]:
+        """The batch-1 loop with drafts: feed [last, d1..dk], keep the accepted prefix and one more, rewind the rest."""
+        row, state, drafter = self.rows[0], self.state, self.drafter
+        piece = self._sample(row, logits[0])
+        self.first_token_at = time.perf_counter()
+        yield [piece]
+        while row.finish_reason is None:
+            room = min(self.max_new - len(row.tokens), state.capacity - state.length - 1)
+            drafts, qs = drafter.propose(row.prompt + row.tokens, room, row.sampler.rng)
+            if not drafts:  # nothing to verify: a plain decode step
+                yield [self._sample(row, state.feed([row.tokens[-1]])[0])]
+                continue
+            base = state.length
+            state.feed([row.tokens[-1], *drafts])
+            pieces, used, accepted = self._verify(row, state.logits[0], drafts, qs)
+            state.rewind(base + used)  # as the plain loop: the cache holds every token before the last emitted
+            drafter.record(len(drafts), accepted)
+            yield ["".join(pieces)]
+
+    def _verify(self, row: _Row, logits: np.ndarray, drafts: list[int], qs) -> tuple[list[str], int, int]:
+        """Emit the accepted drafts and one token of the target's own, stopping where the row finishes.
+
+        logits (k + 1, V): position i picks the token after chunk[i]. -> (pieces, positions used, drafts accepted).
+        """
+        greedy, cut, pieces = self.config.greedy, self.gen.sampled_vocab_size, []
+        for i in range(len(drafts) + 1):
+            draft = drafts[i] if i < len(drafts) else None
+            if greedy:  # the request's own Sampler: argmax, penalties included, exactly as the plain loop
+                token = row.sampler(logits[i])
+            else:
+                p, rng = probabilities(logits[i, :cut], self.drafter.scale), row.sampler.rng
+                token = draw(p, rng) if draft is None else accept(p, draft, qs[i] if qs else None, rng)
+            pieces.append(self._emit(row, token))
+            if token != draft or row.finish_reason is not None:
+                return pieces, i + 1, i + (token == draft)
+        raise AssertionError("unreachable: the last position has no draft")
+
     def _sample(self, row: _Row, logits: np.ndarray) -> str:
         """Pick the row's next token, update its text; -> the text piece it adds."""
-        token = row.sampler(logits)
+        return self._emit(row, row.sampler(logits))
+
+    def _emit(self, row: _Row, token: int) -> str:
+        """Append a picked token (or finish at end-of-text, a stop token id or string, max_new_tokens)."""
         config = self.config
         if token == self.gen.eot_id and not config.ignore_eos:
             return self._finish(row, "eos", [])
@@ -255,6 +321,7 @@ class _Request:
             tokens_per_s=(len(row.tokens) - 1) / decode if len(row.tokens) > 1 and decode > 0 else 0.0,
             session_s=self.state.session_s,
             steps=self.state.steps,
+            draft_steps=self.drafter.steps if isinstance(self.drafter, ModelDrafter) else 0,
         )
         return GenerationResult(
             text="".join(row.pieces),
@@ -264,6 +331,8 @@ class _Request:
             timings=timings,
             context_shifts=self.context_shifts,
             cached_tokens=self.cached_tokens,
+            drafted_tokens=self.drafter.drafted if self.drafter else 0,
+            accepted_tokens=self.drafter.accepted if self.drafter else 0,
         )
 
 
@@ -373,28 +442,33 @@ class Generator:
         return self.tokenizer.decode(self._check_ids(ids), skip_special_tokens=False)
 
     def generate(self, prompt: str, sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-                 **overrides) -> GenerationResult:  # fmt: skip
+                 speculative: Speculative | None = None, **overrides) -> GenerationResult:  # fmt: skip
         """Continue `prompt`; returns the text, token ids, finish_reason and timings.
 
         `state`: continue on this `DecodeState` (batch 1) instead of a fresh one: the longest common prefix of
         its tokens and the prompt is not fed again (`result.cached_tokens`), and afterwards it holds the prompt
         and the generated tokens (all but the last). A conversation keeps one state across turns this way.
 
+        `speculative`: a `Speculative` (prompt lookup or a draft model) verifies several drafted tokens per
+        model call; greedy output is the same token for token, sampling the same in distribution
+        (`result.drafted_tokens`, `accepted_tokens`, `acceptance_rate`).
+
         Raises:
-            SamplingError: an invalid or unknown sampling keyword (named in the message).
+            SamplingError: an invalid or unknown sampling keyword (named in the message), or a knob that
+                speculative decoding cannot take (sliding_window; top-k/top-p/min-p/penalties when sampling).
             ContextLengthError: prompt + max_new_tokens exceed the context (without sliding_window).
 
         >>> gen.generate("def parse(", max_new_tokens=16, temperature=0.8, top_p=0.95, seed=0).text  # doctest: +SKIP
         """
         started = time.perf_counter()
-        request = self._request([self.encode(prompt)], sampling, overrides, started, state)
+        request = self._request([self.encode(prompt)], sampling, overrides, started, state, speculative)
         for _ in request:
             pass
         return request.result(0)
 
     def stream(self, prompt: str, sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-               **overrides) -> TextStream:  # fmt: skip
-        """Like `generate` (`state` included), but yields text pieces as tokens arrive; never splits a character.
+               speculative: Speculative | None = None, **overrides) -> TextStream:  # fmt: skip
+        """Like `generate` (`state`, `speculative`), but yields text pieces as tokens arrive; never splits a character.
 
         The pieces joined equal `generate(...).text` for the same seed; `.result` is set when exhausted.
 
@@ -402,36 +476,37 @@ class Generator:
         ...     print(piece, end="", flush=True)
         """
         started = time.perf_counter()
-        return TextStream(self._request([self.encode(prompt)], sampling, overrides, started, state))
+        return TextStream(self._request([self.encode(prompt)], sampling, overrides, started, state, speculative))
 
     def stream_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-                   **overrides) -> TextStream:  # fmt: skip
+                   speculative: Speculative | None = None, **overrides) -> TextStream:  # fmt: skip
         """`stream` for a prompt of token ids (ids outside the vocabulary raise `PromptError`)."""
         started = time.perf_counter()
-        return TextStream(self._request([self._check_ids(ids)], sampling, overrides, started, state))
+        return TextStream(self._request([self._check_ids(ids)], sampling, overrides, started, state, speculative))
 
     def generate_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-                     **overrides) -> GenerationResult:  # fmt: skip
+                     speculative: Speculative | None = None, **overrides) -> GenerationResult:  # fmt: skip
         """Token ids in, token ids out (`result.tokens`); ids outside the vocabulary raise `PromptError`.
 
-        `state` as for `generate`.
+        `state` and `speculative` as for `generate`.
 
         >>> gen.generate_ids([11, 42, 7], max_new_tokens=4).tokens  # doctest: +SKIP
         """
         started = time.perf_counter()
-        request = self._request([self._check_ids(ids)], sampling, overrides, started, state)
+        request = self._request([self._check_ids(ids)], sampling, overrides, started, state, speculative)
         for _ in request:
             pass
         return request.result(0)
 
     def generate_batch(
-        self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig | None = None, **overrides
+        self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig | None = None, *,
+        speculative: Speculative | None = None, **overrides
     ) -> list[GenerationResult]:
         """Several prompts (texts or token-id lists) in one left-padded batch; one result per prompt.
 
         Each row samples with its own RNG seeded by `seed`. Rows that finish early keep being fed an
         end-of-text token but produce nothing more. Without sliding_window the longest prompt bounds
-        max_new_tokens for all rows.
+        max_new_tokens for all rows. `speculative` takes one prompt only (SamplingError for more).
 
         Greedy output per prompt equals generating it alone for fp32, fp16 and int4 bundles (their
         activations are not quantized; the tests check each). An int8 bundle quantizes activations
@@ -444,12 +519,13 @@ class Generator:
         if isinstance(prompts, str) or not prompts:
             raise PromptError("generate_batch takes a non-empty list of prompts (texts or token-id lists)")
         ids = [self.encode(p) if isinstance(p, str) else self._check_ids(p) for p in prompts]
-        request = self._request(ids, sampling, overrides, started)
+        request = self._request(ids, sampling, overrides, started, speculative=speculative)
         for _ in request:
             pass
         return [request.result(b) for b in range(len(ids))]
 
-    def _request(self, prompts: list[list[int]], sampling, overrides: dict, started: float, state=None) -> _Request:
+    def _request(self, prompts: list[list[int]], sampling, overrides: dict, started: float, state=None,
+                 speculative=None) -> _Request:  # fmt: skip
         base = SamplingConfig() if sampling is None else sampling
         if not isinstance(base, SamplingConfig):
             raise SamplingError(f"sampling must be a SamplingConfig, got {type(base).__name__}")
@@ -457,7 +533,7 @@ class Generator:
             raise PromptError(f"state must be a DecodeState from Generator.new_state, got {type(state).__name__}")
         config = base.replace(**overrides)
         prompts = [p or [self.eot_id] for p in prompts]  # an empty prompt starts from end-of-text
-        return _Request(self, prompts, config, started, state)
+        return _Request(self, prompts, config, started, state, speculative)
 
     def new_state(self, batch: int = 1, capacity: int | None = None) -> DecodeState:
         """An empty `DecodeState` of `batch` rows on this generator's session: the step-level engine.

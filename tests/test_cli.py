@@ -117,11 +117,13 @@ def test_field_options_make_one_flag_per_field_and_collect_the_given_ones():
 def test_every_config_field_has_its_flag():
     from edgegpt.runtime.cli import chat_command, generate_command
     from edgegpt.runtime.sampling import SamplingConfig
+    from edgegpt.runtime.speculative import Speculative
     from edgegpt.train.config import TrainConfig
 
     sampling = {f.name for f in dataclasses.fields(SamplingConfig)}
     session = {"provider", "threads", "spinning", "huge_pages"}
-    assert {p.name for p in generate_command.params} == sampling | session | {"bundle", "prompt", "prompt_file", "as_json"}
+    speculative = {f.name for f in dataclasses.fields(Speculative)}
+    assert {p.name for p in generate_command.params} == sampling | session | speculative | {"bundle", "prompt", "prompt_file", "as_json"}
     assert {p.name for p in chat_command.params} >= sampling - {"sliding_window"}  # chat always slides
     train = {p.name for p in main.commands["train"].params}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= train

@@ -1,0 +1,241 @@
+"""Speculative decoding: draft k tokens cheaply, verify them in one target call, keep the accepted prefix.
+
+`Speculative` is the knob (`Generator.generate(..., speculative=Speculative(lookup=True))`); the loop lives in
+`generator._Request._speculate`, on the public engine: it feeds [last token, d1..dk] as one chunk, reads
+`DecodeState.logits` (k + 1 positions), keeps the longest accepted prefix plus one token of the target's own,
+and `rewind`s the rejected tail (the shared KV buffer needs no copy). This module owns the two draft sources
+and the acceptance rule:
+
+- prompt lookup: match the last n tokens (n = lookup_ngram down to 1) against the prompt and the text so far
+  and propose the k tokens that followed the most recent match; no second model (Saxena 2023, "Prompt
+  Lookup Decoding"; llama.cpp's lookup decoding).
+- a draft model: a smaller `Generator` with the same tokenizer (the manifests' tokenizer.json sha256 must
+  match), on a `DecodeState` of its own that is rewound to the common prefix each round.
+
+Greedy keeps the draft while it equals the target's argmax, so the output is plain greedy decoding's, token
+for token. Sampling uses the speculative-sampling rule (Leviathan et al. 2023, "Fast Inference from
+Transformers via Speculative Decoding"; Chen et al. 2023): accept a draft x with probability min(1, p(x)/q(x)),
+otherwise draw from normalise(max(0, p - q)); a lookup draft is a point mass (q one-hot); after k accepted
+drafts the bonus token is drawn from p. p and q are the distributions after temperature; top-k/top-p/min-p
+and the penalties change p in ways the rule would have to replay, so sampling with them is refused (greedy
+takes them all: it runs the request's own `Sampler` on each verified position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgegpt.checks import check_bool, check_int
+from edgegpt.errors import ContextLengthError, SamplingError
+
+__all__ = ["Speculative", "accept", "lookup_draft"]
+
+_UNSUPPORTED = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+@dataclass(frozen=True)
+class Speculative:
+    """How to draft tokens for speculative decoding: prompt lookup or a draft model, and how many at most.
+
+    Attributes:
+        lookup: draft by prompt lookup (the continuation of the most recent earlier match of the last tokens).
+        draft: or a draft `Generator` (a smaller model with the same tokenizer).
+        draft_tokens: the most tokens drafted per round; the round's k adapts (halved after a round with
+            nothing accepted, one more after a round with everything accepted).
+        lookup_ngram: the longest suffix matched by lookup (then shorter ones, down to 1).
+
+    >>> Speculative(lookup=True).draft_tokens
+    4
+    >>> Speculative()
+    Traceback (most recent call last):
+    ...
+    edgegpt.errors.SamplingError: Speculative takes one draft source, lookup=True or draft=<a Generator>; got neither
+    """
+
+    lookup: bool = False
+    draft: Any = None
+    draft_tokens: int = 4
+    lookup_ngram: int = 3
+
+    def __post_init__(self):
+        check_bool("lookup", self.lookup, error=SamplingError)
+        check_int("draft_tokens", self.draft_tokens, low=1, high=64, error=SamplingError)
+        check_int("lookup_ngram", self.lookup_ngram, low=1, high=16, error=SamplingError)
+        if self.lookup == (self.draft is not None):
+            given = "both" if self.lookup else "neither"
+            raise SamplingError(f"Speculative takes one draft source, lookup=True or draft=<a Generator>; got {given}")
+        if self.draft is not None:
+            from edgegpt.runtime.generator import Generator  # a cycle at import time: generator imports this module
+
+            if not isinstance(self.draft, Generator):
+                raise SamplingError(
+                    f"Speculative(draft=...) takes a Generator (Generator.load(bundle)), got {type(self.draft).__name__}"
+                )
+
+
+def check_request(config, batch: int) -> None:
+    """SamplingError for what speculation cannot run: several prompts, sliding_window, filters in sampling."""
+    if batch != 1:
+        raise SamplingError(f"speculative decoding runs one prompt at a time, got {batch}; call generate per prompt")
+    if config.sliding_window:
+        raise SamplingError("speculative decoding does not support sliding_window=True; drop one of the two")
+    if not config.greedy:
+        default = type(config)()
+        knobs = [f"{name}={getattr(config, name)}" for name in _UNSUPPORTED if getattr(config, name) != getattr(default, name)]
+        if knobs:
+            raise SamplingError(
+                f"speculative sampling supports temperature only, not {', '.join(knobs)}; drop it, use temperature=0 "
+                f"(greedy takes every knob), or leave out speculative"
+            )
+
+
+def tokenizer_sha256(gen) -> str:
+    """The manifest's sha256 of the bundle's tokenizer file."""
+    meta = gen.bundle.manifest.get("tokenizer")
+    name = meta.get("file", "tokenizer.json") if isinstance(meta, dict) else "tokenizer.json"
+    return gen.bundle.manifest["files"][name]["sha256"]
+
+
+def lookup_draft(history: Sequence[int], k: int, ngram: int = 3) -> list[int]:
+    """The k tokens that followed the most recent earlier occurrence of history's last n tokens (n = ngram..1).
+
+    A match close to the end overlaps the suffix: its continuation runs on through the drafts themselves,
+    so a text that repeats with a short period drafts k tokens of that period, not the few before the end.
+
+    >>> lookup_draft([5, 6, 7, 1, 2, 5, 6], 3)
+    [7, 1, 2]
+    >>> lookup_draft([1, 2, 1, 2, 1, 2], 3)
+    [1, 2, 1]
+    >>> lookup_draft([1, 2, 3], 2)
+    []
+    """
+    size = len(history)
+    if k < 1 or size < 2:
+        return []
+    history = list(history)
+    last = history[-1]
+    for n in range(min(ngram, size - 1), 0, -1):
+        suffix = history[size - n :]
+        for end in range(size - 2, n - 2, -1):  # end: the match's last index, before the suffix's own
+            if history[end] == last and history[end - n + 1 : end + 1] == suffix:
+                extended = history[end + 1 : end + 1 + k]
+                while len(extended) < k:  # past the end: the text so far followed by these drafts
+                    extended.append(extended[end + 1 + len(extended) - size])
+                return extended
+    return []
+
+
+def probabilities(logits: np.ndarray, scale: float) -> np.ndarray:
+    """softmax(logits * scale) in float64 (scale = 1 / temperature), as the Sampler's plain temperature draw."""
+    x = np.asarray(logits, dtype=np.float64)
+    e = np.exp((x - x.max()) * scale)
+    return e / e.sum()
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One id from a (not necessarily normalised) distribution."""
+    cumulative = np.cumsum(probs)
+    return min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), cumulative.size - 1)
+
+
+def accept(p: np.ndarray, draft: int, q: np.ndarray | None, rng: np.random.Generator) -> int:
+    """The speculative-sampling rule for one draft: `draft` if accepted, else a token from max(0, p - q).
+
+    Args:
+        p: the target's distribution at this position.
+        draft: the drafted id.
+        q: the draft's distribution it was drawn from; None for a point mass (prompt lookup).
+        rng: the request's generator.
+
+    >>> accept(np.array([0.0, 1.0]), 1, None, np.random.default_rng(0))
+    1
+    >>> accept(np.array([1.0, 0.0]), 1, None, np.random.default_rng(0))
+    0
+    """
+    q_x = 1.0 if q is None else float(q[draft])
+    if rng.random() * q_x < p[draft]:  # u < p(x) / q(x)
+        return draft
+    if q is None:
+        residual = p.copy()
+        residual[draft] = 0.0
+    else:
+        residual = np.maximum(p - q, 0.0)
+    if residual.sum() <= 0.0:  # p == q up to rounding: rejection had probability ~0
+        residual = p
+    return draw(residual, rng)
+
+
+class Drafter:
+    """Proposes draft tokens and adapts k; `propose(history, limit, rng)` -> (drafts, their q rows or None)."""
+
+    def __init__(self, spec: Speculative, config, cut: int):
+        self.most, self.k = spec.draft_tokens, spec.draft_tokens
+        self.ngram, self.config, self.cut = spec.lookup_ngram, config, cut
+        self.scale = 1.0 / config.temperature if config.temperature else 0.0
+        self.drafted = self.accepted = 0
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """Count a verified round and adapt k: halve it after nothing accepted, one more after everything."""
+        self.drafted += drafted
+        self.accepted += accepted
+        if accepted == 0:
+            self.k = max(1, self.k // 2)
+        elif accepted == drafted:
+            self.k = min(self.most, self.k + 1)
+
+    def propose(self, history: list[int], limit: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
+        return lookup_draft(history, min(self.k, limit), self.ngram), None
+
+
+class ModelDrafter(Drafter):
+    """Drafts with a smaller model on its own `DecodeState`, rewound to the common prefix with the text each round."""
+
+    def __init__(self, spec: Speculative, config, cut: int, target, capacity: int):
+        super().__init__(spec, config, cut)
+        draft = spec.draft
+        if tokenizer_sha256(draft) != tokenizer_sha256(target):
+            raise SamplingError(
+                f"the draft bundle {draft.bundle.path} has another tokenizer than {target.bundle.path} (tokenizer.json "
+                f"sha256 {tokenizer_sha256(draft)[:12]}... vs {tokenizer_sha256(target)[:12]}...); a draft model must "
+                f"share the target's tokenizer"
+            )
+        if draft.sampled_vocab_size != cut:
+            raise SamplingError(
+                f"the draft bundle {draft.bundle.path} samples ids 0..{draft.sampled_vocab_size - 1} but the target "
+                f"0..{cut - 1}; export both from checkpoints with the same vocabulary"
+            )
+        if capacity > draft.config.block_size:
+            raise ContextLengthError(
+                f"this call needs {capacity} positions but the draft model's context is {draft.config.block_size}; "
+                f"lower max_new_tokens or use a draft with a longer context"
+            )
+        self.state = draft.new_state(capacity=capacity)
+
+    @property
+    def steps(self) -> int:
+        return self.state.steps
+
+    def propose(self, history: list[int], limit: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
+        k = min(self.k, limit)
+        if k < 1:
+            return [], None
+        state, held = self.state, self.state.tokens[0]
+        common = next((i for i, (a, b) in enumerate(zip(held, history)) if a != b), min(len(held), len(history)))
+        common = min(common, len(history) - 1)  # feed at least one token: its logits draft the first
+        state.rewind(common)
+        logits = state.feed(history[common:])[0]
+        drafts, qs = [], []
+        for j in range(k):
+            row = logits[: self.cut]
+            if self.config.greedy:
+                token = int(row.argmax())
+            else:
+                qs.append(probabilities(row, self.scale))
+                token = draw(qs[-1], rng)
+            drafts.append(token)
+            if j + 1 < k:
+                logits = state.feed([token])[0]
+        return drafts, (qs or None)
