@@ -9,6 +9,8 @@ runs) carry `@pytest.mark.slow`. `make test` and CI run everything; to skip them
 
 from __future__ import annotations
 
+import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -132,3 +134,15 @@ def genai_greedy():
         return [int(t) for t in gen.get_sequence(0)][len(ids) :]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def base_venv_bin() -> Path:
+    """The bin/ folder of the base (device) install without torch, which `make test` builds and names in
+    EDGEGPT_BASE_VENV; the test skips without it (fails in CI, where it must be there)."""
+    venv = os.environ.get("EDGEGPT_BASE_VENV")
+    if not venv:
+        if os.environ.get("CI") == "true":
+            pytest.fail("EDGEGPT_BASE_VENV is unset in CI; run the suite with `make test`")
+        pytest.skip("EDGEGPT_BASE_VENV is unset (`make test` sets it)")
+    return Path(venv) / ("Scripts" if sys.platform == "win32" else "bin")

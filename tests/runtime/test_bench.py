@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -73,13 +71,8 @@ def test_cli_times_a_bundle_and_keeps_comparison_flags_apart(bundle, tmp_path):
 
 
 @pytest.mark.slow
-def test_base_install_benches_a_bundle_without_torch(bundle):
-    venv = os.environ.get("EDGEGPT_BASE_VENV")
-    if not venv:
-        if os.environ.get("CI") == "true":
-            pytest.fail("EDGEGPT_BASE_VENV is unset in CI; run the suite with `make test`")
-        pytest.skip("EDGEGPT_BASE_VENV is unset (`make test` sets it)")
-    bin_dir = Path(venv) / ("Scripts" if sys.platform == "win32" else "bin")
+def test_base_install_benches_a_bundle_without_torch(bundle, base_venv_bin):
+    bin_dir = base_venv_bin
     proc = subprocess.run([str(bin_dir / "edgegpt"), "bench", str(bundle), "--short", "--runs", "1", "--threads", "1"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -631,13 +631,8 @@ def test_cli_chat_keeps_the_conversation(tiny_bundle, monkeypatch):
 
 
 @pytest.mark.slow
-def test_base_install_generate_without_torch(tiny_bundle):
-    venv = os.environ.get("EDGEGPT_BASE_VENV")
-    if not venv:
-        if os.environ.get("CI") == "true":
-            pytest.fail("EDGEGPT_BASE_VENV is unset in CI; run the suite with `make test`")
-        pytest.skip("EDGEGPT_BASE_VENV is unset (`make test` sets it)")
-    bin_dir = Path(venv) / ("Scripts" if sys.platform == "win32" else "bin")
+def test_base_install_generate_without_torch(tiny_bundle, base_venv_bin):
+    bin_dir = base_venv_bin
     no_torch = subprocess.run([str(bin_dir / "python"), "-c", "import importlib.util as u; print(u.find_spec('torch'))"], capture_output=True, text=True)
     assert no_torch.stdout.strip() == "None", "the base venv must not have torch"
     proc = subprocess.run(

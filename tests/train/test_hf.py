@@ -15,24 +15,8 @@ from edgegpt.train.hf import EOT, export_hf, import_hf
 
 transformers = pytest.importorskip("transformers")
 
-V = 300
+V = 300  # the size of the `bpe` fixture's tokenizer (tests/train/conftest.py)
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def bpe(sample_text):
-    """A GPT-2-style byte-level BPE of exactly V tokens, "<|endoftext|>" included."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=V, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator([sample_text[:8000]], trainer)
-    assert tok.get_vocab_size() == V
-    return tok
 
 
 @pytest.fixture(scope="module")

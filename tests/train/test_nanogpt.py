@@ -28,28 +28,12 @@ from edgegpt.train.nanogpt import import_nanogpt, read_meta
 
 transformers = pytest.importorskip("transformers")
 
-V, PADDED = 300, 320  # the tokenizer's size and the model's, rounded up as nanoGPT rounds 50257 to 50304
+V, PADDED = 300, 320  # the `bpe` fixture's size and the model's, padded as nanoGPT pads 50257 to 50304
 ATOL = 1e-4
 LAYERS, HEADS, EMBD, BLOCK = 2, 2, 32, 64
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # Characters of a character-level vocabulary (nanoGPT's shakespeare_char has 65, all ASCII): a few beyond ASCII.
 CHAR_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak! Été, naïve 中文 😀?"
-
-
-@pytest.fixture(scope="module")
-def bpe(sample_text):
-    """A GPT-2-style byte-level BPE of exactly V tokens, "<|endoftext|>" included."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=V, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator([sample_text[:8000]], trainer)
-    assert tok.get_vocab_size() == V
-    return tok
 
 
 @pytest.fixture(scope="module")
