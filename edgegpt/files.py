@@ -115,20 +115,11 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
     _remove_stale(path)
     with storage_errors(path, existed=existed):
         tmp, fd = _create(path, directory=False)
-    try:
+    with _staging(tmp, path, existed, remove=lambda: tmp.unlink(missing_ok=True)):
         with os.fdopen(fd, mode) as f:  # its lock lasts until the file is renamed and closed
             yield f
             f.flush()
             os.replace(tmp, path)
-    except BaseException as exc:
-        failure = _failure(exc, path)  # judged before the partial file is removed
-        tmp.unlink(missing_ok=True)
-        if failure is None:
-            raise
-        raise _storage_error(failure, exc, path, existed) from exc
-    finally:
-        with _lock:
-            _writing.discard(str(tmp))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -191,20 +182,30 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
         _remove_stale(path)
         tmp, fd = _create(path, directory=True)
     try:
-        yield tmp
-        _share(tmp)
-        _swap(tmp, path)
+        with _staging(tmp, path, existed, remove=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            yield tmp
+            _share(tmp)
+            _swap(tmp, path)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _staging(tmp: Path, path: Path, existed: bool, remove) -> Iterator[None]:
+    """While the block writes `path` through the staging `tmp`: on failure `remove()` it and raise a failure to
+    write as `StorageError`; either way this process no longer holds `tmp` afterwards."""
+    try:
+        yield
     except BaseException as exc:
-        failure = _failure(exc, path)  # judged before the partial directory is removed
-        shutil.rmtree(tmp, ignore_errors=True)
+        failure = _failure(exc, path)  # judged before the partial staging is removed
+        remove()
         if failure is None:
             raise
         raise _storage_error(failure, exc, path, existed) from exc
     finally:
         with _lock:
             _writing.discard(str(tmp))
-        if fd is not None:
-            os.close(fd)
 
 
 def _swap(new: Path, path: Path) -> None:

@@ -150,23 +150,7 @@ def test_the_cli_exits_143_after_sigterm_and_130_after_ctrl_c(tmp_path, monkeypa
         assert f"interrupted at step 7 by {signal.Signals(signum).name}, checkpoint saved" in result.output
 
 
-@pytest.mark.slow
-def test_sigterm_to_the_train_command_saves_and_exits_143(tmp_path, corpus_file, cache):
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgegpt.cli", "--quiet", "train", str(corpus_file), "--out", str(out), "--steps",
-         "100000", "--cache-dir", str(cache), *TRAIN],
-        stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr
-    assert "SIGTERM: finishing this step, saving the checkpoint" in stderr
-    assert "interrupted at step" in stderr and "by SIGTERM, checkpoint saved" in stderr
-    assert 0 < load_train_state(out)[1]["step"] < 100000
+# The signal sent to the `train` command itself: tests/train/test_trainer.py::test_ctrl_c_and_sigterm_save_and_exit_cleanly
 
 
 # ------------------------------------------------------------------ 5. two trainers, one run directory

@@ -118,7 +118,8 @@ def corpus_file(tmp_path_factory, sample_text):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_and_exits_cleanly(tmp_path, corpus_file):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # Ctrl-C, `kill`
+def test_ctrl_c_and_sigterm_save_and_exit_cleanly(tmp_path, corpus_file, signum, code):
     out = tmp_path / "run"
     proc = subprocess.Popen(
         _cli("--quiet", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300", "--steps", "100000",
@@ -128,10 +129,12 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, corpus_file):
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "interrupted at step" in stderr
+    name = signal.Signals(signum).name
+    assert proc.returncode == code, stderr
+    assert f"{name}: finishing this step, saving the checkpoint" in stderr
+    assert "interrupted at step" in stderr and f"by {name}, checkpoint saved" in stderr
     step = load_train_state(out)[1]["step"]
     assert 0 < step < 100000
     assert load_checkpoint(out).model.num_params() > 0
