@@ -1,16 +1,16 @@
 """`Generator`: load a bundle, then generate / stream / batch text on one onnxruntime session.
 
 The convenience layer over the step-level engine (`engine.DecodeState`, made by `Generator.new_state`):
-each call builds a `_Request` that owns everything mutable, one `DecodeState` (IOBinding, KV cache, mask),
-the samplers (`sampling.py`), the incremental detokenisers and the stop-string matchers. The session and
-the bundle are shared read-only, and `InferenceSession.run_with_iobinding` is thread-safe, so one
-Generator serves concurrent calls from several threads.
+each call builds a `_Request` that owns everything mutable: one `DecodeState` (IOBinding, KV cache, mask)
+and one `Completion` per prompt (`completion.py`: sampler, detokeniser, stop matching, finish reason).
+The session and the bundle are shared read-only, and `InferenceSession.run_with_iobinding` is
+thread-safe, so one Generator serves concurrent calls from several threads.
 
 Per step only the last position's logits are sampled. Batches are left-padded, so each row computes what
 it would compute alone. With sliding_window, a full context drops its oldest tokens and is recomputed.
 Reference loop: edgegpt.train.generate.generate (PyTorch), which greedy decoding here matches token for token.
 With `speculative=` (`speculative.py`), a batch-1 request runs `_Request._speculate` instead: drafts are
-verified k + 1 positions per model call, and every emitted token goes through the same `_emit` as here.
+verified k + 1 positions per model call, and every emitted token goes through the same `Completion.add` as here.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import onnxruntime as ort
 from edgegpt.errors import ContextLengthError, SamplingError
 from edgegpt.manifest import LOGITS
 from edgegpt.runtime.bundle import Bundle, check_io
+from edgegpt.runtime.completion import Completion
 from edgegpt.runtime.engine import DecodeState, PromptError, check_ids
 from edgegpt.runtime.kv_cache import check_onnxruntime
 from edgegpt.runtime.providers import CUDA, SessionConfig, create_session
@@ -92,48 +93,6 @@ class GenerationResult:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
-class _StopText:
-    """Holds back text that may be the start of a stop string; cuts the text at the first stop string."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops, self.pending = stops, ""
-
-    def add(self, piece: str) -> tuple[str, bool]:
-        """-> (text safe to emit, whether a stop string was hit)."""
-        if not self.stops:
-            return piece, False
-        text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return text[: min(hits)], True
-        hold = 0  # the longest tail of text that a stop string starts with
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(text)), hold, -1):
-                if text.endswith(stop[:k]):
-                    hold = k
-                    break
-        self.pending = text[len(text) - hold :]
-        return text[: len(text) - hold], False
-
-    def flush(self, piece: str) -> str:
-        out, hit = self.add(piece)
-        rest, self.pending = ("" if hit else self.pending), ""
-        return out + rest
-
-
-class _Row:
-    """One prompt of a request: its tokens, sampler, detokeniser, stop matcher and output so far."""
-
-    def __init__(self, prompt: list[int], sampler: Sampler, decoder: IncrementalDecoder, stops: tuple[str, ...]):
-        self.prompt, self.sampler, self.decoder = prompt, sampler, decoder
-        self.stop_text = _StopText(stops)
-        self.tokens: list[int] = []
-        self.pieces: list[str] = []
-        self.finish_reason: str | None = None
-        self.finished_at = 0.0
-
-
 class _Request:
     """One generate/stream/batch call: rows with their samplers and text, over one `DecodeState`.
 
@@ -166,7 +125,8 @@ class _Request:
                     f"model's context of {block} tokens; shorten the prompt, lower max_new_tokens to "
                     f"{max(block - longest, 0)} or pass sliding_window=True"
                 )
-        self.rows = [_Row(p, gen.new_sampler(config, p), gen.new_decoder(), config.stop) for p in prompts]
+        self.rows = [Completion(p, gen.new_sampler(config, p), config, gen.new_decoder(), gen.eot_id, self.max_new)
+                     for p in prompts]  # fmt: skip
         # The longest sequence the cache will hold (a "shared_buffer" cache allocates that much once).
         windowed = config.sliding_window or config.max_new_tokens is None
         capacity = block if windowed else max(min(block, longest + self.max_new), 1)
@@ -195,7 +155,7 @@ class _Request:
         rows, block, state = self.rows, self.gen.config.block_size, self.state
         if self.max_new == 0:
             for row in rows:
-                self._finish(row, "length", [])
+                row.finish("length")
             return
         feed = [row.prompt for row in rows]
         if self.config.sliding_window and max(map(len, feed)) > state.capacity:
@@ -208,7 +168,7 @@ class _Request:
             pieces = [""] * len(rows)
             for b, row in enumerate(rows):
                 if row.finish_reason is None:
-                    pieces[b] = self._sample(row, logits[b])
+                    pieces[b] = row.sample(logits[b])
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
             yield pieces
@@ -247,14 +207,14 @@ class _Request:
     def _speculate(self, logits: np.ndarray) -> Iterator[list[str]]:
         """The batch-1 loop with drafts: feed [last, d1..dk], keep the accepted prefix and one more, rewind the rest."""
         row, state, drafter = self.rows[0], self.state, self.drafter
-        piece = self._sample(row, logits[0])
+        piece = row.sample(logits[0])
         self.first_token_at = time.perf_counter()
         yield [piece]
         while row.finish_reason is None:
             room = min(self.max_new - len(row.tokens), state.capacity - state.length - 1)
             drafts, qs = drafter.propose(row.prompt + row.tokens, room, row.sampler.rng)
             if not drafts:  # nothing to verify: a plain decode step
-                yield [self._sample(row, state.feed([row.tokens[-1]])[0])]
+                yield [row.sample(state.feed([row.tokens[-1]])[0])]
                 continue
             base = state.length
             state.feed([row.tokens[-1], *drafts])
@@ -263,7 +223,7 @@ class _Request:
             drafter.record(len(drafts), accepted)
             yield ["".join(pieces)]
 
-    def _verify(self, row: _Row, logits: np.ndarray, drafts: list[int], qs) -> tuple[list[str], int, int]:
+    def _verify(self, row: Completion, logits: np.ndarray, drafts: list[int], qs) -> tuple[list[str], int, int]:
         """Emit the accepted drafts and one token of the target's own, stopping where the row finishes.
 
         logits (k + 1, V): position i picks the token after chunk[i]. -> (pieces, positions used, drafts accepted).
@@ -276,38 +236,10 @@ class _Request:
             else:
                 p, rng = probabilities(logits[i, :cut], self.drafter.scale), row.sampler.rng
                 token = draw(p, rng) if draft is None else accept(p, draft, qs[i] if qs else None, rng)
-            pieces.append(self._emit(row, token))
+            pieces.append(row.add(token))
             if token != draft or row.finish_reason is not None:
                 return pieces, i + 1, i + (token == draft)
         raise AssertionError("unreachable: the last position has no draft")
-
-    def _sample(self, row: _Row, logits: np.ndarray) -> str:
-        """Pick the row's next token, update its text; -> the text piece it adds."""
-        return self._emit(row, row.sampler(logits))
-
-    def _emit(self, row: _Row, token: int) -> str:
-        """Append a picked token (or finish at end-of-text, a stop token id or string, max_new_tokens)."""
-        config = self.config
-        if token == self.gen.eot_id and not config.ignore_eos:
-            return self._finish(row, "eos", [])
-        if token in config.stop_token_ids:
-            return self._finish(row, "stop", [])
-        row.tokens.append(token)
-        piece, hit = row.stop_text.add(row.decoder.step(token))
-        if hit:
-            return self._finish(row, "stop", [piece])
-        if len(row.tokens) >= self.max_new:
-            return self._finish(row, "length", [piece])
-        row.pieces.append(piece)
-        return piece
-
-    def _finish(self, row: _Row, reason: str, pieces: list[str]) -> str:
-        if reason != "stop" or not pieces:  # a stop string already cut the text: drop what is held back
-            pieces.append(row.stop_text.flush(row.decoder.flush()))
-        piece = "".join(pieces)
-        row.pieces.append(piece)
-        row.finish_reason, row.finished_at = reason, time.perf_counter()
-        return piece
 
     def result(self, b: int = 0) -> GenerationResult:
         row = self.rows[b]
