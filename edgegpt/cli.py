@@ -250,8 +250,9 @@ from edgegpt.bench.cli import bench_command  # noqa: E402
 from edgegpt.export.cli import export  # noqa: E402
 from edgegpt.export.quantize_cli import quantize as quantize_command  # noqa: E402
 from edgegpt.runtime.cli import chat_command, eval_command, generate_command  # noqa: E402
+from edgegpt.runtime.serve.cli import serve_command  # noqa: E402
 
-for command in (export, quantize_command, eval_command, generate_command, chat_command, bench_command):
+for command in (export, quantize_command, eval_command, generate_command, chat_command, serve_command, bench_command):
     main.add_command(command)
 
 

@@ -76,6 +76,20 @@ class Binding:
         else:
             self._public.bind_ortvalue_input(name, value)
 
+    def bind_rows(self, name: str, value, shape: tuple[int, ...], dtype: np.dtype, start: int, rows: int,
+                  output: bool = False) -> None:  # fmt: skip
+        """Bind rows [start, start + rows) of a C-contiguous device value of `shape` as an input (or an
+        output), without a copy: such rows are themselves one contiguous block (a server slot's KV cache)."""
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        view, pointer = (rows, *shape[1:]), value.data_ptr() + start * row_bytes
+        if self._fast:
+            bind = self._c.bind_output if output else self._c.bind_input
+            bind(name, self._c_device, np.dtype(dtype).type, view, pointer)
+        elif output:
+            self._public.bind_output(name, *self._device_name, np.dtype(dtype).type, view, pointer)
+        else:
+            self._public.bind_input(name, *self._device_name, np.dtype(dtype).type, view, pointer)
+
     def allocate(self, shape: tuple[int, ...], dtype: np.dtype):
         """A new, uninitialised value of `shape` on the session's device (a shared KV buffer)."""
         value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, *self._device_name)

@@ -31,6 +31,7 @@ from edgegpt.runtime.engine import DecodeState, PromptError, check_ids
 from edgegpt.runtime.kv_cache import check_onnxruntime
 from edgegpt.runtime.providers import CUDA, SessionConfig, create_session
 from edgegpt.runtime.sampling import Sampler, SamplingConfig
+from edgegpt.runtime.slots import SlotBatch
 from edgegpt.runtime.speculative import Drafter, ModelDrafter, Speculative, accept, check_request, draw, probabilities
 from edgegpt.tokenizer import IncrementalDecoder
 
@@ -479,6 +480,13 @@ class Generator:
         >>> logits = state.feed(gen.encode("def parse("))  # (1, vocab)  # doctest: +SKIP
         """
         return DecodeState(self.session, self.bundle, self._device, self._logits_dtype, batch, capacity)
+
+    def new_slots(self, slots: int, capacity: int | None = None) -> SlotBatch:
+        """A `SlotBatch` of `slots` independent sequences on this session (continuous batching, the server).
+
+        Needs a "shared_buffer" (GroupQueryAttention) bundle; BundleError otherwise.
+        """
+        return SlotBatch(self.session, self.bundle, self._device, self._logits_dtype, slots, capacity)
 
     def new_sampler(self, sampling: SamplingConfig | None = None, prompt_ids: Sequence[int] = (), **overrides) -> Sampler:
         """A `Sampler` for this model (keywords as `SamplingConfig`'s): it never picks an id past

@@ -1,7 +1,9 @@
 """The import rule of the layout (README, "Layout"), checked on the source of every module.
 
     core (edgegpt/*.py)        -> the standard library, numpy, onnxruntime, tokenizers, click; core
-    runtime (runtime/)         -> the same; core, runtime
+    runtime (runtime/)         -> the same; core, runtime; an extra's libraries in that extra's package
+                                  (runtime/serve/), or lazily (inside a function) where the runtime offers
+                                  the extra's feature and names the extra when it is missing
     train (edgegpt/train/)     -> core, train (and torch, safetensors, tqdm, ...)
     export (export/)           -> core, train, runtime, export
     bench (edgegpt/bench/)     -> anything
@@ -25,7 +27,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "click"}
-CLI_FILES = {"edgegpt/cli.py", "export/cli.py", "export/quantize_cli.py", "runtime/cli.py", "edgegpt/bench/cli.py"}
+# An extra's own libraries (pyproject.toml), and the runtime package that is that extra.
+EXTRAS = {"serve": {"uvicorn", "starlette", "sse_starlette", "prometheus_client", "jinja2"}}
+EXTRA_PACKAGES = {"runtime/serve/": "serve"}
+CLI_FILES = {"edgegpt/cli.py", "export/cli.py", "export/quantize_cli.py", "runtime/cli.py", "edgegpt/bench/cli.py",
+             "runtime/serve/cli.py"}
 ALLOWED = {  # layer -> the edgegpt layers it may import
     "core": {"core"},
     "runtime": {"core", "runtime"},
@@ -88,11 +94,21 @@ def violations(relative: str, source: str) -> list[str]:
                 out.append(f"{relative}:{line}: CLI module imports {name} at module level; import it inside the command")
             continue
         if target is None:
+            if layer == "runtime" and _extra_import(relative, name.split(".")[0], module_level):
+                continue
             if layer in ("core", "runtime") and name.split(".")[0] not in DEVICE_THIRD_PARTY:
                 out.append(f"{relative}:{line}: {layer} imports {name}, which a device's base install does not have")
         elif target not in ALLOWED[layer]:
             out.append(f"{relative}:{line}: {layer} imports {name} ({target}); the layout allows {sorted(ALLOWED[layer])}")
     return out
+
+
+def _extra_import(relative: str, top: str, module_level: bool) -> bool:
+    """Whether a runtime file may import `top`: an extra's library, in that extra's package or lazily."""
+    extra = next((e for prefix, e in EXTRA_PACKAGES.items() if relative.startswith(prefix)), None)
+    if extra is not None and top in EXTRAS[extra]:
+        return True
+    return not module_level and any(top in libraries for libraries in EXTRAS.values())
 
 
 def sources() -> list[Path]:
@@ -116,6 +132,8 @@ def test_every_module_follows_the_import_rule():
         ("export/quantize.py", "from edgegpt.bench import compare\n"),
         ("runtime/cli.py", "import numpy\n"),
         ("edgegpt/cli.py", "from edgegpt.train.trainer import train\n"),
+        ("runtime/chat_template.py", "import jinja2\n"),  # an extra's library at module level outside its package
+        ("runtime/serve/app.py", "import torch\n"),
     ],
 )
 def test_the_checker_refuses_an_import_against_the_rule(relative, source):
@@ -129,6 +147,8 @@ def test_the_checker_refuses_an_import_against_the_rule(relative, source):
         ("export/quantize.py", "import onnx\nfrom edgegpt.runtime.bundle import Bundle\nfrom edgegpt.train.model import SimpleGPT\n"),
         ("edgegpt/cli.py", "import click\ndef f():\n    from edgegpt.train.trainer import train\n"),
         ("runtime/engine.py", "from .binding import Binding\n"),
+        ("runtime/serve/app.py", "from starlette.applications import Starlette\n"),
+        ("runtime/chat_template.py", "def f():\n    import jinja2\n"),
     ],
 )
 def test_the_checker_allows_what_the_rule_allows(relative, source):

@@ -1,0 +1,243 @@
+"""OpenAI's request and response shapes for /v1/completions and /v1/chat/completions, in plain dicts.
+
+`parse_completion` and `parse_chat` check a decoded JSON body field by field and turn it into a
+`ParsedRequest` (prompts as text or token ids, one `SamplingConfig`, n, streaming options); any bad field
+raises `APIError` naming it, answered with OpenAI's error object
+(`{"error": {"message", "type", "param", "code"}}`). Unknown fields are refused, as OpenAI does, so a
+misspelt knob never passes silently. edgegpt's extra samplers (top_k, min_p, repetition_penalty,
+ignore_eos) are accepted as extension fields, as llama.cpp's server does.
+
+Defaults follow OpenAI's API reference: temperature 1, top_p 1, n 1; max_tokens 16 for completions and
+"until the context is full" for chat. `seed` with n > 1 seeds choice i with seed + i, so the choices
+differ and the request is still reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from edgegpt.errors import SamplingError
+from edgegpt.runtime.sampling import SamplingConfig
+
+__all__ = ["APIError", "ParsedRequest", "chunk", "completion_body", "finish_reason", "new_id", "parse_chat", "parse_completion",
+           "usage"]
+
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "presence_penalty", "frequency_penalty",
+           "logit_bias", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty", "ignore_eos"}  # fmt: skip
+_COMPLETION = _COMMON | {"prompt", "echo", "best_of", "logprobs", "suffix"}
+_CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
+
+
+class APIError(Exception):
+    """An HTTP error in OpenAI's shape; `body()` is the JSON object to send with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ParsedRequest:
+    """A checked request: `prompts` (texts, token-id lists, or chat message lists), one config per choice."""
+
+    model: str | None
+    prompts: list[Any]
+    configs: list[SamplingConfig]  # one per choice (n of them): seeds differ
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+    chat: bool
+
+
+def parse_completion(body: Any) -> ParsedRequest:
+    """A /v1/completions body -> ParsedRequest; APIError (400) naming the first bad field."""
+    body = _object(body, _COMPLETION)
+    if "prompt" not in body:
+        raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
+    for name, allowed in (("echo", (False, None)), ("best_of", (1, None)), ("suffix", (None, "")), ("logprobs", (None, 0))):
+        if body.get(name) not in allowed:
+            raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    prompts = _prompts(body["prompt"])
+    max_tokens = _int(body, "max_tokens", 16, low=0)
+    return _request(body, prompts, max_tokens, chat=False)
+
+
+def parse_chat(body: Any) -> ParsedRequest:
+    """A /v1/chat/completions body -> ParsedRequest; APIError (400) naming the first bad field."""
+    body = _object(body, _CHAT)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    checked = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, f"{where} needs a role of system, developer, user or assistant", where)
+        checked.append({"role": message["role"], "content": _content(message.get("content"), f"{where}.content")})
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
+        raise APIError(400, "'logprobs' is not supported by this server", "logprobs", "unsupported_parameter")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise APIError(400, "'response_format' other than text is not supported by this server", "response_format",
+                       "unsupported_parameter")  # fmt: skip
+    if "max_tokens" in body and "max_completion_tokens" in body:
+        raise APIError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    return _request(body, [checked], _int(body, name, None, low=1), chat=True)
+
+
+def _request(body: dict, prompts: list, max_tokens: int | None, chat: bool) -> ParsedRequest:
+    n = _int(body, "n", 1, low=1, high=16)
+    seed = _int(body, "seed", None)
+    stream = _bool(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise APIError(400, "stream_options takes {'include_usage': bool}, and only with stream: true", "stream_options")
+    include_usage = bool(options and _bool(options, "include_usage", False))
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
+        raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them", "stop")
+    if body.get("logit_bias") not in (None, {}):
+        raise APIError(400, "'logit_bias' is not supported by this server", "logit_bias", "unsupported_parameter")
+    knobs = {
+        "temperature": _real(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _real(body, "top_p", 1.0, 0.0, 1.0),
+        "presence_penalty": _real(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "frequency_penalty": _real(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "top_k": _int(body, "top_k", 0, low=0),
+        "min_p": _real(body, "min_p", 0.0, 0.0, 1.0),
+        "repetition_penalty": _real(body, "repetition_penalty", 1.0, 0.0, None),
+        "ignore_eos": _bool(body, "ignore_eos", False),
+        "stop": tuple(stop or ()),
+    }
+    try:
+        configs = [SamplingConfig(max_new_tokens=max_tokens, seed=None if seed is None else seed + i, **knobs) for i in range(n)]
+    except SamplingError as exc:  # a value in range for OpenAI that SamplingConfig still refuses (top_p = 0)
+        field = next((k for k in knobs if k in str(exc)), None)
+        raise APIError(400, str(exc), field) from None
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "'model' must be a string", "model")
+    return ParsedRequest(model, prompts, configs, max_tokens, stream, include_usage, chat)
+
+
+def completion_body(req: ParsedRequest, model: str, choices: list[dict], usage: dict) -> dict[str, Any]:
+    """A whole (non-streamed) response; `choices` hold index, text and finish_reason."""
+    rid, created = new_id(req.chat)
+    if req.chat:
+        out = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
+                "finish_reason": c["finish_reason"]} for c in choices]  # fmt: skip
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": out, "usage": usage}
+    out = [{"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]} for c in choices]
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": out, "usage": usage}
+
+
+def chunk(req: ParsedRequest, rid: str, created: int, model: str, index: int | None, text: str | None = None,
+          finish: str | None = None, first: bool = False, usage: dict | None = None) -> dict[str, Any]:  # fmt: skip
+    """One streamed chunk: a text piece or a finish for choice `index`; `index` None: the final usage chunk."""
+    obj = "chat.completion.chunk" if req.chat else "text_completion"
+    out: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model}
+    if index is None:
+        out["choices"] = []
+    elif req.chat:
+        delta = ({"role": "assistant", "content": text or ""} if first else {"content": text} if text else {})
+        out["choices"] = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    else:
+        out["choices"] = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]
+    if req.include_usage:
+        out["usage"] = usage
+    return out
+
+
+def finish_reason(reason: str) -> str:
+    """edgegpt's finish reason -> OpenAI's ("eos" and "stop" are both "stop")."""
+    return "stop" if reason in ("eos", "stop") else reason
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+# ---------------------------------------------------------------------- field checks
+
+
+def new_id(chat: bool) -> tuple[str, int]:
+    """(id, created) for a new response."""
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+
+
+def _object(body: Any, known: set[str]) -> dict:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", None)
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter")
+    return body
+
+
+def _prompts(prompt: Any) -> list:
+    """A text, a list of texts, a list of token ids, or a list of such lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(_is_int(t) for t in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            return [list(p) for p in prompt]
+    raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists", "prompt")
+
+
+def _content(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                         for p in content):  # fmt: skip
+        return "".join(p["text"] for p in content)
+    raise APIError(400, f"{where} must be a string or a list of text parts (this model reads text only)", where)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(body: dict, name: str, default: int | None, low: int | None = None, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f" in {low}..{high}" if high is not None else f" >= {low}" if low is not None else ""
+        raise APIError(400, f"'{name}' must be an integer{bounds}, got {value!r}", name)
+    return value
+
+
+def _real(body: dict, name: str, default: float, low: float, high: float | None) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (high is not None and value > high):
+        bounds = f" in [{low}, {high}]" if high is not None else f" >= {low}"
+        raise APIError(400, f"'{name}' must be a number{bounds}, got {value!r}", name)
+    return float(value)
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be true or false, got {value!r}", name)
+    return value

@@ -1,0 +1,178 @@
+"""`SlotBatch`: independent sequences ("slots") in one KV buffer, for continuous batching.
+
+`DecodeState` runs rows in lockstep: they share one column count and join together. A server needs rows
+that come and go: a request takes a free slot, is prefilled alone, then decodes beside whatever the other
+slots are doing, and leaves; the next request may find its prefix still cached in a slot. This class is
+that engine, on the "shared_buffer" graph (GroupQueryAttention), built on three of its properties:
+
+- GroupQueryAttention takes each row's length from its own attention-mask row (the index of its last 1),
+  writes that row's new key/value there, and positions come from `position_ids`: rows of one batched
+  call may sit at different lengths.
+- Per layer one C-contiguous (slots, heads, width, head_size) buffer holds every slot; rows [a, b) of it
+  are themselves one contiguous block, bound without a copy (`Binding.bind_rows`).
+- The CPU kernel takes a multi-token chunk after a non-empty past only at batch 1, so a prompt (or a
+  chunk of one) runs on its slot's row alone, and decode steps batch the slots.
+
+`step` decodes one token for each given slot in one call over rows [0, k), k = the highest such slot + 1:
+slots below it that are not stepping (free, or waiting to prefill) ride along with a dummy token whose
+mask row holds a single 1 in the scratch column `capacity` (the buffer is one column wider than the
+context), so their cached positions are neither read nor written. Keep busy slots low (the server takes
+the lowest free slot) to keep k small.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edgegpt.errors import BundleError, ContextLengthError
+from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
+from edgegpt.runtime.binding import Binding
+from edgegpt.runtime.bundle import Bundle
+from edgegpt.runtime.engine import PromptError, check_ids
+
+__all__ = ["SlotBatch"]
+
+
+class SlotBatch:
+    """`slots` sequences of at most `capacity` positions each, in one KV buffer; see the module docstring.
+
+    Made by `Generator.new_slots`. Attributes (read them): slots, capacity, lengths (positions each slot
+    holds), tokens (each slot's token ids as fed), steps and session_s (model calls, time inside them).
+    """
+
+    def __init__(self, session: ort.InferenceSession, bundle: Bundle, device: tuple[str, int], logits_dtype: np.dtype,
+                 slots: int, capacity: int | None = None):  # fmt: skip
+        kv, c = bundle.kv, bundle.config
+        if kv.layout != "shared_buffer":
+            raise BundleError(
+                f"{bundle.path}: continuous batching needs the GroupQueryAttention graph (KV layout 'shared_buffer'), "
+                f"this bundle has {kv.layout!r}; re-export it with the default attention"
+            )
+        capacity = c.block_size if capacity is None else capacity
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise PromptError(f"slots must be a positive integer, got {slots!r}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= c.block_size:
+            raise ContextLengthError(f"capacity must be in 1..{c.block_size} (the model's context), got {capacity!r}")
+        self.slots, self.capacity, self.vocab_size, self.eot_id = slots, capacity, c.vocab_size, bundle.eot_id
+        self._width = capacity + 1  # the last column is scratch: a riding-along row writes its dummy there
+        self._shape = (slots, c.n_head, self._width, c.head_size)
+        self._dtype = np.dtype(kv.dtype)
+        self._past, self._present = kv.past_names(c.n_layer), kv.present_names(c.n_layer)
+        self._decode_binding, self._prefill_binding = Binding(session, device), Binding(session, device)
+        self._buffers = [self._decode_binding.allocate(self._shape, self._dtype) for _ in self._past]
+        self._mask = np.zeros((slots, self._width), dtype=np.int64)  # at rest: ones over each slot's length
+        self._ids = np.zeros((slots, 1), dtype=np.int64)
+        self._positions = np.zeros((slots, 1), dtype=np.int64)
+        self._logits = np.empty((slots, 1, c.vocab_size), dtype=logits_dtype)
+        self._logits_value = None
+        self._bound_rows = 0  # rows [0, k) bound for the decode step last time (0: nothing bound yet)
+        self.lengths = [0] * slots
+        self.tokens: list[list[int]] = [[] for _ in range(slots)]
+        self.steps, self.session_s = 0, 0.0
+
+    def prefill(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
+        """Feed `tokens` to `slot` after what it holds, in one batch-1 call; -> the last position's logits (V,).
+
+        Raises:
+            PromptError: a bad slot or token id, or no tokens.
+            ContextLengthError: the tokens do not fit in the slot's remaining capacity.
+        """
+        self._check_slot(slot)
+        tokens = check_ids(tokens, self.vocab_size)
+        start, count = self.lengths[slot], len(tokens)
+        if not count:
+            raise PromptError("prefill needs at least one token")
+        self._check_room(slot, count)
+        binding = self._prefill_binding
+        binding.bind_numpy(INPUT_IDS, np.asarray([tokens], dtype=np.int64))
+        binding.bind_numpy(ATTENTION_MASK, np.ones((1, start + count), dtype=np.int64))  # (1, past + T)
+        binding.bind_numpy(POSITION_IDS, np.arange(start, start + count, dtype=np.int64)[None, :])
+        binding.clear_outputs()
+        binding.bind_outputs([LOGITS], [])  # first: outputs() lists in binding order
+        for past, present, buffer in zip(self._past, self._present, self._buffers):
+            binding.bind_rows(past, buffer, self._shape, self._dtype, slot, 1)
+            binding.bind_rows(present, buffer, self._shape, self._dtype, slot, 1, output=True)
+        self._run(binding)
+        self._mask[slot, start : start + count] = 1
+        self.lengths[slot] += count
+        self.tokens[slot].extend(tokens)
+        return binding.outputs()[0].numpy()[0, -1]  # (1, T, V) -> (V,)
+
+    def step(self, tokens: dict[int, int]) -> np.ndarray:
+        """One token for each slot in `tokens` ({slot: token id}), in one call; -> logits (k, V), row = slot.
+
+        The returned array is overwritten by the next step: copy a row to keep it.
+        """
+        if not tokens:
+            raise PromptError("step needs at least one slot")
+        for slot, token in tokens.items():
+            self._check_slot(slot)
+            self._check_room(slot, 1)
+            if not self.lengths[slot]:
+                raise PromptError(f"slot {slot} is empty: prefill it first")
+            check_ids([token], self.vocab_size)
+        rows = max(tokens) + 1
+        riders = [b for b in range(rows) if b not in tokens]
+        for b, token in tokens.items():
+            self._ids[b, 0], self._positions[b, 0] = token, self.lengths[b]
+            self._mask[b, self.lengths[b]] = 1
+        for b in riders:  # a dummy in the scratch column: the row's cache is neither read nor written
+            self._mask[b] = 0
+            self._mask[b, -1] = 1
+            self._ids[b, 0], self._positions[b, 0] = self.eot_id, 0
+        binding = self._decode_binding
+        if rows != self._bound_rows or not binding.reads_bound_arrays:
+            self._bind_decode(rows)
+        try:
+            self._run(binding)
+        finally:
+            for b in riders:  # back at rest
+                self._mask[b] = 0
+                self._mask[b, : self.lengths[b]] = 1
+        for b, token in tokens.items():
+            self.lengths[b] += 1
+            self.tokens[b].append(token)
+        return self._logits[:rows, 0]
+
+    def rewind(self, slot: int, length: int) -> None:
+        """Forget `slot`'s positions from `length` on (0 empties it); the cache keeps [0, length)."""
+        self._check_slot(slot)
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.lengths[slot]:
+            raise PromptError(f"rewind takes a length in 0..{self.lengths[slot]} (slot {slot}'s positions), got {length!r}")
+        self._mask[slot, length:] = 0
+        self.lengths[slot] = length
+        del self.tokens[slot][length:]
+
+    def _bind_decode(self, rows: int) -> None:
+        """Bind rows [0, rows) of every buffer and array; a CPU session keeps them bound while `rows` holds."""
+        binding = self._decode_binding
+        binding.bind_numpy(INPUT_IDS, self._ids[:rows])
+        binding.bind_numpy(ATTENTION_MASK, self._mask[:rows])  # (rows, capacity + 1): a static width
+        binding.bind_numpy(POSITION_IDS, self._positions[:rows])
+        binding.clear_outputs()
+        self._logits_value = binding.wrap(self._logits[:rows])  # kept: the binding holds only a reference
+        binding.bind_output_value(LOGITS, self._logits_value)
+        for past, present, buffer in zip(self._past, self._present, self._buffers):
+            binding.bind_rows(past, buffer, self._shape, self._dtype, 0, rows)
+            binding.bind_rows(present, buffer, self._shape, self._dtype, 0, rows, output=True)
+        self._bound_rows = rows
+
+    def _run(self, binding: Binding) -> None:
+        start = time.perf_counter()
+        binding.run()
+        self.session_s += time.perf_counter() - start
+        self.steps += 1
+
+    def _check_slot(self, slot: int) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.slots:
+            raise PromptError(f"slot must be in 0..{self.slots - 1}, got {slot!r}")
+
+    def _check_room(self, slot: int, count: int) -> None:
+        if self.lengths[slot] + count > self.capacity:
+            raise ContextLengthError(
+                f"{count} new tokens after {self.lengths[slot]} exceed slot {slot}'s capacity of {self.capacity} positions"
+            )

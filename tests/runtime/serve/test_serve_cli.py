@@ -1,0 +1,33 @@
+"""`edgegpt serve` refuses unsafe or incomplete command lines; /health says 503 while no model is ready."""
+
+from __future__ import annotations
+
+import time
+
+from click.testing import CliRunner
+from starlette.testclient import TestClient
+
+from edgegpt.cli import main
+from edgegpt.runtime.serve.app import ServeSettings, create_app
+
+
+def test_a_public_address_needs_a_key_or_no_auth(lively_gqa_bundle):
+    result = CliRunner().invoke(main, ["serve", str(lively_gqa_bundle), "--host", "0.0.0.0"])
+    assert result.exit_code == 2 and "--api-key" in result.output and "--no-auth" in result.output
+    result = CliRunner().invoke(main, ["serve"])
+    assert result.exit_code == 2 and "give a BUNDLE" in result.output
+    result = CliRunner().invoke(main, ["serve", "--model", "noequals"])
+    assert result.exit_code == 2 and "NAME=PATH" in result.output
+
+
+def test_health_is_503_until_a_model_loads(tmp_path):
+    app = create_app({"broken": tmp_path}, "broken", ServeSettings())  # not a bundle: loading fails
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        for _ in range(100):
+            health = client.get("/health")
+            if health.json()["status"] != "loading":
+                break
+            time.sleep(0.05)
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        r = client.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]

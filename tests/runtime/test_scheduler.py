@@ -1,0 +1,128 @@
+"""Scheduler: continuous batching gives each job what Generator gives it alone; prefix reuse; limits."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from edgegpt.errors import ContextLengthError
+from edgegpt.runtime import Generator
+from edgegpt.runtime.sampling import SamplingConfig
+from edgegpt.runtime.scheduler import Job, QueueFullError, Scheduler
+
+PROMPTS = ["def main(", "import os\n", "class Foo:\n    def ", "x = [", "for i in range(10):", "return self."]
+
+
+@pytest.fixture(scope="module")
+def gen(lively_gqa_bundle):
+    return Generator.load(lively_gqa_bundle, provider="cpu", threads=2)
+
+
+class Collector:
+    """A sink that records the order of events and wakes the test when every job is done."""
+
+    def __init__(self, count: int):
+        self.events, self.left, self.done = [], count, threading.Event()
+
+    def __call__(self, kind: str, job: Job) -> None:
+        self.events.append((kind, id(job), job.last_piece))
+        if kind == "done":
+            self.left -= 1
+            if not self.left:
+                self.done.set()
+
+
+def run_jobs(scheduler: Scheduler, jobs: list[Job], timeout: float = 60) -> Collector:
+    sink = Collector(len(jobs))
+    for job in jobs:
+        job.sink = sink
+        scheduler.submit(job)
+    assert sink.done.wait(timeout)
+    return sink
+
+
+def test_jobs_beside_each_other_equal_generate_alone(gen):
+    config = SamplingConfig(max_new_tokens=10, ignore_eos=True)
+    sampled = SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=20, seed=3)
+    alone = [gen.generate(p, config).text for p in PROMPTS] + [gen.generate(PROMPTS[0], sampled).text]
+    scheduler = Scheduler(gen, slots=3, capacity=64, chunk=4)  # 7 jobs on 3 slots: some wait, prompts chunked
+    scheduler.start()
+    try:
+        jobs = [Job(gen.encode(p), config, 10, sink=None) for p in PROMPTS]
+        jobs.append(Job(gen.encode(PROMPTS[0]), sampled, 10, sink=None))
+        sink = run_jobs(scheduler, jobs)
+    finally:
+        scheduler.stop()
+    assert [job.completion.text for job in jobs] == alone
+    # The pieces streamed per job, joined, are its text.
+    for job in jobs:
+        assert "".join(piece for _, j, piece in sink.events if j == id(job)) == job.completion.text
+
+
+def test_next_turn_reuses_the_slot_that_holds_its_prefix(gen):
+    config = SamplingConfig(max_new_tokens=6, ignore_eos=True)
+    scheduler = Scheduler(gen, slots=3)
+    scheduler.start()
+    try:
+        first = Job(gen.encode("User: hello there\nAssistant:"), config, 6, sink=None)
+        other = Job(gen.encode("import sys\n"), config, 6, sink=None)
+        run_jobs(scheduler, [first, other])
+        history = first.prompt + first.completion.tokens + gen.encode("\nUser: and then?\nAssistant:")
+        second = Job(history, config, 6, sink=None)
+        run_jobs(scheduler, [second])
+    finally:
+        scheduler.stop()
+    assert second.slot == first.slot
+    assert second.cached_tokens == len(first.prompt) + len(first.completion.tokens) - 1  # the last sampled was never fed
+    assert second.completion.text == gen.generate_ids(history, config).text
+
+
+def test_a_long_prompt_is_interleaved_with_other_jobs_decoding(gen):
+    config = SamplingConfig(max_new_tokens=50, ignore_eos=True)
+    scheduler = Scheduler(gen, slots=2, chunk=4)
+    scheduler.start()
+    try:
+        short = Job(gen.encode("def f("), config, 50, sink=None)
+        sink = Collector(2)
+        short.sink = sink
+        scheduler.submit(short)
+        while not short.token_times:  # the short job is decoding
+            threading.Event().wait(0.005)
+        long = Job(gen.encode(" ".join(PROMPTS) * 2)[:48], config, 12, sink=sink)
+        scheduler.submit(long)
+        assert not short.finished  # 50 tokens take longer than queueing the next job
+        assert sink.done.wait(60)
+    finally:
+        scheduler.stop()
+    # 48 prompt tokens in chunks of 4 = 12 prefill calls; the short job kept getting tokens meanwhile.
+    during = [t for t in short.token_times if long.submitted_at < t < long.first_token_at]
+    assert len(during) >= 5
+
+
+def test_cancel_frees_the_slot_and_limits_are_enforced(gen):
+    config = SamplingConfig(max_new_tokens=50, ignore_eos=True)
+    scheduler = Scheduler(gen, slots=1, queue_limit=1)
+    scheduler.start()
+    try:
+        running = Job(gen.encode("def f("), config, 50, sink=Collector(1))
+        scheduler.submit(running)
+        while not running.token_times:
+            threading.Event().wait(0.005)
+        waiting = Job(gen.encode("x"), config.replace(max_new_tokens=2), 2, sink=Collector(1))
+        scheduler.submit(waiting)
+        with pytest.raises(QueueFullError, match="queue limit"):
+            scheduler.submit(Job(gen.encode("y"), config, 2, sink=Collector(1)))
+        running.cancel()
+        assert waiting.sink.done.wait(30)
+        assert running.completion.finish_reason == "cancelled" and len(running.completion.tokens) < 50
+        assert waiting.completion.finish_reason == "length"
+        timed = Job(gen.encode("z"), config, 50, sink=Collector(1), timeout_s=0.02)
+        scheduler.submit(timed)
+        assert timed.sink.done.wait(30)
+        assert timed.completion.finish_reason == "timeout"
+    finally:
+        scheduler.stop()
+    with pytest.raises(ContextLengthError, match="at most 63 prompt tokens"):
+        scheduler.check_fits(64, 10)
+    assert scheduler.check_fits(60, None) == 4 and scheduler.check_fits(10, 4) == 4
