@@ -104,7 +104,8 @@ def export_bundle(
         graph = _build_graph(model, tmp / MODEL_FILE, opset=opset, optimize=optimize,
                              external_data=external_data, validate=validate, attention=attention)
         shutil.copyfile(ckpt.path / TOKENIZER, tmp / TOKENIZER)
-        genai.write_genai_files(tmp, cfg, eot, share_buffer=onnx_export.kv_layout(attention) == "shared_buffer")
+        genai.write_genai_files(tmp, cfg, eot, share_buffer=onnx_export.kv_layout(attention) == "shared_buffer",
+                                chat_template=ckpt.chat_template)  # fmt: skip
         manifest = {
             "model": cfg.to_dict(),
             "tokenizer": _tokenizer_section(cfg, TOKENIZER, ckpt.tokenizer.get_vocab_size(), eot),

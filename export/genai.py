@@ -98,8 +98,9 @@ def genai_config(
     }
 
 
-def tokenizer_config(config: GPTConfig) -> dict[str, Any]:
-    """The Hugging Face tokenizer_config.json that genai's tokenizer needs beside tokenizer.json."""
+def tokenizer_config(config: GPTConfig, chat_template: str | None = None) -> dict[str, Any]:
+    """The Hugging Face tokenizer_config.json that genai's tokenizer needs beside tokenizer.json, with the
+    model's chat template when it has one (where `transformers` and edgegpt's runtime read it)."""
     return {
         "tokenizer_class": "GPT2Tokenizer",
         "bos_token": EOT,
@@ -109,12 +110,14 @@ def tokenizer_config(config: GPTConfig) -> dict[str, Any]:
         "add_bos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": config.block_size,
+        **({"chat_template": chat_template} if chat_template is not None else {}),
     }
 
 
-def write_genai_files(bundle: Path, config: GPTConfig, eot_token_id: int, *, share_buffer: bool = False) -> list[str]:
+def write_genai_files(bundle: Path, config: GPTConfig, eot_token_id: int, *, share_buffer: bool = False,
+                      chat_template: str | None = None) -> list[str]:  # fmt: skip
     """Write genai_config.json and tokenizer_config.json into `bundle`; return their names."""
     genai = genai_config(config, eot_token_id, share_buffer=share_buffer)
-    for name, content in ((GENAI_CONFIG, genai), (TOKENIZER_CONFIG, tokenizer_config(config))):
+    for name, content in ((GENAI_CONFIG, genai), (TOKENIZER_CONFIG, tokenizer_config(config, chat_template))):
         (bundle / name).write_text(json.dumps(content, indent=2) + "\n")
     return [GENAI_CONFIG, TOKENIZER_CONFIG]

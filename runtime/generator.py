@@ -26,6 +26,7 @@ import onnxruntime as ort
 from edgegpt.errors import ContextLengthError, SamplingError
 from edgegpt.manifest import LOGITS
 from edgegpt.runtime.bundle import Bundle, check_io
+from edgegpt.runtime.chat_template import ChatTemplate
 from edgegpt.runtime.completion import Completion
 from edgegpt.runtime.engine import DecodeState, PromptError, check_ids
 from edgegpt.runtime.kv_cache import check_onnxruntime
@@ -311,6 +312,7 @@ class Generator:
         self._logits_dtype = np.dtype(np.float16 if logits_type == "tensor(float16)" else np.float32)
         on_cuda = session.get_providers()[0] == CUDA
         self._device = ("cuda", session_config.device_id) if on_cuda else ("cpu", 0)
+        self._chat_template: ChatTemplate | None = None
         self._decoder = IncrementalDecoder(self.tokenizer)  # building the byte table costs ms: once
         # Ids 0..sampled_vocab_size-1 may be sampled: not the padding past the tokenizer (nanoGPT's 50304 rows
         # for 50257 tokens), nor an end-of-text token appended to a character vocabulary (edgegpt.train.nanogpt).
@@ -359,6 +361,14 @@ class Generator:
             bundle = Bundle.load(bundle)
         check_onnxruntime(bundle.kv.layout, ort.__version__, str(bundle.path))
         return cls(bundle, create_session(bundle.model_path, session_config), session_config)
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The bundle's chat template (its tokenizer_config.json `chat_template`, else edgegpt's default),
+        read on first use: a Jinja template needs jinja2 (the serve extra) only when a chat asks for it."""
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate.from_bundle(self.bundle.path)
+        return self._chat_template
 
     @property
     def providers(self) -> list[str]:

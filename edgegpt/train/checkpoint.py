@@ -32,6 +32,7 @@ from edgegpt.train.model import SimpleGPT
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 TRAIN_STATE_PT, TRAIN_STATE_JSON = "train_state.pt", "train_state.json"
+CHAT_TEMPLATE = "chat_template.jinja"  # optional: the model's own chat template (Hugging Face's file name)
 TIED = "lm_head.weight"  # same tensor as tok_emb.weight; not stored twice
 
 
@@ -50,6 +51,7 @@ def save_checkpoint(
     *,
     optimizer_state: dict | None = None,
     train_state: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
@@ -59,6 +61,7 @@ def save_checkpoint(
         tokenizer_json: the tokenizer as `tokenizers.Tokenizer.to_str()`.
         optimizer_state: optional {"optimizer": ..., "torch_rng": ...} tensors-and-numbers dict.
         train_state: optional JSON-serialisable training state (step, data RNG, config).
+        chat_template: optional Jinja chat template of the model (written as chat_template.jinja).
 
     >>> import tempfile, tokenizers
     >>> m = SimpleGPT(GPTConfig.preset("tiny", vocab_size=64))
@@ -77,6 +80,8 @@ def save_checkpoint(
                 torch.save(optimizer_state, f)
         if train_state is not None:
             (tmp / TRAIN_STATE_JSON).write_text(json.dumps(train_state, indent=2))
+        if chat_template is not None:
+            (tmp / CHAT_TEMPLATE).write_text(chat_template, encoding="utf-8")
     return path
 
 
@@ -121,6 +126,12 @@ class Checkpoint:
     model: SimpleGPT
     tokenizer: Any
     path: Path
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own chat template (Jinja), kept by `import_hf`; None when it has none."""
+        file = self.path / CHAT_TEMPLATE
+        return file.read_text(encoding="utf-8") if file.is_file() else None
 
     @property
     def config(self) -> GPTConfig:

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgegpt.train.checkpoint import (
+    CHAT_TEMPLATE,
     CONFIG,
     TIED,
     TOKENIZER,
@@ -246,7 +247,7 @@ def _read_hf_tokenizer(src: Path, vocab_size: int):
     return tok
 
 
-CHECKPOINT_FILES = frozenset({CONFIG, WEIGHTS, TOKENIZER, TRAIN_STATE_PT, TRAIN_STATE_JSON})
+CHECKPOINT_FILES = frozenset({CONFIG, WEIGHTS, TOKENIZER, TRAIN_STATE_PT, TRAIN_STATE_JSON, CHAT_TEMPLATE})
 HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
 
 
@@ -272,8 +273,9 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
     """Convert a local Hugging Face GPT-2 directory into an edgegpt checkpoint.
 
     Reads config.json, the weights (model.safetensors, a sharded model.safetensors.index.json, or else
-    pytorch_model.bin through `torch.load(weights_only=True)`), and tokenizer.json or vocab.json +
-    merges.txt. Keys may carry the `transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model). The
+    pytorch_model.bin through `torch.load(weights_only=True)`), tokenizer.json or vocab.json +
+    merges.txt, and the model's chat template if it has one (kept as chat_template.jinja; `export` puts it
+    in the bundle's tokenizer_config.json, where `edgegpt chat` and `edgegpt serve` read it). Keys may carry the `transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model). The
     checkpoint gets bias=True and dropout=0.0, and the weights are stored as float32. A config.json
     vocab_size above the tokenizer's size (a padded embedding) sets `sampled_vocab_size` to the latter.
 
@@ -308,7 +310,22 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
     model = SimpleGPT(config)
     model.load_state_dict(state, strict=True)
     log.info("imported %s (%s, %d parameters) into %s", src, file.name, model.num_params(), out)
-    return save_checkpoint(out, model, tok.to_str())
+    return save_checkpoint(out, model, tok.to_str(), chat_template=_read_chat_template(src))
+
+
+def _read_chat_template(src: Path) -> str | None:
+    """The model's chat template: chat_template.jinja, else tokenizer_config.json's `chat_template` (a string,
+    or the named-templates list's "default"); None when it has none."""
+    if (src / CHAT_TEMPLATE).is_file():
+        return (src / CHAT_TEMPLATE).read_text(encoding="utf-8")
+    try:
+        config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def _hf_config(config: GPTConfig, eot: int | None) -> dict[str, Any]:

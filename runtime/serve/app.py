@@ -39,7 +39,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edgegpt.errors import ContextLengthError, EdgeGPTError
-from edgegpt.runtime.chat_template import ChatTemplate
 from edgegpt.runtime.engine import PromptError, check_ids
 from edgegpt.runtime.generator import Generator
 from edgegpt.runtime.scheduler import Job, QueueFullError, Scheduler
@@ -75,7 +74,6 @@ class _Model:
     path: Path
     gen: Generator | None = None
     scheduler: Scheduler | None = None
-    template: ChatTemplate | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -92,7 +90,7 @@ class _Models:
         try:
             for model in self.by_name.values():
                 model.gen = Generator.load(model.path, provider=s.provider, threads=s.threads)
-                model.template = ChatTemplate.from_bundle(model.path)
+                model.gen.chat_template  # read now: a broken template fails the load, not every request
                 model.scheduler = Scheduler(model.gen, slots=s.slots, capacity=s.ctx_size, chunk=s.chunk,
                                             queue_limit=s.queue_limit)  # fmt: skip
                 model.scheduler.start()
@@ -232,7 +230,7 @@ def _jobs(req: ParsedRequest, model: _Model, settings: ServeSettings) -> list[Jo
     for p, prompt in enumerate(req.prompts):
         try:
             if req.chat:
-                ids = gen.encode(model.template.render(prompt))
+                ids = gen.encode(gen.chat_template.render(prompt))
             else:
                 ids = gen.encode(prompt) if isinstance(prompt, str) else check_ids(prompt, gen.config.vocab_size)
             ids = ids or [gen.eot_id]  # an empty prompt starts from end-of-text, as in Generator
@@ -244,8 +242,8 @@ def _jobs(req: ParsedRequest, model: _Model, settings: ServeSettings) -> list[Jo
         except EdgeGPTError as exc:  # a chat template that refuses the messages
             raise APIError(400, str(exc), "messages") from None
         for config in req.configs:
-            if req.chat and model.template.stop:
-                config = config.replace(stop=(*config.stop, *model.template.stop))
+            if req.chat and gen.chat_template.stop:
+                config = config.replace(stop=(*config.stop, *gen.chat_template.stop))
             jobs.append(Job(ids, config, max_new, sink=None, timeout_s=settings.timeout_s))
     return jobs
 

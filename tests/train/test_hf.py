@@ -195,3 +195,20 @@ def test_exact_gelu_round_trips_and_matches_transformers(hf_dir, ids, tmp_path):
     assert (_our_logits(ckpt, ids) - _hf_logits(exact, ids)).abs().max().item() <= ATOL
     out = export_hf(ckpt, tmp_path / "back")
     assert json.loads((out / "config.json").read_text())["activation_function"] == "gelu"
+
+
+def test_the_models_chat_template_reaches_the_bundle_and_the_runtime(hf_dir, tmp_path):
+    """A tokenizer_config.json chat_template (as transformers' apply_chat_template reads it) is kept by import,
+    written into the bundle by export, and rendered by the runtime exactly as transformers renders it."""
+    from edgegpt.export import export_bundle
+    from edgegpt.runtime import Generator
+
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    src = _copy(hf_dir, tmp_path)
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template}))
+    bundle = export_bundle(import_hf(src, tmp_path / "ckpt"), tmp_path / "bundle")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    want = transformers.AutoTokenizer.from_pretrained(src).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    gen = Generator.load(bundle, provider="cpu")
+    assert gen.chat_template.render(messages) == want
+    assert import_hf(hf_dir, tmp_path / "plain").joinpath("chat_template.jinja").exists() is False
