@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
@@ -64,6 +65,7 @@ class ServeSettings:
     queue_limit: int = 64
     timeout_s: float = 600.0
     max_body_bytes: int = 1 << 20
+    grace_s: float = 10.0
     threads: int | None = None
     provider: str = "cpu"
 
@@ -89,7 +91,8 @@ class _Models:
         s = self.settings
         try:
             for model in self.by_name.values():
-                model.gen = Generator.load(model.path, provider=s.provider, threads=s.threads)
+                # No spinning: idle onnxruntime threads would busy-wait on the cores the event loop needs.
+                model.gen = Generator.load(model.path, provider=s.provider, threads=s.threads, spinning=False)
                 model.gen.chat_template  # read now: a broken template fails the load, not every request
                 model.scheduler = Scheduler(model.gen, slots=s.slots, capacity=s.ctx_size, chunk=s.chunk,
                                             queue_limit=s.queue_limit)  # fmt: skip
@@ -146,7 +149,7 @@ def create_app(paths: dict[str, Path], default: str, settings: ServeSettings = S
                 req = parse(await _read_json(request, settings.max_body_bytes))
                 model = models.pick(req.model)
                 jobs = _jobs(req, model, settings)
-                response = await (_stream(request, req, model, jobs, metrics, path) if req.stream
+                response = await (_stream(request, req, model, jobs, metrics, path, settings.grace_s) if req.stream
                                   else _whole(request, req, model, jobs, metrics))  # fmt: skip
                 if not req.stream:
                     metrics.request(path, response.status_code)
@@ -308,7 +311,7 @@ async def _whole(request: Request, req: ParsedRequest, model: _Model, jobs: list
 
 
 async def _stream(request: Request, req: ParsedRequest, model: _Model, jobs: list[Job], metrics: Metrics,
-                  path: str) -> Response:  # fmt: skip
+                  path: str, grace_s: float) -> Response:  # fmt: skip
     events = _submit(jobs, model.scheduler)
     rid, created = protocol.new_id(req.chat)
     index = {id(job): i for i, job in enumerate(jobs)}
@@ -343,7 +346,10 @@ async def _stream(request: Request, req: ParsedRequest, model: _Model, jobs: lis
                 job.cancel()
             metrics.request(path, status)
 
-    return EventSourceResponse(send(), sep="\n", ping=15)
+    # On SIGTERM sse-starlette would cancel every stream at once; with a grace period it lets them run that long
+    # (a little less than uvicorn's, which then closes what is left).
+    return EventSourceResponse(send(), sep="\n", ping=15, shutdown_event=anyio.Event(),
+                               shutdown_grace_period=0.9 * grace_s)  # fmt: skip
 
 
 def _json(value) -> str:

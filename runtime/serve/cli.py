@@ -85,7 +85,7 @@ def serve_command(bundle, models, host, port, api_key, no_auth, cors_origins, sl
     from edgegpt.runtime.serve.app import ServeSettings, create_app
 
     settings = ServeSettings(host=host, api_key=api_key or None, cors_origins=tuple(cors_origins), slots=slots, ctx_size=ctx_size,
-                             chunk=chunk, queue_limit=queue_limit, timeout_s=timeout_s, max_body_bytes=max_body_bytes,
+                             chunk=chunk, queue_limit=queue_limit, timeout_s=timeout_s, max_body_bytes=max_body_bytes, grace_s=grace,
                              threads=threads, provider=provider)  # fmt: skip
     default = next(iter(paths))
     app = create_app(paths, default, settings)

@@ -20,12 +20,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(bundle, *flags: str):
-    """Start the server, wait for /health 200 (60 s at most), yield its base URL; SIGTERM must end it with 0."""
+def running_server(bundle, *flags: str, process: list | None = None):
+    """Start the server, wait for /health 200 (60 s at most), yield its base URL; SIGTERM must end it with 0.
+
+    `process`: a list that receives the Popen, for tests that signal the server themselves.
+    """
     port = free_port()
     cmd = [sys.executable, "-m", "edgegpt.cli", "serve", "--model", f"tiny={bundle}", "--port", str(port),
            "--provider", "cpu", "--threads", "2", *flags]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if process is not None:
+        process.append(proc)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -143,3 +144,17 @@ def test_load_many_clients_some_streaming_some_leaving(server, gen):
     assert 'edgegpt_requests_total{endpoint="/v1/completions",status="200"}' in metrics
     assert "edgegpt_time_to_first_token_seconds_bucket" in metrics
     assert 'edgegpt_busy_slots{model="tiny"}' in metrics
+
+
+def test_sigterm_lets_a_running_stream_finish_and_exits_cleanly(lively_gqa_bundle, start_server):
+    process = []
+    with start_server(lively_gqa_bundle, "--slots", "1", "--grace", "20", process=process) as base:
+        body = {"model": "tiny", "prompt": "def f(", "max_tokens": 56, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            process[0].send_signal(signal.SIGTERM)  # mid-stream: the request still finishes
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert process[0].wait(timeout=30) == 0
