@@ -23,11 +23,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
-# A copy, not an editable install (as on a device): rebuilt when any source changes.
-$(BASE_VENV)/.installed: pyproject.toml $(wildcard edgegpt/*.py edgegpt/*/*.py edgegpt/*/*.json export/*.py runtime/*.py)
+# A copy, not an editable install (as on a device), with the serve extra (torch-free too): rebuilt when any source changes.
+$(BASE_VENV)/.installed: pyproject.toml $(wildcard edgegpt/*.py edgegpt/*/*.py edgegpt/*/*.json export/*.py runtime/*.py runtime/*/*.py)
 	$(PYTHON) -m venv $(BASE_VENV)
 	$(BASE_VENV)/bin/pip install -q --upgrade pip
-	$(BASE_VENV)/bin/pip install -q .
+	$(BASE_VENV)/bin/pip install -q ".[serve]"
 	touch $@
 
 base: $(BASE_VENV)/.installed

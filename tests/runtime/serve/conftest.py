@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,13 +21,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(bundle, *flags: str, process: list | None = None):
+def running_server(bundle, *flags: str, process: list | None = None, python: str = sys.executable):
     """Start the server, wait for /health 200 (60 s at most), yield its base URL; SIGTERM must end it with 0.
 
     `process`: a list that receives the Popen, for tests that signal the server themselves.
+    `python`: the interpreter whose venv's `edgegpt` runs it (another venv's, not this source tree).
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "edgegpt.cli", "serve", "--model", f"tiny={bundle}", "--port", str(port),
+    cmd = [str(Path(python).parent / "edgegpt"), "serve", "--model", f"tiny={bundle}", "--port", str(port),
            "--provider", "cpu", "--threads", "2", *flags]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if process is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -158,3 +159,12 @@ def test_sigterm_lets_a_running_stream_finish_and_exits_cleanly(lively_gqa_bundl
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
         assert process[0].wait(timeout=30) == 0
+
+
+def test_the_base_install_with_the_serve_extra_serves_without_torch(lively_gqa_bundle, start_server, base_venv_bin, gen):
+    python = str(base_venv_bin / "python")
+    probe = "import importlib.util as u; print(u.find_spec('torch'), u.find_spec('uvicorn') is not None)"
+    assert subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout.split() == ["None", "True"]
+    with start_server(lively_gqa_bundle, "--slots", "1", python=python) as base:
+        out = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 8, "temperature": 0}).json()
+    assert out["choices"][0]["text"] == gen.generate(PROMPTS[3], max_new_tokens=8).text
