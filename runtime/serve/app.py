@@ -171,7 +171,8 @@ def create_app(paths: dict[str, Path], default: str, settings: ServeSettings = S
     if settings.cors_origins:  # outermost: a browser's preflight is answered before the key is asked for
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                         allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))  # fmt: skip
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers={404: _not_found, 405: _not_allowed})
+    handlers = {404: _not_found, 405: _not_allowed, Exception: _server_error}
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
     app.state.models = models
     return app
 
@@ -294,7 +295,7 @@ async def _whole(request: Request, req: ParsedRequest, model: _Model, jobs: list
                 kind, job, _ = await asyncio.wait_for(events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    raise asyncio.CancelledError from None
+                    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
                 continue
             if kind == "done":
                 pending -= 1
@@ -359,6 +360,12 @@ def _json(value) -> str:
 async def _not_found(request: Request, exc) -> Response:
     error = APIError(404, f"no route {request.url.path}", code="not_found")
     return JSONResponse(error.body(), 404)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """A bug, not bad input: OpenAI's error object (the traceback goes to uvicorn's log), and the server stays up."""
+    error = APIError(500, f"internal error: {type(exc).__name__}", kind="server_error", code="internal_error")
+    return JSONResponse(error.body(), 500)
 
 
 async def _not_allowed(request: Request, exc) -> Response:

@@ -31,3 +31,5 @@ def test_health_is_503_until_a_model_loads(tmp_path):
         assert health.status_code == 503 and health.json()["status"] == "error"
         r = client.post("/v1/completions", json={"prompt": "x"})
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+        assert client.get("/v1/completions").json()["error"]["code"] == "method_not_allowed"
+        assert client.get("/v2/nothing").json()["error"]["code"] == "not_found"
