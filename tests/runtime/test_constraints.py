@@ -216,3 +216,31 @@ def test_a_logits_processor_sees_the_ids_and_may_change_the_logits(gen):
     only_x = lambda ids, logits: np.where(np.arange(logits.size) == gen.encode("x")[0], 0.0, -np.inf)  # noqa: E731
     with pytest.raises(ConstraintError, match="-inf"):
         gen.generate("", regex="[0-9]+", max_new_tokens=6, logits_processor=only_x)
+
+
+def test_the_cli_constrains_biases_and_prints_logprobs(lively_gqa_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from edgegpt.runtime.cli import generate_command
+
+    run = lambda *args: CliRunner().invoke(generate_command, [str(lively_gqa_bundle), *args, "--provider", "cpu"])  # noqa: E731
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    out = run("", "--json-schema", str(schema), "-n", "63", "-t", "1", "--seed", "1", "--json")
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.output)
+    if payload["finish_reason"] == "eos":
+        jsonschema.validate(json.loads(payload["text"]), SCHEMA)
+    out = run("when: ", "--regex", DATE, "-n", "20", "--json", "--top-logprobs", "2")
+    payload = json.loads(out.output)
+    assert re.fullmatch(DATE, payload["text"]) and len(payload["logprobs"]) == len(payload["tokens"])
+    assert all(len(e["top_logprobs"]) == 2 for e in payload["logprobs"])
+    grammar = tmp_path / "yn.lark"
+    grammar.write_text('start: "yes" | "no"')
+    assert run("", "--grammar", str(grammar), "-n", "5").output.splitlines()[0] in ("yes", "no")
+    assert json.loads(run("def ", "-n", "3", "--logit-bias", "7=100", "--json").output)["tokens"] == [7, 7, 7]
+    bad = run("x", "--regex", "(a", "-n", "3")
+    assert bad.exit_code == 2 and "unclosed group" in bad.output and "--regex" in bad.output
+    assert run("x", "--logprobs", "-n", "3").exit_code == 2
+    assert run("x", "--regex", "a", "--grammar", str(grammar)).exit_code == 2
+    assert run("x", "--logit-bias", "7", "-n", "3").exit_code == 2
