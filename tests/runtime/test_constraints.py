@@ -244,3 +244,12 @@ def test_the_cli_constrains_biases_and_prints_logprobs(lively_gqa_bundle, tmp_pa
     assert run("x", "--logprobs", "-n", "3").exit_code == 2
     assert run("x", "--regex", "a", "--grammar", str(grammar)).exit_code == 2
     assert run("x", "--logit-bias", "7", "-n", "3").exit_code == 2
+
+
+def test_the_mask_cost_bench_times_every_step(gen):
+    from edgegpt.runtime.constraint_bench import mask_cost
+
+    cost = mask_cost(gen, tokens=12, runs=2)
+    assert cost.tokens == 24 and cost.vocab_size == gen.config.vocab_size
+    assert min(cost.model_us, cost.compute_us, cost.apply_us, cost.consume_us, cost.step_us, cost.overlapped_step_us) > 0
+    assert cost.share == pytest.approx(cost.mask_us / cost.model_us)
