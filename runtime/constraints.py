@@ -149,7 +149,7 @@ class ConstraintCompiler:
             import llguidance
         except ImportError:
             raise ExtraMissingError(
-                f"constrained generation (json_schema, regex, grammar) needs llguidance; install it: {EXTRA}",
+                f"constrained generation (a JSON schema, regex or grammar) needs llguidance; install it: {EXTRA}",
                 name="llguidance",
             ) from None
         self.llguidance, self.vocab_size = llguidance, vocab_size

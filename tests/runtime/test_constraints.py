@@ -106,6 +106,24 @@ def test_a_batch_mixing_a_schema_row_a_regex_row_and_a_free_row_equals_each_alon
     assert batch[2].tokens == gen.generate_batch(prompts, max_new_tokens=40)[2].tokens  # the free row is untouched
 
 
+def test_a_loop_over_the_engine_gets_the_constraint_from_new_completion(gen):
+    """What a server's slot runs: DecodeState + Generator.new_completion, the same tokens as generate."""
+    from edgegpt.runtime import SamplingConfig
+
+    config = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=5)
+    row = gen.new_completion([gen.eot_id], config, constraint=Constraint(json_schema={"type": "object"}))
+    state = gen.new_state()
+    logits = state.feed([gen.eot_id])
+    while row.finish_reason is None:
+        row.sample(logits[0])
+        if row.finish_reason is None:
+            logits = state.feed([row.tokens[-1]])
+    expected = gen.generate("", json_schema={"type": "object"}, max_new_tokens=40, temperature=1.0, seed=5)
+    assert row.tokens == expected.tokens and row.text == expected.text and row.finish_reason == expected.finish_reason
+    if row.finish_reason == "eos":  # {"type": "object"} is OpenAI's json_object: any JSON object
+        assert isinstance(json.loads(row.text), dict)
+
+
 def test_the_stream_equals_generate_under_a_constraint(gen):
     stream = gen.stream("", json_schema=SCHEMA, temperature=1.0, seed=4, max_new_tokens=60)
     text = "".join(stream)
