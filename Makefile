@@ -44,6 +44,7 @@ demo: install
 	$(BIN)/edgegpt generate $(DEMO)/fp32 "def main(" -n 48
 	$(BIN)/edgegpt quantize $(DEMO)/fp32 --to int8 -o $(DEMO)/int8 --eval-text $(EVAL_TEXT)
 	$(BIN)/edgegpt generate $(DEMO)/int8 "def main(" -n 48 -t 0.8 --seed 0 --stop "\n\n"
+	$(BIN)/edgegpt generate $(DEMO)/fp32 "def " -n 24 --regex "[a-z_]+\(([a-z]+(, [a-z]+)*)?\):"
 	printf 'def add(a, b):\nreturn what?\n/exit\n' | $(BIN)/edgegpt chat $(DEMO)/int8 -n 24 --seed 0
 	$(BIN)/edgegpt bench $(DEMO)/int8 --short
 	$(BIN)/edgegpt bench $(DEMO)/run --short --backends torch,edgegpt --formats fp32,int8

@@ -52,7 +52,7 @@ def click_error(exc: Exception, ctx: click.Context) -> click.ClickException:
         return click.UsageError(str(exc), ctx)
     if isinstance(exc, SamplingError):  # its message starts with the SamplingConfig field it rejects
         return click.BadParameter(str(exc), ctx, param_hint=_flag_of(ctx.command, str(exc).split(" ", 1)[0]))
-    if isinstance(exc, ImportError):
+    if isinstance(exc, ImportError) and not isinstance(exc, EdgeGPTError):  # ExtraMissingError names its extra
         return click.ClickException(f"{exc}; install it: {_INSTALL.get((exc.name or '').split('.')[0], TRAIN_INSTALL)}")
     return click.ClickException(f"{type(exc).__name__}: {_as_flags(str(exc), ctx.command)}")
 

@@ -49,6 +49,15 @@ class SamplingError(EdgeGPTError, ValueError):
     """An invalid sampling parameter."""
 
 
+class ConstraintError(SamplingError):
+    """A JSON schema, regex or grammar the constraint library refuses (its reason in one line), or a
+    constraint asked for where it cannot apply."""
+
+
+class ExtraMissingError(EdgeGPTError, ImportError):
+    """An optional dependency (an extra) is not installed; the message names the pip command that adds it."""
+
+
 class StorageError(EdgeGPTError, OSError):
     """A file or directory could not be written (disk full, quota, permissions); what was there is kept."""
 

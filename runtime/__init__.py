@@ -9,6 +9,8 @@ The public names load on first use (PEP 562), so `edgegpt.runtime.cli` can be im
 Modules: bundle.py (verify a bundle), onnx_paths.py (read model.onnx without `onnx`), providers.py
 (execution provider, session options), binding.py (IOBinding), kv_cache.py (KV-cache layouts),
 engine.py (`DecodeState`: feed tokens, get logits, rewind, fork), sampling.py (numpy sampling),
+completion.py (one prompt's output), constraints.py (JSON schema, regex and grammar masks, with the
+optional llguidance), logprobs.py (per-token log-probabilities),
 speculative.py (draft and verify: prompt lookup or a draft model), generator.py (`Generator`: generate /
 stream / batch), chat.py (a conversation that keeps its cache), evaluate.py (perplexity, agreement),
 bench.py (time a bundle on this device), cli.py (`generate`, `chat`, `eval`).
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "Bundle",
+    "Completion",
+    "Constraint",
     "DecodeState",
     "GenerationResult",
     "Generator",
@@ -38,12 +42,15 @@ __all__ = [
     "Speculative",
     "TextStream",
     "Timings",
+    "TokenLogprob",
     "UnknownParameterError",
 ]
 
 _HOME = {
     "Bundle": "bundle",
     "KVCacheSpec": "bundle",
+    "Completion": "completion",
+    "Constraint": "constraints",
     "DecodeState": "engine",
     "PromptError": "engine",
     "GenerationResult": "generator",
@@ -55,12 +62,16 @@ _HOME = {
     "SamplingConfig": "sampling",
     "UnknownParameterError": "sampling",
     "Speculative": "speculative",
+    "TokenLogprob": "logprobs",
 }
 
 if TYPE_CHECKING:
     from edgegpt.runtime.bundle import Bundle, KVCacheSpec
+    from edgegpt.runtime.completion import Completion
+    from edgegpt.runtime.constraints import Constraint
     from edgegpt.runtime.engine import DecodeState, PromptError
     from edgegpt.runtime.generator import GenerationResult, Generator, TextStream, Timings
+    from edgegpt.runtime.logprobs import TokenLogprob
     from edgegpt.runtime.providers import SessionConfig
     from edgegpt.runtime.sampling import Sampler, SamplingConfig, UnknownParameterError
     from edgegpt.runtime.speculative import Speculative

@@ -51,7 +51,46 @@ _SAMPLING_FLAGS = {
              "help": "Stop at this string (not printed); repeatable. Understands \\n, \\t, \\r, \\\\, \\xHH and \\uHHHH."},
     "stop_token_ids": {"flags": ("--stop-token-id",), "type": int, "multiple": True, "help": "Stop at this token id; repeatable."},
     "ignore_eos": {"is_flag": True, "help": "Keep going after the end-of-text token."},
+    "logit_bias": {"flags": ("--logit-bias",), "multiple": True, "metavar": "ID=BIAS",
+                   "callback": lambda ctx, param, values: tuple(_bias(value) for value in values),
+                   "help": "Add BIAS to token ID's logit; -100 (or -inf) bans it. Repeatable."},
 }
+
+
+def _bias(value: str) -> tuple[int, float]:
+    """"ID=BIAS" -> (id, bias); click.BadParameter for anything else."""
+    token, sep, bias = value.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise click.BadParameter(f"expected ID=BIAS (e.g. 50256=-100), got {value!r}", param_hint="--logit-bias") from None
+
+
+def _read_text(path: str, hint: str) -> str:
+    try:
+        return _utf8(Path(path).read_bytes(), path)
+    except UnicodeError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+def _constraint(json_schema: str | None, regex: str | None, grammar: str | None) -> dict:
+    """The generate keywords of --json-schema FILE, --regex R and --grammar FILE (at most one)."""
+    given_flags = [flag for flag, value in (("--json-schema", json_schema), ("--regex", regex), ("--grammar", grammar)) if value]
+    if len(given_flags) > 1:
+        raise click.UsageError(f"give one of --json-schema, --regex and --grammar, got {' and '.join(given_flags)}")
+    if json_schema is not None:
+        text = _read_text(json_schema, "--json-schema")
+        try:
+            return {"json_schema": json.loads(text)}
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"{json_schema} is not JSON: {exc}", param_hint="--json-schema") from None
+    if regex is not None:
+        return {"regex": regex}
+    if grammar is not None:
+        return {"grammar": _read_text(grammar, "--grammar")}
+    return {}
 
 
 def _sampling_options(func):
@@ -130,10 +169,17 @@ def _stdout_errors():
               help="Tokens drafted per round at most (with --lookup or --draft).")
 @click.option("--lookup-ngram", type=click.IntRange(1, 16), default=3, show_default=True,
               help="With --lookup: match the last n tokens, n from this down to 1.")
+@click.option("--json-schema", type=click.Path(exists=True, dir_okay=False), default=None,
+              help='The text must be JSON valid under this JSON schema file ({"type": "object"}: any object). Needs edgegpt[constrain].')
+@click.option("--regex", default=None, help="The whole text must match this regular expression (Rust regex syntax). Needs edgegpt[constrain].")
+@click.option("--grammar", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The text must follow this Lark (or GBNF) grammar file. Needs edgegpt[constrain].")
+@click.option("--logprobs", is_flag=True, default=None, help="With --json: each token's log-probability under the model.")
+@click.option("--top-logprobs", type=click.IntRange(min=0), default=None, help="With --json: the N most likely tokens of each step too.")
 @click.option("--json", "as_json", is_flag=True, help="Print text, tokens, finish_reason and timings as one JSON object.")
 @click.pass_context
 def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinning, huge_pages, lookup, draft, draft_tokens,
-                     lookup_ngram, as_json, **flags):  # fmt: skip
+                     lookup_ngram, json_schema, regex, grammar, as_json, **flags):  # fmt: skip
     """Generate text from a bundle with onnxruntime (no torch), streamed to stdout.
 
     \b
@@ -143,6 +189,8 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
       edgegpt generate bundles/tiny --prompt-file prompt.py -n 100 --json
       edgegpt generate bundles/tiny --prompt-file prompt.py --lookup --json
       edgegpt generate bundles/small "def main(" --draft bundles/tiny --draft-tokens 4
+      edgegpt generate bundles/tiny "Person: " --json-schema person.schema.json -n 60
+      edgegpt generate bundles/tiny "Date: " --regex "[0-9]{4}-[0-9]{2}-[0-9]{2}" --json --top-logprobs 3
     """
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give PROMPT or --prompt-file, not both")
@@ -150,6 +198,9 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
         raise click.UsageError('give a PROMPT (may be "") or --prompt-file')
     if lookup and draft is not None:
         raise click.UsageError("give --lookup or --draft, not both")
+    if (flags.get("logprobs") or flags.get("top_logprobs")) and not as_json:
+        raise click.UsageError("--logprobs and --top-logprobs are printed with --json; add it")
+    constraint = _constraint(json_schema, regex, grammar)
     text = _read_prompt_file(prompt_file) if prompt_file is not None else _check_prompt(prompt)
     from edgegpt.runtime import Generator, SamplingConfig, Speculative
 
@@ -165,9 +216,14 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
         overrides["max_new_tokens"] = max(min(SamplingConfig().max_new_tokens, room), 0)
     sampling = SamplingConfig().replace(**overrides)
     if as_json:
-        result = gen.generate(text, sampling, speculative=speculative)
+        result = gen.generate(text, sampling, speculative=speculative, **constraint)
         timings = {k: round(v, 6) for k, v in vars(result.timings).items()}
         payload = {"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason}
+        if result.logprobs is not None:
+            payload["logprobs"] = [
+                {"token": e.token, "logprob": round(e.logprob, 6), "top_logprobs": [{"token": t, "logprob": round(p, 6)} for t, p in e.top]}
+                for e in result.logprobs
+            ]
         payload.update(prompt_tokens=len(result.prompt_tokens), context_shifts=result.context_shifts, timings=timings)
         if speculative is not None:
             payload.update(drafted_tokens=result.drafted_tokens, accepted_tokens=result.accepted_tokens,
@@ -175,7 +231,7 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
         with _stdout_errors():
             click.echo(json.dumps(payload, ensure_ascii=False))
         return
-    stream = gen.stream(text, sampling, speculative=speculative)
+    stream = gen.stream(text, sampling, speculative=speculative, **constraint)
     with _stdout_errors():
         for piece in stream:
             click.echo(piece, nl=False)

@@ -15,10 +15,11 @@ verified k + 1 positions per model call, and every emitted token goes through th
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -27,9 +28,11 @@ from edgegpt.errors import ContextLengthError, SamplingError
 from edgegpt.manifest import LOGITS
 from edgegpt.runtime.bundle import Bundle, check_io
 from edgegpt.runtime.chat_template import ChatTemplate
-from edgegpt.runtime.completion import Completion
+from edgegpt.runtime.completion import Completion, LogitsProcessor
+from edgegpt.runtime.constraints import Constraint, ConstraintCompiler, row_constraints
 from edgegpt.runtime.engine import DecodeState, PromptError, check_ids
 from edgegpt.runtime.kv_cache import check_onnxruntime
+from edgegpt.runtime.logprobs import TokenLogprob
 from edgegpt.runtime.providers import CUDA, SessionConfig, create_session
 from edgegpt.runtime.sampling import Sampler, SamplingConfig
 from edgegpt.runtime.slots import SlotBatch
@@ -77,6 +80,8 @@ class GenerationResult:
         context_shifts: how often the sliding window dropped old tokens and recomputed the cache.
         cached_tokens: prompt tokens the given `state` already held, not fed again (0 without a state).
         drafted_tokens, accepted_tokens: speculative decoding's drafts verified and kept (0 without it).
+        logprobs: one `TokenLogprob` per token of `tokens` (its log-probability under the model, and the
+            top_logprobs most likely tokens of its step) when logprobs or top_logprobs was asked for, else None.
     """
 
     text: str
@@ -88,6 +93,7 @@ class GenerationResult:
     cached_tokens: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -102,12 +108,14 @@ class _Request:
     """
 
     def __init__(self, gen: "Generator", prompts: list[list[int]], config: SamplingConfig, started: float,
-                 state: DecodeState | None = None, speculative: Speculative | None = None):  # fmt: skip
+                 state: DecodeState | None = None, speculative: Speculative | None = None,
+                 constraints: Sequence[Constraint | None] = (), processors: Sequence[LogitsProcessor] = ()):  # fmt: skip
         self.gen, self.config, self.started = gen, config, started
         if speculative is not None:
             if not isinstance(speculative, Speculative):
                 raise SamplingError(f"speculative must be a Speculative, got {type(speculative).__name__}")
-            check_request(config, len(prompts))
+            check_request(config, len(prompts), constrained=any(c is not None for c in constraints),
+                          processed=bool(processors))  # fmt: skip
         vocab, block = gen.config.vocab_size, gen.config.block_size
         bad = [i for i in config.stop_token_ids if i >= vocab]
         if bad:
@@ -127,8 +135,9 @@ class _Request:
                     f"model's context of {block} tokens; shorten the prompt, lower max_new_tokens to "
                     f"{max(block - longest, 0)} or pass sliding_window=True"
                 )
-        self.rows = [Completion(p, gen.new_sampler(config, p), config, gen.new_decoder(), gen.eot_id, self.max_new)
-                     for p in prompts]  # fmt: skip
+        constraints = list(constraints) or [None] * len(prompts)
+        self.rows = [gen.new_completion(p, config, self.max_new, constraint=c, logits_processor=processors)
+                     for p, c in zip(prompts, constraints)]  # fmt: skip
         # The longest sequence the cache will hold (a "shared_buffer" cache allocates that much once).
         windowed = config.sliding_window or config.max_new_tokens is None
         capacity = block if windowed else max(min(block, longest + self.max_new), 1)
@@ -267,6 +276,7 @@ class _Request:
             cached_tokens=self.cached_tokens,
             drafted_tokens=self.drafter.drafted if self.drafter else 0,
             accepted_tokens=self.drafter.accepted if self.drafter else 0,
+            logprobs=None if row.logprobs is None else list(row.logprobs),
         )
 
 
@@ -317,6 +327,8 @@ class Generator:
         # Ids 0..sampled_vocab_size-1 may be sampled: not the padding past the tokenizer (nanoGPT's 50304 rows
         # for 50257 tokens), nor an end-of-text token appended to a character vocabulary (edgegpt.train.nanogpt).
         self.sampled_vocab_size = self.config.sampled_ids(self.tokenizer.get_vocab_size())
+        self._compiler: ConstraintCompiler | None = None  # on the first constrained request
+        self._compiler_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -385,7 +397,9 @@ class Generator:
         return self.tokenizer.decode(self._check_ids(ids), skip_special_tokens=False)
 
     def generate(self, prompt: str, sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-                 speculative: Speculative | None = None, **overrides) -> GenerationResult:  # fmt: skip
+                 speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
+                 grammar: str | None = None, logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+                 **overrides) -> GenerationResult:  # fmt: skip
         """Continue `prompt`; returns the text, token ids, finish_reason and timings.
 
         `state`: continue on this `DecodeState` (batch 1) instead of a fresh one: the longest common prefix of
@@ -396,22 +410,39 @@ class Generator:
         model call; greedy output is the same token for token, sampling the same in distribution
         (`result.drafted_tokens`, `accepted_tokens`, `acceptance_rate`).
 
+        `json_schema`, `regex` or `grammar` (one of them; needs `pip install "edgegpt[constrain]"`): the text
+        must follow it (`Constraint`). Every sampler only sees the tokens it allows, end-of-text included, so
+        a text that finished with "eos" is complete and one cut by max_new_tokens ("length") is a valid prefix.
+        `{"type": "object"}` is any JSON object. A stop string still ends the text where it matches.
+
+        `logits_processor`: a callable `(ids, logits) -> logits or None` (or a list, run in order) that sees
+        each step's ids so far (prompt and output) and a float32 copy of the logits it may change in place;
+        it runs before the constraint's mask and the sampler.
+
         Raises:
             SamplingError: an invalid or unknown sampling keyword (named in the message), or a knob that
-                speculative decoding cannot take (sliding_window; top-k/top-p/min-p/penalties when sampling).
+                speculative decoding cannot take (sliding_window; top-k/top-p/min-p/penalties when sampling;
+                constraints, logits processors, logprobs).
+            ConstraintError: a constraint the library refuses (its reason in one line), before any model call.
+            ExtraMissingError: a constraint without llguidance installed (an `ImportError` naming the extra).
             ContextLengthError: prompt + max_new_tokens exceed the context (without sliding_window).
 
         >>> gen.generate("def parse(", max_new_tokens=16, temperature=0.8, top_p=0.95, seed=0).text  # doctest: +SKIP
+        >>> gen.generate("Answer: ", regex="(yes|no)", max_new_tokens=4).text  # doctest: +SKIP
+        'yes'
         """
         started = time.perf_counter()
-        request = self._request([self.encode(prompt)], sampling, overrides, started, state, speculative)
+        request = self._request([self.encode(prompt)], sampling, overrides, started, state, speculative,
+                                (json_schema, regex, grammar), logits_processor)  # fmt: skip
         for _ in request:
             pass
         return request.result(0)
 
     def stream(self, prompt: str, sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-               speculative: Speculative | None = None, **overrides) -> TextStream:  # fmt: skip
-        """Like `generate` (`state`, `speculative`), but yields text pieces as tokens arrive; never splits a character.
+               speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
+               grammar: str | None = None, logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+               **overrides) -> TextStream:  # fmt: skip
+        """Like `generate` (its keywords), but yields text pieces as tokens arrive; never splits a character.
 
         The pieces joined equal `generate(...).text` for the same seed; `.result` is set when exhausted.
 
@@ -419,33 +450,45 @@ class Generator:
         ...     print(piece, end="", flush=True)
         """
         started = time.perf_counter()
-        return TextStream(self._request([self.encode(prompt)], sampling, overrides, started, state, speculative))
+        return TextStream(self._request([self.encode(prompt)], sampling, overrides, started, state, speculative,
+                                        (json_schema, regex, grammar), logits_processor))  # fmt: skip
 
     def stream_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-                   speculative: Speculative | None = None, **overrides) -> TextStream:  # fmt: skip
+                   speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
+                   grammar: str | None = None, logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+                   **overrides) -> TextStream:  # fmt: skip
         """`stream` for a prompt of token ids (ids outside the vocabulary raise `PromptError`)."""
         started = time.perf_counter()
-        return TextStream(self._request([self._check_ids(ids)], sampling, overrides, started, state, speculative))
+        return TextStream(self._request([self._check_ids(ids)], sampling, overrides, started, state, speculative,
+                                        (json_schema, regex, grammar), logits_processor))  # fmt: skip
 
     def generate_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-                     speculative: Speculative | None = None, **overrides) -> GenerationResult:  # fmt: skip
+                     speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
+                     grammar: str | None = None, logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+                     **overrides) -> GenerationResult:  # fmt: skip
         """Token ids in, token ids out (`result.tokens`); ids outside the vocabulary raise `PromptError`.
 
-        `state` and `speculative` as for `generate`.
+        The other keywords as for `generate`.
 
         >>> gen.generate_ids([11, 42, 7], max_new_tokens=4).tokens  # doctest: +SKIP
         """
         started = time.perf_counter()
-        request = self._request([self._check_ids(ids)], sampling, overrides, started, state, speculative)
+        request = self._request([self._check_ids(ids)], sampling, overrides, started, state, speculative,
+                                (json_schema, regex, grammar), logits_processor)  # fmt: skip
         for _ in request:
             pass
         return request.result(0)
 
     def generate_batch(
         self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig | None = None, *,
-        speculative: Speculative | None = None, **overrides
+        speculative: Speculative | None = None, json_schema: Any = None, regex: Any = None, grammar: Any = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None, **overrides
     ) -> list[GenerationResult]:
         """Several prompts (texts or token-id lists) in one left-padded batch; one result per prompt.
+
+        `json_schema`, `regex` and `grammar` (see `generate`) each take one value for every row or a list with
+        one entry per prompt, None where a row is free; a row takes at most one of the three, so a batch may
+        mix a schema row, a regex row and a free row. `logits_processor` runs on every row (it sees the row's ids).
 
         Each row samples with its own RNG seeded by `seed`. Rows that finish early keep being fed an
         end-of-text token but produce nothing more. Without sliding_window the longest prompt bounds
@@ -462,13 +505,14 @@ class Generator:
         if isinstance(prompts, str) or not prompts:
             raise PromptError("generate_batch takes a non-empty list of prompts (texts or token-id lists)")
         ids = [self.encode(p) if isinstance(p, str) else self._check_ids(p) for p in prompts]
-        request = self._request(ids, sampling, overrides, started, speculative=speculative)
+        request = self._request(ids, sampling, overrides, started, None, speculative, (json_schema, regex, grammar),
+                                logits_processor)  # fmt: skip
         for _ in request:
             pass
         return [request.result(b) for b in range(len(ids))]
 
     def _request(self, prompts: list[list[int]], sampling, overrides: dict, started: float, state=None,
-                 speculative=None) -> _Request:  # fmt: skip
+                 speculative=None, constraint=(None, None, None), logits_processor=None) -> _Request:  # fmt: skip
         base = SamplingConfig() if sampling is None else sampling
         if not isinstance(base, SamplingConfig):
             raise SamplingError(f"sampling must be a SamplingConfig, got {type(base).__name__}")
@@ -476,7 +520,9 @@ class Generator:
             raise PromptError(f"state must be a DecodeState from Generator.new_state, got {type(state).__name__}")
         config = base.replace(**overrides)
         prompts = [p or [self.eot_id] for p in prompts]  # an empty prompt starts from end-of-text
-        return _Request(self, prompts, config, started, state, speculative)
+        constraints = row_constraints(len(prompts), *constraint)
+        processors = [] if logits_processor is None else ([logits_processor] if callable(logits_processor) else list(logits_processor))
+        return _Request(self, prompts, config, started, state, speculative, constraints, processors)
 
     def new_state(self, batch: int = 1, capacity: int | None = None) -> DecodeState:
         """An empty `DecodeState` of `batch` rows on this generator's session: the step-level engine.
@@ -507,6 +553,49 @@ class Generator:
         """
         config = (SamplingConfig() if sampling is None else sampling).replace(**overrides)
         return Sampler(config, self.config.vocab_size, prompt_ids, sampled_vocab_size=self.sampled_vocab_size)
+
+    def new_completion(self, prompt: Sequence[int], sampling: SamplingConfig | None = None, max_new: int | None = None, *,
+                       constraint: Constraint | None = None,
+                       logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None) -> Completion:  # fmt: skip
+        """A `Completion` for one prompt (its own sampler, detokeniser, stop matching and constraint): what a
+        loop over `DecodeState` (a server's slot) feeds each step's logits with `completion.sample(logits)`.
+
+        Args:
+            prompt: the prompt's token ids (the repetition penalty covers them; a logits processor sees them).
+            sampling: the request's knobs; max_new: tokens at most (default: sampling.max_new_tokens, or
+                what the context has room for after the prompt).
+            constraint: a `Constraint` (JSON schema, regex or grammar), checked here: `ConstraintError` for a bad
+                one, `ExtraMissingError` without llguidance.
+            logits_processor: a callable `(ids, logits) -> logits or None`, or a list of them.
+
+        >>> row = gen.new_completion(ids, SamplingConfig(max_new_tokens=32), constraint=Constraint(json_schema={"type": "object"}))  # doctest: +SKIP
+        >>> piece = row.sample(state.feed(ids)[0])  # doctest: +SKIP
+        """
+        config = SamplingConfig() if sampling is None else sampling
+        prompt = list(prompt)
+        if max_new is None:
+            room = self.config.block_size - len(prompt)
+            max_new = room if config.max_new_tokens is None else config.max_new_tokens
+        mask = None
+        if constraint is not None:
+            if not isinstance(constraint, Constraint):
+                raise SamplingError(f"constraint must be a Constraint, got {type(constraint).__name__}")
+            mask = self.constraint_compiler().mask(constraint)
+        processors = () if logits_processor is None else ((logits_processor,) if callable(logits_processor) else tuple(logits_processor))
+        return Completion(prompt, self.new_sampler(config, prompt), config, self.new_decoder(), self.eot_id, max_new,
+                          mask=mask, logits_processors=processors)  # fmt: skip
+
+    def constraint_compiler(self) -> ConstraintCompiler:
+        """This model's `ConstraintCompiler`, built on first use (the vocabulary as llguidance reads it: about
+        50 ms for 4096 tokens, 0.5 s for 50257) and shared by every later request.
+
+        Raises:
+            ExtraMissingError: llguidance is not installed (`pip install "edgegpt[constrain]"`).
+        """
+        with self._compiler_lock:
+            if self._compiler is None:
+                self._compiler = ConstraintCompiler(self.tokenizer.to_str(), self.config.vocab_size, self.eot_id)
+            return self._compiler
 
     def new_decoder(self) -> IncrementalDecoder:
         """A fresh incremental detokeniser (token ids in, text pieces out, never half a character)."""

@@ -2,7 +2,8 @@
 
 One request owns one `Sampler`: a seeded `np.random.Generator` and the token counts that the penalties
 need, so concurrent requests never share state. The order of the logits processors follows Hugging Face
-`generate`: penalties, temperature, top-k, top-p (over the top-k renormalised), min-p, then a draw.
+`generate`: logit_bias, penalties, temperature, top-k, top-p (over the top-k renormalised), min-p, then a
+draw. (A `Completion` runs a logits processor and a constraint's mask before this chain.)
 Greedy (temperature 0, no penalties) is exactly `argmax` over the float32 logits, ties to the lowest id,
 like `torch.argmax`, so it matches `edgegpt.train.generate.generate` token for token.
 With a padded vocabulary (`sampled_vocab_size` below the row's width: nanoGPT's 50304 rows for GPT-2's 50257
@@ -20,7 +21,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -53,6 +54,10 @@ class SamplingConfig:
         ignore_eos: keep going after the end-of-text token (benchmarks, parity tests).
         sliding_window: when the context fills up, keep the most recent tokens and recompute the cache
             instead of raising `ContextLengthError`.
+        logit_bias: token id -> a bias added to its logit before every other step (OpenAI's logit_bias);
+            -100 or less (or -inf) bans the token. A dict is kept as sorted (id, bias) pairs.
+        logprobs: record each generated token's log-probability under the model (`GenerationResult.logprobs`).
+        top_logprobs: also record the k most likely tokens of each step (implies logprobs).
 
     >>> SamplingConfig(temperature=0.7, top_p=0.9, stop=["\\n\\n"]).stop
     ('\\n\\n',)
@@ -75,6 +80,9 @@ class SamplingConfig:
     seed: int | None = None
     ignore_eos: bool = False
     sliding_window: bool = False
+    logit_bias: Any = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self):
         check_int("max_new_tokens", self.max_new_tokens, optional=True, error=SamplingError)
@@ -98,8 +106,14 @@ class SamplingConfig:
             check_int("stop_token_ids", i, error=SamplingError)
         object.__setattr__(self, "stop_token_ids", ids)
         check_int("seed", self.seed, optional=True, error=SamplingError)
-        for name in ("ignore_eos", "sliding_window"):
+        for name in ("ignore_eos", "sliding_window", "logprobs"):
             check_bool(name, getattr(self, name), error=SamplingError)
+        check_int("top_logprobs", self.top_logprobs, error=SamplingError)
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
 
     @property
     def greedy(self) -> bool:
@@ -125,6 +139,25 @@ class SamplingConfig:
         return dataclasses.replace(self, **overrides) if overrides else self
 
 
+def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs; SamplingError naming a bad id or bias."""
+    items = bias.items() if isinstance(bias, Mapping) else bias
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise SamplingError(f"logit_bias must map token ids to biases, e.g. {{50256: -100}}, got {bias!r}")
+    pairs = {}
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise SamplingError(f"logit_bias must map token ids to biases, e.g. {{50256: -100}}, got {bias!r}")
+        token, value = item
+        if isinstance(token, str) and token.isdigit():  # JSON keys (OpenAI's request body) are strings
+            token = int(token)
+        check_int("logit_bias token id", token, error=SamplingError)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value == math.inf:
+            raise SamplingError(f"logit_bias of token {token} must be a number (or -inf), got {value!r}")
+        pairs[int(token)] = float(value)
+    return tuple(sorted(pairs.items()))
+
+
 class Sampler:
     """Picks the next token from one row of logits; per-request state (RNG, token counts).
 
@@ -146,6 +179,7 @@ class Sampler:
                  sampled_vocab_size: int | None = None):  # fmt: skip
         check_int("sampled_vocab_size", sampled_vocab_size, low=1, high=vocab_size, optional=True, error=SamplingError)
         self.config, self.vocab_size = config, vocab_size
+        self.sampled_vocab_size = sampled_vocab_size or vocab_size
         # Only a padded vocabulary pays for the cut (one view per step); None keeps the plain path.
         self._cut = sampled_vocab_size if sampled_vocab_size is not None and sampled_vocab_size < vocab_size else None
         self.rng = np.random.default_rng(config.seed)
@@ -153,7 +187,17 @@ class Sampler:
         self._seen[np.asarray(list(prompt_ids), dtype=np.int64)] = True
         self._counts = np.zeros(vocab_size, dtype=np.int32)  # output only, for presence / frequency
         c = config
-        self._penalised = c.repetition_penalty != 1.0 or c.presence_penalty != 0.0 or c.frequency_penalty != 0.0
+        self._bias = None
+        if c.logit_bias:
+            bad = [t for t, _ in c.logit_bias if t >= vocab_size]
+            if bad:
+                raise SamplingError(f"logit_bias token ids {bad} are outside the vocabulary (0..{vocab_size - 1})")
+            self._bias = np.zeros(vocab_size, dtype=np.float32)
+            for token, value in c.logit_bias:
+                self._bias[token] = -np.inf if value <= -100 else value  # OpenAI's -100 bans
+        # One flag for everything that changes the logits, so that the plain path pays one test per step.
+        self._penalised = (c.repetition_penalty != 1.0 or c.presence_penalty != 0.0 or c.frequency_penalty != 0.0
+                           or self._bias is not None)  # fmt: skip
         self._scale = np.float32(1.0 / c.temperature) if c.temperature else np.float32(0.0)
 
     def __call__(self, logits: np.ndarray) -> int:
@@ -170,6 +214,8 @@ class Sampler:
     def _penalise(self, logits: np.ndarray) -> np.ndarray:
         c, logits = self.config, logits.astype(np.float32, copy=True)
         n = logits.shape[0]  # the cut row's width when padded
+        if self._bias is not None:
+            logits += self._bias[:n]
         seen_ids, counts = self._seen[:n], self._counts[:n]
         if c.repetition_penalty != 1.0:
             seen = logits[seen_ids]

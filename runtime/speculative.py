@@ -33,7 +33,7 @@ from edgegpt.errors import ContextLengthError, SamplingError
 
 __all__ = ["Speculative", "accept", "lookup_draft"]
 
-_UNSUPPORTED = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_UNSUPPORTED = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias")
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,18 @@ class Speculative:
                 )
 
 
-def check_request(config, batch: int) -> None:
-    """SamplingError for what speculation cannot run: several prompts, sliding_window, filters in sampling."""
+def check_request(config, batch: int, *, constrained: bool = False, processed: bool = False) -> None:
+    """SamplingError for what speculation cannot run: several prompts, sliding_window, filters in sampling,
+    constraints, logits processors and logprobs (verification adds tokens without the per-step chain that
+    applies them)."""
     if batch != 1:
         raise SamplingError(f"speculative decoding runs one prompt at a time, got {batch}; call generate per prompt")
     if config.sliding_window:
         raise SamplingError("speculative decoding does not support sliding_window=True; drop one of the two")
+    for name, given in (("a constraint (json_schema, regex, grammar)", constrained), ("a logits_processor", processed),
+                        ("logprobs", config.wants_logprobs)):  # fmt: skip
+        if given:
+            raise SamplingError(f"speculative decoding does not support {name}; leave out speculative for this request")
     if not config.greedy:
         default = type(config)()
         knobs = [f"{name}={getattr(config, name)}" for name in _UNSUPPORTED if getattr(config, name) != getattr(default, name)]

@@ -123,8 +123,11 @@ def test_every_config_field_has_its_flag():
     sampling = {f.name for f in dataclasses.fields(SamplingConfig)}
     session = {"provider", "threads", "spinning", "huge_pages"}
     speculative = {f.name for f in dataclasses.fields(Speculative)}
-    assert {p.name for p in generate_command.params} == sampling | session | speculative | {"bundle", "prompt", "prompt_file", "as_json"}
-    assert {p.name for p in chat_command.params} >= sampling - {"sliding_window"}  # chat always slides
+    constraint = {"json_schema", "regex", "grammar"}
+    assert {p.name for p in generate_command.params} == (sampling | session | speculative | constraint
+                                                         | {"bundle", "prompt", "prompt_file", "as_json"})  # fmt: skip
+    # chat always slides, and prints text only (logprobs go to generate's --json)
+    assert {p.name for p in chat_command.params} >= sampling - {"sliding_window", "logprobs", "top_logprobs"}
     train = {p.name for p in main.commands["train"].params}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= train
     assert {"n_layer", "n_head", "n_embd", "block_size", "dropout"} <= train

@@ -28,7 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "click"}
 # An extra's own libraries (pyproject.toml), and the runtime package that is that extra.
-EXTRAS = {"serve": {"uvicorn", "starlette", "sse_starlette", "prometheus_client", "jinja2"}}
+EXTRAS = {"serve": {"uvicorn", "starlette", "sse_starlette", "prometheus_client", "jinja2"}, "constrain": {"llguidance"}}
 EXTRA_PACKAGES = {"runtime/serve/": "serve"}
 CLI_FILES = {"edgegpt/cli.py", "export/cli.py", "export/quantize_cli.py", "runtime/cli.py", "edgegpt/bench/cli.py",
              "runtime/serve/cli.py"}
@@ -131,6 +131,8 @@ def test_every_module_follows_the_import_rule():
         ("edgegpt/train/model.py", "from edgegpt.runtime import Generator\n"),
         ("export/quantize.py", "from edgegpt.bench import compare\n"),
         ("runtime/cli.py", "import numpy\n"),
+        ("runtime/constraints.py", "import llguidance\n"),
+        ("edgegpt/config.py", "def f():\n    import llguidance\n"),
         ("edgegpt/cli.py", "from edgegpt.train.trainer import train\n"),
         ("runtime/chat_template.py", "import jinja2\n"),  # an extra's library at module level outside its package
         ("runtime/serve/app.py", "import torch\n"),
@@ -149,6 +151,7 @@ def test_the_checker_refuses_an_import_against_the_rule(relative, source):
         ("runtime/engine.py", "from .binding import Binding\n"),
         ("runtime/serve/app.py", "from starlette.applications import Starlette\n"),
         ("runtime/chat_template.py", "def f():\n    import jinja2\n"),
+        ("runtime/constraints.py", "def f():\n    import llguidance\n"),
     ],
 )
 def test_the_checker_allows_what_the_rule_allows(relative, source):
