@@ -30,7 +30,6 @@ from typing import Callable
 from edgegpt.errors import ContextLengthError, EdgeGPTError
 from edgegpt.runtime.completion import Completion
 from edgegpt.runtime.generator import Generator
-from edgegpt.runtime.sampling import SamplingConfig
 
 __all__ = ["Job", "QueueFullError", "Scheduler"]
 
@@ -41,21 +40,19 @@ class QueueFullError(EdgeGPTError, RuntimeError):
 
 @dataclass(eq=False)
 class Job:
-    """One prompt to continue; `sink(kind, job)` hears "token" (job.last_piece is new text) and "done".
+    """One prompt to continue: its `Completion` (`Generator.new_completion`: prompt, sampler, constraint,
+    max_new); `sink(kind, job)` hears "token" (job.last_piece is new text) and "done".
 
     After "done": `completion` holds tokens, text and finish_reason ("eos", "stop", "length", or
     "cancelled" / "timeout" when it ended early); `cached_tokens` counts prompt tokens a slot already held.
     """
 
-    prompt: list[int]
-    config: SamplingConfig
-    max_new: int
-    sink: Callable[[str, "Job"], None]
+    completion: Completion
+    sink: Callable[[str, "Job"], None] | None = None
     timeout_s: float | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     token_times: list[float] = field(default_factory=list)
-    completion: Completion | None = None
     last_piece: str = ""
     cached_tokens: int = 0
     slot: int | None = None
@@ -67,8 +64,12 @@ class Job:
         self.cancelled = True
 
     @property
+    def prompt(self) -> list[int]:
+        return self.completion.prompt
+
+    @property
     def finished(self) -> bool:
-        return self.completion is not None and self.completion.finish_reason is not None
+        return self.completion.finish_reason is not None
 
 
 class Scheduler:
@@ -129,15 +130,14 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         """Queue a job (its prompt and max_new must fit a slot: `check_fits`); QueueFullError when full."""
-        if len(job.prompt) + job.max_new > self.capacity or not job.prompt or job.max_new < 1:
-            raise ContextLengthError(f"{len(job.prompt)} prompt tokens + {job.max_new} new exceed a slot's {self.capacity}")
+        prompt, max_new = job.prompt, job.completion.max_new
+        if len(prompt) + max_new > self.capacity or not prompt or max_new < 1:
+            raise ContextLengthError(f"{len(prompt)} prompt tokens + {max_new} new do not fit a slot's {self.capacity} positions")
         with self._wake:
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
             if len(self._waiting) >= self.queue_limit:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting (the queue limit); retry shortly")
-            job.completion = Completion(job.prompt, self.gen.new_sampler(job.config, job.prompt), job.config,
-                                        self.gen.new_decoder(), self.gen.eot_id, job.max_new)  # fmt: skip
             self._waiting.append(job)
             self._wake.notify()
 

@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgegpt.errors import ContextLengthError, EdgeGPTError
+from edgegpt.errors import ConstraintError, ContextLengthError, EdgeGPTError, ExtraMissingError, SamplingError
 from edgegpt.runtime.engine import PromptError, check_ids
 from edgegpt.runtime.generator import Generator
 from edgegpt.runtime.scheduler import Job, QueueFullError, Scheduler
@@ -148,7 +148,7 @@ def create_app(paths: dict[str, Path], default: str, settings: ServeSettings = S
             try:
                 req = parse(await _read_json(request, settings.max_body_bytes))
                 model = models.pick(req.model)
-                jobs = _jobs(req, model, settings)
+                jobs = await asyncio.to_thread(_jobs, req, model, settings)  # tokenizing, compiling a schema
                 response = await (_stream(request, req, model, jobs, metrics, path, settings.grace_s) if req.stream
                                   else _whole(request, req, model, jobs, metrics))  # fmt: skip
                 if not req.stream:
@@ -248,7 +248,14 @@ def _jobs(req: ParsedRequest, model: _Model, settings: ServeSettings) -> list[Jo
         for config in req.configs:
             if req.chat and gen.chat_template.stop:
                 config = config.replace(stop=(*config.stop, *gen.chat_template.stop))
-            jobs.append(Job(ids, config, max_new, sink=None, timeout_s=settings.timeout_s))
+            try:  # compiles the constraint: a schema llguidance refuses is the client's error
+                completion = gen.new_completion(ids, config, max_new=max_new, constraint=req.constraint)
+            except (ConstraintError, ExtraMissingError) as exc:
+                status = 501 if isinstance(exc, ExtraMissingError) else 400
+                raise APIError(status, str(exc), "response_format", "invalid_response_format") from None
+            except SamplingError as exc:  # e.g. a logit_bias id outside the vocabulary
+                raise APIError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+            jobs.append(Job(completion, timeout_s=settings.timeout_s))
     return jobs
 
 
@@ -268,6 +275,14 @@ def _submit(jobs: list[Job], scheduler: Scheduler) -> asyncio.Queue:
             job.cancel()
         raise APIError(429, str(exc), kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
     return events
+
+
+def _logprobs(req: ParsedRequest, model: _Model, job: Job, start: int) -> dict | None:
+    """The job's logprobs from entry `start` on in OpenAI's shape; None when not asked for (or none new)."""
+    entries = job.completion.logprobs
+    if req.logprobs is None or not entries or start >= len(entries):
+        return None
+    return protocol.logprobs_body(entries[start:], lambda token: model.gen.decode([token]), req.chat)
 
 
 def _error_of(job: Job) -> APIError | None:
@@ -306,8 +321,8 @@ async def _whole(request: Request, req: ParsedRequest, model: _Model, jobs: list
     errors = [e for e in map(_error_of, jobs) if e is not None]
     if errors:
         raise errors[0]
-    choices = [{"index": i, "text": job.completion.text, "finish_reason": protocol.finish_reason(job.completion.finish_reason)}
-               for i, job in enumerate(jobs)]  # fmt: skip
+    choices = [{"index": i, "text": job.completion.text, "finish_reason": protocol.finish_reason(job.completion.finish_reason),
+                "logprobs": _logprobs(req, model, job, 0)} for i, job in enumerate(jobs)]  # fmt: skip
     return JSONResponse(protocol.completion_body(req, model.name, choices, _usage(req, jobs)))
 
 
@@ -316,6 +331,7 @@ async def _stream(request: Request, req: ParsedRequest, model: _Model, jobs: lis
     events = _submit(jobs, model.scheduler)
     rid, created = protocol.new_id(req.chat)
     index = {id(job): i for i, job in enumerate(jobs)}
+    sent = [0] * len(jobs)  # logprobs already streamed, per choice
 
     async def send():
         pending, started, status = len(jobs), set(), 200
@@ -333,8 +349,10 @@ async def _stream(request: Request, req: ParsedRequest, model: _Model, jobs: lis
                         break
                 first = i not in started
                 started.add(i)
-                if piece or first:
-                    yield {"data": _json(protocol.chunk(req, rid, created, model.name, i, piece, first=first))}
+                logprobs = _logprobs(req, model, job, sent[i])
+                if piece or first or logprobs:
+                    sent[i] = len(job.completion.logprobs or ())
+                    yield {"data": _json(protocol.chunk(req, rid, created, model.name, i, piece, first=first, logprobs=logprobs))}
                 if kind == "done":
                     finish = protocol.finish_reason(job.completion.finish_reason)
                     yield {"data": _json(protocol.chunk(req, rid, created, model.name, i, finish=finish))}

@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgegpt.errors import SamplingError
+from edgegpt.runtime.constraints import Constraint
 from edgegpt.runtime.sampling import SamplingConfig
 
-__all__ = ["APIError", "ParsedRequest", "chunk", "completion_body", "finish_reason", "new_id", "parse_chat", "parse_completion",
-           "usage"]
+__all__ = ["APIError", "ParsedRequest", "chunk", "completion_body", "finish_reason", "logprobs_body", "new_id", "parse_chat",
+           "parse_completion", "usage"]
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "presence_penalty", "frequency_penalty",
            "logit_bias", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty", "ignore_eos"}  # fmt: skip
-_COMPLETION = _COMMON | {"prompt", "echo", "best_of", "logprobs", "suffix"}
+_COMPLETION = _COMMON | {"prompt", "echo", "best_of", "logprobs", "suffix", "response_format"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
 
 
@@ -56,6 +57,8 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     chat: bool
+    constraint: Constraint | None = None  # from response_format
+    logprobs: int | None = None  # None: no logprobs; else the top_logprobs count (0: the picked token's only)
 
 
 def parse_completion(body: Any) -> ParsedRequest:
@@ -63,12 +66,12 @@ def parse_completion(body: Any) -> ParsedRequest:
     body = _object(body, _COMPLETION)
     if "prompt" not in body:
         raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
-    for name, allowed in (("echo", (False, None)), ("best_of", (1, None)), ("suffix", (None, "")), ("logprobs", (None, 0))):
+    for name, allowed in (("echo", (False, None)), ("best_of", (1, None)), ("suffix", (None, ""))):
         if body.get(name) not in allowed:
             raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
     prompts = _prompts(body["prompt"])
-    max_tokens = _int(body, "max_tokens", 16, low=0)
-    return _request(body, prompts, max_tokens, chat=False)
+    max_tokens = _int(body, "max_tokens", 16, low=1)
+    return _request(body, prompts, max_tokens, chat=False, logprobs=_int(body, "logprobs", None, low=0, high=5))
 
 
 def parse_chat(body: Any) -> ParsedRequest:
@@ -83,18 +86,17 @@ def parse_chat(body: Any) -> ParsedRequest:
         if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
             raise APIError(400, f"{where} needs a role of system, developer, user or assistant", where)
         checked.append({"role": message["role"], "content": _content(message.get("content"), f"{where}.content")})
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
-        raise APIError(400, "'logprobs' is not supported by this server", "logprobs", "unsupported_parameter")
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise APIError(400, "'response_format' other than text is not supported by this server", "response_format",
-                       "unsupported_parameter")  # fmt: skip
+    top = _int(body, "top_logprobs", None, low=0, high=20)
+    if top is not None and not body.get("logprobs"):
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    logprobs = (top or 0) if _bool(body, "logprobs", False) else None
     if "max_tokens" in body and "max_completion_tokens" in body:
         raise APIError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    return _request(body, [checked], _int(body, name, None, low=1), chat=True)
+    return _request(body, [checked], _int(body, name, None, low=1), chat=True, logprobs=logprobs)
 
 
-def _request(body: dict, prompts: list, max_tokens: int | None, chat: bool) -> ParsedRequest:
+def _request(body: dict, prompts: list, max_tokens: int | None, chat: bool, logprobs: int | None) -> ParsedRequest:
     n = _int(body, "n", 1, low=1, high=16)
     seed = _int(body, "seed", None)
     stream = _bool(body, "stream", False)
@@ -106,8 +108,6 @@ def _request(body: dict, prompts: list, max_tokens: int | None, chat: bool) -> P
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
         raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them", "stop")
-    if body.get("logit_bias") not in (None, {}):
-        raise APIError(400, "'logit_bias' is not supported by this server", "logit_bias", "unsupported_parameter")
     knobs = {
         "temperature": _real(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": _real(body, "top_p", 1.0, 0.0, 1.0),
@@ -118,6 +118,9 @@ def _request(body: dict, prompts: list, max_tokens: int | None, chat: bool) -> P
         "repetition_penalty": _real(body, "repetition_penalty", 1.0, 0.0, None),
         "ignore_eos": _bool(body, "ignore_eos", False),
         "stop": tuple(stop or ()),
+        "logit_bias": _logit_bias(body.get("logit_bias")),
+        "logprobs": logprobs is not None,
+        "top_logprobs": logprobs or 0,
     }
     try:
         configs = [SamplingConfig(max_new_tokens=max_tokens, seed=None if seed is None else seed + i, **knobs) for i in range(n)]
@@ -127,22 +130,27 @@ def _request(body: dict, prompts: list, max_tokens: int | None, chat: bool) -> P
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise APIError(400, "'model' must be a string", "model")
-    return ParsedRequest(model, prompts, configs, max_tokens, stream, include_usage, chat)
+    constraint = _response_format(body.get("response_format"))
+    if constraint is not None and knobs["ignore_eos"]:
+        raise APIError(400, "ignore_eos cannot be used with response_format: the text must end where the format says", "ignore_eos")
+    return ParsedRequest(model, prompts, configs, max_tokens, stream, include_usage, chat, constraint, logprobs)
 
 
 def completion_body(req: ParsedRequest, model: str, choices: list[dict], usage: dict) -> dict[str, Any]:
-    """A whole (non-streamed) response; `choices` hold index, text and finish_reason."""
+    """A whole (non-streamed) response; `choices` hold index, text, finish_reason and logprobs (or None)."""
     rid, created = new_id(req.chat)
     if req.chat:
-        out = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
+        out = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]}, "logprobs": c["logprobs"],
                 "finish_reason": c["finish_reason"]} for c in choices]  # fmt: skip
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": out, "usage": usage}
-    out = [{"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]} for c in choices]
+    out = [{"index": c["index"], "text": c["text"], "logprobs": c["logprobs"], "finish_reason": c["finish_reason"]}
+           for c in choices]  # fmt: skip
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": out, "usage": usage}
 
 
 def chunk(req: ParsedRequest, rid: str, created: int, model: str, index: int | None, text: str | None = None,
-          finish: str | None = None, first: bool = False, usage: dict | None = None) -> dict[str, Any]:  # fmt: skip
+          finish: str | None = None, first: bool = False, usage: dict | None = None,
+          logprobs: dict | None = None) -> dict[str, Any]:  # fmt: skip
     """One streamed chunk: a text piece or a finish for choice `index`; `index` None: the final usage chunk."""
     obj = "chat.completion.chunk" if req.chat else "text_completion"
     out: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model}
@@ -150,12 +158,33 @@ def chunk(req: ParsedRequest, rid: str, created: int, model: str, index: int | N
         out["choices"] = []
     elif req.chat:
         delta = ({"role": "assistant", "content": text or ""} if first else {"content": text} if text else {})
-        out["choices"] = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        out["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
     else:
-        out["choices"] = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]
+        out["choices"] = [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}]
     if req.include_usage:
         out["usage"] = usage
     return out
+
+
+def logprobs_body(entries: list, token_text, chat: bool) -> dict[str, Any]:
+    """`TokenLogprob`s in OpenAI's shape; `token_text(id)` spells a token.
+
+    Chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}. Completions: {"tokens",
+    "token_logprobs", "top_logprobs" ({token: logprob} per step, or None without a top count), "text_offset"
+    (each token's offset in the generated text)}.
+    """
+
+    def spelled(token: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    if chat:
+        return {"content": [{**spelled(e.token, e.logprob), "top_logprobs": [spelled(t, p) for t, p in e.top]}
+                            for e in entries]}  # fmt: skip
+    texts = [token_text(e.token) for e in entries]
+    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    top = [{token_text(t): p for t, p in e.top} for e in entries] if any(e.top for e in entries) else None
+    return {"tokens": texts, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top, "text_offset": offsets}
 
 
 def finish_reason(reason: str) -> str:
@@ -183,6 +212,37 @@ def _object(body: Any, known: set[str]) -> dict:
     if unknown:
         raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter")
     return body
+
+
+def _logit_bias(bias: Any) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]} (JSON keys are strings)."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise APIError(400, "'logit_bias' must map token ids to biases in [-100, 100], e.g. {\"50256\": -100}", "logit_bias")
+    out = {}
+    for key, value in bias.items():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and -100 <= value <= 100
+        if not (isinstance(key, str) and key.isdigit() and ok):
+            raise APIError(400, f"'logit_bias' must map token ids to biases in [-100, 100], got {key!r}: {value!r}", "logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
+def _response_format(fmt: Any) -> Constraint | None:
+    """OpenAI's response_format: text (None), json_object (any JSON object), or json_schema (that schema)."""
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object" and set(fmt) == {"type"}:
+        return Constraint(json_schema={"type": "object"})
+    if kind == "json_schema" and set(fmt) == {"type", "json_schema"} and isinstance(fmt["json_schema"], dict):
+        schema = fmt["json_schema"].get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema needs a 'schema' object", "response_format.json_schema.schema")
+        return Constraint(json_schema=schema)
+    raise APIError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
+                        "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}", "response_format")  # fmt: skip
 
 
 def _prompts(prompt: Any) -> list:

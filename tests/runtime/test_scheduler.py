@@ -49,8 +49,8 @@ def test_jobs_beside_each_other_equal_generate_alone(gen):
     scheduler = Scheduler(gen, slots=3, capacity=64, chunk=4)  # 7 jobs on 3 slots: some wait, prompts chunked
     scheduler.start()
     try:
-        jobs = [Job(gen.encode(p), config, 10, sink=None) for p in PROMPTS]
-        jobs.append(Job(gen.encode(PROMPTS[0]), sampled, 10, sink=None))
+        jobs = [Job(gen.new_completion(gen.encode(p), config, max_new=10), sink=None) for p in PROMPTS]
+        jobs.append(Job(gen.new_completion(gen.encode(PROMPTS[0]), sampled, max_new=10), sink=None))
         sink = run_jobs(scheduler, jobs)
     finally:
         scheduler.stop()
@@ -65,11 +65,11 @@ def test_next_turn_reuses_the_slot_that_holds_its_prefix(gen):
     scheduler = Scheduler(gen, slots=3)
     scheduler.start()
     try:
-        first = Job(gen.encode("User: hello there\nAssistant:"), config, 6, sink=None)
-        other = Job(gen.encode("import sys\n"), config, 6, sink=None)
+        first = Job(gen.new_completion(gen.encode("User: hello there\nAssistant:"), config, max_new=6), sink=None)
+        other = Job(gen.new_completion(gen.encode("import sys\n"), config, max_new=6), sink=None)
         run_jobs(scheduler, [first, other])
         history = first.prompt + first.completion.tokens + gen.encode("\nUser: and then?\nAssistant:")
-        second = Job(history, config, 6, sink=None)
+        second = Job(gen.new_completion(history, config, max_new=6), sink=None)
         run_jobs(scheduler, [second])
     finally:
         scheduler.stop()
@@ -83,13 +83,13 @@ def test_a_long_prompt_is_interleaved_with_other_jobs_decoding(gen):
     scheduler = Scheduler(gen, slots=2, chunk=4)
     scheduler.start()
     try:
-        short = Job(gen.encode("def f("), config, 50, sink=None)
+        short = Job(gen.new_completion(gen.encode("def f("), config, max_new=50), sink=None)
         sink = Collector(2)
         short.sink = sink
         scheduler.submit(short)
         while not short.token_times:  # the short job is decoding
             threading.Event().wait(0.005)
-        long = Job(gen.encode(" ".join(PROMPTS) * 2)[:48], config, 12, sink=sink)
+        long = Job(gen.new_completion(gen.encode(" ".join(PROMPTS) * 2)[:48], config, max_new=12), sink=sink)
         scheduler.submit(long)
         assert not short.finished  # 50 tokens take longer than queueing the next job
         assert sink.done.wait(60)
@@ -105,19 +105,19 @@ def test_cancel_frees_the_slot_and_limits_are_enforced(gen):
     scheduler = Scheduler(gen, slots=1, queue_limit=1)
     scheduler.start()
     try:
-        running = Job(gen.encode("def f("), config, 50, sink=Collector(1))
+        running = Job(gen.new_completion(gen.encode("def f("), config, max_new=50), sink=Collector(1))
         scheduler.submit(running)
         while not running.token_times:
             threading.Event().wait(0.005)
-        waiting = Job(gen.encode("x"), config.replace(max_new_tokens=2), 2, sink=Collector(1))
+        waiting = Job(gen.new_completion(gen.encode("x"), config.replace(max_new_tokens=2), max_new=2), sink=Collector(1))
         scheduler.submit(waiting)
         with pytest.raises(QueueFullError, match="queue limit"):
-            scheduler.submit(Job(gen.encode("y"), config, 2, sink=Collector(1)))
+            scheduler.submit(Job(gen.new_completion(gen.encode("y"), config, max_new=2), sink=Collector(1)))
         running.cancel()
         assert waiting.sink.done.wait(30)
         assert running.completion.finish_reason == "cancelled" and len(running.completion.tokens) < 50
         assert waiting.completion.finish_reason == "length"
-        timed = Job(gen.encode("z"), config, 50, sink=Collector(1), timeout_s=0.02)
+        timed = Job(gen.new_completion(gen.encode("z"), config, max_new=50), sink=Collector(1), timeout_s=1e-6)  # expired at its first step
         scheduler.submit(timed)
         assert timed.sink.done.wait(30)
         assert timed.completion.finish_reason == "timeout"

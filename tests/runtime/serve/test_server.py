@@ -168,3 +168,31 @@ def test_the_base_install_with_the_serve_extra_serves_without_torch(lively_gqa_b
     with start_server(lively_gqa_bundle, "--slots", "1", python=python) as base:
         out = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 8, "temperature": 0}).json()
     assert out["choices"][0]["text"] == gen.generate(PROMPTS[3], max_new_tokens=8).text
+
+
+def test_logit_bias_logprobs_and_response_format(client, gen):
+    banned = gen.generate(PROMPTS[0], max_new_tokens=8).tokens[0]  # the greedy first token
+    out = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, logit_bias={str(banned): -100})
+    want = gen.generate(PROMPTS[0], max_new_tokens=8, logit_bias={banned: -100})
+    assert banned not in want.tokens and out.choices[0].text == want.text
+
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=6,
+                                          temperature=0, logprobs=True, top_logprobs=3)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for entry in content:
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and entry.logprob <= tops[0] + 1e-6
+    text = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=5, temperature=0, logprobs=2)
+    assert len(text.choices[0].logprobs.token_logprobs) == len(text.choices[0].logprobs.tokens) == text.usage.completion_tokens
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    shaped = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    )
+    if shaped.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(shaped.choices[0].message.content)["n"], int)
+    r = httpx.post(f"{client.base_url}chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                   "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}}})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
