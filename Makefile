@@ -8,6 +8,7 @@ TORCH  := torch==2.13.0
 BASE_VENV := .venv-base
 DEMO   := runs/demo
 DEMO_STEPS ?= 1500
+DEMO_PORT  ?= 8765
 # Held-out text for the demo's quantization gate: a stdlib module from the validation tail of the default corpus.
 EVAL_TEXT = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/zoneinfo/_zoneinfo.py
 
@@ -46,6 +47,10 @@ demo: install
 	$(BIN)/edgegpt generate $(DEMO)/int8 "def main(" -n 48 -t 0.8 --seed 0 --stop "\n\n"
 	$(BIN)/edgegpt generate $(DEMO)/fp32 "def " -n 24 --regex "[a-z_]+\(([a-z]+(, [a-z]+)*)?\):"
 	printf 'def add(a, b):\nreturn what?\n/exit\n' | $(BIN)/edgegpt chat $(DEMO)/int8 -n 24 --seed 0
+	$(BIN)/edgegpt serve $(DEMO)/int8 --port $(DEMO_PORT) & server=$$!; trap 'kill $$server' EXIT; \
+	for i in $$(seq 200); do curl -sf http://127.0.0.1:$(DEMO_PORT)/health >/dev/null && break; sleep 0.3; done; \
+	curl -sS http://127.0.0.1:$(DEMO_PORT)/v1/completions -H 'Content-Type: application/json' \
+	     -d '{"prompt": "def main(", "max_tokens": 24, "temperature": 0}'; echo
 	$(BIN)/edgegpt bench $(DEMO)/int8 --short
 	$(BIN)/edgegpt bench $(DEMO)/run --short --backends torch,edgegpt --formats fp32,int8
 
