@@ -28,7 +28,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "click"}
 # An extra's own libraries (pyproject.toml), and the runtime package that is that extra.
-EXTRAS = {"serve": {"uvicorn", "starlette", "sse_starlette", "prometheus_client", "jinja2"}, "constrain": {"llguidance"}}
+EXTRAS = {"serve": {"uvicorn", "starlette", "sse_starlette", "anyio", "prometheus_client", "jinja2", "httpx"},
+          "constrain": {"llguidance"}}
 EXTRA_PACKAGES = {"runtime/serve/": "serve"}
 CLI_FILES = {"edgegpt/cli.py", "export/cli.py", "export/quantize_cli.py", "runtime/cli.py", "edgegpt/bench/cli.py",
              "runtime/serve/cli.py"}
