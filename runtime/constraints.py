@@ -88,6 +88,10 @@ class Constraint:
                     raise ConstraintError(f"json_schema is not valid JSON: {exc}") from None
             if not isinstance(schema, dict):
                 raise ConstraintError(f"json_schema must be a JSON object (a dict), got {type(schema).__name__}")
+            try:
+                json.dumps(schema)
+            except (TypeError, ValueError) as exc:
+                raise ConstraintError(f"json_schema must be JSON data (dicts, lists, strings, numbers): {exc}") from None
 
     @property
     def kind(self) -> str:
