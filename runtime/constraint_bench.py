@@ -5,10 +5,11 @@
 call, the mask's computation (llguidance), its application to the logits (numpy) and the matcher's advance
 past the picked token. A finished text starts a fresh matcher on the same cache, so any number of tokens
 can be timed. It also times the same steps with the mask computed in a second thread while the model runs,
-against a control that wakes the same thread with no work at the same point: on a busy 2-core VM, waking
-any second thread before `session.run` alone changed the model call tenfold (a scheduling effect, see
-docs/benchmarks.md), so only the control tells what the overlap itself saves. Random weights are fine: the mask depends on the grammar's
-state and the vocabulary, and temperature-1 sampling from a random model walks through the grammar.
+against a control that wakes the same thread with no work at the same point: on a busy 2-core VM, waking any
+second thread before `session.run` alone changed the model call several times over (a scheduling effect, see
+docs/benchmarks.md), so only the control tells what the overlap itself saves. Random weights are fine: the
+mask depends on the grammar's state and the vocabulary, and temperature-1 sampling from a random model walks
+through the grammar.
 
     python -m edgegpt.runtime.constraint_bench BUNDLE [--json-schema FILE] [--tokens 128] [--runs 5]
 

@@ -88,6 +88,10 @@ class Constraint:
                     raise ConstraintError(f"json_schema is not valid JSON: {exc}") from None
             if not isinstance(schema, dict):
                 raise ConstraintError(f"json_schema must be a JSON object (a dict), got {type(schema).__name__}")
+            try:
+                json.dumps(schema)
+            except (TypeError, ValueError) as exc:
+                raise ConstraintError(f"json_schema must be JSON data (dicts, lists, strings, numbers): {exc}") from None
 
     @property
     def kind(self) -> str:
@@ -139,6 +143,7 @@ class ConstraintCompiler:
 
     Raises:
         ExtraMissingError: llguidance is not installed (the message names the extra).
+        ConstraintError: llguidance cannot read the tokenizer (its reason).
 
     >>> masks = ConstraintCompiler(gen.tokenizer.to_str(), gen.config.vocab_size, gen.eot_id)  # doctest: +SKIP
     >>> mask = masks.mask(Constraint(regex="(yes|no)"))  # doctest: +SKIP
@@ -153,7 +158,10 @@ class ConstraintCompiler:
                 name="llguidance",
             ) from None
         self.llguidance, self.vocab_size = llguidance, vocab_size
-        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eot_id)
+        try:
+            self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eot_id)
+        except ValueError as exc:  # a tokenizer.json llguidance cannot map to bytes
+            raise ConstraintError(f"llguidance cannot read this model's tokenizer: {_one_line(str(exc))}") from None
         self._grammars: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 

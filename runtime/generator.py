@@ -280,6 +280,13 @@ class _Request:
         )
 
 
+def _processors(logits_processor) -> tuple:
+    """The `logits_processor` keyword (None, one callable or several) as a tuple."""
+    if logits_processor is None:
+        return ()
+    return (logits_processor,) if callable(logits_processor) else tuple(logits_processor)
+
+
 class TextStream:
     """An iterator of text pieces; once exhausted, `.result` holds the `GenerationResult`."""
 
@@ -521,8 +528,7 @@ class Generator:
         config = base.replace(**overrides)
         prompts = [p or [self.eot_id] for p in prompts]  # an empty prompt starts from end-of-text
         constraints = row_constraints(len(prompts), *constraint)
-        processors = [] if logits_processor is None else ([logits_processor] if callable(logits_processor) else list(logits_processor))
-        return _Request(self, prompts, config, started, state, speculative, constraints, processors)
+        return _Request(self, prompts, config, started, state, speculative, constraints, _processors(logits_processor))
 
     def new_state(self, batch: int = 1, capacity: int | None = None) -> DecodeState:
         """An empty `DecodeState` of `batch` rows on this generator's session: the step-level engine.
@@ -581,9 +587,8 @@ class Generator:
             if not isinstance(constraint, Constraint):
                 raise SamplingError(f"constraint must be a Constraint, got {type(constraint).__name__}")
             mask = self.constraint_compiler().mask(constraint)
-        processors = () if logits_processor is None else ((logits_processor,) if callable(logits_processor) else tuple(logits_processor))
         return Completion(prompt, self.new_sampler(config, prompt), config, self.new_decoder(), self.eot_id, max_new,
-                          mask=mask, logits_processors=processors)  # fmt: skip
+                          mask=mask, logits_processors=_processors(logits_processor))  # fmt: skip
 
     def constraint_compiler(self) -> ConstraintCompiler:
         """This model's `ConstraintCompiler`, built on first use (the vocabulary as llguidance reads it: about

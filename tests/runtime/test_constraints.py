@@ -136,6 +136,7 @@ def test_the_stream_equals_generate_under_a_constraint(gen):
         (dict(json_schema={"type": "foo"}), "Invalid type: foo"),
         (dict(json_schema={"type": "array", "uniqueItems": True}), "uniqueItems"),
         (dict(json_schema="{not json"), "not valid JSON"),
+        (dict(json_schema={"enum": {1, 2}}), "must be JSON data"),
         (dict(regex="(a"), "unclosed group"),
         (dict(grammar="start: x"), 'unknown name: "x"'),
         (dict(regex="a+", grammar="start: 'a'"), "one of json_schema, regex or grammar"),
