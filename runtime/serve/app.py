@@ -231,6 +231,10 @@ async def _read_json(request: Request, limit: int) -> Any:
 def _jobs(req: ParsedRequest, model: _Model, settings: ServeSettings) -> list[Job]:
     """One job per prompt x choice, in choice-index order; APIError for a prompt that does not fit."""
     gen, jobs = model.gen, []
+    count = len(req.prompts) * len(req.configs)
+    if count > settings.queue_limit + settings.slots:
+        raise APIError(400, f"{len(req.prompts)} prompts x n={len(req.configs)} is {count} generations; this server queues at "
+                            f"most {settings.queue_limit + settings.slots} at once: send fewer per request", "prompt")  # fmt: skip
     for p, prompt in enumerate(req.prompts):
         try:
             if req.chat:

@@ -82,6 +82,7 @@ def test_stop_seed_and_n(client, gen):
         (json.dumps({"prompt": [1, -4]}).encode(), 400, "prompt"),
         (json.dumps({"prompt": "x" * 400}).encode(), 400, "prompt"),  # longer than the tiny model's context
         (json.dumps({"prompt": "x" * 30000}).encode(), 413, None),  # over --max-body 20000
+        (json.dumps({"prompt": ["x"] * 40, "n": 2}).encode(), 400, "prompt"),  # 80 generations: more than the queue holds
     ],
 )
 def test_bad_requests_get_openai_error_objects(server, body, status, param):
