@@ -11,7 +11,7 @@ DEMO_STEPS ?= 1500
 # Held-out text for the demo's quantization gate: a stdlib module from the validation tail of the default corpus.
 EVAL_TEXT = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/zoneinfo/_zoneinfo.py
 
-.PHONY: demo test install base clean
+.PHONY: demo test install base web clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,16 @@ $(BASE_VENV)/.installed: pyproject.toml $(wildcard edgegpt/*.py edgegpt/*/*.py e
 
 base: $(BASE_VENV)/.installed
 
-test: install base
+# The browser runtime's tests (tests/web): its npm packages, pinned by web/package-lock.json, and Debian's
+# chromium for the headless-browser test (no browser download). Without node/npm those tests skip.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+web:
+	@if command -v npm >/dev/null; then \
+	  [ web/node_modules/.package-lock.json -nt web/package-lock.json ] || (cd web && npm ci --no-audit --no-fund); \
+	  command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }; \
+	else echo "node/npm not found: the browser runtime's tests will skip"; fi
+
+test: install base web
 	EDGEGPT_BASE_VENV=$(abspath $(BASE_VENV)) $(BIN)/python -m pytest -q
 
 demo: install

@@ -250,8 +250,10 @@ from edgegpt.bench.cli import bench_command  # noqa: E402
 from edgegpt.export.cli import convert_ort, export  # noqa: E402
 from edgegpt.export.quantize_cli import quantize as quantize_command  # noqa: E402
 from edgegpt.runtime.cli import chat_command, eval_command, generate_command  # noqa: E402
+from edgegpt.runtime.web_cli import web_command  # noqa: E402
 
-for command in (export, convert_ort, quantize_command, eval_command, generate_command, chat_command, bench_command):
+for command in (export, convert_ort, quantize_command, eval_command, generate_command, chat_command, web_command,
+                bench_command):
     main.add_command(command)
 
 
