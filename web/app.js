@@ -1,5 +1,6 @@
 // The page of `edgegpt web`: load the bundle served at /bundle/, then stream what a prompt generates.
-// URL parameters: ?provider=wasm|webgpu|auto (default auto), ?threads=N (default 2 when cross-origin isolated).
+// URL parameters: ?provider=wasm|webgpu|auto (default auto), ?threads=N (default 2 when cross-origin isolated),
+// ?ignore-eos (keep generating past the end-of-text token: benchmarks).
 // For automation, window.edgegpt holds {ready, generator, error}, and #output's data-tokens the last token ids.
 
 import { Generator, ort } from "./edgegpt.js";
@@ -37,6 +38,7 @@ function options() {
     topP: Number($("top-p").value),
     seed: Number($("seed").value),
     stop: stop ? [stop] : [],
+    ignoreEos: params.has("ignore-eos"),
   };
 }
 

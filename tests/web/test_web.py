@@ -53,7 +53,7 @@ def test_node_unit_tests(node, lively_gqa_bundle, web_int4_bundle, tmp_path):
     assert "# skipped 0" in run.stdout and "# pass 0" not in run.stdout, run.stdout[-2000:]  # the cases ran
 
 
-def browser(node, bundle, *args: str) -> dict:
+def browser(node, bundle, *args: str, query: str = "") -> dict:
     """Serve `bundle` with `edgegpt web`'s server and run web/scripts/browser.mjs on the page; its JSON result."""
     from edgegpt.runtime.web import WebServer
 
@@ -61,7 +61,7 @@ def browser(node, bundle, *args: str) -> dict:
         pytest.fail("chromium is missing: `make test` installs it (apt-get install -y chromium)")
     server = WebServer(bundle, port=0).start()
     try:
-        run = subprocess.run([node, "scripts/browser.mjs", server.url, *args], cwd=WEB, capture_output=True, text=True,
+        run = subprocess.run([node, "scripts/browser.mjs", server.url + query, *args], cwd=WEB, capture_output=True, text=True,
                              timeout=300)  # fmt: skip
     finally:
         server.close()
@@ -82,6 +82,18 @@ def test_the_page_generates_the_python_runtimes_greedy_tokens(name, node, lively
     assert run["tokens"] == expected.tokens
     assert run["text"] == expected.text
     assert "tokens/s" in run["stats"] and run["tokensPerS"] > 0
+
+
+@pytest.mark.slow
+def test_the_webgpu_path_generates_the_same_tokens(node, lively_gqa_bundle, web_int4_bundle):
+    """WebGPU on SwiftShader (the CPU): the cache stays in GPU buffers between steps; tokens as in Python. An int4
+    bundle with a quantized embedding is refused there (onnxruntime-web's WebGPU misreads it: generator.js)."""
+    expected = python_greedy(lively_gqa_bundle).tokens[:8]  # 8 steps: SwiftShader is slow
+    result = browser(node, lively_gqa_bundle, "--max-new-tokens", "8", "--swiftshader", query="?provider=webgpu")
+    assert result["error"] is None and "webgpu" in result["status"], result
+    assert result["runs"][0]["tokens"] == expected
+    refused = browser(node, web_int4_bundle, "--swiftshader", query="?provider=webgpu")
+    assert "misreads an int4 embedding table" in (refused["error"] or ""), refused
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 // Drive the `edgegpt web` page in the system's headless Chromium (no browser download) with playwright-core.
 //
-//   node web/scripts/browser.mjs URL [--prompt TEXT] [--max-new-tokens N] [--repeat R]
+//   node web/scripts/browser.mjs URL [--prompt TEXT] [--max-new-tokens N] [--repeat R] [--swiftshader]
 //
+// --swiftshader gives the browser WebGPU on the CPU (SwiftShader's Vulkan, shipped with Chromium): slow, but it
+// runs the page's WebGPU path on a machine without a GPU (open the page with ?provider=webgpu).
 // Types the prompt, clicks Generate R times (greedy), and prints one JSON line: the status line, whether the page
 // was cross-origin isolated and its WebAssembly threads, the load error (a refused bundle) or each run's tokens,
 // text and decode tokens/s. The browser: $CHROMIUM, else Debian's chromium (apt-get install chromium).
@@ -17,7 +19,8 @@ const { positionals, values } = parseArgs({
     prompt: { type: "string", default: "def main(" },
     "max-new-tokens": { type: "string", default: "32" },
     repeat: { type: "string", default: "1" },
-    timeout: { type: "string", default: "120000" },
+    timeout: { type: "string", default: "300000" },
+    swiftshader: { type: "boolean", default: false },
   },
 });
 const url = positionals[0];
@@ -28,7 +31,10 @@ if (!url || !executablePath) {
 }
 const timeout = Number(values.timeout);
 // --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
-const browser = await chromium.launch({ executablePath, headless: true, args: ["--no-sandbox"] });
+const webgpu = ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-vulkan=swiftshader", "--use-webgpu-adapter=swiftshader",
+  "--disable-vulkan-surface"];
+const args = ["--no-sandbox", ...(values.swiftshader ? webgpu : [])];
+const browser = await chromium.launch({ executablePath, headless: true, args });
 try {
   const page = await browser.newPage();
   const console_ = [];

@@ -24,9 +24,24 @@ export class ContextLengthError extends RangeError {
   }
 }
 
-/** "webgpu" when this browser offers a WebGPU adapter, else "wasm". */
-export async function autoProvider() {
-  if (globalThis.navigator?.gpu) {
+/**
+ * Why onnxruntime-web's WebGPU backend cannot run this bundle correctly, or null. Measured with onnxruntime-web
+ * 1.30 (Chromium's WebGPU on SwiftShader): an int4 bundle whose embedding table is quantized (GatherBlockQuantized
+ * on int4 data) gives greedy tokens unlike every other runtime's from the first step, while MatMulNBits alone
+ * (int4 with --no-embedding) and fp32 match the Python runtime token for token.
+ */
+export function webgpuProblem(manifest) {
+  const q = manifest.quantization;
+  if (q?.format === "int4" && q.embedding) {
+    return "onnxruntime-web's WebGPU backend misreads an int4 embedding table (GatherBlockQuantized): use provider " +
+      "'wasm', or quantize with --no-embedding";
+  }
+  return null;
+}
+
+/** "webgpu" when this browser offers a WebGPU adapter (and the bundle runs on it), else "wasm". */
+export async function autoProvider(manifest = {}) {
+  if (globalThis.navigator?.gpu && !webgpuProblem(manifest)) {
     try {
       if (await navigator.gpu.requestAdapter()) return "webgpu";
     } catch {
@@ -113,6 +128,9 @@ export class Generator {
     if ((kv.dtype ?? "float32") !== "float32") {
       throw new BundleError(`${base}: a ${kv.dtype} KV cache (an fp16 bundle) is not supported in the browser; use an fp32, int8 or int4 bundle`);
     }
+    const chosen = provider === "auto" ? await autoProvider(manifest) : provider;
+    if (!["wasm", "webgpu"].includes(chosen)) throw new RangeError(`provider must be auto, wasm or webgpu, got ${JSON.stringify(provider)}`);
+    if (chosen === "webgpu" && webgpuProblem(manifest)) throw new BundleError(`${base}: ${webgpuProblem(manifest)}`);
     const { file, externalData } = graphFile(manifest);
     const tokenizerFile = manifest.tokenizer?.file ?? "tokenizer.json";
     const [model, tokenizerBytes, data] = await Promise.all([
@@ -121,9 +139,12 @@ export class Generator {
       externalData ? fetchVerified(base, manifest, externalData, fetchFn) : null,
     ]);
     if (threads !== undefined) ort.env.wasm.numThreads = threads;
-    const chosen = provider === "auto" ? await autoProvider() : provider;
-    if (!["wasm", "webgpu"].includes(chosen)) throw new RangeError(`provider must be auto, wasm or webgpu, got ${JSON.stringify(provider)}`);
     const options = { executionProviders: [chosen], graphOptimizationLevel: "all" };
+    if (chosen === "webgpu") {
+      // The presents stay in GPU memory and come back as the next step's pasts: no cache round trip to the CPU.
+      const names = [kv.present_key, kv.present_value].flatMap((n) => Array.from({ length: manifest.model.n_layer }, (_, i) => n.replace("{}", i)));
+      options.preferredOutputLocation = Object.fromEntries(names.map((name) => [name, "gpu-buffer"]));
+    }
     if (data) options.externalData = [{ path: externalData, data }];
     const session = await ort.InferenceSession.create(model, options);
     const tokenizerJson = JSON.parse(new TextDecoder().decode(tokenizerBytes));
