@@ -48,11 +48,13 @@ demo: install
 	$(BIN)/edgegpt info
 	$(BIN)/edgegpt train --preset tiny --steps $(DEMO_STEPS) --out $(DEMO)/run --force
 	$(BIN)/edgegpt sample $(DEMO)/run "def main(" -n 48
-	rm -rf $(DEMO)/fp32 $(DEMO)/int8
+	rm -rf $(DEMO)/fp32 $(DEMO)/int8 $(DEMO)/mobile
 	$(BIN)/edgegpt export $(DEMO)/run -o $(DEMO)/fp32
 	$(BIN)/edgegpt generate $(DEMO)/fp32 "def main(" -n 48
 	$(BIN)/edgegpt quantize $(DEMO)/fp32 --to int8 -o $(DEMO)/int8 --eval-text $(EVAL_TEXT)
 	$(BIN)/edgegpt generate $(DEMO)/int8 "def main(" -n 48 -t 0.8 --seed 0 --stop "\n\n"
+	$(BIN)/edgegpt convert-ort $(DEMO)/int8 -o $(DEMO)/mobile --ort-only
+	$(BIN)/edgegpt generate $(DEMO)/mobile "def main(" -n 48
 	printf 'def add(a, b):\nreturn what?\n/exit\n' | $(BIN)/edgegpt chat $(DEMO)/int8 -n 24 --seed 0
 	$(BIN)/edgegpt bench $(DEMO)/int8 --short
 	$(BIN)/edgegpt bench $(DEMO)/run --short --backends torch,edgegpt --formats fp32,int8
