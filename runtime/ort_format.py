@@ -10,6 +10,8 @@ Reference: https://onnxruntime.ai/docs/performance/model-optimizations/ort-forma
 
 from __future__ import annotations
 
+import mmap
+import struct
 from pathlib import Path
 
 from edgegpt.errors import BundleError
@@ -38,12 +40,17 @@ def read_ort_model(path: str | Path) -> OrtModelInfo:
     ...
     edgegpt.errors.BundleError: ...: not an ORT-format model (no 'ORTM' identifier); re-convert the bundle with `edgegpt convert-ort`
     """
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(8)[4:8] != _ORT_IDENTIFIER:
+            raise BundleError(f"{path}: not an ORT-format model (no 'ORTM' identifier); re-convert the bundle with `edgegpt convert-ort`")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:  # the weights are never read: map, not load
+            return _read(buf, path)
+
+
+def _read(buf, path: Path) -> OrtModelInfo:
     from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession import InferenceSession
 
-    path = Path(path)
-    buf = path.read_bytes()
-    if not InferenceSession.InferenceSessionBufferHasIdentifier(buf, 0) or buf[4:8] != _ORT_IDENTIFIER:
-        raise BundleError(f"{path}: not an ORT-format model (no 'ORTM' identifier); re-convert the bundle with `edgegpt convert-ort`")
     try:
         session = InferenceSession.GetRootAs(buf, 0)
         model = session.Model()
@@ -51,7 +58,7 @@ def read_ort_model(path: str | Path) -> OrtModelInfo:
                   for i in range(model.OpsetImportLength())}  # fmt: skip
         summary = _summary(model.Graph())
         return OrtModelInfo(_text(session.OrtVersion()), model.IrVersion(), opsets, summary)
-    except (IndexError, ValueError, AttributeError, UnicodeDecodeError) as exc:  # flatbuffers' errors on bad offsets
+    except (IndexError, ValueError, AttributeError, UnicodeDecodeError, TypeError, struct.error) as exc:  # bad offsets
         raise BundleError(f"{path}: malformed ORT-format model ({exc!r}); re-convert the bundle") from None
 
 

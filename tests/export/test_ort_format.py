@@ -127,3 +127,14 @@ def test_export_with_ort_writes_both_formats_in_one_bundle(lively_checkpoint, tm
     manifest = verify_bundle(out)
     assert {"model.onnx", ORT_FILE, ORT_OPERATORS} <= set(manifest["files"])
     assert greedy(out, "ort") == greedy(out, "onnx")
+
+
+def test_a_file_that_is_no_ort_model_is_refused_with_its_name(tmp_path):
+    from edgegpt.runtime.ort_format import read_ort_model
+
+    (tmp_path / "text.ort").write_text("not flatbuffers at all")
+    with pytest.raises(BundleError, match="text.ort: not an ORT-format model"):
+        read_ort_model(tmp_path / "text.ort")
+    (tmp_path / "cut.ort").write_bytes(b"\x08\x00\x00\x00ORTM" + b"\xff" * 40)
+    with pytest.raises(BundleError, match="cut.ort: malformed ORT-format model"):
+        read_ort_model(tmp_path / "cut.ort")

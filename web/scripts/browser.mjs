@@ -37,6 +37,7 @@ const args = ["--no-sandbox", ...(values.swiftshader ? webgpu : [])];
 const browser = await chromium.launch({ executablePath, headless: true, args });
 try {
   const page = await browser.newPage();
+  page.setDefaultTimeout(timeout);
   const console_ = [];
   page.on("console", (message) => console_.push(message.text()));
   page.on("pageerror", (error) => console_.push(String(error)));
