@@ -94,6 +94,9 @@ def add_ort(tmp: Path, manifest: dict[str, Any], *, keep_onnx: bool = True, targ
     work.mkdir()
     model = _ort_compatible(tmp / graph["file"], work / "source")
     chatter = io.StringIO()  # the converter prints its progress: keep stdout for the command's result
+    # Its config writer logs through a logger that onnxruntime pins at DEBUG (onnxruntime.tools.logger), naming
+    # the staging folder: shown only with --debug, so that --quiet stays quiet.
+    logging.getLogger("ort_format_model.utils").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
     try:
         with contextlib.redirect_stdout(chatter):
             convert_onnx_models_to_ort(model, output_dir=work, optimization_styles=[OptimizationStyle.Fixed],
