@@ -24,7 +24,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 # A copy, not an editable install (as on a device): rebuilt when any source changes.
-$(BASE_VENV)/.installed: pyproject.toml $(wildcard edgegpt/*.py edgegpt/*/*.py edgegpt/*/*.json export/*.py runtime/*.py)
+$(BASE_VENV)/.installed: pyproject.toml $(wildcard edgegpt/*.py edgegpt/*/*.py edgegpt/*/*.json export/*.py runtime/*.py web/*.js web/*.html web/src/*.js)
 	$(PYTHON) -m venv $(BASE_VENV)
 	$(BASE_VENV)/bin/pip install -q --upgrade pip
 	$(BASE_VENV)/bin/pip install -q .
