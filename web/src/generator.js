@@ -1,9 +1,10 @@
 // Generator: load a verified bundle into onnxruntime-web and generate / stream text, like the Python runtime.
 //
 // The loop of runtime/engine.py `DecodeState`: prefill the prompt from an empty cache, then one token per step,
-// the cache kept between steps. onnxruntime-web has no IOBinding that lets one buffer be bound as both the
-// past and the present input/output (the "shared_buffer" layout of runtime/kv_cache.py: every run copies CPU
-// tensors into and out of the WebAssembly heap), so the cache here follows the "concat" flow: each step's
+// the cache kept between steps. onnxruntime-web cannot bind one buffer as both a past input and a present output
+// (the "shared_buffer" layout of runtime/kv_cache.py): every run copies CPU tensors into the WebAssembly heap, and a
+// preallocated CPU output tensor comes back unchanged (checked with 1.30: no entry of a present bound that way was
+// written). So the cache here follows the "concat" flow: each step's
 // presents, one position longer, are fed back as the next step's pasts, and the mask grows one column per
 // step. GroupQueryAttention then copies the past into the present itself, which the graph allows (the kernel
 // shares the buffer only when past and present are the same memory). Greedy tokens equal the Python runtime's.
