@@ -105,7 +105,7 @@ def add_ort(tmp: Path, manifest: dict[str, Any], *, keep_onnx: bool = True, targ
         raise ExportError(f"{model}: onnxruntime's ORT-format converter failed: {exc}") from exc
     finally:
         log.debug("convert_onnx_models_to_ort: %s", chatter.getvalue().strip())
-    shutil.move(work / ORT_FILE, tmp / ORT_FILE)
+    shutil.move(work / f"{model.stem}.ort", tmp / ORT_FILE)  # the converter names its outputs after the graph
     _write_operators(work / f"{model.stem}.{ORT_OPERATORS}", tmp / ORT_OPERATORS)
     shutil.rmtree(work)
     from edgegpt.runtime.ort_format import read_ort_model
