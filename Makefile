@@ -12,7 +12,7 @@ DEMO_PORT  ?= 8765
 # Held-out text for the demo's quantization gate: a stdlib module from the validation tail of the default corpus.
 EVAL_TEXT = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/zoneinfo/_zoneinfo.py
 
-.PHONY: demo test install base clean
+.PHONY: demo test install base web clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 # A copy, not an editable install (as on a device), with the serve extra (torch-free too): rebuilt when any source changes.
-$(BASE_VENV)/.installed: pyproject.toml $(wildcard edgegpt/*.py edgegpt/*/*.py edgegpt/*/*.json export/*.py runtime/*.py runtime/*/*.py)
+$(BASE_VENV)/.installed: pyproject.toml $(wildcard edgegpt/*.py edgegpt/*/*.py edgegpt/*/*.json export/*.py runtime/*.py runtime/*/*.py web/*.js web/*.html web/src/*.js)
 	$(PYTHON) -m venv $(BASE_VENV)
 	$(BASE_VENV)/bin/pip install -q --upgrade pip
 	$(BASE_VENV)/bin/pip install -q ".[serve]"
@@ -33,19 +33,30 @@ $(BASE_VENV)/.installed: pyproject.toml $(wildcard edgegpt/*.py edgegpt/*/*.py e
 
 base: $(BASE_VENV)/.installed
 
-test: install base
+# The browser runtime's tests (tests/web): its npm packages, pinned by web/package-lock.json, and Debian's
+# chromium for the headless-browser test (no browser download). Without node/npm those tests skip.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+web:
+	@if command -v npm >/dev/null; then \
+	  [ web/node_modules/.package-lock.json -nt web/package-lock.json ] || (cd web && npm ci --no-audit --no-fund); \
+	  command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }; \
+	else echo "node/npm not found: the browser runtime's tests will skip"; fi
+
+test: install base web
 	EDGEGPT_BASE_VENV=$(abspath $(BASE_VENV)) $(BIN)/python -m pytest -q
 
 demo: install
 	$(BIN)/edgegpt info
 	$(BIN)/edgegpt train --preset tiny --steps $(DEMO_STEPS) --out $(DEMO)/run --force
 	$(BIN)/edgegpt sample $(DEMO)/run "def main(" -n 48
-	rm -rf $(DEMO)/fp32 $(DEMO)/int8
+	rm -rf $(DEMO)/fp32 $(DEMO)/int8 $(DEMO)/mobile
 	$(BIN)/edgegpt export $(DEMO)/run -o $(DEMO)/fp32
 	$(BIN)/edgegpt generate $(DEMO)/fp32 "def main(" -n 48
 	$(BIN)/edgegpt quantize $(DEMO)/fp32 --to int8 -o $(DEMO)/int8 --eval-text $(EVAL_TEXT)
 	$(BIN)/edgegpt generate $(DEMO)/int8 "def main(" -n 48 -t 0.8 --seed 0 --stop "\n\n"
 	$(BIN)/edgegpt generate $(DEMO)/fp32 "def " -n 24 --regex "[a-z_]+\(([a-z]+(, [a-z]+)*)?\):"
+	$(BIN)/edgegpt convert-ort $(DEMO)/int8 -o $(DEMO)/mobile --ort-only
+	$(BIN)/edgegpt generate $(DEMO)/mobile "def main(" -n 48
 	printf 'def add(a, b):\nreturn what?\n/exit\n' | $(BIN)/edgegpt chat $(DEMO)/int8 -n 24 --seed 0
 	$(BIN)/edgegpt serve $(DEMO)/int8 --port $(DEMO_PORT) & server=$$!; trap 'kill $$server' EXIT; \
 	for i in $$(seq 200); do curl -sf http://127.0.0.1:$(DEMO_PORT)/health >/dev/null && break; sleep 0.3; done; \

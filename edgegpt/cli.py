@@ -247,12 +247,14 @@ def info():
 
 # Commands owned by the export and runtime packages; their modules import nothing heavy at load time.
 from edgegpt.bench.cli import bench_command  # noqa: E402
-from edgegpt.export.cli import export  # noqa: E402
+from edgegpt.export.cli import convert_ort, export  # noqa: E402
 from edgegpt.export.quantize_cli import quantize as quantize_command  # noqa: E402
 from edgegpt.runtime.cli import chat_command, eval_command, generate_command  # noqa: E402
 from edgegpt.runtime.serve.cli import serve_command  # noqa: E402
+from edgegpt.runtime.web_cli import web_command  # noqa: E402
 
-for command in (export, quantize_command, eval_command, generate_command, chat_command, serve_command, bench_command):
+for command in (export, convert_ort, quantize_command, eval_command, generate_command, chat_command, serve_command,
+                web_command, bench_command):
     main.add_command(command)
 
 

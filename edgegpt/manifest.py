@@ -1,7 +1,9 @@
 """The bundle contract between export and runtime: `manifest.json`, file hashes and safe paths.
 
 A bundle is a directory: `model.onnx` (+ external data), `tokenizer.json`, `genai_config.json` and
-`manifest.json`. The manifest records the format version, the model config, the graph's I/O, the
+`manifest.json`; with the mobile format (`edgegpt convert-ort`, edgegpt.export.ort_convert) also `model.ort` and
+`required_operators.config`, described by the manifest's "ort" section. A device bundle may hold the `.ort`
+file alone: then `graph.file` is null and the "ort" section names the graph the runtime loads. The manifest records the format version, the model config, the graph's I/O, the
 quantization and the sha256 and size of every other file. Export writes it last; the runtime checks it
 before loading anything. Its readers share one reading of it: `bundle_format` (fp32 or the quantization's
 "format", one of `FORMATS`) and `model_files` (the graph and its external data). Torch-free: both sides
@@ -32,6 +34,8 @@ FORMAT_NAME = "edgegpt-bundle"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA = "model.onnx.data"  # the graph's weights, when stored outside it (always above 2 GB)
+ORT_FILE = "model.ort"  # the same graph in onnxruntime's ORT format (mobile and reduced builds)
+ORT_OPERATORS = "required_operators.config"  # the operators a reduced onnxruntime build must include
 
 # Bundle formats: fp32 is what export writes; quantization writes the others (QUANTIZED_FORMATS, in the order
 # `edgegpt quantize --to` lists them). FORMATS is the order the bench reports them in.
@@ -128,8 +132,12 @@ def verify_bundle(bundle: str | Path) -> dict[str, Any]:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     files = manifest.get("files")
-    if not isinstance(files, dict) or MODEL_FILE not in files or "tokenizer.json" not in files:
-        raise BundleError(f"{bundle}/{MANIFEST_NAME}: must list {MODEL_FILE} and tokenizer.json; re-export the bundle")
+    graphs = [(manifest.get("graph") or {}).get("file", MODEL_FILE), (manifest.get("ort") or {}).get("file")]
+    if not isinstance(files, dict) or not any(g in files for g in graphs if g) or "tokenizer.json" not in files:
+        raise BundleError(
+            f"{bundle}/{MANIFEST_NAME}: must list {MODEL_FILE} (or an ORT-format {ORT_FILE}) and tokenizer.json; "
+            "re-export the bundle"
+        )
     for name, meta in files.items():
         path = safe_member(bundle, name)
         if not path.is_file():
@@ -143,13 +151,28 @@ def verify_bundle(bundle: str | Path) -> dict[str, Any]:
 
 
 def model_files(manifest: dict[str, Any]) -> list[str]:
-    """The graph file and, if the weights are stored outside it, their file: the bundle's model, by name.
+    """The graph file and, if the weights are stored outside it, their file: the bundle's model, by name
+    (an `.ort`-only bundle's: its `.ort` file).
 
     >>> model_files({"graph": {"file": "model.onnx", "external_data": "model.onnx.data"}})
     ['model.onnx', 'model.onnx.data']
     """
     graph = manifest.get("graph") or {}
+    if "file" in graph and graph["file"] is None:  # an .ort-only bundle
+        return ort_files(manifest)[:1]
     return [graph.get("file", MODEL_FILE)] + ([graph["external_data"]] if graph.get("external_data") else [])
+
+
+def ort_files(manifest: dict[str, Any]) -> list[str]:
+    """The ORT-format graph and its operator list, when the bundle has them (the "ort" section), by name.
+
+    >>> ort_files({"ort": {"file": "model.ort", "required_operators": "required_operators.config"}})
+    ['model.ort', 'required_operators.config']
+    >>> ort_files({})
+    []
+    """
+    ort = manifest.get("ort") or {}
+    return [name for name in (ort.get("file"), ort.get("required_operators")) if name]
 
 
 def bundle_format(manifest: dict[str, Any]) -> str:

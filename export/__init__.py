@@ -2,7 +2,8 @@
 
 The steps, one module each: onnx_export.py (torch -> ONNX with GroupQueryAttention or MultiHeadAttention nodes), optimize.py
 (onnxruntime's fusions, op counts), validate.py (checker, parity with PyTorch, greedy generation),
-genai.py (onnxruntime-genai's config files) and bundle.py (atomic directory). The manifest contract
+genai.py (onnxruntime-genai's config files), ort_convert.py (the mobile ORT format, `convert_to_ort`) and
+bundle.py (atomic directory). The manifest contract
 lives in edgegpt.manifest. Importing this package is cheap: torch and onnx are imported when
 `export_bundle` runs, so the CLI can import its command at start-up.
 """
@@ -14,15 +15,20 @@ from pathlib import Path
 
 from edgegpt.manifest import EXTERNAL_DATA, MODEL_FILE
 
-__all__ = ["export_bundle", "quantize_bundle"]
+__all__ = ["convert_to_ort", "export_bundle", "quantize_bundle"]
 
 
 def __getattr__(name: str):
-    """`quantize_bundle` is loaded on first use: its module imports onnx, and this package stays cheap."""
+    """`quantize_bundle` and `convert_to_ort` are loaded on first use: their modules import onnx, and this
+    package stays cheap."""
     if name == "quantize_bundle":
         from edgegpt.export.quantize import quantize_bundle
 
         return quantize_bundle
+    if name == "convert_to_ort":
+        from edgegpt.export.ort_convert import convert_to_ort
+
+        return convert_to_ort
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,7 @@ def export_bundle(
     validate: bool = True,
     opset: int | None = None,
     attention: str = "gqa",
+    ort: bool = False,
 ) -> Path:
     """Export a checkpoint to a bundle directory: model.onnx, tokenizer files, genai_config.json, manifest.json.
 
@@ -59,6 +66,8 @@ def export_bundle(
         attention: "gqa" (GroupQueryAttention; KV layout "shared_buffer": one preallocated cache updated in
             place, the faster decode; needs head_size % 8 == 0 and onnxruntime >= 1.22 to run) or "mha"
             (MultiHeadAttention; KV layout "concat": a new present each step). See edgegpt.export.onnx_export.
+        ort: also write the mobile format, `model.ort` and `required_operators.config` (see
+            edgegpt.export.ort_convert), in the same atomic bundle.
 
     Returns:
         The bundle directory.
@@ -118,6 +127,10 @@ def export_bundle(
             "genai": {"config": genai.GENAI_CONFIG, "model_type": "decoder"},
         }
         write_manifest(tmp, manifest)
+        if ort:
+            from edgegpt.export.ort_convert import add_ort
+
+            add_ort(tmp, manifest)
     log.info("wrote bundle %s", out)
     return out
 

@@ -52,6 +52,7 @@ from edgegpt.manifest import (
     QUANTIZED_FORMATS,
     bundle_format,
     model_files,
+    ort_files,
     sha256_file,
     write_manifest,
 )
@@ -157,13 +158,16 @@ def quantize_bundle(
     if out.resolve() == src.resolve():
         raise ConfigError(f"{out}: the output is the source bundle; quantization writes a new bundle, choose another -o")
     source = Bundle.load(src)  # verifies the manifest and every file's hash
+    if source.onnx_path is None:
+        raise QuantizationError(f"{src}: an .ort-only bundle has no ONNX graph to quantize; quantize its fp32 source bundle")
     if (fmt := bundle_format(source.manifest)) != "fp32":
         raise QuantizationError(f"{src}: already quantized ({fmt}); quantize the fp32 bundle")
     staging_dir.check_target(out, force)
     log.info("quantizing %s to %s -> %s", src, to, out)
     with staging_dir.staging(out, force=force) as tmp:
         graph = _quantize_graph(source, tmp / source.model_path.name, to, options)
-        _copy_other_files(source, tmp, skip={source.model_path.name, source.manifest["graph"].get("external_data")})
+        skip = {source.model_path.name, source.manifest["graph"].get("external_data"), *ort_files(source.manifest)}
+        _copy_other_files(source, tmp, skip=skip)  # the source's ORT file is its fp32 graph: never carried over
         manifest = _manifest(source, to, graph, tmp)
         write_manifest(tmp, manifest)
         manifest["validation"]["quantized"] = _smoke_check(source, tmp, threads=threads)
@@ -605,7 +609,7 @@ def _manifest(source, to: str, graph_result: dict, tmp: Path) -> dict:
         **{k: graph_result[k] for k in ("op_counts_before", "op_counts_after", "fused_ops_kept", "fp32_matrices")},
         "gate": None,
     }
-    manifest = {k: v for k, v in src_manifest.items() if k not in ("format", "format_version", "files")}
+    manifest = {k: v for k, v in src_manifest.items() if k not in ("format", "format_version", "files", "ort")}
     manifest.update(
         graph=graph,
         quantization=quantization,

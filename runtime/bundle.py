@@ -2,10 +2,16 @@
 
 Checks, in order: the manifest's format and version, the size and sha256 of every listed file
 (`edgegpt.manifest.verify_bundle`), the model config, the KV-cache layout, the external-data locations
-inside `model.onnx` (each must be a safe, hashed member of the bundle), the graph's input and output names,
-and the tokenizer (loadable, an end-of-text token, no more tokens than the model's vocabulary: a model
+inside `model.onnx` (each must be a safe, hashed member of the bundle), the graph's input and output names
+and the model settings it implies (`check_model_settings`), and the tokenizer (loadable, an end-of-text token, no more tokens than the model's vocabulary: a model
 vocabulary larger than the tokenizer's is padding, e.g. nanoGPT's 50304 for GPT-2's 50257, and those ids are
 never sampled).
+
+A bundle with the mobile format (the manifest's "ort" section, `edgegpt convert-ort`) gets the same graph
+checks on `model.ort`, read through onnxruntime's FlatBuffers schema (`ort_format.py`): its I/O names and
+shapes and the model settings they imply, before any session exists. An `.ort`-only bundle (`graph.file`
+null) gets those checks only; it has no external data (an ORT file holds its weights). `select_graph` picks
+the file a session loads and refuses an ORT file written by a newer onnxruntime than the one running.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ from edgegpt.manifest import (
 )
 from edgegpt.runtime.kv_cache import KV_CACHES
 from edgegpt.runtime.onnx_paths import GraphSummary, read_graph_summary
+from edgegpt.runtime.ort_format import read_ort_model
 
-__all__ = ["Bundle", "KVCacheSpec"]
+__all__ = ["Bundle", "KVCacheSpec", "MODEL_FORMATS", "select_graph"]
+
+MODEL_FORMATS = ("auto", "onnx", "ort")  # which graph file a session loads; see `select_graph`
 
 KV_DTYPES = ("float32", "float16")
 
@@ -73,8 +82,21 @@ class Bundle:
     eot_id: int
 
     @property
+    def onnx_path(self) -> Path | None:
+        """The ONNX graph; None for an `.ort`-only bundle."""
+        name = self.manifest["graph"].get("file", MODEL_FILE)
+        return None if name is None else self.path / name
+
+    @property
+    def ort_path(self) -> Path | None:
+        """The ORT-format graph (the manifest's "ort" section); None without one."""
+        ort = self.manifest.get("ort")
+        return self.path / ort["file"] if ort else None
+
+    @property
     def model_path(self) -> Path:
-        return self.path / self.manifest["graph"].get("file", MODEL_FILE)
+        """The graph a session loads by default: the ONNX graph, or the ORT file of an `.ort`-only bundle."""
+        return self.onnx_path or self.ort_path
 
     @property
     def input_names(self) -> list[str]:
@@ -101,22 +123,72 @@ class Bundle:
         if not isinstance(graph, dict):
             raise BundleError(f"{where}: no 'graph' section; re-export the bundle")
         model_file = graph.get("file", MODEL_FILE)
-        if not isinstance(model_file, str):
-            raise BundleError(f"{where}: graph.file must be a file name, got {model_file!r}")
-        model_path = safe_member(path, model_file)
-        if model_file not in manifest["files"]:
-            raise BundleError(f"{where}: graph file {model_file!r} is not listed (hashed) in 'files'; re-export")
-        summary = read_graph_summary(model_path)
-        _check_external_data(path, summary.external_locations, manifest["files"], model_path)
+        ort_file = _ort_file(manifest, where)
+        if model_file is None and ort_file is None:
+            raise BundleError(f"{where}: graph.file is null and there is no 'ort' section: the bundle has no graph; re-export")
         expected_in = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *kv.past_names(config.n_layer)]
         expected_out = [LOGITS, *kv.present_names(config.n_layer)]
         declared_in = [i.get("name") for i in graph.get("inputs", []) if isinstance(i, dict)]
         declared_out = [o.get("name") for o in graph.get("outputs", []) if isinstance(o, dict)]
         check_io(f"{where} 'graph'", declared_in, declared_out, expected_in, expected_out)
-        check_io(str(model_path), summary.inputs, summary.outputs, expected_in, expected_out)
-        check_model_settings(summary, config, kv, where)
+        if model_file is not None:
+            if not isinstance(model_file, str):
+                raise BundleError(f"{where}: graph.file must be a file name, got {model_file!r}")
+            model_path = safe_member(path, model_file)
+            if model_file not in manifest["files"]:
+                raise BundleError(f"{where}: graph file {model_file!r} is not listed (hashed) in 'files'; re-export")
+            summary = read_graph_summary(model_path)
+            _check_external_data(path, summary.external_locations, manifest["files"], model_path)
+            check_io(str(model_path), summary.inputs, summary.outputs, expected_in, expected_out)
+            check_model_settings(summary, config, kv, where)
+        if ort_file is not None:
+            ort_path = safe_member(path, ort_file)
+            summary = read_ort_model(ort_path).summary
+            check_io(str(ort_path), summary.inputs, summary.outputs, expected_in, expected_out)
+            check_model_settings(summary, config, kv, where)
         tokenizer, eot = _tokenizer(path, manifest, config, where)
         return cls(path, manifest, config, kv, tokenizer, eot)
+
+
+def select_graph(bundle: Bundle, model_format: str, onnxruntime_version: str) -> Path:
+    """The graph file a session loads: "onnx", "ort", or "auto" (the `.onnx` when the bundle has one, else the `.ort`).
+
+    Raises:
+        ConfigError: an unknown model_format.
+        BundleError: the bundle lacks that format, or its ORT file needs a newer onnxruntime (ORT files are
+            not forward compatible: onnxruntime reads those of its own version and older).
+    """
+    if model_format not in MODEL_FORMATS:
+        raise ConfigError(f"model_format must be one of {', '.join(MODEL_FORMATS)}, got {model_format!r}")
+    if model_format == "onnx" or (model_format == "auto" and bundle.onnx_path is not None):
+        if bundle.onnx_path is None:
+            raise BundleError(f"{bundle.path}: an .ort-only bundle has no ONNX graph; load it with model_format='ort' (or 'auto')")
+        return bundle.onnx_path
+    if bundle.ort_path is None:
+        raise BundleError(f"{bundle.path}: has no ORT-format graph; add one with `edgegpt convert-ort {bundle.path}`")
+    need = bundle.manifest["ort"].get("min_onnxruntime", "0")
+    if _version(onnxruntime_version) < _version(need):
+        raise BundleError(
+            f"{bundle.ort_path}: written by onnxruntime {bundle.manifest['ort'].get('onnxruntime')}, which needs "
+            f"onnxruntime >= {need} to read it; this is {onnxruntime_version}: upgrade onnxruntime, or re-convert "
+            "the bundle with this onnxruntime (`edgegpt convert-ort`)"
+        )
+    return bundle.ort_path
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) if part.isdigit() else 0 for part in str(text).split(".")[:2])
+
+
+def _ort_file(manifest: dict, where: Path) -> str | None:
+    """The "ort" section's graph file name (None without the section), checked to be listed (hashed)."""
+    ort = manifest.get("ort")
+    if ort is None:
+        return None
+    name = ort.get("file") if isinstance(ort, dict) else None
+    if not isinstance(name, str) or name not in manifest["files"]:
+        raise BundleError(f"{where}: ort.file {name!r} is not a file listed (hashed) in 'files'; re-convert with `edgegpt convert-ort`")
+    return name
 
 
 def check_io(where: str, inputs: list, outputs: list, expected_in: list[str], expected_out: list[str]) -> None:

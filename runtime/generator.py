@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from edgegpt.errors import ContextLengthError, SamplingError
 from edgegpt.manifest import LOGITS
-from edgegpt.runtime.bundle import Bundle, check_io
+from edgegpt.runtime.bundle import Bundle, check_io, select_graph
 from edgegpt.runtime.chat_template import ChatTemplate
 from edgegpt.runtime.completion import Completion, LogitsProcessor
 from edgegpt.runtime.constraints import Constraint, ConstraintCompiler, row_constraints
@@ -350,6 +350,7 @@ class Generator:
         huge_pages: bool = True,
         device_id: int = 0,
         log_severity: int = 3,
+        model_format: str = "auto",
     ) -> "Generator":
         """Verify the bundle (manifest, hashes, external data, I/O, tokenizer), then create the session.
 
@@ -358,6 +359,8 @@ class Generator:
             provider: "auto" (CUDA if usable, else CPU with a warning), "cpu" or "cuda".
             threads: onnxruntime intra-op threads; None is one per physical core.
             optimization, memory_arena, spinning, huge_pages, device_id, log_severity: see `SessionConfig`.
+            model_format: the graph to run: "onnx", "ort" (the mobile format, `edgegpt convert-ort`) or "auto"
+                (the `.onnx` when the bundle has it, else the `.ort`).
 
         Raises:
             BundleError: the bundle is missing, altered, unsafe or incompatible (its KV layout included: a
@@ -379,7 +382,8 @@ class Generator:
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
         check_onnxruntime(bundle.kv.layout, ort.__version__, str(bundle.path))
-        return cls(bundle, create_session(bundle.model_path, session_config), session_config)
+        graph = select_graph(bundle, model_format, ort.__version__)
+        return cls(bundle, create_session(graph, session_config), session_config)
 
     @property
     def chat_template(self) -> ChatTemplate:

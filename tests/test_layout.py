@@ -31,8 +31,8 @@ DEVICE_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "click"}
 EXTRAS = {"serve": {"uvicorn", "starlette", "sse_starlette", "anyio", "prometheus_client", "jinja2", "httpx"},
           "constrain": {"llguidance"}}
 EXTRA_PACKAGES = {"runtime/serve/": "serve"}
-CLI_FILES = {"edgegpt/cli.py", "export/cli.py", "export/quantize_cli.py", "runtime/cli.py", "edgegpt/bench/cli.py",
-             "runtime/serve/cli.py"}
+CLI_FILES = {"edgegpt/cli.py", "export/cli.py", "export/quantize_cli.py", "runtime/cli.py", "runtime/web_cli.py",
+             "edgegpt/bench/cli.py", "runtime/serve/cli.py"}
 ALLOWED = {  # layer -> the edgegpt layers it may import
     "core": {"core"},
     "runtime": {"core", "runtime"},
@@ -58,7 +58,7 @@ def layer_of_module(name: str) -> str | None:
         return None
     parts = name.split(".")
     if len(parts) > 1 and parts[1] in ("train", "bench", "export", "runtime"):
-        if parts[-1] == "cli" or parts[-1] == "quantize_cli":
+        if parts[-1] in ("cli", "quantize_cli", "web_cli"):
             return "cli"
         return parts[1]
     return "cli" if name == "edgegpt.cli" else "core"
