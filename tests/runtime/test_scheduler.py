@@ -33,6 +33,24 @@ class Collector:
                 self.done.set()
 
 
+class Gate(Collector):
+    """A Collector that holds the scheduler thread at the job's first token until `release()`: the test acts
+    while the job is certainly still running, however fast the model is."""
+
+    def __init__(self, count: int):
+        super().__init__(count)
+        self.reached, self.opened = threading.Event(), threading.Event()
+
+    def __call__(self, kind: str, job: Job) -> None:
+        super().__call__(kind, job)
+        if kind == "token" and not self.reached.is_set():
+            self.reached.set()
+            assert self.opened.wait(30)
+
+    def release(self) -> None:
+        self.opened.set()
+
+
 def run_jobs(scheduler: Scheduler, jobs: list[Job], timeout: float = 60) -> Collector:
     sink = Collector(len(jobs))
     for job in jobs:
@@ -83,15 +101,13 @@ def test_a_long_prompt_is_interleaved_with_other_jobs_decoding(gen):
     scheduler = Scheduler(gen, slots=2, chunk=4)
     scheduler.start()
     try:
-        short = Job(gen.new_completion(gen.encode("def f("), config, max_new=50), sink=None)
-        sink = Collector(2)
-        short.sink = sink
+        sink = Gate(2)
+        short = Job(gen.new_completion(gen.encode("def f("), config, max_new=50), sink=sink)
         scheduler.submit(short)
-        while not short.token_times:  # the short job is decoding
-            threading.Event().wait(0.005)
+        assert sink.reached.wait(30)  # the short job is decoding (held at its first token)
         long = Job(gen.new_completion(gen.encode(" ".join(PROMPTS) * 2)[:48], config, max_new=12), sink=sink)
         scheduler.submit(long)
-        assert not short.finished  # 50 tokens take longer than queueing the next job
+        sink.release()
         assert sink.done.wait(60)
     finally:
         scheduler.stop()
@@ -105,15 +121,15 @@ def test_cancel_frees_the_slot_and_limits_are_enforced(gen):
     scheduler = Scheduler(gen, slots=1, queue_limit=1)
     scheduler.start()
     try:
-        running = Job(gen.new_completion(gen.encode("def f("), config, max_new=50), sink=Collector(1))
+        running = Job(gen.new_completion(gen.encode("def f("), config, max_new=50), sink=Gate(1))
         scheduler.submit(running)
-        while not running.token_times:
-            threading.Event().wait(0.005)
+        assert running.sink.reached.wait(30)  # held at its first token until the cancel below
         waiting = Job(gen.new_completion(gen.encode("x"), config.replace(max_new_tokens=2), max_new=2), sink=Collector(1))
         scheduler.submit(waiting)
         with pytest.raises(QueueFullError, match="queue limit"):
             scheduler.submit(Job(gen.new_completion(gen.encode("y"), config, max_new=2), sink=Collector(1)))
         running.cancel()
+        running.sink.release()
         assert waiting.sink.done.wait(30)
         assert running.completion.finish_reason == "cancelled" and len(running.completion.tokens) < 50
         assert waiting.completion.finish_reason == "length"
