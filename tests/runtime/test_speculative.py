@@ -85,6 +85,35 @@ def test_lookup_proposes_what_followed_the_most_recent_match():
     assert lookup_draft([1, 2, 3, 4], 3) == [] and lookup_draft([1], 3) == [] and lookup_draft([1, 1], 0) == []
 
 
+def test_k_adapts_and_failing_drafts_pause_for_longer_each_time():
+    from edgegpt.runtime.speculative import MAX_PAUSE, Drafter
+
+    drafter, history = Drafter(Speculative(lookup=True, draft_tokens=4), None, 0), [1, 2, 3, 1, 2]
+
+    def plain_steps_before_a_draft() -> int:
+        steps = 0
+        while not drafter.propose(history, 8, None)[0]:
+            steps += 1
+        return steps
+
+    drafter.record(4, 4)
+    assert drafter.k == 4 and plain_steps_before_a_draft() == 0  # already at draft_tokens
+    drafter.record(4, 0)
+    drafter.record(2, 0)
+    assert drafter.k == 1 and drafter.propose(history, 8, None)[0] == [3]  # halved, no pause yet
+    pauses = []
+    for _ in range(7):
+        drafter.record(1, 0)  # a failure at k = 1: a pause, twice the last one
+        pauses.append(plain_steps_before_a_draft())
+    assert pauses == [1, 2, 4, 8, 16, 16, 16] and MAX_PAUSE == 16
+    drafter.record(1, 1)  # an accepted draft ends the pausing and grows k
+    drafter.record(2, 0)
+    assert drafter.k == 1 and plain_steps_before_a_draft() == 0
+    drafter.record(1, 0)
+    assert plain_steps_before_a_draft() == 1
+    assert (drafter.drafted, drafter.accepted) == (4 + 4 + 2 + 7 + 1 + 2 + 1, 4 + 1)
+
+
 def test_accept_follows_the_rule():
     rng = np.random.default_rng(0)
     p = np.array([0.5, 0.3, 0.2])
