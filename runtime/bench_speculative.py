@@ -215,15 +215,16 @@ def bench_speculative(bundle: str | Path, config) -> dict[str, Any]:
 
 
 def speculative_markdown(result: dict[str, Any]) -> str:
-    """The result as one Markdown table (a row per source and mode) and a line of chunk costs."""
+    """The result as one Markdown table (a row per source, by its name, and mode) and a line of chunk costs."""
     c, m = result["config"], result["model"]
     draft = result["draft"]
     drafted_by = f"; draft {draft['bundle']} ({draft['format']}, {draft['model']['n_layer']} x {draft['model']['n_embd']})" if draft else ""
+    sources = ", ".join(s["text"] for s in result["sources"])
     lines = [
         f"{result['bundle']} ({result['format']}; {m['n_layer']} layers, {m['n_embd']} wide, vocab {m['vocab_size']}) on "
         f"{result['providers'][0]}, onnxruntime {result['onnxruntime']}, threads {c['threads'] or 'one per core'}: "
         f"{c['prompts']} prompts of {c['prompt_tokens']} tokens per source, {c['new_tokens']} new tokens (greedy), "
-        f"up to {c['draft_tokens']} drafts per call{drafted_by}; medians of {c['runs']} interleaved rounds",
+        f"up to {c['draft_tokens']} drafts per call{drafted_by}; medians of {c['runs']} interleaved rounds; text: {sources}",
         "",
         "| text | mode | decode tok/s | vs plain | acceptance | tokens per call | same tokens as plain |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -233,7 +234,7 @@ def speculative_markdown(result: dict[str, Any]) -> str:
         for mode, f in source["modes"].items():
             rate = "" if f["acceptance_rate"] is None else f"{f['acceptance_rate']:.0%}"
             same = "" if mode == "plain" else f"{f['identical']}/{source['prompts']}"
-            lines.append(f"| {source['text']} | {mode} | {f['decode_tok_s']:,.1f} | {f['decode_tok_s'] / plain:.2f}x | "
+            lines.append(f"| {Path(source['text']).name} | {mode} | {f['decode_tok_s']:,.1f} | {f['decode_tok_s'] / plain:.2f}x | "
                          f"{rate} | {f['tokens_per_call']:.2f} | {same} |")  # fmt: skip
     one = result["chunk_ms"]["1"]
     costs = ", ".join(f"{n} tokens {ms / one:.2f}x" for n, ms in result["chunk_ms"].items() if n != "1")
