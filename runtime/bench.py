@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from edgegpt.checks import check_bool, check_choice, check_int
+from edgegpt.checks import check_bool, check_choice, check_int, check_real
 from edgegpt.errors import ConfigError
 from edgegpt.manifest import bundle_format
 
@@ -59,6 +59,8 @@ class DeviceBenchConfig:
         text: the text sources of the speculative bench: files or directories (one table row per source and mode).
         prompts: prompts taken from each text source.
         draft_tokens, lookup_ngram: as `Speculative`'s.
+        temperature: 0 decodes greedily; above 0 the speculative bench samples (prompt i seeded seed + i),
+            where drafts are rarely kept, to show what failing drafts cost.
     """
 
     prompt_tokens: int | None = None
@@ -76,6 +78,7 @@ class DeviceBenchConfig:
     prompts: int = 4
     draft_tokens: int = 4
     lookup_ngram: int = 3
+    temperature: float = 0.0
 
     def __post_init__(self):
         for name in ("prompt_tokens", "new_tokens"):
@@ -105,6 +108,9 @@ class DeviceBenchConfig:
         check_int("prompts", self.prompts, low=1)
         check_int("draft_tokens", self.draft_tokens, low=1, high=64)
         check_int("lookup_ngram", self.lookup_ngram, low=1, high=16)
+        check_real("temperature", self.temperature, low=0.0)
+        if self.temperature and not self.speculative:
+            raise ConfigError("--temperature goes with --lookup or --draft; the plain bench decodes greedily")
         if self.speculative and not self.text:
             raise ConfigError("--lookup and --draft time decoding of real text: give --text FILE_OR_DIR (repeatable)")
         if self.text and not self.speculative:

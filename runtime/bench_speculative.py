@@ -9,12 +9,14 @@ Method:
   of `prompt_tokens` tokens starting at evenly spaced line starts, the first at its first line; `prompts`
   of them, evenly spaced over the source, are the prompts. A directory of files whose first windows suffice
   is continued from each file's first lines (code continuation); one long file, from several places in it.
-- Each prompt is decoded greedily for exactly `new_tokens` tokens (end-of-text ignored) by every mode:
+- Each prompt is decoded for exactly `new_tokens` tokens (end-of-text ignored), greedily unless
+  `temperature` is above 0 (sampling, prompt i seeded `seed + i`: drafts are then mostly rejected), by every mode:
   plain, lookup, draft, in interleaved rounds (every mode runs prompt by prompt within a round, so slow
   spells of a shared machine fall on all of them). A round's decode tokens/s for a mode is its tokens
   after the first over its decode seconds, summed over the prompts; figures are medians over the rounds.
 - Per mode: acceptance rate (accepted / drafted drafts), tokens per decode call of the target (tokens after
-  the first / calls after the prefill; 1 for plain), and whether every prompt's tokens equal plain decoding's.
+  the first / calls after the prefill; 1 for plain), and whether every prompt's tokens equal plain decoding's
+  (greedy only: sampling keeps the distribution, not the draws, which `tests/runtime/test_speculative.py` checks).
 - The cost of a chunk: feeding 1, 2, ... draft_tokens + 1 tokens after a prompt-sized prefix, timed in
   interleaved repetitions (medians), relative to one token. A round of k drafts that keeps a of them emits
   a + 1 tokens for one (k + 1)-chunk, so speculation gains when (a + 1) / chunk cost > 1.
@@ -110,8 +112,9 @@ def chunk_costs(gen, prompt: list[int], sizes: list[int], repeats: int = CHUNK_R
     return {n: statistics.median(t[1:]) for n, t in times.items()}
 
 
-def _decode(gen, prompt: list[int], new_tokens: int, speculative) -> dict[str, Any]:
-    result = gen.generate_ids(prompt, max_new_tokens=new_tokens, ignore_eos=True, speculative=speculative)
+def _decode(gen, prompt: list[int], new_tokens: int, speculative, temperature: float, seed: int) -> dict[str, Any]:
+    result = gen.generate_ids(prompt, max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature, seed=seed,
+                              speculative=speculative)  # fmt: skip
     t = result.timings
     return {"tokens": result.tokens, "decode_s": t.decode_s, "calls": t.steps - 1, "draft_calls": t.draft_steps,
             "drafted": result.drafted_tokens, "accepted": result.accepted_tokens}  # fmt: skip
@@ -186,9 +189,9 @@ def bench_speculative(bundle: str | Path, config) -> dict[str, Any]:
         rounds: dict[str, list[list[dict[str, Any]]]] = {mode: [] for mode in speculatives}
         for _ in range(config.runs):
             decodes: dict[str, list[dict[str, Any]]] = {mode: [] for mode in speculatives}
-            for prompt in prompts:
+            for i, prompt in enumerate(prompts):
                 for mode, speculative in speculatives.items():
-                    decodes[mode].append(_decode(gen, prompt, new_tokens, speculative))
+                    decodes[mode].append(_decode(gen, prompt, new_tokens, speculative, config.temperature, config.seed + i))
             for mode in speculatives:
                 rounds[mode].append(decodes[mode])
         plain_tokens = [d["tokens"] for d in rounds["plain"][-1]]
@@ -220,11 +223,12 @@ def speculative_markdown(result: dict[str, Any]) -> str:
     draft = result["draft"]
     drafted_by = f"; draft {draft['bundle']} ({draft['format']}, {draft['model']['n_layer']} x {draft['model']['n_embd']})" if draft else ""
     sources = ", ".join(s["text"] for s in result["sources"])
+    decoding = f"temperature {c['temperature']:g}" if c["temperature"] else "greedy"
     lines = [
         f"{result['bundle']} ({result['format']}; {m['n_layer']} layers, {m['n_embd']} wide, vocab {m['vocab_size']}) on "
         f"{result['providers'][0]}, onnxruntime {result['onnxruntime']}, threads {c['threads'] or 'one per core'}: "
-        f"{c['prompts']} prompts of {c['prompt_tokens']} tokens per source, {c['new_tokens']} new tokens (greedy), "
-        f"up to {c['draft_tokens']} drafts per call{drafted_by}; medians of {c['runs']} interleaved rounds; text: {sources}",
+        f"{c['prompts']} prompts of {c['prompt_tokens']} tokens per source, {c['new_tokens']} new tokens "
+        f"({decoding}), up to {c['draft_tokens']} drafts per call{drafted_by}; medians of {c['runs']} interleaved rounds; text: {sources}",
         "",
         "| text | mode | decode tok/s | vs plain | acceptance | tokens per call | same tokens as plain |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -233,7 +237,7 @@ def speculative_markdown(result: dict[str, Any]) -> str:
         plain = source["modes"]["plain"]["decode_tok_s"]
         for mode, f in source["modes"].items():
             rate = "" if f["acceptance_rate"] is None else f"{f['acceptance_rate']:.0%}"
-            same = "" if mode == "plain" else f"{f['identical']}/{source['prompts']}"
+            same = "" if mode == "plain" or c["temperature"] else f"{f['identical']}/{source['prompts']}"
             lines.append(f"| {Path(source['text']).name} | {mode} | {f['decode_tok_s']:,.1f} | {f['decode_tok_s'] / plain:.2f}x | "
                          f"{rate} | {f['tokens_per_call']:.2f} | {same} |")  # fmt: skip
     one = result["chunk_ms"]["1"]

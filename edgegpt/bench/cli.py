@@ -57,8 +57,9 @@ _BENCH_FLAGS = {
     "prompts": {"type": click.IntRange(min=1), "help": "With --lookup/--draft: prompts per --text source. [default: 4]"},
     "draft_tokens": {"type": click.IntRange(1, 64), "help": "With --lookup/--draft: drafts per call at most. [default: 4]"},
     "lookup_ngram": {"type": click.IntRange(1, 16), "help": "With --lookup: the longest suffix matched. [default: 3]"},
+    "temperature": {"type": click.FloatRange(min=0), "help": "With --lookup/--draft: sample at this temperature (drafts mostly fail). [default: 0, greedy]"},
 }
-_SPECULATIVE_FLAGS = ("lookup", "draft", "text", "prompts", "draft_tokens", "lookup_ngram")
+_SPECULATIVE_FLAGS = ("lookup", "draft", "text", "prompts", "draft_tokens", "lookup_ngram", "temperature")
 
 
 @click.command("bench", cls=Command)

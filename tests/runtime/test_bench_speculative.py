@@ -67,6 +67,15 @@ def test_bench_reports_plain_lookup_and_draft_per_source(lively_gqa_bundle, text
     assert table.count("| code |") == 3 and str(texts["prose"]) in table and "| draft |" in table and "100% |" in table and "one call: 1 token" in table
 
 
+def test_sampling_runs_every_mode_and_claims_no_identity(lively_gqa_bundle, texts):
+    config = DeviceBenchConfig(lookup=True, text=(texts["prose"],), temperature=1.5, **{**SHORT, "runs": 1})
+    result = bench_bundle(lively_gqa_bundle, config)
+    lookup = result["sources"][0]["modes"]["lookup"]
+    assert lookup["decode_tok_s"] > 0 and lookup["tokens_per_call"] >= 1 and result["config"]["temperature"] == 1.5
+    assert "(temperature 1.5)" in markdown(result) and "| prose.txt | lookup |" in markdown(result)
+    assert markdown(result).split("| prose.txt | lookup |")[1].split("\n")[0].endswith("|  |")  # no identity claimed
+
+
 def test_chunk_costs_time_each_size(lively_gqa_bundle):
     from edgegpt.runtime import Generator
 
@@ -85,6 +94,8 @@ def test_config_refuses_what_the_speculative_bench_cannot_run(tmp_path):
         DeviceBenchConfig(lookup=True, text=str(tmp_path))
     with pytest.raises(ConfigError, match="draft_tokens must be an integer in 1..64"):
         DeviceBenchConfig(lookup=True, text=(str(tmp_path),), draft_tokens=0)
+    with pytest.raises(ConfigError, match="--temperature goes with --lookup or --draft"):
+        DeviceBenchConfig(temperature=0.8)
     assert DeviceBenchConfig(draft=tmp_path, text=(tmp_path,)).text == (str(tmp_path),)
 
 
