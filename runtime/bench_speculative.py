@@ -37,7 +37,7 @@ from edgegpt.manifest import bundle_format
 __all__ = ["bench_speculative", "chunk_costs", "speculative_markdown", "text_prompts"]
 
 MODES = ("plain", "lookup", "draft")
-CHUNK_REPEATS = 15  # timed feeds per chunk size (interleaved); each is a few milliseconds on a small model
+CHUNK_REPEATS = 40  # timed feeds per chunk size (interleaved); each is a few milliseconds on a small model
 
 
 def _source_files(source: Path) -> list[Path]:

@@ -45,7 +45,7 @@ class Speculative:
         draft: or a draft `Generator` (a smaller model with the same tokenizer).
         draft_tokens: the most tokens drafted per round; the round's k adapts (halved after a round with
             nothing accepted, one more after a round with everything accepted; failures at k = 1 pause
-            drafting for a growing number of plain steps, see `Drafter`).
+            drafting for a number of plain steps that adapts too, see `Drafter`).
         lookup_ngram: the longest suffix matched by lookup (then shorter ones, down to 1).
 
     >>> Speculative(lookup=True).draft_tokens
@@ -169,16 +169,17 @@ def accept(p: np.ndarray, draft: int, q: np.ndarray | None, rng: np.random.Gener
     return draw(residual, rng)
 
 
-MAX_PAUSE = 16  # plain steps at most between two drafting rounds while drafts keep failing
+MAX_PAUSE = 32  # plain steps at most between two drafting rounds while drafts keep failing
 
 
 class Drafter:
     """Proposes draft tokens and adapts k; `propose(history, limit, rng)` -> (drafts, their q rows or None).
 
     k halves after a round with nothing accepted and grows by one after a fully accepted round. A failed
-    round at k = 1 also pauses drafting for 1, 2, 4, ... `MAX_PAUSE` plain steps (doubling while the
-    failures go on, reset by any accepted draft): on text the drafts cannot predict, a round still costs
-    a 2-token call for about one token, so drafting becomes rare instead of constant.
+    round at k = 1 also pauses drafting for 1, 2, 4, ... `MAX_PAUSE` plain steps (the pause doubles with
+    each such failure and halves with each round that keeps a draft, so a rare lucky draft does not bring
+    back frequent rounds): on text the drafts cannot predict, a round still costs a 2-token call (1.2-1.6x
+    a step, docs/benchmarks.md) for about one token, so drafting becomes rare instead of constant.
 
     >>> d = Drafter(Speculative(lookup=True, draft_tokens=2), None, 0)
     >>> for _ in range(3): d.record(d.k, 0)
@@ -203,7 +204,7 @@ class Drafter:
                 self.resting = self.pause
             self.k = max(1, self.k // 2)
         else:
-            self.pause = 0
+            self.pause //= 2
             if accepted == drafted:
                 self.k = min(self.most, self.k + 1)
 

@@ -102,16 +102,23 @@ def test_k_adapts_and_failing_drafts_pause_for_longer_each_time():
     drafter.record(2, 0)
     assert drafter.k == 1 and drafter.propose(history, 8, None)[0] == [3]  # halved, no pause yet
     pauses = []
-    for _ in range(7):
+    for _ in range(8):
         drafter.record(1, 0)  # a failure at k = 1: a pause, twice the last one
         pauses.append(plain_steps_before_a_draft())
-    assert pauses == [1, 2, 4, 8, 16, 16, 16] and MAX_PAUSE == 16
-    drafter.record(1, 1)  # an accepted draft ends the pausing and grows k
+    assert pauses == [1, 2, 4, 8, 16, 32, 32, 32] and MAX_PAUSE == 32
+    drafter.record(1, 1)  # an accepted draft halves the next pause and grows k
+    assert drafter.k == 2 and plain_steps_before_a_draft() == 0
     drafter.record(2, 0)
-    assert drafter.k == 1 and plain_steps_before_a_draft() == 0
+    assert drafter.k == 1 and plain_steps_before_a_draft() == 0  # a failure at k = 2 does not pause
     drafter.record(1, 0)
-    assert plain_steps_before_a_draft() == 1
-    assert (drafter.drafted, drafter.accepted) == (4 + 4 + 2 + 7 + 1 + 2 + 1, 4 + 1)
+    assert plain_steps_before_a_draft() == 32  # twice the halved 16
+    for _ in range(6):
+        drafter.record(1, 1)
+    assert drafter.pause == 0 and drafter.k == 4
+    for k in (4, 2, 1):
+        drafter.record(k, 0)
+    assert plain_steps_before_a_draft() == 1  # the doubling starts again from one step
+    assert (drafter.drafted, drafter.accepted) == (4 + 4 + 2 + 8 + 1 + 2 + 1 + 6 + 7, 4 + 1 + 6)
 
 
 def test_accept_follows_the_rule():
