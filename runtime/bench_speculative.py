@@ -98,10 +98,13 @@ def text_prompts(encode, source: str | Path, count: int, length: int) -> list[li
 
 
 def chunk_costs(gen, prompt: list[int], sizes: list[int], repeats: int = CHUNK_REPEATS) -> dict[int, float]:
-    """Median seconds of one `DecodeState.feed` of n tokens after `prompt` (n in `sizes`), interleaved repeats."""
+    """Median seconds of one `DecodeState.feed` of n tokens after `prompt` (n in `sizes`), interleaved repeats.
+
+    The fed tokens are the prompt's own, repeated as needed; prompt + max(sizes) must fit the model's context.
+    """
     state = gen.new_state(capacity=len(prompt) + max(sizes))
     state.feed(prompt)
-    base, chunk = state.length, prompt[: max(sizes)]
+    base, chunk = state.length, [prompt[i % len(prompt)] for i in range(max(sizes))]
     times: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(repeats + 1):  # the first round warms up each shape
         for n in sizes:
@@ -197,8 +200,8 @@ def bench_speculative(bundle: str | Path, config) -> dict[str, Any]:
         plain_tokens = [d["tokens"] for d in rounds["plain"][-1]]
         modes = {mode: _mode_figures(rounds[mode], plain_tokens) for mode in speculatives}
         sources.append({"text": str(source), "prompts": len(prompts), "modes": modes})
-    sizes = list(range(1, config.draft_tokens + 2))
-    costs = chunk_costs(gen, first_prompt, sizes)
+    sizes = list(range(1, min(config.draft_tokens + 1, block - 1) + 1))  # a round's calls: 1 to k + 1 tokens
+    costs = chunk_costs(gen, first_prompt[: block - sizes[-1]], sizes)
     config = dataclasses.replace(config, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     return {
         "bundle": str(bundle),

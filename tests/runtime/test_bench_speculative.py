@@ -76,11 +76,20 @@ def test_sampling_runs_every_mode_and_claims_no_identity(lively_gqa_bundle, text
     assert markdown(result).split("| prose.txt | lookup |")[1].split("\n")[0].endswith("|  |")  # no identity claimed
 
 
+def test_a_prompt_that_nearly_fills_the_context_still_gets_its_chunk_costs(lively_gqa_bundle, texts):
+    config = DeviceBenchConfig(lookup=True, text=(texts["prose"],), prompts=1, runs=1, threads=1, prompt_tokens=58,
+                               new_tokens=6, draft_tokens=8)  # fmt: skip
+    result = bench_bundle(lively_gqa_bundle, config)  # context 64: the chunks of up to 9 tokens follow a shorter prompt
+    assert sorted(result["chunk_ms"], key=int) == [str(n) for n in range(1, 10)]
+
+
 def test_chunk_costs_time_each_size(lively_gqa_bundle):
     from edgegpt.runtime import Generator
 
-    costs = chunk_costs(Generator.load(lively_gqa_bundle, provider="cpu", threads=1), list(range(5, 21)), [1, 3], repeats=2)
+    gen = Generator.load(lively_gqa_bundle, provider="cpu", threads=1)
+    costs = chunk_costs(gen, list(range(5, 21)), [1, 3], repeats=2)
     assert sorted(costs) == [1, 3] and all(s > 0 for s in costs.values())
+    assert sorted(chunk_costs(gen, [5, 6], [1, 2, 7], repeats=1)) == [1, 2, 7]  # a prompt shorter than a chunk
 
 
 def test_config_refuses_what_the_speculative_bench_cannot_run(tmp_path):
