@@ -14,11 +14,15 @@ Method:
   Decode tokens/s = batch x (new_tokens - 1) / (last token - first token); per-token latency p50 / p95 over
   the decode steps. A short warm-up precedes each batch size; each figure is the median over `runs`.
 - Peak resident memory is the process's high-water mark (Linux VmHWM), after loading and timing.
+
+With `lookup` or `draft` set, the bench times speculative decoding against plain decoding on real text
+instead (`bench_speculative.py`, its own method and table).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import statistics
 import sys
@@ -29,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from edgegpt.checks import check_bool, check_choice, check_int
+from edgegpt.checks import check_bool, check_choice, check_int, check_real
 from edgegpt.errors import ConfigError
 from edgegpt.manifest import bundle_format
 
@@ -50,6 +54,13 @@ class DeviceBenchConfig:
         provider: "cpu", "cuda" or "auto".
         spinning, huge_pages: see `SessionConfig`.
         seed: seeds the prompts.
+        lookup: time prompt-lookup speculative decoding against plain decoding (`bench_speculative`).
+        draft: or (also) a draft bundle's path, for draft-model speculative decoding.
+        text: the text sources of the speculative bench: files or directories (one table row per source and mode).
+        prompts: prompts taken from each text source.
+        draft_tokens, lookup_ngram: as `Speculative`'s.
+        temperature: 0 decodes greedily; above 0 the speculative bench samples (prompt i seeded seed + i),
+            where drafts are rarely kept, to show what failing drafts cost.
     """
 
     prompt_tokens: int | None = None
@@ -61,6 +72,13 @@ class DeviceBenchConfig:
     spinning: bool = True
     huge_pages: bool = True
     seed: int = 0
+    lookup: bool = False
+    draft: str | None = None
+    text: tuple[str, ...] = ()
+    prompts: int = 4
+    draft_tokens: int = 4
+    lookup_ngram: int = 3
+    temperature: float = 0.0
 
     def __post_init__(self):
         for name in ("prompt_tokens", "new_tokens"):
@@ -74,8 +92,36 @@ class DeviceBenchConfig:
             check_int("batch", size, low=1)
         check_int("threads", self.threads, low=1, optional=True)
         check_choice("provider", self.provider, ("auto", "cpu", "cuda"))
-        for name in ("spinning", "huge_pages"):
+        for name in ("spinning", "huge_pages", "lookup"):
             check_bool(name, getattr(self, name))
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        """The speculative fields: paths as strings, and text exactly when drafts are timed, at batch 1."""
+        if self.draft is not None:
+            if not isinstance(self.draft, (str, os.PathLike)):
+                raise ConfigError(f"draft must be a bundle's path, got {self.draft!r}")
+            object.__setattr__(self, "draft", os.fspath(self.draft))  # frozen: normalised once, here
+        if isinstance(self.text, (str, os.PathLike)) or not all(isinstance(t, (str, os.PathLike)) for t in self.text):
+            raise ConfigError(f"text must be a tuple of file or directory paths, got {self.text!r}")
+        object.__setattr__(self, "text", tuple(os.fspath(t) for t in self.text))
+        check_int("prompts", self.prompts, low=1)
+        check_int("draft_tokens", self.draft_tokens, low=1, high=64)
+        check_int("lookup_ngram", self.lookup_ngram, low=1, high=16)
+        check_real("temperature", self.temperature, low=0.0)
+        if self.temperature and not self.speculative:
+            raise ConfigError("--temperature goes with --lookup or --draft; the plain bench decodes greedily")
+        if self.speculative and not self.text:
+            raise ConfigError("--lookup and --draft time decoding of real text: give --text FILE_OR_DIR (repeatable)")
+        if self.text and not self.speculative:
+            raise ConfigError("--text goes with --lookup or --draft (it names the text the drafts are timed on)")
+        if self.speculative and tuple(self.batch) != (1,):
+            raise ConfigError(f"speculative decoding runs one prompt at a time: drop --batch {','.join(map(str, self.batch))}")
+
+    @property
+    def speculative(self) -> bool:
+        """Whether this times speculative decoding (lookup or a draft) rather than plain prefill and decode."""
+        return self.lookup or self.draft is not None
 
     @classmethod
     def short(cls, **overrides: Any) -> "DeviceBenchConfig":
@@ -164,9 +210,15 @@ def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConf
         ConfigError: prompt_tokens + new_tokens exceed the model's context (the message says what fits).
         BundleError, ProviderError: as `Generator.load`.
 
+    With `config.lookup` or `config.draft`, the result is `bench_speculative.bench_speculative`'s.
+
     >>> result = bench_bundle("bundles/tiny", DeviceBenchConfig.short())  # doctest: +SKIP
     >>> print(markdown(result))  # doctest: +SKIP
     """
+    if config.speculative:
+        from edgegpt.runtime.bench_speculative import bench_speculative
+
+        return bench_speculative(bundle, config)
     import onnxruntime as ort
 
     from edgegpt.runtime.generator import Generator
@@ -212,6 +264,10 @@ def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConf
 
 def markdown(result: dict[str, Any]) -> str:
     """The result as a Markdown table, one row per batch size, and a line naming what was measured."""
+    if "sources" in result:  # a speculative bench's
+        from edgegpt.runtime.bench_speculative import speculative_markdown
+
+        return speculative_markdown(result)
     c, m = result["config"], result["model"]
     lines = [
         f"{result['bundle']} ({result['format']}; {m['n_layer']} layers, {m['n_embd']} wide, vocab {m['vocab_size']}) on "

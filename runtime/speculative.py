@@ -44,7 +44,8 @@ class Speculative:
         lookup: draft by prompt lookup (the continuation of the most recent earlier match of the last tokens).
         draft: or a draft `Generator` (a smaller model with the same tokenizer).
         draft_tokens: the most tokens drafted per round; the round's k adapts (halved after a round with
-            nothing accepted, one more after a round with everything accepted).
+            nothing accepted, one more after a round with everything accepted; failures at k = 1 pause
+            drafting for a number of plain steps that adapts too, see `Drafter`).
         lookup_ngram: the longest suffix matched by lookup (then shorter ones, down to 1).
 
     >>> Speculative(lookup=True).draft_tokens
@@ -174,26 +175,54 @@ def accept(p: np.ndarray, draft: int, q: np.ndarray | None, rng: np.random.Gener
     return draw(residual, rng)
 
 
+MAX_PAUSE = 32  # plain steps at most between two drafting rounds while drafts keep failing
+
+
 class Drafter:
-    """Proposes draft tokens and adapts k; `propose(history, limit, rng)` -> (drafts, their q rows or None)."""
+    """Proposes draft tokens and adapts k; `propose(history, limit, rng)` -> (drafts, their q rows or None).
+
+    k halves after a round with nothing accepted and grows by one after a fully accepted round. A failed
+    round at k = 1 also pauses drafting for 1, 2, 4, ... `MAX_PAUSE` plain steps (the pause doubles with
+    each such failure and halves with each round that keeps a draft, so a rare lucky draft does not bring
+    back frequent rounds): on text the drafts cannot predict, a round still costs a 2-token call (1.2-1.6x
+    a step, docs/benchmarks.md) for about one token, so drafting becomes rare instead of constant.
+
+    >>> d = Drafter(Speculative(lookup=True, draft_tokens=2), None, 0)
+    >>> for _ in range(3): d.record(d.k, 0)
+    >>> d.k, d.pause, [d.propose([1, 2, 1], 4, None)[0] for _ in range(3)]
+    (1, 2, [[], [], [2]])
+    """
 
     def __init__(self, spec: Speculative, config, cut: int):
         self.most, self.k = spec.draft_tokens, spec.draft_tokens
         self.ngram, self.config, self.cut = spec.lookup_ngram, config, cut
-        self.scale = 1.0 / config.temperature if config.temperature else 0.0
+        self.scale = 1.0 / config.temperature if config is not None and config.temperature else 0.0
         self.drafted = self.accepted = 0
+        self.pause = self.resting = 0  # the current pause's length, and the plain steps left of it
 
     def record(self, drafted: int, accepted: int) -> None:
-        """Count a verified round and adapt k: halve it after nothing accepted, one more after everything."""
+        """Count a verified round and adapt k (and the pause) as the class says."""
         self.drafted += drafted
         self.accepted += accepted
         if accepted == 0:
+            if self.k == 1:
+                self.pause = min(2 * self.pause or 1, MAX_PAUSE)
+                self.resting = self.pause
             self.k = max(1, self.k // 2)
-        elif accepted == drafted:
-            self.k = min(self.most, self.k + 1)
+        else:
+            self.pause //= 2
+            if accepted == drafted:
+                self.k = min(self.most, self.k + 1)
 
     def propose(self, history: list[int], limit: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
-        return lookup_draft(history, min(self.k, limit), self.ngram), None
+        """Up to min(k, limit) drafts after `history`; none while a pause lasts (each call is one plain step)."""
+        if self.resting:
+            self.resting -= 1
+            return [], None
+        return self.draft(history, min(self.k, limit), rng)
+
+    def draft(self, history: list[int], k: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
+        return lookup_draft(history, k, self.ngram), None
 
 
 class ModelDrafter(Drafter):
@@ -224,8 +253,7 @@ class ModelDrafter(Drafter):
     def steps(self) -> int:
         return self.state.steps
 
-    def propose(self, history: list[int], limit: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
-        k = min(self.k, limit)
+    def draft(self, history: list[int], k: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
         if k < 1:
             return [], None
         state, held = self.state, self.state.tokens[0]

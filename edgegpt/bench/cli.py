@@ -49,7 +49,17 @@ _BENCH_FLAGS = {
     "spinning": {"flags": ("--spinning/--no-spinning",), "help": "Busy-waiting onnxruntime threads (edgegpt and genai). [default: on]"},
     "huge_pages": {"flags": ("--huge-pages/--no-huge-pages",), "help": "edgegpt's weights in 2 MiB pages (CPU, Linux). [default: on]"},
     "seed": {"type": int, "help": "Seeds the prompts and a preset's weights. [default: 0]"},
+    # A bundle alone: speculative decoding against plain decoding on real text (edgegpt.runtime.bench_speculative).
+    "lookup": {"is_flag": True, "help": "Time prompt-lookup speculative decoding against plain decoding on --text."},
+    "draft": {"type": click.Path(exists=True, file_okay=False), "help": "Time speculative decoding with this draft bundle (same tokenizer) on --text."},
+    "text": {"type": click.Path(exists=True), "multiple": True,
+             "help": "With --lookup/--draft: a text file or a directory of them to continue (repeatable; one table row per source)."},
+    "prompts": {"type": click.IntRange(min=1), "help": "With --lookup/--draft: prompts per --text source. [default: 4]"},
+    "draft_tokens": {"type": click.IntRange(1, 64), "help": "With --lookup/--draft: drafts per call at most. [default: 4]"},
+    "lookup_ngram": {"type": click.IntRange(1, 16), "help": "With --lookup: the longest suffix matched. [default: 3]"},
+    "temperature": {"type": click.FloatRange(min=0), "help": "With --lookup/--draft: sample at this temperature (drafts mostly fail). [default: 0, greedy]"},
 }
+_SPECULATIVE_FLAGS = ("lookup", "draft", "text", "prompts", "draft_tokens", "lookup_ngram", "temperature")
 
 
 @click.command("bench", cls=Command)
@@ -72,6 +82,10 @@ def bench_command(ctx, source, bundles, preset, vocab_size, short, attention, wo
     A bundle as SOURCE: prefill and decode tokens/s, first-token latency and memory with the runtime
     alone (the base install is enough, as llama-bench for llama.cpp).
 
+    With --lookup and/or --draft DRAFT and --text FILE_OR_DIR: decode tokens/s of plain decoding against
+    speculative decoding continuing that text, acceptance rate, tokens per model call, whether the greedy
+    tokens are plain decoding's, and the cost of a multi-token call.
+
     A checkpoint (or run directory) as SOURCE, --bundle directories, or a --preset (random weights): the
     same weights through every backend, each in its own process, in interleaved rounds (needs the train
     extra; genai rows need edgegpt[genai]). The Markdown table goes to stdout, progress to stderr.
@@ -80,6 +94,7 @@ def bench_command(ctx, source, bundles, preset, vocab_size, short, attention, wo
     Examples:
       edgegpt bench bundles/small-int8
       edgegpt bench bundles/small --short --batch 1,4 --json small.json
+      edgegpt bench bundles/small --lookup --draft bundles/tiny --text held-out/ --text notes.txt
       edgegpt bench --preset small --json bench-small.json --plot bench-small.png
       edgegpt bench --preset gpt2 --work-dir runs/bench-gpt2 --json bench-gpt2.json
       edgegpt bench runs/demo/run --short --backends torch,edgegpt --formats fp32,int8
@@ -101,6 +116,9 @@ def bench_command(ctx, source, bundles, preset, vocab_size, short, attention, wo
     from edgegpt.bench.compare import BenchConfig, run_bench
 
     settings = given(flags)
+    speculative = ["--" + name.replace("_", "-") for name in _SPECULATIVE_FLAGS if settings.pop(name, False)]
+    if speculative:
+        raise click.UsageError(f"{', '.join(speculative)} time one bundle: give the bundle's directory as SOURCE")
     if settings.get("provider") == "cuda" and "formats" not in settings:
         settings["formats"] = ("fp32", "fp16", "int8", "int4")
     config = dataclasses.replace(BenchConfig.short() if short else BenchConfig(), **settings)

@@ -85,6 +85,42 @@ def test_lookup_proposes_what_followed_the_most_recent_match():
     assert lookup_draft([1, 2, 3, 4], 3) == [] and lookup_draft([1], 3) == [] and lookup_draft([1, 1], 0) == []
 
 
+def test_k_adapts_and_failing_drafts_pause_for_longer_each_time():
+    from edgegpt.runtime.speculative import MAX_PAUSE, Drafter
+
+    drafter, history = Drafter(Speculative(lookup=True, draft_tokens=4), None, 0), [1, 2, 3, 1, 2]
+
+    def plain_steps_before_a_draft() -> int:
+        steps = 0
+        while not drafter.propose(history, 8, None)[0]:
+            steps += 1
+        return steps
+
+    drafter.record(4, 4)
+    assert drafter.k == 4 and plain_steps_before_a_draft() == 0  # already at draft_tokens
+    drafter.record(4, 0)
+    drafter.record(2, 0)
+    assert drafter.k == 1 and drafter.propose(history, 8, None)[0] == [3]  # halved, no pause yet
+    pauses = []
+    for _ in range(8):
+        drafter.record(1, 0)  # a failure at k = 1: a pause, twice the last one
+        pauses.append(plain_steps_before_a_draft())
+    assert pauses == [1, 2, 4, 8, 16, 32, 32, 32] and MAX_PAUSE == 32
+    drafter.record(1, 1)  # an accepted draft halves the next pause and grows k
+    assert drafter.k == 2 and plain_steps_before_a_draft() == 0
+    drafter.record(2, 0)
+    assert drafter.k == 1 and plain_steps_before_a_draft() == 0  # a failure at k = 2 does not pause
+    drafter.record(1, 0)
+    assert plain_steps_before_a_draft() == 32  # twice the halved 16
+    for _ in range(6):
+        drafter.record(1, 1)
+    assert drafter.pause == 0 and drafter.k == 4
+    for k in (4, 2, 1):
+        drafter.record(k, 0)
+    assert plain_steps_before_a_draft() == 1  # the doubling starts again from one step
+    assert (drafter.drafted, drafter.accepted) == (4 + 4 + 2 + 8 + 1 + 2 + 1 + 6 + 7, 4 + 1 + 6)
+
+
 def test_accept_follows_the_rule():
     rng = np.random.default_rng(0)
     p = np.array([0.5, 0.3, 0.2])
