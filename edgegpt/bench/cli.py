@@ -58,8 +58,11 @@ _BENCH_FLAGS = {
     "draft_tokens": {"type": click.IntRange(1, 64), "help": "With --lookup/--draft: drafts per call at most. [default: 4]"},
     "lookup_ngram": {"type": click.IntRange(1, 16), "help": "With --lookup: the longest suffix matched. [default: 3]"},
     "temperature": {"type": click.FloatRange(min=0), "help": "With --lookup/--draft: sample at this temperature (drafts mostly fail). [default: 0, greedy]"},
+    # A bundle alone: `edgegpt serve` under concurrent clients (edgegpt.runtime.serve.bench, the serve extra).
+    "serve_clients": {"callback": _csv(int), "help": "Start `edgegpt serve` on the bundle and time these numbers of concurrent streaming clients, e.g. 1,4,8,16."},
 }
 _SPECULATIVE_FLAGS = ("lookup", "draft", "text", "prompts", "draft_tokens", "lookup_ngram", "temperature")
+_ONE_BUNDLE_FLAGS = (*_SPECULATIVE_FLAGS, "serve_clients")
 
 
 @click.command("bench", cls=Command)
@@ -116,9 +119,9 @@ def bench_command(ctx, source, bundles, preset, vocab_size, short, attention, wo
     from edgegpt.bench.compare import BenchConfig, run_bench
 
     settings = given(flags)
-    speculative = ["--" + name.replace("_", "-") for name in _SPECULATIVE_FLAGS if settings.pop(name, False)]
-    if speculative:
-        raise click.UsageError(f"{', '.join(speculative)} time one bundle: give the bundle's directory as SOURCE")
+    alone = ["--" + name.replace("_", "-") for name in _ONE_BUNDLE_FLAGS if settings.pop(name, False)]
+    if alone:
+        raise click.UsageError(f"{', '.join(alone)} time one bundle: give the bundle's directory as SOURCE")
     if settings.get("provider") == "cuda" and "formats" not in settings:
         settings["formats"] = ("fp32", "fp16", "int8", "int4")
     config = dataclasses.replace(BenchConfig.short() if short else BenchConfig(), **settings)
@@ -134,9 +137,13 @@ def bench_command(ctx, source, bundles, preset, vocab_size, short, attention, wo
 
 
 def _bench_one_bundle(bundle: Path, short: bool, json_path: Path | None, settings: dict) -> None:
-    """`edgegpt bench BUNDLE`: the runtime alone (`edgegpt.runtime.bench`)."""
+    """`edgegpt bench BUNDLE`: the runtime alone (`edgegpt.runtime.bench`), or the server (`--serve-clients`)."""
     import json
 
+    clients = settings.pop("serve_clients", None)
+    if clients:
+        _bench_server(bundle, clients, short, json_path, settings)
+        return
     from edgegpt.runtime.bench import DeviceBenchConfig, bench_bundle, markdown
 
     known = {f.name for f in dataclasses.fields(DeviceBenchConfig)}
@@ -144,6 +151,24 @@ def _bench_one_bundle(bundle: Path, short: bool, json_path: Path | None, setting
     config = DeviceBenchConfig.short(**settings) if short else DeviceBenchConfig(**settings)
     result = bench_bundle(bundle, config)
     click.echo(markdown(result), nl=False)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {json_path}", err=True)
+
+
+def _bench_server(bundle: Path, clients: tuple[int, ...], short: bool, json_path: Path | None, settings: dict) -> None:
+    """`edgegpt bench BUNDLE --serve-clients ...`: `edgegpt serve` measured from the outside."""
+    import json
+
+    from edgegpt.runtime.serve.bench import ServeBenchConfig, bench_server, markdown
+
+    other = [f"--{k.replace('_', '-')}" for k in settings if k not in ("prompt_tokens", "new_tokens", "runs", "threads", "seed")]
+    if other:
+        raise click.UsageError(f"{', '.join(other)} cannot be used with --serve-clients (it takes --prompt-tokens, "
+                               "--new-tokens, --runs, --threads and --seed)")  # fmt: skip
+    quick = {"requests": 1, "prompt_tokens": 32, "new_tokens": 32, "history_tokens": 100, "runs": 1} if short else {}
+    result = bench_server(bundle, ServeBenchConfig(clients=clients, **{**quick, **settings}))
+    click.echo(markdown(result))
     if json_path:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         click.echo(f"wrote {json_path}", err=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
+
+import pytest
 
 from click.testing import CliRunner
 from starlette.testclient import TestClient
@@ -33,3 +36,17 @@ def test_health_is_503_until_a_model_loads(tmp_path):
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
         assert client.get("/v1/completions").json()["error"]["code"] == "method_not_allowed"
         assert client.get("/v2/nothing").json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.slow
+def test_bench_serve_clients_measures_the_server(lively_gqa_bundle, tmp_path):
+    out = tmp_path / "serve.json"
+    result = CliRunner().invoke(main, ["bench", str(lively_gqa_bundle), "--serve-clients", "1,2", "--short", "--threads", "1",
+                                       "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [row["clients"] for row in data["rows"]] == [1, 2] and data["rows"][1]["requests"] == 2
+    assert all(row["tokens_per_s"] > 0 and row["ttft_p50_ms"] > 0 for row in data["rows"])
+    assert "| clients | tokens/s |" in result.output and "Generator alone" in result.output
+    refused = CliRunner().invoke(main, ["bench", str(lively_gqa_bundle), "--serve-clients", "1", "--batch", "2"])
+    assert refused.exit_code == 2 and "--batch cannot be used with --serve-clients" in refused.output
