@@ -6,8 +6,9 @@ time out. Each loop iteration:
 
 1. Admit: every waiting job that finds a free slot takes one. Slot choice: the free slot whose cached
    tokens share the longest prefix with the job's prompt (the next turn of a chat, a shared system prompt);
-   that prefix is kept and only the rest is fed. With no shared prefix, the free slot used least recently
-   (its cache is the least likely to be asked for again) is evicted.
+   that prefix is kept and only the rest is fed. With no shared prefix, the lowest free slot is evicted:
+   busy slots stay packed at the bottom, and a decode call runs rows [0, highest busy slot], so a freed
+   high slot keeps its cache longest while the calls stay as small as the load allows.
 2. Prefill one chunk: the oldest job still feeding its prompt gets at most `chunk` tokens (one batch-1
    call on its slot; the CPU kernel takes a multi-token chunk after a past only at batch 1). A long prompt
    thus costs every other stream at most one chunk's time per token, not its whole prefill.
@@ -90,7 +91,6 @@ class Scheduler:
         self.capacity, self.chunk, self.queue_limit = self.batch.capacity, chunk, queue_limit
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: list[Job | None] = [None] * slots  # the job in each slot
-        self._last_used = [0.0] * slots
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="edgegpt-scheduler", daemon=True)
@@ -175,9 +175,9 @@ class Scheduler:
                 self._end(job, "cancelled")
                 continue
             shared = {s: _common_prefix(self.batch.tokens[s], job.prompt) for s in free}
-            slot = max(free, key=lambda s: (shared[s], -self._last_used[s])) if max(shared.values()) else min(
-                free, key=lambda s: self._last_used[s]
-            )
+            # The longest shared prefix (ties: the lowest slot); without one, the lowest free slot, which keeps
+            # the batched rows [0, k) few: every slot below k rides along in each decode call.
+            slot = max(free, key=lambda s: (shared[s], -s)) if max(shared.values()) else free[0]
             kept = min(shared[slot], len(job.prompt) - 1)  # feed at least one token: its logits pick the next
             self.batch.rewind(slot, kept)
             job.slot, job.fed, job.cached_tokens = slot, kept, kept
@@ -233,7 +233,6 @@ class Scheduler:
     def _release(self, job: Job) -> None:
         if job.slot is not None and self._running[job.slot] is job:
             self._running[job.slot] = None
-            self._last_used[job.slot] = time.perf_counter()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

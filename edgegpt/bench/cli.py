@@ -162,10 +162,10 @@ def _bench_server(bundle: Path, clients: tuple[int, ...], short: bool, json_path
 
     from edgegpt.runtime.serve.bench import ServeBenchConfig, bench_server, markdown
 
-    other = [f"--{k.replace('_', '-')}" for k in settings if k not in ("prompt_tokens", "new_tokens", "runs", "threads", "seed")]
+    other = [f"--{k.replace('_', '-')}" for k in settings if k not in ("prompt_tokens", "new_tokens", "runs", "threads", "spinning", "seed")]
     if other:
         raise click.UsageError(f"{', '.join(other)} cannot be used with --serve-clients (it takes --prompt-tokens, "
-                               "--new-tokens, --runs, --threads and --seed)")  # fmt: skip
+                               "--new-tokens, --runs, --threads, --spinning and --seed)")  # fmt: skip
     quick = {"requests": 1, "prompt_tokens": 32, "new_tokens": 32, "history_tokens": 100, "runs": 1} if short else {}
     result = bench_server(bundle, ServeBenchConfig(clients=clients, **{**quick, **settings}))
     click.echo(markdown(result))

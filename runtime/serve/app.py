@@ -66,6 +66,7 @@ class ServeSettings:
     timeout_s: float = 600.0
     max_body_bytes: int = 1 << 20
     grace_s: float = 10.0
+    spinning: bool = False  # idle onnxruntime threads busy-wait: off, the event loop shares the cores
     threads: int | None = None
     provider: str = "cpu"
 
@@ -91,8 +92,7 @@ class _Models:
         s = self.settings
         try:
             for model in self.by_name.values():
-                # No spinning: idle onnxruntime threads would busy-wait on the cores the event loop needs.
-                model.gen = Generator.load(model.path, provider=s.provider, threads=s.threads, spinning=False)
+                model.gen = Generator.load(model.path, provider=s.provider, threads=s.threads, spinning=s.spinning)
                 model.gen.chat_template  # read now: a broken template fails the load, not every request
                 model.scheduler = Scheduler(model.gen, slots=s.slots, capacity=s.ctx_size, chunk=s.chunk,
                                             queue_limit=s.queue_limit)  # fmt: skip
@@ -302,8 +302,9 @@ def _error_of(job: Job) -> APIError | None:
 
 def _usage(req: ParsedRequest, jobs: list[Job]) -> dict[str, int]:
     n = len(req.configs)
-    prompt = sum(len(jobs[p * n].prompt) for p in range(len(req.prompts)))  # each prompt once, as OpenAI counts
-    return protocol.usage(prompt, sum(len(job.completion.tokens) for job in jobs))
+    firsts = [jobs[p * n] for p in range(len(req.prompts))]  # each prompt once, as OpenAI counts
+    return protocol.usage(sum(len(job.prompt) for job in firsts), sum(len(job.completion.tokens) for job in jobs),
+                          sum(job.cached_tokens for job in firsts))  # fmt: skip
 
 
 async def _whole(request: Request, req: ParsedRequest, model: _Model, jobs: list[Job], metrics: Metrics) -> Response:

@@ -16,8 +16,8 @@ Two references for the targets in docs/benchmarks.md:
 - `Generator` in this process, server stopped: decode tokens/s for the same prompts and lengths (one
   client through the server against the runtime alone: the HTTP, JSON and SSE cost per token);
 - a chat's second turn: a first turn whose history holds about `history_tokens` tokens (fewer when the
-  context is small: the history, its reply and the next turn must fit; none below 16), then the next
-  turn; its time to first token, against the same second-turn messages with the first character of the
+  context is small: the history, its reply and the next turn must fit; none below 16) and a 16-token
+  reply, then the next turn; its time to first token, against the same second-turn messages with the first character of the
   history changed, which no slot holds (a cold prefill of the same length). Medians of `runs`.
 """
 
@@ -43,6 +43,8 @@ from edgegpt.errors import ConfigError
 
 __all__ = ["ServeBenchConfig", "bench_server", "markdown"]
 
+_REPLY_TOKENS = 16  # the first chat turn's reply: the second turn's new part is that reply and one short message
+
 
 @dataclass(frozen=True)
 class ServeBenchConfig:
@@ -55,6 +57,7 @@ class ServeBenchConfig:
     history_tokens: int = 400
     runs: int = 3
     threads: int | None = None
+    spinning: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -72,7 +75,7 @@ def bench_server(bundle: str | Path, config: ServeBenchConfig = ServeBenchConfig
     from edgegpt.runtime.bench import make_prompts
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the table
-    gen = Generator.load(bundle, provider="cpu", threads=config.threads)
+    gen = Generator.load(bundle, provider="cpu", threads=config.threads, spinning=config.spinning)
     block = gen.config.block_size
     if config.prompt_tokens + config.new_tokens > block:
         raise ConfigError(f"prompt_tokens + new_tokens = {config.prompt_tokens + config.new_tokens} exceed the context of {block}")
@@ -80,13 +83,13 @@ def bench_server(bundle: str | Path, config: ServeBenchConfig = ServeBenchConfig
                            config.seed)  # fmt: skip
     alone = [gen.generate_ids(p, max_new_tokens=config.new_tokens, ignore_eos=True).timings.tokens_per_s
              for p in prompts[: config.runs]]  # fmt: skip
-    room = min(config.history_tokens, block - config.new_tokens - 48)  # the first turn, its reply and the next turn fit
+    room = min(config.history_tokens, block - 4 * _REPLY_TOKENS - 32)  # the history, its reply (re-encoded) and a turn
     history = _history_text(gen, room) if room >= 16 else None
     history_tokens = len(gen.encode(history)) if history else 0
     del gen  # the server process gets the cores and the memory
     result: dict[str, Any] = {"bundle": str(bundle), "config": asdict(config),
                               "generator_tokens_per_s": statistics.median(alone), "rows": []}  # fmt: skip
-    with _server(bundle, slots=max(config.clients), threads=config.threads) as base:
+    with _server(bundle, slots=max(config.clients), threads=config.threads, spinning=config.spinning) as base:
         with httpx.Client(base_url=base, timeout=600) as http:
             _stream(http, prompts[0], config.new_tokens)  # warm-up
             for clients in config.clients:
@@ -153,41 +156,49 @@ def _history_text(gen, tokens: int) -> str:
 
 
 def _chat_turns(http: httpx.Client, history: str, config: ServeBenchConfig) -> dict[str, float]:
-    """Second-turn time to first token, with its history cached in a slot and cold."""
+    """Second-turn time to first token, with its history cached in a slot and cold (medians of `runs`)."""
     warm, cold = [], []
     for run in range(config.runs):
         first = [{"role": "user", "content": f"{run} {history}"}]
-        reply = _chat(http, first, config.new_tokens)[1]
+        reply = _chat(http, first, _REPLY_TOKENS)[1]
         second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "and then?"}]
-        warm.append(_chat(http, second, 2)[0])
+        warm.append(_chat(http, second, 2))
         changed = [{"role": "user", "content": f"#{run} {history}"}, *second[1:]]
-        cold.append(_chat(http, changed, 2)[0])
-    return {"warm_ttft_ms": statistics.median(warm) * 1e3, "cold_ttft_ms": statistics.median(cold) * 1e3}
+        cold.append(_chat(http, changed, 2))
+    return {"prompt_tokens": warm[0][3], "warm_ttft_ms": statistics.median(w[0] for w in warm) * 1e3,
+            "warm_cached_tokens": statistics.median(w[2] for w in warm),
+            "cold_ttft_ms": statistics.median(c[0] for c in cold) * 1e3,
+            "cold_cached_tokens": statistics.median(c[2] for c in cold)}  # fmt: skip
 
 
-def _chat(http: httpx.Client, messages: list[dict], new_tokens: int) -> tuple[float, str]:
-    body = {"messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True}
-    start, first, text = time.perf_counter(), None, []
+def _chat(http: httpx.Client, messages: list[dict], new_tokens: int) -> tuple[float, str, int, int]:
+    """One streamed chat turn; -> (time to first token, reply, cached prompt tokens, prompt tokens)."""
+    body = {"messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    start, first, text, usage = time.perf_counter(), None, [], {}
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data: {"):
-                choices = json.loads(line[6:])["choices"]
-                if choices and "content" in choices[0]["delta"]:
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                if chunk["choices"] and "content" in chunk["choices"][0]["delta"]:
                     first = first or time.perf_counter()
-                    text.append(choices[0]["delta"]["content"])
-    return (first or time.perf_counter()) - start, "".join(text)
+                    text.append(chunk["choices"][0]["delta"]["content"])
+    cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    return (first or time.perf_counter()) - start, "".join(text), cached, usage.get("prompt_tokens", 0)
 
 
 @contextmanager
-def _server(bundle: str | Path, slots: int, threads: int | None):
+def _server(bundle: str | Path, slots: int, threads: int | None, spinning: bool):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "edgegpt.cli", "serve", str(bundle), "--port", str(port), "--slots", str(slots),
-           "--provider", "cpu", "--queue", "1024"] + (["--threads", str(threads)] if threads else [])  # fmt: skip
+           "--provider", "cpu", "--queue", "1024", "--spinning" if spinning else "--no-spinning"]
+    cmd += ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -231,6 +242,8 @@ def markdown(result: dict[str, Any]) -> str:
     if chat is None:
         lines.append("Chat second turn: not measured (the context has no room for a history beside the new tokens).")
         return "\n".join(lines)
-    lines.append(f"Chat second turn (~{chat['history_tokens']}-token history): first token in {chat['warm_ttft_ms']:.1f} ms "
-                 f"cached vs {chat['cold_ttft_ms']:.1f} ms cold ({chat['warm_ttft_ms'] / chat['cold_ttft_ms']:.2f}x).")  # fmt: skip
+    lines.append(f"Chat second turn ({chat['prompt_tokens']} prompt tokens, a {chat['history_tokens']}-token history): first "
+                 f"token in {chat['warm_ttft_ms']:.1f} ms with {chat['warm_cached_tokens']:.0f} tokens cached vs "
+                 f"{chat['cold_ttft_ms']:.1f} ms cold ({chat['cold_cached_tokens']:.0f} cached): "
+                 f"{chat['warm_ttft_ms'] / chat['cold_ttft_ms']:.2f}x.")  # fmt: skip
     return "\n".join(lines)

@@ -54,8 +54,10 @@ def _model_pair(ctx, param, values):
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True, help="On SIGTERM or Ctrl-C: seconds to let running requests finish.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core].")
+@click.option("--spinning/--no-spinning", default=False, show_default=True,
+              help="Idle onnxruntime threads busy-wait between calls (faster steps; the event loop then competes for the cores).")
 def serve_command(bundle, models, host, port, api_key, no_auth, cors_origins, slots, ctx_size, chunk, queue_limit, timeout_s,
-                  max_body_bytes, grace, provider, threads):  # fmt: skip
+                  max_body_bytes, grace, provider, threads, spinning):  # fmt: skip
     """Serve bundles over an OpenAI-compatible HTTP API (needs edgegpt[serve]).
 
     POST /v1/completions and /v1/chat/completions (streaming with stream: true), GET /v1/models, /health
@@ -85,7 +87,7 @@ def serve_command(bundle, models, host, port, api_key, no_auth, cors_origins, sl
     from edgegpt.runtime.serve.app import ServeSettings, create_app
 
     settings = ServeSettings(host=host, api_key=api_key or None, cors_origins=tuple(cors_origins), slots=slots, ctx_size=ctx_size,
-                             chunk=chunk, queue_limit=queue_limit, timeout_s=timeout_s, max_body_bytes=max_body_bytes, grace_s=grace,
+                             chunk=chunk, queue_limit=queue_limit, timeout_s=timeout_s, max_body_bytes=max_body_bytes, grace_s=grace, spinning=spinning,
                              threads=threads, provider=provider)  # fmt: skip
     default = next(iter(paths))
     app = create_app(paths, default, settings)

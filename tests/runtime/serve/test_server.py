@@ -36,6 +36,9 @@ def test_completions_and_chat_give_generators_text(client, gen, lively_gqa_bundl
     assert out.choices[0].text == want.text
     assert out.choices[0].finish_reason == ("length" if want.finish_reason == "length" else "stop")
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(want.prompt_tokens), len(want.tokens))
+    again = client.completions.create(model="tiny", prompt=PROMPTS[0] + out.choices[0].text, max_tokens=2, temperature=0)
+    # The slot still holds the first request's prompt and all its tokens but the last (sampled, never fed).
+    assert again.usage.prompt_tokens_details.cached_tokens >= len(want.prompt_tokens)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
     template = ChatTemplate.from_bundle(lively_gqa_bundle)
