@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -20,20 +21,59 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from edgegpt.errors import ConfigError, DataError
 
 __all__ = [
+    "CHAT_TEMPLATE_FILE",
     "EOT",
     "MIN_VOCAB_SIZE",
+    "TOKENIZER_CONFIG",
     "IncrementalDecoder",
+    "chat_template_of",
     "decode",
     "encode",
     "eot_id",
     "load_tokenizer",
+    "read_tokenizer_config",
     "train_tokenizer",
 ]
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+# Hugging Face's files beside tokenizer.json: the tokenizer's settings, where a model's chat_template lives,
+# and the template on its own (what newer transformers releases save).
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # 256 single-byte tokens + EOT: the smallest vocabulary that still encodes every byte.
 MIN_VOCAB_SIZE = 257
+
+
+def read_tokenizer_config(folder: str | Path) -> dict:
+    """`folder`'s tokenizer_config.json as a dict ({} when there is none); DataError when it is not a JSON object."""
+    path = Path(folder) / TOKENIZER_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def chat_template_of(config: dict) -> str | None:
+    """The Jinja chat template of a tokenizer_config dict, as transformers reads it: a string, or the "default"
+    entry of the named-templates list; None when it has none. DataError for any other form.
+
+    >>> chat_template_of({"chat_template": [{"name": "default", "template": "{{ messages }}"}]})
+    '{{ messages }}'
+    """
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        if template is None:
+            raise DataError("chat_template is a list without a 'default' entry")
+    if template is not None and not isinstance(template, str):
+        raise DataError("chat_template must be a Jinja string (or a list with a 'default' entry)")
+    return template
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:

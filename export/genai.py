@@ -31,11 +31,11 @@ from edgegpt.manifest import (
     PRESENT_KEY,
     PRESENT_VALUE,
 )
-from edgegpt.tokenizer import EOT
+from edgegpt.tokenizer import EOT, TOKENIZER_CONFIG
 
 __all__ = ["GENAI_CONFIG", "TOKENIZER_CONFIG", "genai_config", "tokenizer_config", "write_genai_files"]
 
-GENAI_CONFIG, TOKENIZER_CONFIG = "genai_config.json", "tokenizer_config.json"
+GENAI_CONFIG = "genai_config.json"
 
 
 def genai_config(

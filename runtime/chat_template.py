@@ -5,7 +5,7 @@ A bundle may carry its model's own template as `chat_template` in tokenizer_conf
 Jinja's immutable sandbox with the variables Hugging Face passes (`messages`, `add_generation_prompt`,
 `bos_token`, `eos_token`) and `raise_exception`; rendering one needs `jinja2` (the `serve` extra).
 
-A bundle without one gets `DEFAULT`, edgegpt's plain transcript, rendered without Jinja:
+A bundle without one gets edgegpt's default, a plain transcript, rendered without Jinja:
 
     System: {content}\\n      (system or developer messages)
     User: {content}\\n
@@ -18,21 +18,19 @@ trained on plain text has no end-of-turn token. `edgegpt chat`, `Conversation` a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from edgegpt.errors import BundleError, ConfigError
+from edgegpt.errors import BundleError, ConfigError, DataError
+from edgegpt.tokenizer import chat_template_of, read_tokenizer_config
 
-__all__ = ["DEFAULT", "TOKENIZER_CONFIG", "ChatTemplate"]
+__all__ = ["ChatTemplate"]
 
-TOKENIZER_CONFIG = "tokenizer_config.json"
-DEFAULT = "default"
 _ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 
 
 class ChatTemplate:
-    """Render messages ([{"role", "content"}]) to prompt text; `source` is a Jinja template or None (DEFAULT).
+    """Render messages ([{"role", "content"}]) to prompt text; `source` is a Jinja template or None (the default).
 
     >>> t = ChatTemplate()
     >>> t.render([{"role": "user", "content": "hi"}])
@@ -46,28 +44,16 @@ class ChatTemplate:
         self.stop: tuple[str, ...] = ("\nUser:",) if source is None else ()
         self._compiled = None if source is None else _compile(source)
 
-    @property
-    def name(self) -> str:
-        return DEFAULT if self.source is None else "the bundle's chat_template"
-
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path) -> "ChatTemplate":
-        """The template in the bundle's tokenizer_config.json, or DEFAULT when it has none."""
-        path = Path(bundle_dir) / TOKENIZER_CONFIG
-        if not path.is_file():
-            return cls()
+        """The template in the bundle's tokenizer_config.json, or the default when it has none."""
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"{path}: cannot read it as JSON ({exc})") from None
-        source = config.get("chat_template") if isinstance(config, dict) else None
+            config = read_tokenizer_config(bundle_dir)
+            source = chat_template_of(config)
+        except DataError as exc:
+            raise BundleError(f"{Path(bundle_dir)}: {exc}") from None
         if source is None:
             return cls()
-        if isinstance(source, list):  # the named-templates form: [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-            source = named.get("default")
-        if not isinstance(source, str):
-            raise BundleError(f"{path}: chat_template must be a Jinja string (or a list with a 'default' entry)")
         return cls(source, _token(config.get("bos_token")), _token(config.get("eos_token")))
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:

@@ -34,7 +34,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -163,7 +163,7 @@ class _Request:
         return self.state.session_s
 
     def __iter__(self) -> Iterator[list[str]]:
-        rows, block, state = self.rows, self.gen.config.block_size, self.state
+        rows, state = self.rows, self.state
         if self.max_new == 0:
             for row in rows:
                 row.finish("length")

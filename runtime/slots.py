@@ -70,7 +70,6 @@ class SlotBatch:
         self._logits = np.empty((slots, 1, c.vocab_size), dtype=logits_dtype)
         self._logits_value = None
         self._bound_rows = 0  # rows [0, k) bound for the decode step last time (0: nothing bound yet)
-        self.lengths = [0] * slots
         self.tokens: list[list[int]] = [[] for _ in range(slots)]
         self.steps, self.session_s = 0, 0.0
 
@@ -83,7 +82,7 @@ class SlotBatch:
         """
         self._check_slot(slot)
         tokens = check_ids(tokens, self.vocab_size)
-        start, count = self.lengths[slot], len(tokens)
+        start, count = len(self.tokens[slot]), len(tokens)
         if not count:
             raise PromptError("prefill needs at least one token")
         self._check_room(slot, count)
@@ -98,7 +97,6 @@ class SlotBatch:
             binding.bind_rows(present, buffer, self._shape, self._dtype, slot, 1, output=True)
         self._run(binding)
         self._mask[slot, start : start + count] = 1
-        self.lengths[slot] += count
         self.tokens[slot].extend(tokens)
         return binding.outputs()[0].numpy()[0, -1]  # (1, T, V) -> (V,)
 
@@ -112,14 +110,14 @@ class SlotBatch:
         for slot, token in tokens.items():
             self._check_slot(slot)
             self._check_room(slot, 1)
-            if not self.lengths[slot]:
+            if not self.tokens[slot]:
                 raise PromptError(f"slot {slot} is empty: prefill it first")
             check_ids([token], self.vocab_size)
         rows = max(tokens) + 1
         riders = [b for b in range(rows) if b not in tokens]
         for b, token in tokens.items():
-            self._ids[b, 0], self._positions[b, 0] = token, self.lengths[b]
-            self._mask[b, self.lengths[b]] = 1
+            self._ids[b, 0], self._positions[b, 0] = token, len(self.tokens[b])
+            self._mask[b, len(self.tokens[b])] = 1
         for b in riders:  # a dummy in the scratch column: the row's cache is neither read nor written
             self._mask[b] = 0
             self._mask[b, -1] = 1
@@ -132,19 +130,17 @@ class SlotBatch:
         finally:
             for b in riders:  # back at rest
                 self._mask[b] = 0
-                self._mask[b, : self.lengths[b]] = 1
+                self._mask[b, : len(self.tokens[b])] = 1
         for b, token in tokens.items():
-            self.lengths[b] += 1
             self.tokens[b].append(token)
         return self._logits[:rows, 0]
 
     def rewind(self, slot: int, length: int) -> None:
         """Forget `slot`'s positions from `length` on (0 empties it); the cache keeps [0, length)."""
         self._check_slot(slot)
-        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.lengths[slot]:
-            raise PromptError(f"rewind takes a length in 0..{self.lengths[slot]} (slot {slot}'s positions), got {length!r}")
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(self.tokens[slot]):
+            raise PromptError(f"rewind takes a length in 0..{len(self.tokens[slot])} (slot {slot}'s positions), got {length!r}")
         self._mask[slot, length:] = 0
-        self.lengths[slot] = length
         del self.tokens[slot][length:]
 
     def _bind_decode(self, rows: int) -> None:
@@ -161,6 +157,11 @@ class SlotBatch:
             binding.bind_rows(present, buffer, self._shape, self._dtype, 0, rows, output=True)
         self._bound_rows = rows
 
+    @property
+    def lengths(self) -> list[int]:
+        """Positions each slot holds (its tokens as fed)."""
+        return [len(row) for row in self.tokens]
+
     def _run(self, binding: Binding) -> None:
         start = time.perf_counter()
         binding.run()
@@ -172,7 +173,7 @@ class SlotBatch:
             raise PromptError(f"slot must be in 0..{self.slots - 1}, got {slot!r}")
 
     def _check_room(self, slot: int, count: int) -> None:
-        if self.lengths[slot] + count > self.capacity:
+        if len(self.tokens[slot]) + count > self.capacity:
             raise ContextLengthError(
-                f"{count} new tokens after {self.lengths[slot]} exceed slot {slot}'s capacity of {self.capacity} positions"
+                f"{count} new tokens after {len(self.tokens[slot])} exceed slot {slot}'s capacity of {self.capacity} positions"
             )

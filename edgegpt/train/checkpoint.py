@@ -27,12 +27,12 @@ from safetensors.torch import load_file, save_file
 from edgegpt.config import GPTConfig
 from edgegpt.errors import CheckpointError, ConfigError, DataError
 from edgegpt.files import recover, staged_dir
-from edgegpt.tokenizer import load_tokenizer
+from edgegpt.tokenizer import CHAT_TEMPLATE_FILE, load_tokenizer
 from edgegpt.train.model import SimpleGPT
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 TRAIN_STATE_PT, TRAIN_STATE_JSON = "train_state.pt", "train_state.json"
-CHAT_TEMPLATE = "chat_template.jinja"  # optional: the model's own chat template (Hugging Face's file name)
+CHAT_TEMPLATE = CHAT_TEMPLATE_FILE  # optional: the model's own chat template (Hugging Face's file name)
 TIED = "lm_head.weight"  # same tensor as tok_emb.weight; not stored twice
 
 

@@ -49,9 +49,9 @@ from edgegpt.train.checkpoint import (
     save_checkpoint,
 )
 from edgegpt.config import GPTConfig
-from edgegpt.errors import CheckpointError, ConfigError
+from edgegpt.errors import CheckpointError, ConfigError, DataError
 from edgegpt.files import recover, staged_dir
-from edgegpt.tokenizer import EOT  # GPT-2's end-of-text token: bos and eos in its config
+from edgegpt.tokenizer import EOT, chat_template_of, read_tokenizer_config  # EOT: GPT-2's bos and eos
 from edgegpt.train.model import SimpleGPT
 
 __all__ = ["import_hf", "export_hf", "EOT"]
@@ -314,18 +314,15 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
 
 
 def _read_chat_template(src: Path) -> str | None:
-    """The model's chat template: chat_template.jinja, else tokenizer_config.json's `chat_template` (a string,
-    or the named-templates list's "default"); None when it has none."""
+    """The model's chat template: chat_template.jinja, else tokenizer_config.json's `chat_template`; None when it
+    has none. One that cannot be read is dropped with a warning: the weights import without it."""
     if (src / CHAT_TEMPLATE).is_file():
         return (src / CHAT_TEMPLATE).read_text(encoding="utf-8")
     try:
-        config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return chat_template_of(read_tokenizer_config(src))
+    except DataError as exc:
+        log.warning("%s: no chat template kept (%s)", src, exc)
         return None
-    template = config.get("chat_template") if isinstance(config, dict) else None
-    if isinstance(template, list):
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
-    return template if isinstance(template, str) else None
 
 
 def _hf_config(config: GPTConfig, eot: int | None) -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """`bench_server`: what `edgegpt serve` delivers to concurrent clients, measured from the outside.
 
-`edgegpt bench BUNDLE --serve-clients 1,4,8,16` runs it. It starts the real server (`edgegpt serve`, its
-own process, on a free 127.0.0.1 port, `slots` = the largest client count) and measures, per client
-count c: c threads, each sending `requests` streamed completions one after another (seeded random prompt
-ids of `prompt_tokens`, `new_tokens` greedy tokens, end-of-text ignored, so every request produces
-exactly that many):
+`edgegpt bench BUNDLE --serve-clients 1,4,8,16` runs it. It starts the real server (`edgegpt serve` in its
+own process, `process.running_server`, on a free 127.0.0.1 port, `slots` = the largest client count) and
+measures, per client count c: c threads, each sending `requests` streamed completions one after another
+(seeded random prompt ids of `prompt_tokens`, `new_tokens` greedy tokens, end-of-text ignored, so every
+request produces exactly that many):
 
 - aggregate generated tokens/s: all tokens / wall time of the round;
 - time to first token p50 / p95: request sent -> first streamed token;
@@ -26,11 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,7 @@ import numpy as np
 
 from edgegpt.checks import check_int
 from edgegpt.errors import ConfigError
+from edgegpt.runtime.serve.process import running_server
 
 __all__ = ["ServeBenchConfig", "bench_server", "markdown"]
 
@@ -89,7 +87,9 @@ def bench_server(bundle: str | Path, config: ServeBenchConfig = ServeBenchConfig
     del gen  # the server process gets the cores and the memory
     result: dict[str, Any] = {"bundle": str(bundle), "config": asdict(config),
                               "generator_tokens_per_s": statistics.median(alone), "rows": []}  # fmt: skip
-    with _server(bundle, slots=max(config.clients), threads=config.threads, spinning=config.spinning) as base:
+    args = [str(bundle), "--slots", str(max(config.clients)), "--provider", "cpu", "--queue", "1024",
+            "--spinning" if config.spinning else "--no-spinning", *(["--threads", str(config.threads)] if config.threads else [])]
+    with running_server(args) as (base, _):
         with httpx.Client(base_url=base, timeout=600) as http:
             _stream(http, prompts[0], config.new_tokens)  # warm-up
             for clients in config.clients:
@@ -187,37 +187,6 @@ def _chat(http: httpx.Client, messages: list[dict], new_tokens: int) -> tuple[fl
                     text.append(chunk["choices"][0]["delta"]["content"])
     cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
     return (first or time.perf_counter()) - start, "".join(text), cached, usage.get("prompt_tokens", 0)
-
-
-@contextmanager
-def _server(bundle: str | Path, slots: int, threads: int | None, spinning: bool):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "edgegpt.cli", "serve", str(bundle), "--port", str(port), "--slots", str(slots),
-           "--provider", "cpu", "--queue", "1024", "--spinning" if spinning else "--no-spinning"]
-    cmd += ["--threads", str(threads)] if threads else []
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {proc.stderr.read()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not become healthy in 300 s")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def markdown(result: dict[str, Any]) -> str:

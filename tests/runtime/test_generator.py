@@ -14,13 +14,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from edgegpt.errors import BundleError, ConfigError, ContextLengthError, ProviderError, SamplingError
 from edgegpt.manifest import MANIFEST_NAME, write_manifest
-from edgegpt.runtime import Bundle, Generator, PromptError, SamplingConfig, UnknownParameterError
+from edgegpt.runtime import Bundle, Generator, PromptError, UnknownParameterError
 from edgegpt.runtime import generator as generator_module
 from edgegpt.runtime import providers
 from edgegpt.runtime.cli import chat_command, generate_command

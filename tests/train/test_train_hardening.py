@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ import edgegpt.train.hf as hf_mod
 import edgegpt.train.trainer as trainer_mod
 from edgegpt import files
 from edgegpt.cli import main
-from edgegpt.errors import CheckpointError, StorageError
+from edgegpt.errors import CheckpointError
 from edgegpt.files import aside
 from edgegpt.train.checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from edgegpt.train.hf import export_hf, import_hf

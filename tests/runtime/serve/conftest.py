@@ -3,55 +3,27 @@
 from __future__ import annotations
 
 import contextlib
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from edgegpt.runtime.serve import process as serve_process
 
 
 @contextlib.contextmanager
 def running_server(bundle, *flags: str, process: list | None = None, python: str = sys.executable):
-    """Start the server, wait for /health 200 (60 s at most), yield its base URL; SIGTERM must end it with 0.
+    """Serve `bundle` as "tiny", wait for /health (60 s at most), yield its base URL; SIGTERM must end it with 0.
 
     `process`: a list that receives the Popen, for tests that signal the server themselves.
     `python`: the interpreter whose venv's `edgegpt` runs it (another venv's, not this source tree).
     """
-    port = free_port()
-    cmd = [str(Path(python).parent / "edgegpt"), "serve", "--model", f"tiny={bundle}", "--port", str(port),
-           "--provider", "cpu", "--threads", "2", *flags]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if process is not None:
-        process.append(proc)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the server did not become healthy in 60 s"
-            time.sleep(0.2)
+    args = ["--model", f"tiny={bundle}", "--provider", "cpu", "--threads", "2", *flags]
+    with serve_process.running_server(args, edgegpt=Path(python).parent / "edgegpt", ready_s=60) as (base, proc):
+        if process is not None:
+            process.append(proc)
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert code == 0, proc.stdout.read()
+    assert proc.returncode == 0, proc.stderr.read()
 
 
 @pytest.fixture(scope="session")
