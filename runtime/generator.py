@@ -36,7 +36,7 @@ from edgegpt.runtime.logprobs import TokenLogprob
 from edgegpt.runtime.providers import CUDA, SessionConfig, create_session
 from edgegpt.runtime.sampling import Sampler, SamplingConfig
 from edgegpt.runtime.slots import SlotBatch
-from edgegpt.runtime.speculative import Drafter, ModelDrafter, Speculative, accept, check_request, draw, probabilities
+from edgegpt.runtime.speculative import Drafter, LookupDrafter, ModelDrafter, Speculative, accept, check_request, draw, probabilities
 from edgegpt.tokenizer import IncrementalDecoder
 
 __all__ = ["GenerationResult", "Generator", "TextStream", "Timings"]
@@ -152,7 +152,7 @@ class _Request:
         self.drafter: Drafter | None = None
         if speculative is not None:
             cut = gen.sampled_vocab_size
-            self.drafter = (Drafter(speculative, config, cut) if speculative.lookup
+            self.drafter = (LookupDrafter(speculative, config, cut) if speculative.lookup
                             else ModelDrafter(speculative, config, cut, gen, capacity))  # fmt: skip
         self.next_ids = np.empty((len(prompts), 1), dtype=np.int64)
         self.context_shifts = self.cached_tokens = 0

@@ -44,8 +44,8 @@ class Speculative:
         lookup: draft by prompt lookup (the continuation of the most recent earlier match of the last tokens).
         draft: or a draft `Generator` (a smaller model with the same tokenizer).
         draft_tokens: the most tokens drafted per round; the round's k adapts (halved after a round with
-            nothing accepted, one more after a round with everything accepted; failures at k = 1 pause
-            drafting for a number of plain steps that adapts too, see `Drafter`).
+            nothing accepted, one more after a round with everything accepted; a failure at k = 1 backs off,
+            see `LookupDrafter` and `ModelDrafter`).
         lookup_ngram: the longest suffix matched by lookup (then shorter ones, down to 1).
 
     >>> Speculative(lookup=True).draft_tokens
@@ -106,11 +106,44 @@ def tokenizer_sha256(gen) -> str:
     return gen.bundle.manifest["files"][name]["sha256"]
 
 
-def lookup_draft(history: Sequence[int], k: int, ngram: int = 3) -> list[int]:
-    """The k tokens that followed the most recent earlier occurrence of history's last n tokens (n = ngram..1).
+class NgramIndex:
+    """Where each n-gram (n = 1..ngram) of a growing token list last ended, for prompt lookup.
 
-    A match close to the end overlaps the suffix: its continuation runs on through the drafts themselves,
-    so a text that repeats with a short period drafts k tokens of that period, not the few before the end.
+    `draft` indexes only the tokens added since its last call, so a step costs O(ngram) whatever the length;
+    a scan of the whole text per step grew with it (about 20 us at 256 tokens and 100 us at 1024 in Python,
+    4 % of an int4 `small` step). The list must only grow between calls (a request's prompt and tokens).
+    """
+
+    def __init__(self, ngram: int = 3):
+        self.ngram = ngram
+        self.ends: dict[tuple[int, ...], int] = {}  # n-gram -> index of its last token, for ends < self.indexed
+        self.indexed = 0
+
+    def draft(self, history: Sequence[int], k: int) -> list[int]:
+        """The k tokens that followed the most recent earlier occurrence of history's last n tokens (n = ngram..1).
+
+        A match close to the end overlaps the suffix: its continuation runs on through the drafts themselves,
+        so a text that repeats with a short period drafts k tokens of that period, not the few before the end.
+        """
+        size = len(history)
+        for end in range(self.indexed, size - 1):  # every n-gram that ends before the last token
+            for n in range(1, min(self.ngram, end + 1) + 1):
+                self.ends[tuple(history[end - n + 1 : end + 1])] = end
+        self.indexed = max(self.indexed, size - 1)
+        if k < 1:
+            return []
+        for n in range(min(self.ngram, size - 1), 0, -1):
+            end = self.ends.get(tuple(history[size - n :]))
+            if end is not None:
+                extended = list(history[end + 1 : end + 1 + k])
+                while len(extended) < k:  # past the end: the text so far followed by these drafts
+                    extended.append(extended[end + 1 + len(extended) - size])
+                return extended
+        return []
+
+
+def lookup_draft(history: Sequence[int], k: int, ngram: int = 3) -> list[int]:
+    """`NgramIndex.draft` on a fresh index: the k tokens that followed the last match of history's end.
 
     >>> lookup_draft([5, 6, 7, 1, 2, 5, 6], 3)
     [7, 1, 2]
@@ -119,20 +152,7 @@ def lookup_draft(history: Sequence[int], k: int, ngram: int = 3) -> list[int]:
     >>> lookup_draft([1, 2, 3], 2)
     []
     """
-    size = len(history)
-    if k < 1 or size < 2:
-        return []
-    history = list(history)
-    last = history[-1]
-    for n in range(min(ngram, size - 1), 0, -1):
-        suffix = history[size - n :]
-        for end in range(size - 2, n - 2, -1):  # end: the match's last index, before the suffix's own
-            if history[end] == last and history[end - n + 1 : end + 1] == suffix:
-                extended = history[end + 1 : end + 1 + k]
-                while len(extended) < k:  # past the end: the text so far followed by these drafts
-                    extended.append(extended[end + 1 + len(extended) - size])
-                return extended
-    return []
+    return NgramIndex(ngram).draft(history, k)
 
 
 def probabilities(logits: np.ndarray, scale: float) -> np.ndarray:
@@ -175,58 +195,96 @@ def accept(p: np.ndarray, draft: int, q: np.ndarray | None, rng: np.random.Gener
     return draw(residual, rng)
 
 
-MAX_PAUSE = 32  # plain steps at most between two drafting rounds while drafts keep failing
-
-
 class Drafter:
     """Proposes draft tokens and adapts k; `propose(history, limit, rng)` -> (drafts, their q rows or None).
 
     k halves after a round with nothing accepted and grows by one after a fully accepted round. A failed
-    round at k = 1 also pauses drafting for 1, 2, 4, ... `MAX_PAUSE` plain steps (the pause doubles with
-    each such failure and halves with each round that keeps a draft, so a rare lucky draft does not bring
-    back frequent rounds): on text the drafts cannot predict, a round still costs a 2-token call (1.2-1.6x
-    a step, docs/benchmarks.md) for about one token, so drafting becomes rare instead of constant.
-
-    >>> d = Drafter(Speculative(lookup=True, draft_tokens=2), None, 0)
-    >>> for _ in range(3): d.record(d.k, 0)
-    >>> d.k, d.pause, [d.propose([1, 2, 1], 4, None)[0] for _ in range(3)]
-    (1, 2, [[], [], [2]])
+    round at k = 1 means the text is not predictable here: on such text a round still costs a 2-token call
+    (1.2-2x a step at 12 M parameters, docs/benchmarks.md) for about one token, so each source backs off in
+    its own way (`rest`) until drafts look worth a call again.
     """
 
     def __init__(self, spec: Speculative, config, cut: int):
         self.most, self.k = spec.draft_tokens, spec.draft_tokens
-        self.ngram, self.config, self.cut = spec.lookup_ngram, config, cut
+        self.config, self.cut = config, cut
         self.scale = 1.0 / config.temperature if config is not None and config.temperature else 0.0
         self.drafted = self.accepted = 0
-        self.pause = self.resting = 0  # the current pause's length, and the plain steps left of it
 
     def record(self, drafted: int, accepted: int) -> None:
-        """Count a verified round and adapt k (and the pause) as the class says."""
+        """Count a verified round and adapt k as the class says."""
         self.drafted += drafted
         self.accepted += accepted
         if accepted == 0:
             if self.k == 1:
-                self.pause = min(2 * self.pause or 1, MAX_PAUSE)
-                self.resting = self.pause
+                self.rest()
             self.k = max(1, self.k // 2)
         else:
-            self.pause //= 2
+            self.kept()
             if accepted == drafted:
                 self.k = min(self.most, self.k + 1)
 
-    def propose(self, history: list[int], limit: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
-        """Up to min(k, limit) drafts after `history`; none while a pause lasts (each call is one plain step)."""
-        if self.resting:
-            self.resting -= 1
-            return [], None
-        return self.draft(history, min(self.k, limit), rng)
+    def rest(self) -> None:
+        """Back off after a failed round at k = 1."""
 
-    def draft(self, history: list[int], k: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
-        return lookup_draft(history, k, self.ngram), None
+    def kept(self) -> None:
+        """A round kept at least one draft."""
+
+    def propose(self, history: list[int], limit: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
+        """Up to min(k, limit) drafts after `history` (none while backing off: the caller takes a plain step)."""
+        raise NotImplementedError
+
+
+WATCH_HITS = 2  # right lookups in a row, while watching, that bring drafting back
+
+
+class LookupDrafter(Drafter):
+    """Drafts by prompt lookup; after a failed round at k = 1 it watches instead of drafting.
+
+    While watching, every plain step still looks up one draft (no model call, O(ngram) with `NgramIndex`)
+    and checks it against the token the step produced; drafting resumes once `WATCH_HITS` of them in a row
+    were right. A watched draft is right exactly as often as a verified one would be kept: greedy keeps a
+    draft that is the argmax, and sampling keeps a point mass x with probability p(x), the chance that the
+    plain step draws x. So watching measures acceptance for free, and on text that lookup cannot predict
+    (free text, sampled) speculation costs almost nothing instead of one failed 2-token call now and then.
+    Which steps draft depends only on tokens already emitted, so the output's distribution is unchanged.
+
+    >>> d = LookupDrafter(Speculative(lookup=True, draft_tokens=2), None, 0)
+    >>> d.record(2, 0); d.record(1, 0)  # k halves to 1, then fails: watch
+    >>> text = [1, 2, 1, 3, 1, 3, 1]  # watched guesses: 2 (wrong), none, 3 (right), 1 (right): draft again
+    >>> [d.propose(text[:n], 4, None)[0] for n in range(3, 8)]
+    [[], [], [], [], [3]]
+    """
+
+    def __init__(self, spec: Speculative, config, cut: int):
+        super().__init__(spec, config, cut)
+        self.index = NgramIndex(spec.lookup_ngram)
+        self.watching, self.hits, self.guess = False, 0, None
+
+    def rest(self) -> None:
+        self.watching, self.hits, self.guess = True, 0, None
+
+    def propose(self, history: list[int], limit: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
+        if self.watching:
+            if self.guess is not None:  # guessed at the last call, for the token the plain step then added
+                self.hits = self.hits + 1 if history[-1] == self.guess else 0
+            if self.hits < WATCH_HITS:
+                guess = self.index.draft(history, 1)
+                self.guess = guess[0] if guess else None
+                return [], None
+            self.watching = False
+        return self.index.draft(history, min(self.k, limit)), None
+
+
+MAX_PAUSE = 32  # plain steps at most between two draft-model rounds while its drafts keep failing
 
 
 class ModelDrafter(Drafter):
-    """Drafts with a smaller model on its own `DecodeState`, rewound to the common prefix with the text each round."""
+    """Drafts with a smaller model on its own `DecodeState`, rewound to the common prefix with the text each round.
+
+    Watching would cost a draft call per step, so a failed round at k = 1 pauses drafting instead, for 1, 2,
+    4, ... `MAX_PAUSE` plain steps: the pause doubles with each such failure and halves with each round that
+    keeps a draft, so a rare lucky draft does not bring back frequent rounds.
+    """
 
     def __init__(self, spec: Speculative, config, cut: int, target, capacity: int):
         super().__init__(spec, config, cut)
@@ -248,12 +306,24 @@ class ModelDrafter(Drafter):
                 f"lower max_new_tokens or use a draft with a longer context"
             )
         self.state = draft.new_state(capacity=capacity)
+        self.pause = self.resting = 0  # the current pause's length, and the plain steps left of it
 
     @property
     def steps(self) -> int:
         return self.state.steps
 
-    def draft(self, history: list[int], k: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
+    def rest(self) -> None:
+        self.pause = min(2 * self.pause or 1, MAX_PAUSE)
+        self.resting = self.pause
+
+    def kept(self) -> None:
+        self.pause //= 2
+
+    def propose(self, history: list[int], limit: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
+        if self.resting:  # each call while resting is one plain step
+            self.resting -= 1
+            return [], None
+        k = min(self.k, limit)
         if k < 1:
             return [], None
         state, held = self.state, self.state.tokens[0]

@@ -85,10 +85,58 @@ def test_lookup_proposes_what_followed_the_most_recent_match():
     assert lookup_draft([1, 2, 3, 4], 3) == [] and lookup_draft([1], 3) == [] and lookup_draft([1, 1], 0) == []
 
 
-def test_k_adapts_and_failing_drafts_pause_for_longer_each_time():
-    from edgegpt.runtime.speculative import MAX_PAUSE, Drafter
+def _scan(history: list[int], k: int, ngram: int) -> list[int]:
+    """Prompt lookup by a scan of the whole text, the oracle for the incremental index."""
+    size = len(history)
+    for n in range(min(ngram, size - 1), 0, -1):
+        for end in range(size - 2, n - 2, -1):  # the most recent match first
+            if history[end - n + 1 : end + 1] == history[size - n :]:
+                text = list(history)
+                while len(text) < end + 1 + k:  # a continuation past the end runs on through its own drafts
+                    text.append(text[len(text) - size + end + 1])
+                return text[end + 1 : end + 1 + k]
+    return []
 
-    drafter, history = Drafter(Speculative(lookup=True, draft_tokens=4), None, 0), [1, 2, 3, 1, 2]
+
+def test_the_incremental_index_drafts_what_a_scan_of_the_text_drafts():
+    from edgegpt.runtime.speculative import NgramIndex
+
+    rng = np.random.default_rng(0)
+    for vocab, ngram in ((3, 3), (8, 2), (50, 4)):
+        text, index = [int(t) for t in rng.integers(vocab, size=3)], NgramIndex(ngram)
+        for _ in range(120):  # the text grows by one token or by a few (a verified round) between calls
+            k = int(rng.integers(0, 6))
+            assert index.draft(text, k) == _scan(text, k, ngram), (text, k, ngram)
+            text += [int(t) for t in rng.integers(vocab, size=int(rng.integers(1, 4)))]
+
+
+def test_k_adapts_and_a_failing_lookup_watches_until_its_guesses_come_right():
+    from edgegpt.runtime.speculative import WATCH_HITS, LookupDrafter
+
+    drafter, text = LookupDrafter(Speculative(lookup=True, draft_tokens=4), None, 0), [1, 2, 3, 1, 2]
+    assert drafter.propose(text, 8, None)[0] == [3, 1, 2, 3]
+    assert drafter.propose(text, 2, None)[0] == [3, 1]  # no more than the room left
+    drafter.record(4, 0)
+    drafter.record(2, 0)
+    assert drafter.k == 1 and drafter.propose(text, 8, None)[0] == [3]  # halved twice, still drafting
+    drafter.record(1, 0)  # a failure at k = 1: watch
+    proposals = []
+    for token in [9, 10, 11, 12, 3, 1, 2]:  # plain steps: four tokens lookup cannot guess, then 3 1 2 again
+        text = text + [token]
+        proposals.append(drafter.propose(text, 8, None)[0])
+    # guesses: none (9..12 are new), 1 after 3 (right), 2 after 3 1 (right): WATCH_HITS in a row, so it
+    # drafts again at k = 1, what followed 3 1 2 before
+    assert proposals == [[]] * (4 + WATCH_HITS) + [[9]] and WATCH_HITS == 2
+    drafter.record(1, 1)
+    assert drafter.k == 2 and (drafter.drafted, drafter.accepted) == (4 + 2 + 1 + 1, 1)
+
+
+def test_a_failing_draft_model_pauses_for_longer_each_time(gqa):
+    from edgegpt.runtime.speculative import MAX_PAUSE, ModelDrafter
+    from edgegpt.runtime.sampling import SamplingConfig
+
+    spec, history = Speculative(draft=gqa, draft_tokens=4), [1, 2, 3, 1, 2]
+    drafter = ModelDrafter(spec, SamplingConfig(), gqa.sampled_vocab_size, gqa, 16)
 
     def plain_steps_before_a_draft() -> int:
         steps = 0
@@ -100,7 +148,7 @@ def test_k_adapts_and_failing_drafts_pause_for_longer_each_time():
     assert drafter.k == 4 and plain_steps_before_a_draft() == 0  # already at draft_tokens
     drafter.record(4, 0)
     drafter.record(2, 0)
-    assert drafter.k == 1 and drafter.propose(history, 8, None)[0] == [3]  # halved, no pause yet
+    assert drafter.k == 1 and len(drafter.propose(history, 8, None)[0]) == 1  # halved, no pause yet
     pauses = []
     for _ in range(8):
         drafter.record(1, 0)  # a failure at k = 1: a pause, twice the last one
