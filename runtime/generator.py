@@ -224,8 +224,9 @@ class _Request:
         while row.finish_reason is None:
             room = min(self.max_new - len(row.tokens), state.capacity - state.length - 1)
             drafts, qs = drafter.propose(row.prompt + row.tokens, room, row.sampler.rng)
-            if not drafts:  # nothing to verify: a plain decode step
-                yield [row.sample(state.feed([row.tokens[-1]])[0])]
+            if not drafts:  # nothing to verify: a plain decode step, through feed's (1, 1) array fast path
+                self.next_ids[0, 0] = row.tokens[-1]
+                yield [row.sample(state.feed(self.next_ids)[0])]
                 continue
             base = state.length
             state.feed([row.tokens[-1], *drafts])

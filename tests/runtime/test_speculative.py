@@ -110,25 +110,35 @@ def test_the_incremental_index_drafts_what_a_scan_of_the_text_drafts():
             text += [int(t) for t in rng.integers(vocab, size=int(rng.integers(1, 4)))]
 
 
-def test_k_adapts_and_a_failing_lookup_watches_until_its_guesses_come_right():
+def test_lookup_watches_first_and_after_failing_then_drafts_once_its_guesses_come_right():
     from edgegpt.runtime.speculative import WATCH_HITS, LookupDrafter
 
-    drafter, text = LookupDrafter(Speculative(lookup=True, draft_tokens=4), None, 0), [1, 2, 3, 1, 2]
-    assert drafter.propose(text, 8, None)[0] == [3, 1, 2, 3]
-    assert drafter.propose(text, 2, None)[0] == [3, 1]  # no more than the room left
+    drafter, text = LookupDrafter(Speculative(lookup=True, draft_tokens=4), None, 0), [1, 2, 3, 1]
+
+    def plain_steps(tokens: list[int]) -> list[list[int]]:
+        """Add the tokens one plain step at a time; -> what each step proposed."""
+        proposals = []
+        for token in tokens:
+            text.append(token)
+            proposals.append(drafter.propose(list(text), 8, None)[0])
+        return proposals
+
+    # watching from the start; guesses: none after 5, 5 after 1 (wrong), 3 after 1 2 (right), 1 after 2 3
+    # (right): WATCH_HITS in a row, so it drafts at k = 1 what followed 2 3 1 before
+    assert plain_steps([5, 1, 2, 3, 1]) == [[]] * 4 + [[5]] and WATCH_HITS == 2
+    drafter.record(1, 1)
+    drafter.record(2, 2)
+    drafter.record(3, 3)
+    assert drafter.k == 4 and drafter.propose(text, 8, None)[0] == [5, 1, 2, 3]  # grown to draft_tokens
+    assert drafter.propose(text, 2, None)[0] == [5, 1]  # no more than the room left
     drafter.record(4, 0)
     drafter.record(2, 0)
-    assert drafter.k == 1 and drafter.propose(text, 8, None)[0] == [3]  # halved twice, still drafting
-    drafter.record(1, 0)  # a failure at k = 1: watch
-    proposals = []
-    for token in [9, 10, 11, 12, 3, 1, 2]:  # plain steps: four tokens lookup cannot guess, then 3 1 2 again
-        text = text + [token]
-        proposals.append(drafter.propose(text, 8, None)[0])
-    # guesses: none (9..12 are new), 1 after 3 (right), 2 after 3 1 (right): WATCH_HITS in a row, so it
-    # drafts again at k = 1, what followed 3 1 2 before
-    assert proposals == [[]] * (4 + WATCH_HITS) + [[9]] and WATCH_HITS == 2
+    assert drafter.k == 1 and drafter.propose(text, 8, None)[0] == [5]  # halved twice, still drafting
+    drafter.record(1, 0)  # a failure at k = 1: watch again
+    # guesses: none (9..12 are new), 1 after 3 (right), 9 after 3 1 (right): drafts what followed 3 1 9 before
+    assert plain_steps([9, 10, 11, 12, 3, 1, 9]) == [[]] * (4 + WATCH_HITS) + [[10]]
     drafter.record(1, 1)
-    assert drafter.k == 2 and (drafter.drafted, drafter.accepted) == (4 + 2 + 1 + 1, 1)
+    assert drafter.k == 2 and (drafter.drafted, drafter.accepted) == (1 + 2 + 3 + 4 + 2 + 1 + 1, 1 + 2 + 3 + 1)
 
 
 def test_a_failing_draft_model_pauses_for_longer_each_time(gqa):
@@ -256,17 +266,26 @@ def _chi_square(a: Counter, b: Counter) -> tuple[float, int]:
     return stat, len(keys) - 1
 
 
-@pytest.mark.parametrize("source", ["lookup", "draft"])
-def test_sampling_matches_plain_sampling_in_distribution(mha, other_draft, source):
-    spec = Speculative(lookup=True, draft_tokens=2) if source == "lookup" else Speculative(draft=other_draft, draft_tokens=2)
+@pytest.mark.parametrize("source", ["lookup", "lookup, watching", "draft"])
+def test_sampling_matches_plain_sampling_in_distribution(mha, other_draft, source, monkeypatch):
+    from edgegpt.runtime import speculative
+
+    by_draft = source == "draft"
+    spec = Speculative(lookup=not by_draft, draft=other_draft if by_draft else None, draft_tokens=2)
     ids, n = mha.encode("x = 1\ny = 2\nx = "), 1500
     ids += mha.generate_ids(ids, max_new_tokens=8, ignore_eos=True).tokens  # lookup then drafts likely tokens
-    knobs = dict(max_new_tokens=3, temperature=0.3, ignore_eos=True)  # the random model is flat: sharpen it
+    # The first token is the prompt's own draw; drafts are verified from the second on, except that prompt
+    # lookup watches two plain steps first (it then drafts only where its guesses were right, so the rule
+    # itself is checked with watching off: it drafts at every step).
+    positions = (3, 4) if source == "lookup, watching" else (1, 2)
+    if source == "lookup":
+        monkeypatch.setattr(speculative, "WATCH_HITS", 0)
+    knobs = dict(max_new_tokens=positions[-1] + 1, temperature=0.3, ignore_eos=True)  # the random model is flat
     plain = [mha.generate_ids(ids, seed=s, **knobs).tokens for s in range(n)]
     fast = [mha.generate_ids(ids, seed=n + s, speculative=spec, **knobs) for s in range(n)]
     drafted, accepted = sum(r.drafted_tokens for r in fast), sum(r.accepted_tokens for r in fast)
     assert 0 < accepted < drafted  # both branches of the rule ran
-    for position in (1, 2):  # the tokens that went through the rule (the first is the prompt's own draw)
+    for position in positions:  # tokens that went through the rule
         stat, df = _chi_square(Counter(t[position] for t in plain), Counter(r.tokens[position] for r in fast))
         assert 1 <= df <= 30 and stat < CHI2_999[df - 1], (position, stat, df)
 
