@@ -110,9 +110,9 @@ def tokenizer_sha256(gen) -> str:
 class NgramIndex:
     """Where each n-gram (n = 1..ngram) of a growing token list last ended, for prompt lookup.
 
-    `draft` indexes only the tokens added since its last call, so a step costs O(ngram) whatever the length;
-    a scan of the whole text per step grew with it (about 20 us at 256 tokens and 100 us at 1024 in Python,
-    4 % of an int4 `small` step). The list must only grow between calls (a request's prompt and tokens).
+    `draft` indexes only the tokens added since its last call, so a step costs O(ngram) whatever the length,
+    where a scan of the whole text would grow with it (docs/design.md). The list must only grow between
+    calls (a request's prompt and tokens).
     """
 
     def __init__(self, ngram: int = 3):
@@ -200,9 +200,9 @@ class Drafter:
     """Proposes draft tokens and adapts k; `propose(history, limit, rng)` -> (drafts, their q rows or None).
 
     k halves after a round with nothing accepted and grows by one after a fully accepted round. A failed
-    round at k = 1 means the text is not predictable here: on such text a round still costs a 2-token call
-    (1.2-2x a step at 12 M parameters, docs/benchmarks.md) for about one token, so each source backs off in
-    its own way (`rest`) until drafts look worth a call again.
+    round at k = 1 means the text is not predictable here: on such text a round still costs a 2-token call,
+    more than a plain step, for about one token, so each source backs off in its own way (`rest`) until
+    drafts look worth a call again.
     """
 
     def __init__(self, spec: Speculative, config, cut: int):
@@ -249,8 +249,8 @@ class LookupDrafter(Drafter):
     plain step draws x. So watching measures acceptance for free, and on text that lookup cannot predict
     (free text, sampled) speculation costs almost nothing instead of one failed 2-token call now and then.
     Which steps draft depends only on tokens already emitted, so the output's distribution is unchanged.
-    Starting by watching, at k = 1, spares text that lookup cannot predict the first rounds at k = 4, 2, 1
-    (about 5 % of 128 sampled int4 tokens), and costs predictable text a few tokens of drafting.
+    Starting by watching, at k = 1, spares text that lookup cannot predict the first rounds at k = 4, 2, 1,
+    which all fail there, and costs predictable text a few tokens of drafting (docs/benchmarks.md).
 
     >>> d = LookupDrafter(Speculative(lookup=True, draft_tokens=2), None, 0)
     >>> text = [1, 2, 1, 3, 1, 3, 1]  # watched guesses: 2 (wrong), none, 3 (right), 1 (right): draft again
