@@ -55,6 +55,7 @@ demo: install
 	$(BIN)/edgegpt quantize $(DEMO)/fp32 --to int8 -o $(DEMO)/int8 --eval-text $(EVAL_TEXT)
 	$(BIN)/edgegpt generate $(DEMO)/int8 "def main(" -n 48 -t 0.8 --seed 0 --stop "\n\n"
 	$(BIN)/edgegpt generate $(DEMO)/fp32 "def " -n 24 --regex "[a-z_]+\(([a-z]+(, [a-z]+)*)?\):"
+	$(BIN)/edgegpt generate $(DEMO)/fp32 "def main(" -n 56 --lookup
 	$(BIN)/edgegpt convert-ort $(DEMO)/int8 -o $(DEMO)/mobile --ort-only
 	$(BIN)/edgegpt generate $(DEMO)/mobile "def main(" -n 48
 	printf 'def add(a, b):\nreturn what?\n/exit\n' | $(BIN)/edgegpt chat $(DEMO)/int8 -n 24 --seed 0
