@@ -36,7 +36,8 @@ from edgegpt.runtime.logprobs import TokenLogprob
 from edgegpt.runtime.providers import CUDA, SessionConfig, create_session
 from edgegpt.runtime.sampling import Sampler, SamplingConfig
 from edgegpt.runtime.slots import SlotBatch
-from edgegpt.runtime.speculative import Drafter, LookupDrafter, ModelDrafter, Speculative, accept, check_request, draw, probabilities
+from edgegpt.runtime.speculative import (Drafter, LookupDrafter, ModelDrafter, Speculative, accept, check_request, draw,
+                                          probabilities)
 from edgegpt.tokenizer import IncrementalDecoder
 
 __all__ = ["GenerationResult", "Generator", "TextStream", "Timings"]
