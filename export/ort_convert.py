@@ -191,11 +191,12 @@ def _greedy_check(tmp: Path) -> dict[str, Any]:
     Raises:
         ExportError: they differ.
     """
+    from edgegpt.runtime.bundle import Bundle
     from edgegpt.runtime.generator import Generator
 
-    runs = {}
+    bundle, runs = Bundle.load(tmp), {}  # verified once for both graphs
     for model_format in ("onnx", "ort"):
-        gen = Generator.load(tmp, provider="cpu", threads=1, model_format=model_format, huge_pages=False)
+        gen = Generator.load(bundle, provider="cpu", threads=1, model_format=model_format, huge_pages=False)
         n = min(GREEDY_CHECK_TOKENS, gen.config.block_size - 1)
         runs[model_format] = gen.generate("", max_new_tokens=n, ignore_eos=True).tokens
     if runs["ort"] != runs["onnx"]:

@@ -36,7 +36,7 @@ from edgegpt.manifest import (
     safe_member,
     verify_bundle,
 )
-from edgegpt.runtime.kv_cache import KV_CACHES
+from edgegpt.runtime.kv_cache import KV_CACHES, version_tuple
 from edgegpt.runtime.onnx_paths import GraphSummary, read_graph_summary
 from edgegpt.runtime.ort_format import read_ort_model
 
@@ -167,7 +167,7 @@ def select_graph(bundle: Bundle, model_format: str, onnxruntime_version: str) ->
     if bundle.ort_path is None:
         raise BundleError(f"{bundle.path}: has no ORT-format graph; add one with `edgegpt convert-ort {bundle.path}`")
     need = bundle.manifest["ort"].get("min_onnxruntime", "0")
-    if _version(onnxruntime_version) < _version(need):
+    if version_tuple(onnxruntime_version) < version_tuple(need):
         raise BundleError(
             f"{bundle.ort_path}: written by onnxruntime {bundle.manifest['ort'].get('onnxruntime')}, which needs "
             f"onnxruntime >= {need} to read it; this is {onnxruntime_version}: upgrade onnxruntime, or re-convert "
@@ -176,8 +176,6 @@ def select_graph(bundle: Bundle, model_format: str, onnxruntime_version: str) ->
     return bundle.ort_path
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) if part.isdigit() else 0 for part in str(text).split(".")[:2])
 
 
 def _ort_file(manifest: dict, where: Path) -> str | None:

@@ -284,6 +284,17 @@ class DecodeState:
         return self._logits[:, -1, :]  # (B, T, V) -> (B, V): the last position of each row
 
 
+def reusable_prefix(held: Sequence[int], tokens: Sequence[int]) -> int:
+    """How many leading `tokens` a cache holding `held` can keep: their common prefix, less one where it would
+    cover all of `tokens` (at least one token is fed: its logits pick the next).
+
+    >>> reusable_prefix([1, 2, 3], [1, 2, 4]), reusable_prefix([1, 2, 3], [1, 2]), reusable_prefix([], [5])
+    (2, 1, 0)
+    """
+    common = next((i for i, (a, b) in enumerate(zip(held, tokens)) if a != b), min(len(held), len(tokens)))
+    return min(common, len(tokens) - 1)
+
+
 def _is_id(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 

@@ -30,7 +30,7 @@ from edgegpt.runtime.bundle import Bundle, check_io, select_graph
 from edgegpt.runtime.chat_template import ChatTemplate
 from edgegpt.runtime.completion import Completion, LogitsProcessor
 from edgegpt.runtime.constraints import Constraint, ConstraintCompiler, row_constraints
-from edgegpt.runtime.engine import DecodeState, PromptError, check_ids
+from edgegpt.runtime.engine import DecodeState, PromptError, check_ids, reusable_prefix
 from edgegpt.runtime.kv_cache import check_onnxruntime
 from edgegpt.runtime.logprobs import TokenLogprob
 from edgegpt.runtime.providers import CUDA, SessionConfig, create_session
@@ -199,8 +199,7 @@ class _Request:
         state = self.state
         if state.batch == 1 and state.length:
             held, prompt = state.tokens[0], prompts[0]
-            common = next((i for i, (a, b) in enumerate(zip(held, prompt)) if a != b), min(len(held), len(prompt)))
-            common = min(common, len(prompt) - 1)  # feed at least one token: its logits pick the next
+            common = reusable_prefix(held, prompt)
             state.rewind(common)
             self.cached_tokens = common
             return state.feed(prompt[common:])

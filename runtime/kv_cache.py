@@ -122,10 +122,15 @@ class SharedBufferKVCache:
 KV_CACHES = {"concat": ConcatKVCache, "shared_buffer": SharedBufferKVCache}
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string, a non-numeric part as 0: "1.22.0" -> (1, 22), "1.23.dev1" -> (1, 23)."""
+    return tuple(int(part) if part.isdigit() else 0 for part in str(version).split(".")[:2])
+
+
 def check_onnxruntime(layout: str, version: str, where: str = "bundle") -> None:
     """BundleError if onnxruntime `version` cannot run a graph of this layout (checked before loading it)."""
     need = KV_CACHES[layout].min_onnxruntime
-    have = tuple(int(part) if part.isdigit() else 0 for part in version.split(".")[:2])
+    have = version_tuple(version)
     if have < need:
         raise BundleError(
             f"{where}: KV-cache layout {layout!r} needs onnxruntime >= {need[0]}.{need[1]}, this is {version}; "

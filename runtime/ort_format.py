@@ -23,10 +23,10 @@ _ORT_IDENTIFIER = b"ORTM"  # the FlatBuffers file identifier of an ORT-format mo
 
 
 class OrtModelInfo:
-    """An ORT-format file's format version (its `ort_version`), ONNX IR version, opsets and `GraphSummary`."""
+    """An ORT-format file's format version (its `ort_version`), ONNX IR version and `GraphSummary`."""
 
-    def __init__(self, format_version: str, ir_version: int, opsets: dict[str, int], summary: GraphSummary):
-        self.format_version, self.ir_version, self.opsets, self.summary = format_version, ir_version, opsets, summary
+    def __init__(self, format_version: str, ir_version: int, summary: GraphSummary):
+        self.format_version, self.ir_version, self.summary = format_version, ir_version, summary
 
 
 def read_ort_model(path: str | Path) -> OrtModelInfo:
@@ -54,10 +54,7 @@ def _read(buf, path: Path) -> OrtModelInfo:
     try:
         session = InferenceSession.GetRootAs(buf, 0)
         model = session.Model()
-        opsets = {_text(model.OpsetImport(i).Domain()) or "ai.onnx": model.OpsetImport(i).Version()
-                  for i in range(model.OpsetImportLength())}  # fmt: skip
-        summary = _summary(model.Graph())
-        return OrtModelInfo(_text(session.OrtVersion()), model.IrVersion(), opsets, summary)
+        return OrtModelInfo(_text(session.OrtVersion()), model.IrVersion(), _summary(model.Graph()))
     except (IndexError, ValueError, AttributeError, UnicodeDecodeError, TypeError, struct.error) as exc:  # bad offsets
         raise BundleError(f"{path}: malformed ORT-format model ({exc!r}); re-convert the bundle") from None
 

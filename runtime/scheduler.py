@@ -30,6 +30,7 @@ from typing import Callable
 
 from edgegpt.errors import ContextLengthError, EdgeGPTError
 from edgegpt.runtime.completion import Completion
+from edgegpt.runtime.engine import reusable_prefix
 from edgegpt.runtime.generator import Generator
 
 __all__ = ["Job", "QueueFullError", "Scheduler"]
@@ -52,7 +53,6 @@ class Job:
     sink: Callable[[str, "Job"], None] | None = None
     timeout_s: float | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
     token_times: list[float] = field(default_factory=list)
     last_piece: str = ""
     cached_tokens: int = 0
@@ -69,8 +69,9 @@ class Job:
         return self.completion.prompt
 
     @property
-    def finished(self) -> bool:
-        return self.completion.finish_reason is not None
+    def first_token_at(self) -> float | None:
+        """When the first token came (perf_counter seconds), None before it."""
+        return self.token_times[0] if self.token_times else None
 
 
 class Scheduler:
@@ -174,11 +175,11 @@ class Scheduler:
             if job.cancelled:
                 self._end(job, "cancelled")
                 continue
-            shared = {s: _common_prefix(self.batch.tokens[s], job.prompt) for s in free}
+            shared = {s: reusable_prefix(self.batch.tokens[s], job.prompt) for s in free}
             # The longest shared prefix (ties: the lowest slot); without one, the lowest free slot, which keeps
             # the batched rows [0, k) few: every slot below k rides along in each decode call.
             slot = max(free, key=lambda s: (shared[s], -s)) if max(shared.values()) else free[0]
-            kept = min(shared[slot], len(job.prompt) - 1)  # feed at least one token: its logits pick the next
+            kept = shared[slot]
             self.batch.rewind(slot, kept)
             job.slot, job.fed, job.cached_tokens = slot, kept, kept
             self._running[slot] = job
@@ -214,8 +215,6 @@ class Scheduler:
 
     def _emit(self, job: Job, piece: str) -> None:
         now = time.perf_counter()
-        if job.first_token_at is None:
-            job.first_token_at = now
         job.token_times.append(now)
         job.last_piece = piece
         if job.completion.finish_reason is not None:
@@ -233,8 +232,3 @@ class Scheduler:
     def _release(self, job: Job) -> None:
         if job.slot is not None and self._running[job.slot] is job:
             self._running[job.slot] = None
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)

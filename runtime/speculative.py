@@ -30,6 +30,7 @@ import numpy as np
 
 from edgegpt.checks import check_bool, check_int
 from edgegpt.errors import ContextLengthError, SamplingError
+from edgegpt.runtime.engine import reusable_prefix
 
 __all__ = ["Speculative", "accept", "lookup_draft"]
 
@@ -331,8 +332,7 @@ class ModelDrafter(Drafter):
         if k < 1:
             return [], None
         state, held = self.state, self.state.tokens[0]
-        common = next((i for i, (a, b) in enumerate(zip(held, history)) if a != b), min(len(held), len(history)))
-        common = min(common, len(history) - 1)  # feed at least one token: its logits draft the first
+        common = reusable_prefix(held, history)  # its last fed token's logits draft the first
         state.rewind(common)
         logits = state.feed(history[common:])[0]
         drafts, qs = [], []

@@ -84,10 +84,6 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         found = self.routes.resolve(path.split("?", 1)[0].split("#", 1)[0])
         return str(found) if found is not None else "/nonexistent/edgegpt-web"
 
-    def list_directory(self, path):
-        self.send_error(404)
-        return None
-
     def guess_type(self, path) -> str:
         return TYPES.get(Path(path).suffix, mimetypes.guess_type(str(path))[0] or "application/octet-stream")
 

@@ -51,7 +51,7 @@ from edgegpt.train.checkpoint import (
 from edgegpt.config import GPTConfig
 from edgegpt.errors import CheckpointError, ConfigError, DataError
 from edgegpt.files import recover, staged_dir
-from edgegpt.tokenizer import EOT, chat_template_of, read_tokenizer_config  # EOT: GPT-2's bos and eos
+from edgegpt.tokenizer import EOT, TOKENIZER_CONFIG, chat_template_of, read_tokenizer_config  # EOT: GPT-2's bos and eos
 from edgegpt.train.model import SimpleGPT
 
 __all__ = ["import_hf", "export_hf", "EOT"]
@@ -248,7 +248,7 @@ def _read_hf_tokenizer(src: Path, vocab_size: int):
 
 
 CHECKPOINT_FILES = frozenset({CONFIG, WEIGHTS, TOKENIZER, TRAIN_STATE_PT, TRAIN_STATE_JSON, CHAT_TEMPLATE})
-HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
+HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", TOKENIZER_CONFIG})
 
 
 def check_out_dir(out: Path, force: bool, replaceable: frozenset[str] = CHECKPOINT_FILES) -> None:
@@ -405,6 +405,6 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})  # transformers checks "format"
         (tmp / "config.json").write_text(json.dumps(_hf_config(config, eot), indent=2) + "\n")
         shutil.copyfile(ckpt.path / TOKENIZER, tmp / TOKENIZER)
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        (tmp / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     log.info("exported %s to %s", ckpt.path, out)
     return out

@@ -18,7 +18,7 @@ from edgegpt.cli_support import Command
 
 __all__ = ["serve_command"]
 
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})  # hosts served without an API key
 
 
 def _model_pair(ctx, param, values):
@@ -79,7 +79,7 @@ def serve_command(bundle, models, host, port, api_key, no_auth, cors_origins, sl
         paths = {name: bundle, **paths}
     if not paths:
         raise click.UsageError("give a BUNDLE or at least one --model NAME=PATH")
-    if host not in _LOOPBACK and not api_key and not no_auth:
+    if host not in LOOPBACK and not api_key and not no_auth:
         raise click.UsageError(f"--host {host} reaches beyond this machine: give --api-key KEY (or $EDGEGPT_API_KEY), "
                                "or --no-auth to serve it open")  # fmt: skip
     import uvicorn
