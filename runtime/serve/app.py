@@ -44,11 +44,12 @@ from edgegpt.runtime.engine import PromptError, check_ids
 from edgegpt.runtime.generator import Generator
 from edgegpt.runtime.scheduler import Job, QueueFullError, Scheduler
 from edgegpt.runtime.serve import protocol
-from edgegpt.runtime.serve.cli import LOOPBACK
 from edgegpt.runtime.serve.metrics import Metrics
 from edgegpt.runtime.serve.protocol import APIError, ParsedRequest
 
-__all__ = ["ServeSettings", "create_app"]
+__all__ = ["LOOPBACK", "ServeSettings", "create_app"]
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})  # hosts served without an API key
 
 
 

@@ -18,8 +18,6 @@ from edgegpt.cli_support import Command
 
 __all__ = ["serve_command"]
 
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})  # hosts served without an API key
-
 
 def _model_pair(ctx, param, values):
     """--model NAME=PATH (repeatable) -> {name: Path}; the path must be a directory."""
@@ -79,12 +77,12 @@ def serve_command(bundle, models, host, port, api_key, no_auth, cors_origins, sl
         paths = {name: bundle, **paths}
     if not paths:
         raise click.UsageError("give a BUNDLE or at least one --model NAME=PATH")
+    from edgegpt.runtime.serve.app import LOOPBACK, ServeSettings, create_app  # the serve extra, needed to serve
+
     if host not in LOOPBACK and not api_key and not no_auth:
         raise click.UsageError(f"--host {host} reaches beyond this machine: give --api-key KEY (or $EDGEGPT_API_KEY), "
                                "or --no-auth to serve it open")  # fmt: skip
     import uvicorn
-
-    from edgegpt.runtime.serve.app import ServeSettings, create_app
 
     settings = ServeSettings(host=host, api_key=api_key or None, cors_origins=tuple(cors_origins), slots=slots, ctx_size=ctx_size,
                              chunk=chunk, queue_limit=queue_limit, timeout_s=timeout_s, max_body_bytes=max_body_bytes, grace_s=grace, spinning=spinning,
