@@ -193,7 +193,7 @@ def _graph_section(final: Path, external_data: bool, attention: str) -> dict:
         "inputs": inputs,
         "outputs": outputs,
         "kv_cache": {
-            "layout": kv_layout(attention),  # see edgegpt.export.onnx_export and edgegpt.runtime.kv_cache
+            "layout": kv_layout(attention),  # see edgegpt.export.onnx_export and edgegpt.runtime.engine.cache
             "past_key": PAST_KEY,
             "past_value": PAST_VALUE,
             "present_key": PRESENT_KEY,

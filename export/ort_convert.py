@@ -59,7 +59,7 @@ def convert_to_ort(bundle: str | Path, out: str | Path | None = None, *, force: 
     PosixPath('bundles/tiny-int4')
     """
     from edgegpt.export import bundle as staging_dir
-    from edgegpt.runtime.bundle import Bundle
+    from edgegpt.runtime.model.bundle import Bundle
 
     source = Bundle.load(bundle)
     if source.onnx_path is None:
@@ -108,7 +108,7 @@ def add_ort(tmp: Path, manifest: dict[str, Any], *, keep_onnx: bool = True, targ
     shutil.move(work / f"{model.stem}.ort", tmp / ORT_FILE)  # the converter names its outputs after the graph
     _write_operators(work / f"{model.stem}.{ORT_OPERATORS}", tmp / ORT_OPERATORS)
     shutil.rmtree(work)
-    from edgegpt.runtime.ort_format import read_ort_model
+    from edgegpt.runtime.model.ort_format import read_ort_model
 
     info = read_ort_model(tmp / ORT_FILE)
     manifest["ort"] = {
@@ -191,8 +191,8 @@ def _greedy_check(tmp: Path) -> dict[str, Any]:
     Raises:
         ExportError: they differ.
     """
-    from edgegpt.runtime.bundle import Bundle
-    from edgegpt.runtime.generator import Generator
+    from edgegpt.runtime.model.bundle import Bundle
+    from edgegpt.runtime.generation.generator import Generator
 
     bundle, runs = Bundle.load(tmp), {}  # verified once for both graphs
     for model_format in ("onnx", "ort"):

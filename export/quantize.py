@@ -129,7 +129,7 @@ def quantize_bundle(
         calibrate: int8 only: a text file; use static QDQ quantization with activation ranges calibrated
             on it instead of dynamic quantization.
         eval_text: a text file: measure perplexity, top-1 and greedy agreement of the new bundle against
-            `src` on it (see `edgegpt.runtime.evaluate`), record them and apply the accuracy gate.
+            `src` on it (see `edgegpt.runtime.generation.evaluate`), record them and apply the accuracy gate.
         max_ppl_increase: the gate, in percent of the source's perplexity (default: 2 for int8, 10 for
             int4, 1 for fp16); needs `eval_text`.
         threads: onnxruntime threads for the checks and the evaluation (None: one per core).
@@ -151,7 +151,7 @@ def quantize_bundle(
     PosixPath('bundles/small-int8')
     """
     from edgegpt.export import bundle as staging_dir
-    from edgegpt.runtime.bundle import Bundle
+    from edgegpt.runtime.model.bundle import Bundle
 
     src, out = Path(src), Path(out)
     options = _options(to, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text, max_ppl_increase)
@@ -494,8 +494,8 @@ def _smoke_check(source, tmp: Path, *, threads: int | None) -> dict[str, Any]:
     """Load the new bundle as the runtime does; prefill + one decode step on CPU against the source graph:
     finite logits of the source's shapes (a broken graph raises); the differences are recorded."""
     from edgegpt.errors import BundleError
-    from edgegpt.runtime.bundle import Bundle
-    from edgegpt.runtime.providers import SessionConfig, create_session
+    from edgegpt.runtime.model.bundle import Bundle
+    from edgegpt.runtime.model.providers import SessionConfig, create_session
 
     new = Bundle.load(tmp)
     config = SessionConfig(provider="cpu", threads=threads)
@@ -552,7 +552,7 @@ def _runtime_op_counts(path: Path, graph_result: dict) -> dict[str, int] | None:
 def _evaluate_and_gate(source, tmp: Path, out: Path, to: str, options: dict, *, accept_failure: bool,
                        threads) -> tuple[dict, dict]:
     """Measure the new bundle against the source on eval_text; refuse it past the gate unless `accept_failure`."""
-    from edgegpt.runtime.evaluate import evaluate_bundle
+    from edgegpt.runtime.generation.evaluate import evaluate_bundle
 
     result = evaluate_bundle(tmp, options["eval_text"], reference=source.path, threads=threads)
     result["bundle"] = str(out)

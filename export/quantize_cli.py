@@ -58,7 +58,7 @@ def quantize(bundle, to, out, force, accept_gate_failure, per_channel, block_siz
     )
     if eval_text and not root_flag(click.get_current_context(), "quiet"):
         from edgegpt.manifest import read_manifest
-        from edgegpt.runtime.evaluate import summary_text
+        from edgegpt.runtime.generation.evaluate import summary_text
 
         manifest = read_manifest(path)
         click.echo(summary_text(manifest["eval"]) + _gate_line(manifest["quantization"]["gate"]), err=True)

@@ -47,34 +47,34 @@ __all__ = [
 ]
 
 _HOME = {
-    "Bundle": "bundle",
-    "KVCacheSpec": "bundle",
-    "Completion": "completion",
-    "Constraint": "constraints",
-    "DecodeState": "engine",
-    "PromptError": "engine",
-    "GenerationResult": "generator",
-    "Generator": "generator",
-    "TextStream": "generator",
-    "Timings": "generator",
-    "SessionConfig": "providers",
-    "Sampler": "sampling",
-    "SamplingConfig": "sampling",
-    "UnknownParameterError": "sampling",
-    "Speculative": "speculative",
-    "TokenLogprob": "logprobs",
+    "Bundle": "model.bundle",
+    "KVCacheSpec": "model.bundle",
+    "Completion": "generation.completion",
+    "Constraint": "generation.constraints",
+    "DecodeState": "engine.state",
+    "PromptError": "engine.state",
+    "GenerationResult": "generation.generator",
+    "Generator": "generation.generator",
+    "TextStream": "generation.generator",
+    "Timings": "generation.generator",
+    "SessionConfig": "model.providers",
+    "Sampler": "generation.sampling",
+    "SamplingConfig": "generation.sampling",
+    "UnknownParameterError": "generation.sampling",
+    "Speculative": "generation.speculative",
+    "TokenLogprob": "generation.logprobs",
 }
 
 if TYPE_CHECKING:
-    from edgegpt.runtime.bundle import Bundle, KVCacheSpec
-    from edgegpt.runtime.completion import Completion
-    from edgegpt.runtime.constraints import Constraint
-    from edgegpt.runtime.engine import DecodeState, PromptError
-    from edgegpt.runtime.generator import GenerationResult, Generator, TextStream, Timings
-    from edgegpt.runtime.logprobs import TokenLogprob
-    from edgegpt.runtime.providers import SessionConfig
-    from edgegpt.runtime.sampling import Sampler, SamplingConfig, UnknownParameterError
-    from edgegpt.runtime.speculative import Speculative
+    from edgegpt.runtime.model.bundle import Bundle, KVCacheSpec
+    from edgegpt.runtime.generation.completion import Completion
+    from edgegpt.runtime.generation.constraints import Constraint
+    from edgegpt.runtime.engine.state import DecodeState, PromptError
+    from edgegpt.runtime.generation.generator import GenerationResult, Generator, TextStream, Timings
+    from edgegpt.runtime.generation.logprobs import TokenLogprob
+    from edgegpt.runtime.model.providers import SessionConfig
+    from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig, UnknownParameterError
+    from edgegpt.runtime.generation.speculative import Speculative
 
 
 def __getattr__(name: str) -> Any:

@@ -147,7 +147,7 @@ def time_generation(gen, prompts: list[list[int]], new_tokens: int) -> tuple[lis
         (timestamps: the start, then one after each token is picked; the tokens per row; seconds spent
         inside onnxruntime).
     """
-    from edgegpt.runtime.sampling import SamplingConfig
+    from edgegpt.runtime.generation.sampling import SamplingConfig
 
     config = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)
     stamps = [time.perf_counter()]
@@ -221,7 +221,7 @@ def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConf
         return bench_speculative(bundle, config)
     import onnxruntime as ort
 
-    from edgegpt.runtime.generator import Generator
+    from edgegpt.runtime.generation.generator import Generator
 
     started = time.perf_counter()
     gen = Generator.load(bundle, provider=config.provider, threads=config.threads, spinning=config.spinning,

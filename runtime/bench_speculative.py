@@ -161,8 +161,8 @@ def bench_speculative(bundle: str | Path, config) -> dict[str, Any]:
     import onnxruntime as ort
 
     from edgegpt.runtime.bench import peak_rss_mb
-    from edgegpt.runtime.generator import Generator
-    from edgegpt.runtime.speculative import Speculative
+    from edgegpt.runtime.generation.generator import Generator
+    from edgegpt.runtime.generation.speculative import Speculative
 
     session = dict(provider=config.provider, threads=config.threads, spinning=config.spinning, huge_pages=config.huge_pages)
     started = time.perf_counter()

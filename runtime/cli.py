@@ -271,7 +271,7 @@ def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
     if sys.stdin is None or sys.stdin.closed:
         raise click.UsageError("chat reads the conversation from standard input, which is closed; run it in a terminal or pipe text in")
     from edgegpt.runtime import Generator, SamplingConfig
-    from edgegpt.runtime.chat import Conversation
+    from edgegpt.runtime.generation.chat import Conversation
 
     sampling = SamplingConfig().replace(**given(flags))
     gen = Generator.load(bundle, provider=provider, threads=threads, spinning=spinning, huge_pages=huge_pages)
@@ -327,7 +327,7 @@ def eval_command(ctx, bundle, text_file, reference, as_json, tail, max_tokens, s
       edgegpt eval bundles/small-int8 --text held_out.txt --reference bundles/small --json
       edgegpt eval bundles/small-int4 --text corpus.txt --tail 0.1 --reference bundles/small
     """
-    from edgegpt.runtime.evaluate import evaluate_bundle, summary_text
+    from edgegpt.runtime.generation.evaluate import evaluate_bundle, summary_text
 
     result = evaluate_bundle(bundle, text_file, reference=reference, tail=tail, max_tokens=max_tokens, stride=stride,
                              prompts=prompts, new_tokens=new_tokens, provider=provider, threads=threads)

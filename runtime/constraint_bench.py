@@ -28,8 +28,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from edgegpt.runtime.constraints import Constraint
-from edgegpt.runtime.generator import Generator
+from edgegpt.runtime.generation.constraints import Constraint
+from edgegpt.runtime.generation.generator import Generator
 
 __all__ = ["DEFAULT_SCHEMA", "MaskCost", "mask_cost"]
 

@@ -27,7 +27,7 @@ def web_command(bundle, port, node_modules):
       edgegpt web bundles/tiny-int4
       edgegpt web bundles/tiny --port 8080
     """
-    from edgegpt.runtime.web import WebServer
+    from edgegpt.runtime.serve.web import WebServer
 
     server = WebServer(bundle, port=port, node_modules=node_modules)
     click.echo(f"serving {bundle} at {server.url} (Ctrl-C stops)", err=True)

@@ -116,8 +116,8 @@ def test_field_options_make_one_flag_per_field_and_collect_the_given_ones():
 
 def test_every_config_field_has_its_flag():
     from edgegpt.runtime.cli import chat_command, generate_command
-    from edgegpt.runtime.sampling import SamplingConfig
-    from edgegpt.runtime.speculative import Speculative
+    from edgegpt.runtime.generation.sampling import SamplingConfig
+    from edgegpt.runtime.generation.speculative import Speculative
     from edgegpt.train.config import TrainConfig
 
     sampling = {f.name for f in dataclasses.fields(SamplingConfig)}

@@ -1,6 +1,7 @@
-"""`edgegpt serve`: an OpenAI-compatible HTTP server over the runtime (the `serve` extra).
+"""The serving wing: requests from many clients onto one model.
 
-`app.py` (routes, guard, streaming), `protocol.py` (OpenAI's request and response shapes), `metrics.py`
-(Prometheus), `cli.py` (the command). Importing this package needs starlette, sse-starlette, uvicorn and
-prometheus_client: `pip install "edgegpt[serve]"`. The scheduling lives in `edgegpt.runtime.scheduler`.
+`scheduler.py` (continuous batching on slots, prefix reuse, chunked prefill) and `web.py` (the static server of
+the browser runtime, `edgegpt web`) need only the base install. `app.py` (routes, guard, streaming),
+`protocol.py` (OpenAI's request and response shapes), `metrics.py` (Prometheus) and `process.py` (a server as
+a child process) are `edgegpt serve`'s and need the serve extra: `pip install "edgegpt[serve]"`.
 """

@@ -40,9 +40,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edgegpt.errors import ConstraintError, ContextLengthError, EdgeGPTError, ExtraMissingError, SamplingError
-from edgegpt.runtime.engine import PromptError, check_ids
-from edgegpt.runtime.generator import Generator
-from edgegpt.runtime.scheduler import Job, QueueFullError, Scheduler
+from edgegpt.runtime.engine.state import PromptError, check_ids
+from edgegpt.runtime.generation.generator import Generator
+from edgegpt.runtime.serve.scheduler import Job, QueueFullError, Scheduler
 from edgegpt.runtime.serve import protocol
 from edgegpt.runtime.serve.metrics import Metrics
 from edgegpt.runtime.serve.protocol import APIError, ParsedRequest

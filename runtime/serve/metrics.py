@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from edgegpt.runtime.scheduler import Job, Scheduler
+from edgegpt.runtime.serve.scheduler import Job, Scheduler
 
 __all__ = ["Metrics"]
 

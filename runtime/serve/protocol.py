@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgegpt.errors import SamplingError
-from edgegpt.runtime.constraints import Constraint
-from edgegpt.runtime.sampling import SamplingConfig
+from edgegpt.runtime.generation.constraints import Constraint
+from edgegpt.runtime.generation.sampling import SamplingConfig
 
 __all__ = ["APIError", "ParsedRequest", "chunk", "completion_body", "finish_reason", "logprobs_body", "new_id", "parse_chat",
            "parse_completion", "usage"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import edgegpt.runtime.evaluate as evaluate_mod
+import edgegpt.runtime.generation.evaluate as evaluate_mod
 from edgegpt import files
 from edgegpt.cli import main
 from edgegpt.errors import ExportError, QuantizationError

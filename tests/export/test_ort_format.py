@@ -81,7 +81,7 @@ def test_a_tampered_ort_file_is_refused(fp32_ort, tmp_path):
 def test_the_ort_graph_is_cross_checked_against_the_manifest(fp32_ort, tmp_path):
     """An .ort-only bundle whose manifest claims another vocabulary is refused from the .ort file's own shapes."""
     from edgegpt.export import convert_to_ort
-    from edgegpt.runtime.bundle import Bundle
+    from edgegpt.runtime.model.bundle import Bundle
 
     mobile = convert_to_ort(fp32_ort, tmp_path / "mobile", keep_onnx=False)
     path = mobile / "manifest.json"
@@ -93,7 +93,7 @@ def test_the_ort_graph_is_cross_checked_against_the_manifest(fp32_ort, tmp_path)
 
 
 def test_an_ort_file_from_a_newer_onnxruntime_is_refused(fp32_ort):
-    from edgegpt.runtime.bundle import Bundle, select_graph
+    from edgegpt.runtime.model.bundle import Bundle, select_graph
 
     bundle = Bundle.load(fp32_ort)
     assert select_graph(bundle, "ort", "99.0.0") == bundle.ort_path
@@ -130,7 +130,7 @@ def test_export_with_ort_writes_both_formats_in_one_bundle(lively_checkpoint, tm
 
 
 def test_a_file_that_is_no_ort_model_is_refused_with_its_name(tmp_path):
-    from edgegpt.runtime.ort_format import read_ort_model
+    from edgegpt.runtime.model.ort_format import read_ort_model
 
     (tmp_path / "text.ort").write_text("not flatbuffers at all")
     with pytest.raises(BundleError, match="text.ort: not an ORT-format model"):

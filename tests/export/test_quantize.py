@@ -163,7 +163,7 @@ def test_fp16_logits_match_fp32_on_cpu(quantized, fp32):
     ref = Generator.load(fp32, provider="cpu", threads=2)
     half = Generator.load(quantized["fp16"], provider="cpu", threads=2)
     assert half.bundle.kv.dtype == "float16"
-    from edgegpt.runtime.evaluate import all_logits
+    from edgegpt.runtime.generation.evaluate import all_logits
 
     a, b = all_logits(ref, np.asarray([ids])), all_logits(half, np.asarray([ids]))
     assert b.dtype == np.float32 and np.isfinite(b).all()
@@ -274,7 +274,7 @@ def test_onnxruntime_genai_loads_the_int4_bundle(quantized, genai_greedy):
 
 @pytest.mark.cuda
 def test_fp16_runs_on_cuda_and_agrees_with_fp32(quantized, fp32, texts):
-    from edgegpt.runtime.evaluate import evaluate_bundle
+    from edgegpt.runtime.generation.evaluate import evaluate_bundle
 
     result = evaluate_bundle(quantized["fp16"], texts[1], reference=fp32, provider="cuda", prompts=2)
     assert np.isfinite(result["perplexity"]) and result["top1_agreement"] >= QUALITY["fp16"][0]
@@ -305,5 +305,5 @@ def test_cli_module_imports_no_torch_and_no_onnx():
 
 
 def test_quantize_module_imports_no_torch():
-    code = "import sys, edgegpt.export.quantize, edgegpt.runtime.evaluate; assert 'torch' not in sys.modules"
+    code = "import sys, edgegpt.export.quantize, edgegpt.runtime.generation.evaluate; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

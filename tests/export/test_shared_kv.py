@@ -23,7 +23,7 @@ from edgegpt.errors import ExportError
 from edgegpt.export import export_bundle, onnx_export, validate
 from edgegpt.export.cli import export as export_cmd
 from edgegpt.runtime import Bundle, Generator
-from edgegpt.runtime import binding as binding_module
+from edgegpt.runtime.engine import binding as binding_module
 
 PROMPTS = [[11, 42, 7], [5], list(range(100, 130)), [9, 8, 7, 6, 5, 4]]
 

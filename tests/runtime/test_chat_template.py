@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgegpt.errors import BundleError, ConfigError
-from edgegpt.runtime.chat_template import ChatTemplate
+from edgegpt.runtime.generation.templates import ChatTemplate
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
             {"role": "assistant", "content": " hello"}, {"role": "user", "content": "bye"}]  # fmt: skip

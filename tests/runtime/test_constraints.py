@@ -11,7 +11,7 @@ import pytest
 
 from edgegpt.errors import ConstraintError, ExtraMissingError, SamplingError
 from edgegpt.runtime import Generator, Speculative
-from edgegpt.runtime.constraints import Constraint, ConstraintCompiler
+from edgegpt.runtime.generation.constraints import Constraint, ConstraintCompiler
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")

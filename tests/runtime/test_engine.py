@@ -1,4 +1,4 @@
-"""edgegpt.runtime.engine: feed / rewind / fork on both KV layouts give the logits of a fresh full run.
+"""edgegpt.runtime.engine.state: feed / rewind / fork on both KV layouts give the logits of a fresh full run.
 
 The reference for every case is one prefill of the whole sequence on a new state, itself checked
 against PyTorch in tests/export/test_shared_kv.py and tests/runtime/test_generator.py.
@@ -13,7 +13,7 @@ import pytest
 
 from edgegpt.errors import ContextLengthError
 from edgegpt.runtime import DecodeState, Generator, PromptError, SamplingConfig
-from edgegpt.runtime.chat import Conversation
+from edgegpt.runtime.generation.chat import Conversation
 
 ATOL = 1e-4
 SEQUENCE = [11, 42, 7, 9, 100, 5, 77, 3, 64, 8]

@@ -1,4 +1,4 @@
-"""edgegpt.runtime.evaluate: sliding-window perplexity equal to PyTorch's, agreement, sizes, the `eval` CLI, no torch."""
+"""edgegpt.runtime.generation.evaluate: sliding-window perplexity equal to PyTorch's, agreement, sizes, the `eval` CLI, no torch."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgegpt.errors import ConfigError, DataError
-from edgegpt.runtime.evaluate import sliding_windows, evaluate_bundle
+from edgegpt.runtime.generation.evaluate import sliding_windows, evaluate_bundle
 from edgegpt.runtime.cli import eval_command as eval_cmd
 
 
@@ -120,7 +120,7 @@ def test_cli_eval_json_text_and_errors(bundle, text_file):
 
 def test_evaluation_runs_without_torch(bundle, text_file):
     code = (
-        "import sys; from edgegpt.runtime.evaluate import evaluate_bundle; "
+        "import sys; from edgegpt.runtime.generation.evaluate import evaluate_bundle; "
         f"r = evaluate_bundle({str(bundle)!r}, {str(text_file)!r}, reference={str(bundle)!r}, max_tokens=100, prompts=1); "
         "assert r['top1_agreement'] == 1.0; assert 'torch' not in sys.modules, 'torch was imported'"
     )

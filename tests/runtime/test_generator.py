@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from edgegpt.errors import BundleError, ConfigError, ContextLengthError, ProviderError, SamplingError
 from edgegpt.manifest import MANIFEST_NAME, write_manifest
 from edgegpt.runtime import Bundle, Generator, PromptError, UnknownParameterError
-from edgegpt.runtime import generator as generator_module
-from edgegpt.runtime import providers
+from edgegpt.runtime.generation import generator as generator_module
+from edgegpt.runtime.model import providers
 from edgegpt.runtime.cli import chat_command, generate_command
 
 PROMPTS = ["def ", "import json\n", "class Foo(object):\n    return ", ""]
@@ -78,7 +78,7 @@ def _rewrite_manifest(bundle: Path, **changes) -> None:
 def test_runtime_imports_without_torch_or_onnx():
     code = (
         "import sys, edgegpt.runtime as rt\n"
-        "from edgegpt.runtime import binding, bundle, cli, generator, kv_cache, onnx_paths, providers, sampling\n"
+        "from edgegpt.runtime import cli\nfrom edgegpt.runtime.engine import binding, cache\nfrom edgegpt.runtime.generation import generator, sampling\nfrom edgegpt.runtime.model import bundle, onnx_paths, providers\n"
         "[getattr(rt, name) for name in rt.__all__]\n"
         "bad = [m for m in ('torch', 'onnx') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -296,7 +296,7 @@ def test_sliding_window_keeps_going_and_says_so(any_gen, torch_model, torch_gree
 @pytest.mark.parametrize("attention", ["mha", "gqa"])  # KV layouts "concat" and "shared_buffer"
 def test_public_iobinding_api_gives_the_same_tokens(attention, request, monkeypatch):
     """On the lively checkpoint's bundles, whose greedy tokens vary (the seeded tiny model repeats one)."""
-    from edgegpt.runtime import binding
+    from edgegpt.runtime.engine import binding
 
     gen = Generator.load(request.getfixturevalue(f"lively_{attention}_bundle"), provider="cpu", threads=1)
     expected = [gen.generate(p, max_new_tokens=10, ignore_eos=True).tokens for p in PROMPTS]
@@ -390,8 +390,8 @@ def test_manifest_model_settings_must_match_the_graph(bundle_copy, change, said)
 def test_the_graph_check_reads_every_format(tiny_checkpoint, tmp_path):
     """The position table is found through int8 / int4 / fp16 graphs too: their real settings pass."""
     from edgegpt.export import export_bundle, quantize_bundle
-    from edgegpt.runtime.bundle import check_model_settings
-    from edgegpt.runtime.onnx_paths import read_graph_summary
+    from edgegpt.runtime.model.bundle import check_model_settings
+    from edgegpt.runtime.model.onnx_paths import read_graph_summary
 
     fp32 = export_bundle(tiny_checkpoint, tmp_path / "fp32", validate=False)
     for fmt in ("int8", "int4", "fp16"):
@@ -436,7 +436,7 @@ def _relocate(bundle: Path, location: str) -> None:
 
 
 def test_graph_reader_refuses_malformed_files(tmp_path):
-    from edgegpt.runtime.onnx_paths import read_graph_summary
+    from edgegpt.runtime.model.onnx_paths import read_graph_summary
 
     for i, data in enumerate([b"\x3a\xff\xff\x7f", b"\x3a\x05\x2a\x03", b"\x0f"]):
         path = tmp_path / f"bad{i}.onnx"
@@ -454,7 +454,7 @@ def test_external_data_inside_the_bundle_loads(bundle_copy):
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "symlinked_dir", "hardlink", "unlisted", "missing"])
 def test_external_data_leaving_the_bundle_is_refused(bundle_copy, tmp_path, how):
     """Refused before any session on every supported onnxruntime: below 1.24, onnxruntime itself loads the
-    dotdot, absolute and symlink cases, and no version knows the manifest (see runtime/onnx_paths.py)."""
+    dotdot, absolute and symlink cases, and no version knows the manifest (see runtime/model/onnx_paths.py)."""
     outside = tmp_path / "outside.bin"
     weights = _externalise(bundle_copy)
     if how == "dotdot":
@@ -548,7 +548,7 @@ def test_cuda_unavailable_says_why(tiny_bundle, monkeypatch, caplog):
     monkeypatch.setattr(providers.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(f"{name}: not found")))
     with pytest.raises(ProviderError, match="no NVIDIA driver"):
         Generator.load(tiny_bundle, provider="cuda")
-    with caplog.at_level(logging.WARNING, logger="edgegpt.runtime.providers"):
+    with caplog.at_level(logging.WARNING, logger="edgegpt.runtime.model.providers"):
         assert Generator.load(tiny_bundle, provider="auto").providers == ["CPUExecutionProvider"]
     assert [r.getMessage().count("\n") for r in caplog.records] == [0]
     assert "using CPU" in caplog.records[0].getMessage()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from edgegpt.errors import ConfigError
-from edgegpt.runtime import huge_pages
-from edgegpt.runtime.huge_pages import anonymous_ranges, huge_pages_for_new_memory, new_ranges
-from edgegpt.runtime.providers import SessionConfig
+from edgegpt.runtime.model import huge_pages
+from edgegpt.runtime.model.huge_pages import anonymous_ranges, huge_pages_for_new_memory, new_ranges
+from edgegpt.runtime.model.providers import SessionConfig
 
 MAPS = """\
 55d0c0000000-55d0c0400000 rw-p 00000000 00:00 0                          [heap]

@@ -1,4 +1,4 @@
-"""edgegpt.runtime.sampling: SamplingConfig validation and the numpy Sampler (no model needed)."""
+"""edgegpt.runtime.generation.sampling: SamplingConfig validation and the numpy Sampler (no model needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgegpt.errors import SamplingError
-from edgegpt.runtime.sampling import Sampler, SamplingConfig, UnknownParameterError
+from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig, UnknownParameterError
 
 
 @pytest.mark.parametrize(

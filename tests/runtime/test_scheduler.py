@@ -8,8 +8,8 @@ import pytest
 
 from edgegpt.errors import ContextLengthError
 from edgegpt.runtime import Generator
-from edgegpt.runtime.sampling import SamplingConfig
-from edgegpt.runtime.scheduler import Job, QueueFullError, Scheduler
+from edgegpt.runtime.generation.sampling import SamplingConfig
+from edgegpt.runtime.serve.scheduler import Job, QueueFullError, Scheduler
 
 PROMPTS = ["def main(", "import os\n", "class Foo:\n    def ", "x = [", "for i in range(10):", "return self."]
 

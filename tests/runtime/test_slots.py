@@ -6,7 +6,7 @@ import pytest
 
 from edgegpt.errors import BundleError, ContextLengthError
 from edgegpt.runtime import Generator
-from edgegpt.runtime.engine import PromptError
+from edgegpt.runtime.engine.state import PromptError
 
 PROMPTS = ["def main(", "import os\n", "class Foo:\n    def ", "x = [", "for i in range(10):"]
 

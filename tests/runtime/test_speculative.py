@@ -1,4 +1,4 @@
-"""edgegpt.runtime.speculative: prompt lookup and draft models verified by the target, greedy identity, the
+"""edgegpt.runtime.generation.speculative: prompt lookup and draft models verified by the target, greedy identity, the
 speculative-sampling rule's distribution, refusals, stop/eos/max cuts and the CLI flags."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from edgegpt.errors import SamplingError
 from edgegpt.manifest import MANIFEST_NAME, write_manifest
 from edgegpt.runtime import Generator, Speculative
 from edgegpt.runtime.cli import generate_command
-from edgegpt.runtime.speculative import accept, lookup_draft
+from edgegpt.runtime.generation.speculative import accept, lookup_draft
 
 CODE = "def f(x):\n    return x\n"
 PROMPTS = [CODE + CODE + "def f(", "import json\nimport json\nimport ", "x = 1\ny = 2\nx = 1\ny = ", "def "]
@@ -99,7 +99,7 @@ def _scan(history: list[int], k: int, ngram: int) -> list[int]:
 
 
 def test_the_incremental_index_drafts_what_a_scan_of_the_text_drafts():
-    from edgegpt.runtime.speculative import NgramIndex
+    from edgegpt.runtime.generation.speculative import NgramIndex
 
     rng = np.random.default_rng(0)
     for vocab, ngram in ((3, 3), (8, 2), (50, 4)):
@@ -111,7 +111,7 @@ def test_the_incremental_index_drafts_what_a_scan_of_the_text_drafts():
 
 
 def test_lookup_watches_first_and_after_failing_then_drafts_once_its_guesses_come_right():
-    from edgegpt.runtime.speculative import WATCH_HITS, LookupDrafter
+    from edgegpt.runtime.generation.speculative import WATCH_HITS, LookupDrafter
 
     drafter, text = LookupDrafter(Speculative(lookup=True, draft_tokens=4), None, 0), [1, 2, 3, 1]
 
@@ -142,8 +142,8 @@ def test_lookup_watches_first_and_after_failing_then_drafts_once_its_guesses_com
 
 
 def test_a_failing_draft_model_pauses_for_longer_each_time(gqa):
-    from edgegpt.runtime.speculative import MAX_PAUSE, ModelDrafter
-    from edgegpt.runtime.sampling import SamplingConfig
+    from edgegpt.runtime.generation.speculative import MAX_PAUSE, ModelDrafter
+    from edgegpt.runtime.generation.sampling import SamplingConfig
 
     spec, history = Speculative(draft=gqa, draft_tokens=4), [1, 2, 3, 1, 2]
     drafter = ModelDrafter(spec, SamplingConfig(), gqa.sampled_vocab_size, gqa, 16)
@@ -268,7 +268,7 @@ def _chi_square(a: Counter, b: Counter) -> tuple[float, int]:
 
 @pytest.mark.parametrize("source", ["lookup", "lookup, watching", "draft"])
 def test_sampling_matches_plain_sampling_in_distribution(mha, other_draft, source, monkeypatch):
-    from edgegpt.runtime import speculative
+    from edgegpt.runtime.generation import speculative
 
     by_draft = source == "draft"
     spec = Speculative(lookup=not by_draft, draft=other_draft if by_draft else None, draft_tokens=2)

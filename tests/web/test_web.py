@@ -55,7 +55,7 @@ def test_node_unit_tests(node, lively_gqa_bundle, web_int4_bundle, tmp_path):
 
 def browser(node, bundle, *args: str, query: str = "") -> dict:
     """Serve `bundle` with `edgegpt web`'s server and run web/scripts/browser.mjs on the page; its JSON result."""
-    from edgegpt.runtime.web import WebServer
+    from edgegpt.runtime.serve.web import WebServer
 
     if shutil.which("chromium") is None and not os.environ.get("CHROMIUM"):
         pytest.fail("chromium is missing: `make test` installs it (apt-get install -y chromium)")
@@ -109,7 +109,7 @@ def test_the_page_refuses_a_tampered_bundle_file(node, lively_gqa_bundle, tmp_pa
 
 
 def test_the_server_serves_only_the_page_the_npm_builds_and_listed_files(node, lively_gqa_bundle, tmp_path):
-    from edgegpt.runtime.web import WebServer
+    from edgegpt.runtime.serve.web import WebServer
 
     bundle = shutil.copytree(lively_gqa_bundle, tmp_path / "b")
     (bundle / "secret.txt").write_text("not listed")

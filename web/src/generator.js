@@ -1,8 +1,8 @@
 // Generator: load a verified bundle into onnxruntime-web and generate / stream text, like the Python runtime.
 //
-// The loop of runtime/engine.py `DecodeState`: prefill the prompt from an empty cache, then one token per step,
+// The loop of runtime/engine/state.py `DecodeState`: prefill the prompt from an empty cache, then one token per step,
 // the cache kept between steps. onnxruntime-web cannot bind one buffer as both a past input and a present output
-// (the "shared_buffer" layout of runtime/kv_cache.py): every run copies CPU tensors into the WebAssembly heap, and a
+// (the "shared_buffer" layout of runtime/engine/cache.py): every run copies CPU tensors into the WebAssembly heap, and a
 // preallocated CPU output tensor comes back unchanged (checked with 1.30: no entry of a present bound that way was
 // written). So the cache here follows the "concat" flow: each step's
 // presents, one position longer, are fed back as the next step's pasts, and the mask grows one column per

@@ -1,6 +1,6 @@
 // Sampling over one row of logits: greedy, temperature, top-k, top-p, and a seeded draw.
 //
-// The chain's order follows runtime/sampling.py (Hugging Face `generate`): temperature, top-k, top-p over the
+// The chain's order follows runtime/generation/sampling.py (Hugging Face `generate`): temperature, top-k, top-p over the
 // top-k renormalised, then a draw. Greedy is argmax with ties to the lowest id, like numpy and torch, so
 // greedy tokens equal the Python runtime's. The seeded generator is written by hand (mulberry32, a few lines)
 // because Math.random cannot be seeded; the same seed gives the same text here, not the same text as numpy's

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from edgegpt.runtime import Generator
-from edgegpt.runtime.chat_template import ChatTemplate
+from edgegpt.runtime.generation.templates import ChatTemplate
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from edgegpt.runtime.generator import GenerationResult, Generator
-from edgegpt.runtime.sampling import SamplingConfig
+from edgegpt.runtime.generation.generator import GenerationResult, Generator
+from edgegpt.runtime.generation.sampling import SamplingConfig
 
 __all__ = ["Conversation"]
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from edgegpt.checks import check_bool, check_int
 from edgegpt.errors import ContextLengthError, SamplingError
-from edgegpt.runtime.engine import reusable_prefix
+from edgegpt.runtime.engine.state import reusable_prefix
 
 __all__ = ["Speculative", "accept", "lookup_draft"]
 
@@ -71,7 +71,7 @@ class Speculative:
             given = "both" if self.lookup else "neither"
             raise SamplingError(f"Speculative takes one draft source, lookup=True or draft=<a Generator>; got {given}")
         if self.draft is not None:
-            from edgegpt.runtime.generator import Generator  # a cycle at import time: generator imports this module
+            from edgegpt.runtime.generation.generator import Generator  # a cycle at import time: generator imports this module
 
             if not isinstance(self.draft, Generator):
                 raise SamplingError(

@@ -26,17 +26,17 @@ import onnxruntime as ort
 
 from edgegpt.errors import ContextLengthError, SamplingError
 from edgegpt.manifest import LOGITS
-from edgegpt.runtime.bundle import Bundle, check_io, select_graph
-from edgegpt.runtime.chat_template import ChatTemplate
-from edgegpt.runtime.completion import Completion, LogitsProcessor
-from edgegpt.runtime.constraints import Constraint, ConstraintCompiler, row_constraints
-from edgegpt.runtime.engine import DecodeState, PromptError, check_ids, reusable_prefix
-from edgegpt.runtime.kv_cache import check_onnxruntime
-from edgegpt.runtime.logprobs import TokenLogprob
-from edgegpt.runtime.providers import CUDA, SessionConfig, create_session
-from edgegpt.runtime.sampling import Sampler, SamplingConfig
-from edgegpt.runtime.slots import SlotBatch
-from edgegpt.runtime.speculative import (Drafter, LookupDrafter, ModelDrafter, Speculative, accept, check_request, draw,
+from edgegpt.runtime.model.bundle import Bundle, check_io, select_graph
+from edgegpt.runtime.generation.templates import ChatTemplate
+from edgegpt.runtime.generation.completion import Completion, LogitsProcessor
+from edgegpt.runtime.generation.constraints import Constraint, ConstraintCompiler, row_constraints
+from edgegpt.runtime.engine.state import DecodeState, PromptError, check_ids, reusable_prefix
+from edgegpt.runtime.model.contract import check_onnxruntime
+from edgegpt.runtime.generation.logprobs import TokenLogprob
+from edgegpt.runtime.model.providers import CUDA, SessionConfig, create_session
+from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig
+from edgegpt.runtime.engine.slots import SlotBatch
+from edgegpt.runtime.generation.speculative import (Drafter, LookupDrafter, ModelDrafter, Speculative, accept, check_request, draw,
                                           probabilities)
 from edgegpt.tokenizer import IncrementalDecoder
 

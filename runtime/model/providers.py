@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from edgegpt.checks import check_bool, check_choice, check_int
 from edgegpt.errors import BundleError, ProviderError
-from edgegpt.runtime.huge_pages import huge_pages_for_new_memory
+from edgegpt.runtime.model.huge_pages import huge_pages_for_new_memory
 
 __all__ = ["SessionConfig", "create_session", "cuda_problem"]
 

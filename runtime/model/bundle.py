@@ -36,9 +36,9 @@ from edgegpt.manifest import (
     safe_member,
     verify_bundle,
 )
-from edgegpt.runtime.kv_cache import KV_CACHES, version_tuple
-from edgegpt.runtime.onnx_paths import GraphSummary, read_graph_summary
-from edgegpt.runtime.ort_format import read_ort_model
+from edgegpt.runtime.model.contract import KV_LAYOUTS, version_tuple
+from edgegpt.runtime.model.onnx_paths import GraphSummary, read_graph_summary
+from edgegpt.runtime.model.ort_format import read_ort_model
 
 __all__ = ["Bundle", "KVCacheSpec", "MODEL_FORMATS", "select_graph"]
 
@@ -254,9 +254,9 @@ def _kv_spec(manifest: dict, where: Path) -> KVCacheSpec:
     if not isinstance(kv, dict):
         raise BundleError(f"{where}: no graph.kv_cache section; re-export the bundle")
     layout, dtype = kv.get("layout"), kv.get("dtype", "float32")
-    if layout not in KV_CACHES:
+    if layout not in KV_LAYOUTS:
         raise BundleError(
-            f"{where}: KV-cache layout {layout!r} is not supported by this runtime (it runs {', '.join(KV_CACHES)}); "
+            f"{where}: KV-cache layout {layout!r} is not supported by this runtime (it runs {', '.join(KV_LAYOUTS)}); "
             "upgrade edgegpt or re-export the bundle"
         )
     if dtype not in KV_DTYPES:
@@ -272,7 +272,7 @@ def _check_external_data(bundle: Path, locations: list[str], files: dict, model_
     """Every external-data location must resolve inside the bundle and be a hashed manifest entry.
 
     onnxruntime < 1.24 loads data from outside the model's folder, and no version knows the manifest:
-    see runtime/onnx_paths.py for the cases and the versions measured.
+    see runtime/model/onnx_paths.py for the cases and the versions measured.
     """
     base = model_path.parent.relative_to(bundle)
     for location in dict.fromkeys(locations):

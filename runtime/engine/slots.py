@@ -30,9 +30,9 @@ import onnxruntime as ort
 
 from edgegpt.errors import BundleError, ContextLengthError
 from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from edgegpt.runtime.binding import Binding
-from edgegpt.runtime.bundle import Bundle
-from edgegpt.runtime.engine import PromptError, check_ids
+from edgegpt.runtime.engine.binding import Binding
+from edgegpt.runtime.model.bundle import Bundle
+from edgegpt.runtime.engine.state import PromptError, check_ids
 
 __all__ = ["SlotBatch"]
 

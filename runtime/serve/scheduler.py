@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from edgegpt.errors import ContextLengthError, EdgeGPTError
-from edgegpt.runtime.completion import Completion
-from edgegpt.runtime.engine import reusable_prefix
-from edgegpt.runtime.generator import Generator
+from edgegpt.runtime.generation.completion import Completion
+from edgegpt.runtime.engine.state import reusable_prefix
+from edgegpt.runtime.generation.generator import Generator
 
 __all__ = ["Job", "QueueFullError", "Scheduler"]
 

@@ -23,9 +23,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgegpt.errors import SamplingError
-from edgegpt.runtime.constraints import TokenMask
-from edgegpt.runtime.logprobs import TokenLogprob, token_logprob
-from edgegpt.runtime.sampling import Sampler, SamplingConfig
+from edgegpt.runtime.generation.constraints import TokenMask
+from edgegpt.runtime.generation.logprobs import TokenLogprob, token_logprob
+from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig
 from edgegpt.tokenizer import IncrementalDecoder
 
 __all__ = ["Completion", "LogitsProcessor", "StopText"]

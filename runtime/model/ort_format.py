@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 from edgegpt.errors import BundleError
-from edgegpt.runtime.onnx_paths import GraphSummary
+from edgegpt.runtime.model.onnx_paths import GraphSummary
 
 __all__ = ["OrtModelInfo", "read_ort_model"]
 

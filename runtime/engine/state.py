@@ -34,9 +34,9 @@ import onnxruntime as ort
 
 from edgegpt.errors import ContextLengthError, EdgeGPTError
 from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from edgegpt.runtime.binding import Binding
-from edgegpt.runtime.bundle import Bundle
-from edgegpt.runtime.kv_cache import make_kv_cache
+from edgegpt.runtime.engine.binding import Binding
+from edgegpt.runtime.model.bundle import Bundle
+from edgegpt.runtime.engine.cache import make_kv_cache
 
 __all__ = ["DecodeState", "PromptError"]
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 import numpy as np
 
 from edgegpt.errors import BundleError
+from edgegpt.runtime.model.contract import KV_LAYOUTS
 
-__all__ = ["ConcatKVCache", "KV_CACHES", "SharedBufferKVCache", "check_onnxruntime", "make_kv_cache"]
+__all__ = ["ConcatKVCache", "KV_CACHES", "SharedBufferKVCache", "make_kv_cache"]
 
 
 class ConcatKVCache:
@@ -37,7 +38,6 @@ class ConcatKVCache:
 
     reads_outputs = True
     static_mask = False  # the graph takes the past length from the mask's width: it grows one column per step
-    min_onnxruntime = (1, 20)  # the MultiHeadAttention graph; the package's own floor
 
     def __init__(self, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):
         self.past_names, self.present_names = past_names, present_names
@@ -81,7 +81,6 @@ class SharedBufferKVCache:
 
     reads_outputs = False
     static_mask = True  # decode steps bind the whole (B, capacity) mask: zeros after the cached positions
-    min_onnxruntime = (1, 22)  # GroupQueryAttention's attention_bias input: 1.20 and 1.21 refuse the graph
 
     def __init__(self, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):
         self.past_names, self.present_names = past_names, present_names
@@ -120,22 +119,7 @@ class SharedBufferKVCache:
 
 
 KV_CACHES = {"concat": ConcatKVCache, "shared_buffer": SharedBufferKVCache}
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """(major, minor) of a version string, a non-numeric part as 0: "1.22.0" -> (1, 22), "1.23.dev1" -> (1, 23)."""
-    return tuple(int(part) if part.isdigit() else 0 for part in str(version).split(".")[:2])
-
-
-def check_onnxruntime(layout: str, version: str, where: str = "bundle") -> None:
-    """BundleError if onnxruntime `version` cannot run a graph of this layout (checked before loading it)."""
-    need = KV_CACHES[layout].min_onnxruntime
-    have = version_tuple(version)
-    if have < need:
-        raise BundleError(
-            f"{where}: KV-cache layout {layout!r} needs onnxruntime >= {need[0]}.{need[1]}, this is {version}; "
-            "upgrade onnxruntime or re-export the bundle with attention='mha' (--attention mha)"
-        )
+assert KV_CACHES.keys() == KV_LAYOUTS.keys(), "one strategy class per layout of the contract"
 
 
 def make_kv_cache(layout: str, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):

@@ -1,0 +1,1 @@
+"""The model wing: a bundle checked and opened (bundle, graph paths, ORT format, contract), and the session that runs it (providers, huge pages)."""
