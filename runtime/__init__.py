@@ -1,19 +1,39 @@
 """edgegpt.runtime: run a bundle with onnxruntime, without torch.
 
-Imports only the standard library, numpy, onnxruntime, tokenizers and torch-free edgegpt modules
-(config, errors, manifest, tokenizer); tests/test_layout.py checks every import, and loads each module in
-a fresh interpreter.
-The public names load on first use (PEP 562), so `edgegpt.runtime.cli` can be imported by the
-`edgegpt` command group without paying for onnxruntime and numpy at start-up.
+Imports only the standard library, numpy, onnxruntime, tokenizers and torch-free edgegpt modules; an extra's
+library (the serve extra's starlette, the constrain extra's llguidance) only in that extra's modules or lazily.
+tests/test_layout.py checks every import and loads each module in a fresh interpreter. The public names below
+load on first use (PEP 562), so importing the package costs nothing until one is used.
 
-Modules: bundle.py (verify a bundle), onnx_paths.py (read model.onnx without `onnx`), providers.py
-(execution provider, session options), binding.py (IOBinding), kv_cache.py (KV-cache layouts),
-engine.py (`DecodeState`: feed tokens, get logits, rewind, fork), sampling.py (numpy sampling),
-completion.py (one prompt's output), constraints.py (JSON schema, regex and grammar masks, with the
-optional llguidance), logprobs.py (per-token log-probabilities),
-speculative.py (draft and verify: prompt lookup or a draft model), generator.py (`Generator`: generate /
-stream / batch), chat.py (a conversation that keeps its cache), evaluate.py (perplexity, agreement),
-bench.py (time a bundle on this device), cli.py (`generate`, `chat`, `eval`).
+Four wings, in the order a request meets them:
+
+    model/       a bundle checked and opened: bundle.py (verify before load), onnx_paths.py and ort_format.py
+                 (read the graphs without onnx), contract.py (KV layouts and the onnxruntime each needs),
+                 providers.py (SessionConfig, the session), huge_pages.py
+    engine/      the step layer over one session: binding.py (IOBinding), cache.py (KV layouts), state.py
+                 (DecodeState: rows in lockstep), slots.py (SlotBatch: sequences that come and go)
+    generation/  from a prompt to text: sampling.py, completion.py (one row's text, stops, finish),
+                 constraints.py, logprobs.py, speculative.py, generator.py (Generator), chat.py, templates.py
+                 (chat templates), evaluate.py (perplexity, agreement)
+    serve/       many clients on one model: scheduler.py (continuous batching), app.py, protocol.py,
+                 metrics.py (`edgegpt serve`, the serve extra), web.py (`edgegpt web`'s static server)
+
+Names, next to the field's (STYLE.md section 11). edgegpt keeps its own, which its API, CLI, server and browser
+runtime have used from the start; the table is for readers who come from the other two:
+
+    edgegpt                 onnxruntime-genai           llama.cpp
+    Bundle                  Config (+ the model folder) the GGUF file
+    Generator               Model (+ Tokenizer)         llama_model (+ llama_vocab)
+    DecodeState             Generator (+ its state)     llama_context with one sequence
+    DecodeState.feed        append_tokens / get_logits  llama_decode + llama_get_logits
+    DecodeState.rewind      rewind_to                   llama_memory_seq_rm
+    SlotBatch (a slot)      -                           llama-server's slot (a sequence id)
+    Scheduler / Job         -                           llama-server's update_slots / task
+    Sampler                 search options (in C++)     llama_sampler chain
+    Completion              -                           llama-server's slot state of one request
+
+A rename was weighed and not made: `Generator` -> `Model` alone would leave `DecodeState` short of genai's
+`Generator`, and renaming both would give the name `Generator` two meanings during the deprecation.
 
 >>> from edgegpt.runtime import Generator
 >>> gen = Generator.load("bundles/tiny", provider="cpu")  # doctest: +SKIP

@@ -8,19 +8,9 @@ adds. So every sampler (greedy, temperature, top-k/p, min-p, penalties, logit_bi
 tokens, and a text cut by max_new_tokens is a valid prefix.
 
 The library is llguidance (guidance-ai; onnxruntime-genai and llama.cpp use it), an optional extra
-(`pip install "edgegpt[constrain]"`), imported only here and only when a constraint is asked for. Measured
-against outlines-core and xgrammar (docs/design.md §8, "Constrained decoding", has the figures):
-- xgrammar requires torch, transformers and triton: it cannot run on the torch-free base install.
-- outlines-core is torch-free but reads no grammars (regexes and JSON schemas only), and it compiles each
-  schema into an index over the whole vocabulary up front: about 1 s per schema at GPT-2's 50257 tokens,
-  paid by every request with a new schema, against llguidance's few milliseconds.
-- llguidance is torch-free with no dependencies, ships one abi3 wheel per platform (Linux x86_64/aarch64
-  with glibc >= 2.31, macOS x86_64/arm64, Windows x86_64/arm64), reads JSON schemas, Rust-syntax regexes
-  and Lark (or GBNF) grammars, reads a `tokenizers` tokenizer.json as it is (byte-level BPE, GPT-2's,
-  ours), refuses unsupported schema keywords with a reason, and computes a mask lazily in tens of
-  microseconds to a few hundred at 50257 tokens.
-The mask is computed on the decoding thread: a second thread during the model call saved nothing that the
-2-core machine could tell from noise (docs/design.md; `constraint_bench` measures it on other devices).
+(`pip install "edgegpt[constrain]"`), imported only here and only when a constraint is asked for: torch-free,
+it reads JSON schemas, regexes and Lark (or GBNF) grammars and a tokenizer.json as it is. Why this library and
+not another, and why the mask is computed on the decoding thread: docs/design.md, "Constrained decoding".
 
 JSON is generated compact (no whitespace between tokens: llguidance's `whitespace_flexible` off), which
 suits small models that would otherwise pad with spaces; a schema's own "x-guidance" key can change it.
