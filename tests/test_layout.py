@@ -121,6 +121,45 @@ def test_every_module_follows_the_import_rule():
     assert not broken, "\n".join(broken)
 
 
+# The runtime's wings, in the order a request meets them: each imports only the wings before it (and itself).
+WINGS = ("model", "engine", "generation", "serve")
+
+
+def wing_violations(relative: str, source: str) -> list[str]:
+    """Imports of one runtime/ file that reach a later wing, as "file:line: message"."""
+    parts = relative.split("/")
+    if parts[0] != "runtime" or len(parts) < 3 or parts[1] not in WINGS:
+        return []
+    allowed = WINGS[: WINGS.index(parts[1]) + 1]
+    package = "edgegpt." + ".".join(parts[:-1])
+    out = []
+    for name, line, _ in imports(source, package):
+        wing = name.split(".")[2] if name.startswith("edgegpt.runtime.") else None
+        if wing in WINGS and wing not in allowed:
+            out.append(f"{relative}:{line}: runtime/{parts[1]}/ imports {name}; a wing may import {', '.join(allowed)}")
+    return out
+
+
+def test_each_wing_imports_only_the_wings_before_it():
+    files = sorted((ROOT / "runtime").rglob("*.py"))
+    broken = [v for p in files for v in wing_violations(p.relative_to(ROOT).as_posix(), p.read_text())]
+    assert not broken, "\n".join(broken)
+
+
+@pytest.mark.parametrize(
+    "relative, source, broken",
+    [
+        ("runtime/model/bundle.py", "from edgegpt.runtime.engine.cache import KV_CACHES\n", True),
+        ("runtime/engine/state.py", "def f():\n    from edgegpt.runtime.generation.sampling import Sampler\n", True),
+        ("runtime/generation/generator.py", "from ..serve.scheduler import Scheduler\n", True),
+        ("runtime/serve/app.py", "from edgegpt.runtime.generation.generator import Generator\n", False),
+        ("runtime/engine/slots.py", "from .cache import SharedBufferKVCache\nfrom ..model.bundle import Bundle\n", False),
+    ],
+)
+def test_the_wing_check_sees_an_import_against_the_order(relative, source, broken):
+    assert bool(wing_violations(relative, source)) == broken
+
+
 @pytest.mark.parametrize(
     "relative, source",
     [
