@@ -7,7 +7,8 @@ once, before the first run, `bind(binding)` before each run (binds the pasts, an
 written in place; returns the present names that onnxruntime must allocate), `update(presents,
 new_tokens)` after it, `truncate(binding, length)` to forget positions from `length` on, `copy_from(other,
 binding)` to take another cache's contents (`engine.DecodeState.fork`), `length` (positions cached) and
-`reads_outputs` (whether `update` needs the outputs).
+`reads_outputs` (whether `update` needs the outputs). The engines (`base.KVEngine`) make one through
+`ModelSession.kv_cache()`.
 
 - "concat" (`ConcatKVCache`, the MultiHeadAttention graph): the graph returns present = concat(past, new),
   (B, H, P+T, D); onnxruntime allocates it, and the next step binds it as the past without a copy. A new
@@ -21,6 +22,8 @@ binding)` to take another cache's contents (`engine.DecodeState.fork`), `length`
   never read, so a sliding-window re-prefill reuses the buffers as they are. The prefill's mask is exactly as wide as the prompt; decode
   steps bind the whole (B, L) mask buffer (ones up to the cached length, zeros after: the graph takes each
   row's length from its last 1), so its shape, and on the CPU its binding, stay the same every step.
+  `SlotBatch` resets it one column wider than its capacity (a scratch column) and binds a range of rows,
+  one slot or the slots a step runs, with `bind_rows`.
 """
 
 from __future__ import annotations
@@ -90,7 +93,9 @@ class SharedBufferKVCache:
         self.length = 0
 
     def reset(self, binding, batch: int, capacity: int) -> None:
-        """Allocate the buffers on the device, or keep its own when their shape already fits."""
+        """Allocate the buffers on the device, or keep its own when their shape already fits.
+
+        `capacity` is the buffers' width in positions (a `SlotBatch` asks for one more than it holds)."""
         shape = (batch, self.n_head, capacity, self.head_size)
         if shape != self.shape:
             self.buffers = [binding.allocate(shape, self.dtype) for _ in self.past_names]
@@ -103,6 +108,13 @@ class SharedBufferKVCache:
             binding.bind_value(past, buffer)
             binding.bind_output_value(present, buffer)
         return []
+
+    def bind_rows(self, binding, start: int, rows: int) -> None:
+        """Bind rows [start, start + rows) of each buffer as its layer's past and present, without a copy: such
+        rows are one contiguous block of the C-contiguous buffer (`Binding.bind_rows`)."""
+        for past, present, buffer in zip(self.past_names, self.present_names, self.buffers):
+            binding.bind_rows(past, buffer, self.shape, self.dtype, start, rows)
+            binding.bind_rows(present, buffer, self.shape, self.dtype, start, rows, output=True)
 
     def update(self, presents: list, new_tokens: int) -> None:
         """The kernel wrote the new positions in place: only count them."""

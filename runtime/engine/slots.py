@@ -18,60 +18,50 @@ slots below it that are not stepping (free, or waiting to prefill) ride along wi
 mask row holds a single 1 in the scratch column `capacity` (the buffer is one column wider than the
 context), so their cached positions are neither read nor written. Keep busy slots low (the server takes
 the lowest free slot) to keep k small.
+
+The buffers are a `SharedBufferKVCache` one column wider than `capacity`, made, like the checks and the timed
+call, by `base.KVEngine`, which `DecodeState` shares.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from edgegpt.errors import BundleError, ContextLengthError
-from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from edgegpt.runtime.engine.binding import Binding
-from edgegpt.runtime.model.bundle import Bundle
-from edgegpt.runtime.engine.state import PromptError, check_ids
+from edgegpt.manifest import LOGITS
+from edgegpt.runtime.engine.base import KVEngine, PromptError, check_ids
+from edgegpt.runtime.engine.session import ModelSession
 
 __all__ = ["SlotBatch"]
 
 
-class SlotBatch:
+class SlotBatch(KVEngine):
     """`slots` sequences of at most `capacity` positions each, in one KV buffer; see the module docstring.
 
     Made by `Generator.new_slots`. Attributes (read them): slots, capacity, lengths (positions each slot
-    holds), tokens (each slot's token ids as fed), steps and session_s (model calls, time inside them).
+    holds), tokens (each slot's token ids as fed), steps and session_s (model calls, time inside them),
+    model (the `ModelSession` it runs on).
     """
 
-    def __init__(self, session: ort.InferenceSession, bundle: Bundle, device: tuple[str, int], logits_dtype: np.dtype,
-                 slots: int, capacity: int | None = None):  # fmt: skip
-        kv, c = bundle.kv, bundle.config
-        if kv.layout != "shared_buffer":
+    def __init__(self, model: ModelSession, slots: int, capacity: int | None = None):
+        bundle = model.bundle
+        if bundle.kv.layout != "shared_buffer":
             raise BundleError(
                 f"{bundle.path}: continuous batching needs the GroupQueryAttention graph (KV layout 'shared_buffer'), "
-                f"this bundle has {kv.layout!r}; re-export it with the default attention"
+                f"this bundle has {bundle.kv.layout!r}; re-export it with the default attention"
             )
-        capacity = c.block_size if capacity is None else capacity
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-            raise PromptError(f"slots must be a positive integer, got {slots!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= c.block_size:
-            raise ContextLengthError(f"capacity must be in 1..{c.block_size} (the model's context), got {capacity!r}")
-        self.slots, self.capacity, self.vocab_size, self.eot_id = slots, capacity, c.vocab_size, bundle.eot_id
-        self._width = capacity + 1  # the last column is scratch: a riding-along row writes its dummy there
-        self._shape = (slots, c.n_head, self._width, c.head_size)
-        self._dtype = np.dtype(kv.dtype)
-        self._past, self._present = kv.past_names(c.n_layer), kv.present_names(c.n_layer)
-        self._decode_binding, self._prefill_binding = Binding(session, device), Binding(session, device)
-        self._buffers = [self._decode_binding.allocate(self._shape, self._dtype) for _ in self._past]
-        self._mask = np.zeros((slots, self._width), dtype=np.int64)  # at rest: ones over each slot's length
+        # The cache is one column wider than the context: the last is scratch, where a riding-along row writes.
+        super().__init__(model, slots, capacity, "slots", spare_columns=1)
+        self.slots = slots
+        self._prefill_binding = model.binding()  # `_binding` keeps the decode step's rows bound between steps
+        self._mask = np.zeros((slots, self.capacity + 1), dtype=np.int64)  # at rest: ones over each slot's length
         self._ids = np.zeros((slots, 1), dtype=np.int64)
         self._positions = np.zeros((slots, 1), dtype=np.int64)
-        self._logits = np.empty((slots, 1, c.vocab_size), dtype=logits_dtype)
+        self._logits = np.empty((slots, 1, self.vocab_size), dtype=model.logits_dtype)
         self._logits_value = None
         self._bound_rows = 0  # rows [0, k) bound for the decode step last time (0: nothing bound yet)
-        self.tokens: list[list[int]] = [[] for _ in range(slots)]
-        self.steps, self.session_s = 0, 0.0
 
     def prefill(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
         """Feed `tokens` to `slot` after what it holds, in one batch-1 call; -> the last position's logits (V,).
@@ -87,14 +77,12 @@ class SlotBatch:
             raise PromptError("prefill needs at least one token")
         self._check_room(slot, count)
         binding = self._prefill_binding
-        binding.bind_numpy(INPUT_IDS, np.asarray([tokens], dtype=np.int64))
-        binding.bind_numpy(ATTENTION_MASK, np.ones((1, start + count), dtype=np.int64))  # (1, past + T)
-        binding.bind_numpy(POSITION_IDS, np.arange(start, start + count, dtype=np.int64)[None, :])
+        ids = np.asarray([tokens], dtype=np.int64)
+        mask = np.ones((1, start + count), dtype=np.int64)  # (1, past + T)
+        self._bind_inputs(binding, ids, mask, np.arange(start, start + count, dtype=np.int64)[None, :])
         binding.clear_outputs()
         binding.bind_outputs([LOGITS], [])  # first: outputs() lists in binding order
-        for past, present, buffer in zip(self._past, self._present, self._buffers):
-            binding.bind_rows(past, buffer, self._shape, self._dtype, slot, 1)
-            binding.bind_rows(present, buffer, self._shape, self._dtype, slot, 1, output=True)
+        self._cache.bind_rows(binding, slot, 1)
         self._run(binding)
         self._mask[slot, start : start + count] = 1
         self.tokens[slot].extend(tokens)
@@ -122,7 +110,7 @@ class SlotBatch:
             self._mask[b] = 0
             self._mask[b, -1] = 1
             self._ids[b, 0], self._positions[b, 0] = self.eot_id, 0
-        binding = self._decode_binding
+        binding = self._binding
         if rows != self._bound_rows or not binding.reads_bound_arrays:
             self._bind_decode(rows)
         try:
@@ -145,28 +133,18 @@ class SlotBatch:
 
     def _bind_decode(self, rows: int) -> None:
         """Bind rows [0, rows) of every buffer and array; a CPU session keeps them bound while `rows` holds."""
-        binding = self._decode_binding
-        binding.bind_numpy(INPUT_IDS, self._ids[:rows])
-        binding.bind_numpy(ATTENTION_MASK, self._mask[:rows])  # (rows, capacity + 1): a static width
-        binding.bind_numpy(POSITION_IDS, self._positions[:rows])
+        binding = self._binding
+        self._bind_inputs(binding, self._ids[:rows], self._mask[:rows], self._positions[:rows])  # mask: a static width
         binding.clear_outputs()
         self._logits_value = binding.wrap(self._logits[:rows])  # kept: the binding holds only a reference
         binding.bind_output_value(LOGITS, self._logits_value)
-        for past, present, buffer in zip(self._past, self._present, self._buffers):
-            binding.bind_rows(past, buffer, self._shape, self._dtype, 0, rows)
-            binding.bind_rows(present, buffer, self._shape, self._dtype, 0, rows, output=True)
+        self._cache.bind_rows(binding, 0, rows)
         self._bound_rows = rows
 
     @property
     def lengths(self) -> list[int]:
         """Positions each slot holds (its tokens as fed)."""
         return [len(row) for row in self.tokens]
-
-    def _run(self, binding: Binding) -> None:
-        start = time.perf_counter()
-        binding.run()
-        self.session_s += time.perf_counter() - start
-        self.steps += 1
 
     def _check_slot(self, slot: int) -> None:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.slots:

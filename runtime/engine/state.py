@@ -5,7 +5,7 @@ the `chat` command (which keeps its state between turns), the bench, and whateve
 (constraints, speculative decoding, a server's slots). Like onnxruntime-genai's `Generator`
 (`append_tokens`, `get_logits`, `rewind_to`), it knows nothing of text or sampling.
 
-A state holds B rows (batch), each a sequence of positions in one KV cache (`kv_cache.py`) of at most
+A state holds B rows (batch), each a sequence of positions in one KV cache (`cache.py`) of at most
 `capacity` positions, plus the attention mask (B, capacity) and each row's next position id. The rows
 share one column count, `length`: a first feed of rows of unequal lengths left-pads the shorter ones
 (mask 0, so each row computes what it would compute alone; position ids = cumsum(mask) - 1).
@@ -22,30 +22,24 @@ share one column count, `length`: a first feed of rows of unequal lengths left-p
 - `fork()` copies the state: the copy and the original go on independently.
 
 A state is not thread-safe; use one per thread. The session it runs on is (onnxruntime's `Run` is).
+What it shares with `SlotBatch` (checks, cache allocation, the timed call) lives in `base.KVEngine`.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import numpy as np
-import onnxruntime as ort
 
-from edgegpt.errors import ContextLengthError, EdgeGPTError
-from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from edgegpt.runtime.engine.binding import Binding
-from edgegpt.runtime.model.bundle import Bundle
-from edgegpt.runtime.engine.cache import make_kv_cache
+from edgegpt.errors import ContextLengthError
+from edgegpt.manifest import LOGITS
+from edgegpt.runtime.engine.base import KVEngine, PromptError, check_ids, is_id
+from edgegpt.runtime.engine.session import ModelSession
 
 __all__ = ["DecodeState", "PromptError"]
 
 
-class PromptError(EdgeGPTError, ValueError):
-    """Input the model cannot take: token ids outside the vocabulary, or not token ids at all."""
-
-
-class DecodeState:
+class DecodeState(KVEngine):
     """The KV cache, attention mask and positions of `batch` rows on one session; see the module docstring.
 
     Made by `Generator.new_state`. Attributes (read them, do not assign):
@@ -54,29 +48,18 @@ class DecodeState:
         length: positions fed so far (the same for every row; left padding counts).
         tokens: each row's token ids as fed (without padding).
         steps, session_s: model calls so far and the time spent inside onnxruntime.
+        model: the `ModelSession` it runs on.
 
     >>> state = gen.new_state()  # doctest: +SKIP
     >>> logits = state.feed(gen.encode("def parse("))  # (1, vocab)  # doctest: +SKIP
     >>> logits = state.feed([int(logits[0].argmax())])  # one greedy step  # doctest: +SKIP
     """
 
-    def __init__(self, session: ort.InferenceSession, bundle: Bundle, device: tuple[str, int], logits_dtype: np.dtype,
-                 batch: int = 1, capacity: int | None = None):  # fmt: skip
-        block = bundle.config.block_size
-        capacity = block if capacity is None else capacity
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise PromptError(f"batch must be a positive integer, got {batch!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= block:
-            raise ContextLengthError(f"capacity must be in 1..{block} (the model's context), got {capacity!r}")
-        self._session, self._bundle, self._device, self._logits_dtype = session, bundle, device, logits_dtype
-        self.batch, self.capacity = batch, capacity
-        self.vocab_size, self.eot_id = bundle.config.vocab_size, bundle.eot_id
-        kv, c = bundle.kv, bundle.config
-        self._binding = Binding(session, device)
-        self._cache = make_kv_cache(kv.layout, kv.past_names(c.n_layer), kv.present_names(c.n_layer), c.n_head, c.head_size, kv.dtype)
-        self._cache.reset(self._binding, batch, capacity)
+    def __init__(self, model: ModelSession, batch: int = 1, capacity: int | None = None):
+        super().__init__(model, batch, capacity, "batch")
+        self.batch = batch
         # The mask lives in one (B, capacity) buffer: a decode step sets one column instead of allocating.
-        self._mask = np.zeros((batch, capacity), dtype=np.int64)
+        self._mask = np.zeros((batch, self.capacity), dtype=np.int64)
         self._start = [0] * batch  # each row's first real column (left padding before it)
         self._next_ids = np.empty((batch, 1), dtype=np.int64)
         self._next_positions = np.zeros((batch, 1), dtype=np.int64)  # bound as is on decode steps: update in place
@@ -86,8 +69,6 @@ class DecodeState:
         self._outputs_bound = False  # the logits and a "shared_buffer" cache stay bound from step to step
         self._inputs_bound = False  # the decode arrays stay bound on a CPU session with a static mask
         self.length = 0
-        self.tokens: list[list[int]] = [[] for _ in range(batch)]
-        self.steps, self.session_s = 0, 0.0
 
     def feed(self, tokens: Sequence[int] | Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Run the model on new tokens; -> the logits of each row's last position, (batch, vocab).
@@ -137,9 +118,10 @@ class DecodeState:
 
     def _check_room(self, count: int) -> None:
         if self.length + count > self.capacity:
+            block = self.model.bundle.config.block_size
             raise ContextLengthError(
                 f"{count} new tokens after {self.length} exceed the state's capacity of {self.capacity} positions; "
-                f"rewind it, or make a state with a larger capacity (at most the model's {self._bundle.config.block_size})"
+                f"rewind it, or make a state with a larger capacity (at most the model's {block})"
             )
 
     def _step(self, ids: list[int]) -> np.ndarray:
@@ -176,7 +158,7 @@ class DecodeState:
 
     def fork(self) -> "DecodeState":
         """An independent copy: same positions, tokens and cache contents, a cache of its own."""
-        twin = DecodeState(self._session, self._bundle, self._device, self._logits_dtype, self.batch, self.capacity)
+        twin = DecodeState(self.model, self.batch, self.capacity)
         twin._cache.copy_from(self._cache, twin._binding)
         twin._mask[:] = self._mask
         twin._start = list(self._start)
@@ -199,7 +181,7 @@ class DecodeState:
         else:
             if isinstance(tokens, (str, bytes)):
                 raise PromptError(f"feed takes token ids, got {type(tokens).__name__}; encode text first")
-            rows = [tokens] if self.batch == 1 and not (len(tokens) and not _is_id(tokens[0])) else list(tokens)
+            rows = [tokens] if self.batch == 1 and not (len(tokens) and not is_id(tokens[0])) else list(tokens)
             if len(rows) != self.batch:
                 raise PromptError(f"expected token ids for {self.batch} rows, got {len(rows)}")
             rows = [check_ids(row, self.vocab_size) for row in rows]
@@ -225,7 +207,7 @@ class DecodeState:
         self._next_positions[:, 0] = mask.sum(axis=1)
         self._inputs_bound = self._outputs_bound = False
         self.length = width
-        return self._run(ids, mask, positions)
+        return self._call(ids, mask, positions)
 
     def _chunk(self, rows: list[list[int]]) -> np.ndarray:
         """Several tokens per row after a prefix, in one call (the past is read, the mask is exactly as wide)."""
@@ -239,36 +221,39 @@ class DecodeState:
         self._next_positions += count
         self._inputs_bound = False
         self.length += count
-        return self._run(ids, mask, positions)
+        return self._call(ids, mask, positions)
 
     def _decode(self) -> np.ndarray:
         """One token per row, from `_next_ids` (the caller records them in `tokens`)."""
         self._mask[:, self.length] = 1
         self.length += 1
-        if self._cache.static_mask:  # the whole (B, capacity) buffer: the same arrays, updated in place, every step
-            mask = self._mask
-        else:  # a view for one row; rows of a batch need a contiguous copy
-            mask = self._mask[:, : self.length] if self.batch == 1 else np.ascontiguousarray(self._mask[:, : self.length])
-        logits = self._run(self._next_ids, mask, self._next_positions, in_place=self._cache.static_mask)
+        if self._inputs_bound and self._outputs_bound:  # as bound by the last decode step, updated in place: run
+            self._chunk_logits = None
+            self._run(self._binding)
+            self._cache.update((), 1)
+        else:
+            mask = self._mask  # static: the whole (B, capacity) buffer, the same arrays updated in place every step
+            if not self._cache.static_mask:  # a view for one row; rows of a batch need a contiguous copy
+                mask = mask[:, : self.length] if self.batch == 1 else np.ascontiguousarray(mask[:, : self.length])
+            self._call(self._next_ids, mask, self._next_positions, in_place=self._cache.static_mask)
         self._next_positions += 1  # after the run: the bound array is read by it
-        return logits
+        return self._logits[:, -1, :]
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, in_place: bool = False) -> np.ndarray:
+    def _call(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, in_place: bool = False) -> np.ndarray:
         """One model call through the IOBinding; the presents stay on the device as the next past.
 
         `in_place`: the three arrays are the ones bound last step, updated in place. A CPU session reads a
-        bound host array when it runs, so they stay bound (three binds a step saved); CUDA copies at bind time.
+        bound host array when it runs, so they stay bound (three binds a step saved; with the logits and a
+        "shared_buffer" cache bound too, `_decode` only runs); CUDA copies at bind time.
         """
         binding = self._binding
         self._chunk_logits = None
         if not (in_place and self._inputs_bound):
-            binding.bind_numpy(INPUT_IDS, ids)
-            binding.bind_numpy(ATTENTION_MASK, mask)
-            binding.bind_numpy(POSITION_IDS, positions)
+            self._bind_inputs(binding, ids, mask, positions)
             self._inputs_bound = in_place and binding.reads_bound_arrays
         shape = (*ids.shape, self.vocab_size)
         if self._logits is None or self._logits.shape != shape:  # once for a multi-token feed, once for decode
-            self._logits = np.empty(shape, dtype=self._logits_dtype)
+            self._logits = np.empty(shape, dtype=self.model.logits_dtype)
             self._logits_value = binding.wrap(self._logits)
             self._outputs_bound = False
         if not self._outputs_bound:  # every step for "concat": its past and presents are new tensors
@@ -276,10 +261,7 @@ class DecodeState:
             binding.bind_output_value(LOGITS, self._logits_value)  # first: outputs() lists in binding order
             binding.bind_outputs([], self._cache.bind(binding))
             self._outputs_bound = not self._cache.reads_outputs
-        start = time.perf_counter()
-        binding.run()
-        self.session_s += time.perf_counter() - start
-        self.steps += 1
+        self._run(binding)
         self._cache.update(binding.outputs()[1:] if self._cache.reads_outputs else [], ids.shape[1])
         return self._logits[:, -1, :]  # (B, T, V) -> (B, V): the last position of each row
 
@@ -293,21 +275,3 @@ def reusable_prefix(held: Sequence[int], tokens: Sequence[int]) -> int:
     """
     common = next((i for i, (a, b) in enumerate(zip(held, tokens)) if a != b), min(len(held), len(tokens)))
     return min(common, len(tokens) - 1)
-
-
-def _is_id(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def check_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
-    """`ids` as a list of ints, each in 0..vocab_size-1; PromptError naming the first bad one."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
-        raise PromptError(f"token ids must be a sequence of integers, got {type(ids).__name__}")
-    out = []
-    for pos, i in enumerate(ids):
-        if not _is_id(i):
-            raise PromptError(f"token id at position {pos} must be an integer, got {i!r}")
-        if not 0 <= i < vocab_size:
-            raise PromptError(f"token id {int(i)} at position {pos} is outside the vocabulary (0..{vocab_size - 1})")
-        out.append(int(i))
-    return out

@@ -25,7 +25,6 @@ import numpy as np
 import onnxruntime as ort
 
 from edgegpt.errors import ContextLengthError, SamplingError
-from edgegpt.manifest import LOGITS
 from edgegpt.runtime.model.bundle import Bundle, check_io, select_graph
 from edgegpt.runtime.generation.templates import ChatTemplate
 from edgegpt.runtime.generation.completion import Completion, LogitsProcessor
@@ -33,8 +32,9 @@ from edgegpt.runtime.generation.constraints import Constraint, ConstraintCompile
 from edgegpt.runtime.engine.state import DecodeState, PromptError, check_ids, reusable_prefix
 from edgegpt.runtime.model.contract import check_onnxruntime
 from edgegpt.runtime.generation.logprobs import TokenLogprob
-from edgegpt.runtime.model.providers import CUDA, SessionConfig, create_session
+from edgegpt.runtime.model.providers import SessionConfig, create_session
 from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig
+from edgegpt.runtime.engine.session import ModelSession
 from edgegpt.runtime.engine.slots import SlotBatch
 from edgegpt.runtime.generation.speculative import (Drafter, LookupDrafter, ModelDrafter, Speculative, accept, check_request, draw,
                                           probabilities)
@@ -326,10 +326,7 @@ class Generator:
         names_in = [i.name for i in session.get_inputs()]
         names_out = [o.name for o in session.get_outputs()]
         check_io(f"{bundle.model_path} (onnxruntime)", names_in, names_out, bundle.input_names, bundle.output_names)
-        logits_type = next(o.type for o in session.get_outputs() if o.name == LOGITS)
-        self._logits_dtype = np.dtype(np.float16 if logits_type == "tensor(float16)" else np.float32)
-        on_cuda = session.get_providers()[0] == CUDA
-        self._device = ("cuda", session_config.device_id) if on_cuda else ("cpu", 0)
+        self.model = ModelSession.of(session, bundle, session_config.device_id)  # what every engine on it needs
         self._chat_template: ChatTemplate | None = None
         self._decoder = IncrementalDecoder(self.tokenizer)  # building the byte table costs ms: once
         # Ids 0..sampled_vocab_size-1 may be sampled: not the padding past the tokenizer (nanoGPT's 50304 rows
@@ -546,14 +543,14 @@ class Generator:
         >>> state = gen.new_state()  # doctest: +SKIP
         >>> logits = state.feed(gen.encode("def parse("))  # (1, vocab)  # doctest: +SKIP
         """
-        return DecodeState(self.session, self.bundle, self._device, self._logits_dtype, batch, capacity)
+        return DecodeState(self.model, batch, capacity)
 
     def new_slots(self, slots: int, capacity: int | None = None) -> SlotBatch:
         """A `SlotBatch` of `slots` independent sequences on this session (continuous batching, the server).
 
         Needs a "shared_buffer" (GroupQueryAttention) bundle; BundleError otherwise.
         """
-        return SlotBatch(self.session, self.bundle, self._device, self._logits_dtype, slots, capacity)
+        return SlotBatch(self.model, slots, capacity)
 
     def new_sampler(self, sampling: SamplingConfig | None = None, prompt_ids: Sequence[int] = (), **overrides) -> Sampler:
         """A `Sampler` for this model (keywords as `SamplingConfig`'s): it never picks an id past
