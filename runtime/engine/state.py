@@ -32,17 +32,13 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from edgegpt.errors import ContextLengthError, EdgeGPTError
+from edgegpt.errors import ContextLengthError, PromptError
 from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from edgegpt.runtime.engine.binding import Binding
 from edgegpt.runtime.model.bundle import Bundle
 from edgegpt.runtime.engine.cache import make_kv_cache
 
 __all__ = ["DecodeState", "PromptError"]
-
-
-class PromptError(EdgeGPTError, ValueError):
-    """Input the model cannot take: token ids outside the vocabulary, or not token ids at all."""
 
 
 class DecodeState:

@@ -24,13 +24,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from edgegpt.errors import ContextLengthError, SamplingError
+from edgegpt.errors import ContextLengthError, PromptError, SamplingError
 from edgegpt.manifest import LOGITS
 from edgegpt.runtime.model.bundle import Bundle, check_io, select_graph
 from edgegpt.runtime.generation.templates import ChatTemplate
 from edgegpt.runtime.generation.completion import Completion, LogitsProcessor
 from edgegpt.runtime.generation.constraints import Constraint, ConstraintCompiler, row_constraints
-from edgegpt.runtime.engine.state import DecodeState, PromptError, check_ids, reusable_prefix
+from edgegpt.runtime.engine.state import DecodeState, check_ids, reusable_prefix
 from edgegpt.runtime.model.contract import check_onnxruntime
 from edgegpt.runtime.generation.logprobs import TokenLogprob
 from edgegpt.runtime.model.providers import CUDA, SessionConfig, create_session

@@ -26,13 +26,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from edgegpt.checks import check_bool, check_int, check_real
-from edgegpt.errors import SamplingError
+from edgegpt.errors import SamplingError, UnknownParameterError
 
 __all__ = ["SamplingConfig", "Sampler", "UnknownParameterError"]
-
-
-class UnknownParameterError(SamplingError, TypeError):
-    """A keyword that is not a `SamplingConfig` field (a `TypeError` too, as Python's own would be)."""
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from edgegpt.errors import ContextLengthError, EdgeGPTError
+from edgegpt.errors import ContextLengthError, QueueFullError
 from edgegpt.runtime.generation.completion import Completion
 from edgegpt.runtime.engine.state import reusable_prefix
 from edgegpt.runtime.generation.generator import Generator
 
 __all__ = ["Job", "QueueFullError", "Scheduler"]
-
-
-class QueueFullError(EdgeGPTError, RuntimeError):
-    """The scheduler's queue is full: retry later (the server answers 429 with Retry-After)."""
 
 
 @dataclass(eq=False)
