@@ -28,6 +28,7 @@ from edgegpt.errors import ContextLengthError, PromptError, SamplingError
 from edgegpt.manifest import LOGITS
 from edgegpt.runtime.model.bundle import Bundle, check_io, select_graph
 from edgegpt.runtime.generation.templates import ChatTemplate
+from edgegpt.runtime.generation.budget import token_budget
 from edgegpt.runtime.generation.completion import Completion, LogitsProcessor
 from edgegpt.runtime.generation.constraints import Constraint, ConstraintCompiler, row_constraints
 from edgegpt.runtime.engine.state import DecodeState, check_ids, reusable_prefix
@@ -122,20 +123,7 @@ class _Request:
         if bad:
             raise SamplingError(f"stop_token_ids {bad} are outside the vocabulary (0..{vocab - 1})")
         longest = max(len(p) for p in prompts)
-        if config.max_new_tokens is None:
-            if config.sliding_window:
-                raise SamplingError("max_new_tokens=None (until the context is full) cannot be used with sliding_window=True")
-            if longest > block:
-                raise ContextLengthError(f"prompt of {longest} tokens exceeds the model's context of {block} tokens")
-            self.max_new = block - longest
-        else:
-            self.max_new = config.max_new_tokens
-            if not config.sliding_window and longest + self.max_new > block:
-                raise ContextLengthError(
-                    f"prompt of {longest} tokens + max_new_tokens {self.max_new} = {longest + self.max_new} exceeds the "
-                    f"model's context of {block} tokens; shorten the prompt, lower max_new_tokens to "
-                    f"{max(block - longest, 0)} or pass sliding_window=True"
-                )
+        self.max_new = token_budget(longest, config.max_new_tokens, block, sliding_window=config.sliding_window)
         constraints = list(constraints) or [None] * len(prompts)
         self.rows = [gen.new_completion(p, config, self.max_new, constraint=c, logits_processor=processors)
                      for p, c in zip(prompts, constraints)]  # fmt: skip
@@ -573,11 +561,14 @@ class Generator:
 
         Args:
             prompt: the prompt's token ids (the repetition penalty covers them; a logits processor sees them).
-            sampling: the request's knobs; max_new: tokens at most (default: sampling.max_new_tokens, or
-                what the context has room for after the prompt).
+            sampling: the request's knobs; max_new: tokens at most (default: `token_budget` of the prompt and
+                sampling.max_new_tokens in the model's context; None there is what the context has room for).
             constraint: a `Constraint` (JSON schema, regex or grammar), checked here: `ConstraintError` for a bad
                 one, `ExtraMissingError` without llguidance.
             logits_processor: a callable `(ids, logits) -> logits or None`, or a list of them.
+
+        Raises:
+            ContextLengthError: without max_new, the prompt and sampling.max_new_tokens do not fit the context.
 
         >>> row = gen.new_completion(ids, SamplingConfig(max_new_tokens=32), constraint=Constraint(json_schema={"type": "object"}))  # doctest: +SKIP
         >>> piece = row.sample(state.feed(ids)[0])  # doctest: +SKIP
@@ -585,8 +576,8 @@ class Generator:
         config = SamplingConfig() if sampling is None else sampling
         prompt = list(prompt)
         if max_new is None:
-            room = self.config.block_size - len(prompt)
-            max_new = room if config.max_new_tokens is None else config.max_new_tokens
+            max_new = token_budget(len(prompt), config.max_new_tokens, self.config.block_size,
+                                   sliding_window=config.sliding_window)  # fmt: skip
         mask = None
         if constraint is not None:
             if not isinstance(constraint, Constraint):
