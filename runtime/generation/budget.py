@@ -36,10 +36,10 @@ def token_budget(prompt_tokens: int, max_new_tokens: int | None, context: int, *
 
     >>> token_budget(10, None, 64), token_budget(10, 16, 64), token_budget(60, 16, 64, fit=True)
     (54, 16, 4)
-    >>> token_budget(60, 16, 64)
+    >>> token_budget(70, None, 64)
     Traceback (most recent call last):
     ...
-    edgegpt.errors.ContextLengthError: prompt of 60 tokens + max_new_tokens 16 = 76 exceeds the model's context of 64 tokens; shorten the prompt, lower max_new_tokens to 4 or pass sliding_window=True
+    edgegpt.errors.ContextLengthError: prompt of 70 tokens exceeds the model's context of 64 tokens
     """
     room = context - prompt_tokens
     if fit:
@@ -51,9 +51,13 @@ def token_budget(prompt_tokens: int, max_new_tokens: int | None, context: int, *
         return room if max_new_tokens is None else min(max_new_tokens, room)
     if max_new_tokens is None:
         if sliding_window:
-            raise SamplingError("max_new_tokens=None (until the context is full) cannot be used with sliding_window=True")
+            raise SamplingError(
+                "max_new_tokens=None (until the context is full) cannot be used with sliding_window=True"
+            )
         if room < 0:
-            raise ContextLengthError(f"prompt of {prompt_tokens} tokens exceeds the model's context of {context} tokens")
+            raise ContextLengthError(
+                f"prompt of {prompt_tokens} tokens exceeds the model's context of {context} tokens"
+            )
         return room
     if room < max_new_tokens and not sliding_window:
         raise ContextLengthError(

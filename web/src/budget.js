@@ -21,21 +21,25 @@ export function tokenBudget(promptTokens, maxNewTokens, context, { slidingWindow
   if (fit) {
     if (room < 1) {
       throw new ContextLengthError(
-        `the prompt has ${promptTokens} tokens; this model's slots hold ${context} positions, so at most ${context - 1} ` +
-          `prompt tokens leave room for one new token`,
+        `the prompt has ${promptTokens} tokens; this model's slots hold ${context} positions, ` +
+          `so at most ${context - 1} prompt tokens leave room for one new token`,
       );
     }
     return maxNewTokens === null ? room : Math.min(maxNewTokens, room);
   }
   if (maxNewTokens === null) {
-    if (slidingWindow) throw new SamplingError("maxNewTokens null (until the context is full) cannot be used with slidingWindow");
-    if (room < 0) throw new ContextLengthError(`prompt of ${promptTokens} tokens exceeds the model's context of ${context} tokens`);
+    if (slidingWindow) {
+      throw new SamplingError("maxNewTokens null (until the context is full) cannot be used with slidingWindow");
+    }
+    if (room < 0) {
+      throw new ContextLengthError(`prompt of ${promptTokens} tokens exceeds the model's context of ${context} tokens`);
+    }
     return room;
   }
   if (room < maxNewTokens && !slidingWindow) {
     throw new ContextLengthError(
-      `prompt of ${promptTokens} tokens + maxNewTokens ${maxNewTokens} exceeds the model's context of ${context} tokens; ` +
-        `shorten the prompt or lower maxNewTokens to ${Math.max(room, 0)}`,
+      `prompt of ${promptTokens} tokens + maxNewTokens ${maxNewTokens} exceeds the model's context of ${context} ` +
+        `tokens; shorten the prompt or lower maxNewTokens to ${Math.max(room, 0)}`,
     );
   }
   return maxNewTokens;

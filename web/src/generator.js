@@ -202,7 +202,7 @@ export class Generator {
     const started = performance.now();
     let ids = typeof prompt === "string" ? this.encode(prompt) : [...prompt];
     if (!ids.length) ids = [this.eotId];
-    tokenBudget(ids.length, config.maxNewTokens, this.config.block_size); // throws ContextLengthError when it does not fit
+    tokenBudget(ids.length, config.maxNewTokens, this.config.block_size); // ContextLengthError when it does not fit
     const state = this.newState();
     const sample = makeSampler(config, this.sampledVocab);
     const decoder = new IncrementalDecoder(this.bytesTable);
