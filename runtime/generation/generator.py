@@ -431,12 +431,8 @@ class Generator:
         >>> gen.generate("Answer: ", regex="(yes|no)", max_new_tokens=4).text  # doctest: +SKIP
         'yes'
         """
-        started = time.perf_counter()
-        request = self._request([self.encode(prompt)], sampling, overrides, started, state, speculative,
-                                (json_schema, regex, grammar), logits_processor)  # fmt: skip
-        for _ in request:
-            pass
-        return request.result(0)
+        return self._call(self.encode, [prompt], sampling, overrides, state, speculative, (json_schema, regex, grammar),
+                          logits_processor)[0]  # fmt: skip
 
     def stream(self, prompt: str, sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
                speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
@@ -449,18 +445,16 @@ class Generator:
         >>> for piece in gen.stream("def parse(", max_new_tokens=16):  # doctest: +SKIP
         ...     print(piece, end="", flush=True)
         """
-        started = time.perf_counter()
-        return TextStream(self._request([self.encode(prompt)], sampling, overrides, started, state, speculative,
-                                        (json_schema, regex, grammar), logits_processor))  # fmt: skip
+        return self._call(self.encode, [prompt], sampling, overrides, state, speculative, (json_schema, regex, grammar),
+                          logits_processor, stream=True)  # fmt: skip
 
     def stream_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
                    speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
                    grammar: str | None = None, logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
                    **overrides) -> TextStream:  # fmt: skip
         """`stream` for a prompt of token ids (ids outside the vocabulary raise `PromptError`)."""
-        started = time.perf_counter()
-        return TextStream(self._request([self._check_ids(ids)], sampling, overrides, started, state, speculative,
-                                        (json_schema, regex, grammar), logits_processor))  # fmt: skip
+        return self._call(self._check_ids, [ids], sampling, overrides, state, speculative,
+                          (json_schema, regex, grammar), logits_processor, stream=True)  # fmt: skip
 
     def generate_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
                      speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
@@ -472,12 +466,8 @@ class Generator:
 
         >>> gen.generate_ids([11, 42, 7], max_new_tokens=4).tokens  # doctest: +SKIP
         """
-        started = time.perf_counter()
-        request = self._request([self._check_ids(ids)], sampling, overrides, started, state, speculative,
-                                (json_schema, regex, grammar), logits_processor)  # fmt: skip
-        for _ in request:
-            pass
-        return request.result(0)
+        return self._call(self._check_ids, [ids], sampling, overrides, state, speculative,
+                          (json_schema, regex, grammar), logits_processor)[0]  # fmt: skip
 
     def generate_batch(
         self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig | None = None, *,
@@ -501,18 +491,17 @@ class Generator:
 
         >>> [r.text for r in gen.generate_batch(["def ", "import "], max_new_tokens=8)]  # doctest: +SKIP
         """
-        started = time.perf_counter()
         if isinstance(prompts, str) or not prompts:
             raise PromptError("generate_batch takes a non-empty list of prompts (texts or token-id lists)")
-        ids = [self.encode(p) if isinstance(p, str) else self._check_ids(p) for p in prompts]
-        request = self._request(ids, sampling, overrides, started, None, speculative, (json_schema, regex, grammar),
-                                logits_processor)  # fmt: skip
-        for _ in request:
-            pass
-        return [request.result(b) for b in range(len(ids))]
+        return self._call(self._prompt_ids, prompts, sampling, overrides, None, speculative,
+                          (json_schema, regex, grammar), logits_processor)  # fmt: skip
 
-    def _request(self, prompts: list[list[int]], sampling, overrides: dict, started: float, state=None,
-                 speculative=None, constraint=(None, None, None), logits_processor=None) -> _Request:  # fmt: skip
+    def _call(self, to_ids, prompts: Sequence, sampling, overrides: dict, state, speculative, constraint,
+              logits_processor, *, stream: bool = False) -> list[GenerationResult] | TextStream:  # fmt: skip
+        """The one body of generate, stream, stream_ids, generate_ids and generate_batch: the prompts (each made
+        token ids by `to_ids`) -> a `TextStream` (stream) or one result per prompt."""
+        started = time.perf_counter()
+        prompts = [to_ids(p) for p in prompts]
         base = SamplingConfig() if sampling is None else sampling
         if not isinstance(base, SamplingConfig):
             raise SamplingError(f"sampling must be a SamplingConfig, got {type(base).__name__}")
@@ -521,7 +510,13 @@ class Generator:
         config = base.replace(**overrides)
         prompts = [p or [self.eot_id] for p in prompts]  # an empty prompt starts from end-of-text
         constraints = row_constraints(len(prompts), *constraint)
-        return _Request(self, prompts, config, started, state, speculative, constraints, _processors(logits_processor))
+        processors = _processors(logits_processor)
+        request = _Request(self, prompts, config, started, state, speculative, constraints, processors)
+        if stream:
+            return TextStream(request)
+        for _ in request:
+            pass
+        return [request.result(b) for b in range(len(prompts))]
 
     def new_state(self, batch: int = 1, capacity: int | None = None) -> DecodeState:
         """An empty `DecodeState` of `batch` rows on this generator's session: the step-level engine.
@@ -604,3 +599,7 @@ class Generator:
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         return check_ids(ids, self.config.vocab_size)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt of generate_batch (a text or token ids) as token ids."""
+        return self.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
