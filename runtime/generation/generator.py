@@ -9,7 +9,7 @@ thread-safe, so one Generator serves concurrent calls from several threads.
 Per step only the last position's logits are sampled. Batches are left-padded, so each row computes what
 it would compute alone. With sliding_window, a full context drops its oldest tokens and is recomputed.
 Reference loop: edgegpt.train.generate.generate (PyTorch), which greedy decoding here matches token for token.
-With `speculative=` (`speculative.py`), a batch-1 request runs `_Request._speculate` instead: drafts are
+With `speculative=`, a batch-1 request hands its state and row to `speculative.speculate` instead: drafts are
 verified k + 1 positions per model call, and every emitted token goes through the same `Completion.add` as here.
 """
 
@@ -37,8 +37,7 @@ from edgegpt.runtime.generation.logprobs import TokenLogprob
 from edgegpt.runtime.model.providers import CUDA, SessionConfig, create_session
 from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig
 from edgegpt.runtime.engine.slots import SlotBatch
-from edgegpt.runtime.generation.speculative import (Drafter, LookupDrafter, ModelDrafter, Speculative, accept, check_request, draw,
-                                          probabilities)
+from edgegpt.runtime.generation.speculative import Drafter, Speculative, check_request, new_drafter, speculate
 from edgegpt.tokenizer import IncrementalDecoder
 
 __all__ = ["GenerationResult", "Generator", "TextStream", "Timings"]
@@ -114,9 +113,7 @@ class _Request:
                  constraints: Sequence[Constraint | None] = (), processors: Sequence[LogitsProcessor] = ()):  # fmt: skip
         self.gen, self.config, self.started = gen, config, started
         if speculative is not None:
-            if not isinstance(speculative, Speculative):
-                raise SamplingError(f"speculative must be a Speculative, got {type(speculative).__name__}")
-            check_request(config, len(prompts), constrained=any(c is not None for c in constraints),
+            check_request(speculative, config, len(prompts), constrained=any(c is not None for c in constraints),
                           processed=bool(processors))  # fmt: skip
         vocab, block = gen.config.vocab_size, gen.config.block_size
         bad = [i for i in config.stop_token_ids if i >= vocab]
@@ -138,11 +135,7 @@ class _Request:
                 f"of {capacity}: make it with gen.new_state(batch={len(prompts)}, capacity={capacity})"
             )
         self.state = state
-        self.drafter: Drafter | None = None
-        if speculative is not None:
-            cut = gen.sampled_vocab_size
-            self.drafter = (LookupDrafter(speculative, config, cut) if speculative.lookup
-                            else ModelDrafter(speculative, config, cut, gen, capacity))  # fmt: skip
+        self.drafter: Drafter | None = None if speculative is None else new_drafter(speculative, config, gen, capacity)
         self.next_ids = np.empty((len(prompts), 1), dtype=np.int64)
         self.context_shifts = self.cached_tokens = 0
         self.first_token_at: float | None = None
@@ -161,8 +154,11 @@ class _Request:
         if self.config.sliding_window and max(map(len, feed)) > state.capacity:
             feed = self._window(feed)
         logits = self._feed_prompts(feed)
-        if self.drafter is not None:
-            yield from self._speculate(logits)
+        if self.drafter is not None:  # batch 1: the loop with drafts
+            for piece in speculate(state, rows[0], self.drafter, logits):
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                yield [piece]
             return
         while True:
             pieces = [""] * len(rows)
@@ -203,44 +199,6 @@ class _Request:
         self.context_shifts += 1
         return [h[-keep:] for h in histories]
 
-    def _speculate(self, logits: np.ndarray) -> Iterator[list[str]]:
-        """The batch-1 loop with drafts: feed [last, d1..dk], keep the accepted prefix and one more, rewind the rest."""
-        row, state, drafter = self.rows[0], self.state, self.drafter
-        piece = row.sample(logits[0])
-        self.first_token_at = time.perf_counter()
-        yield [piece]
-        while row.finish_reason is None:
-            room = min(self.max_new - len(row.tokens), state.capacity - state.length - 1)
-            drafts, qs = drafter.propose(row.prompt + row.tokens, room, row.sampler.rng)
-            if not drafts:  # nothing to verify: a plain decode step, through feed's (1, 1) array fast path
-                self.next_ids[0, 0] = row.tokens[-1]
-                yield [row.sample(state.feed(self.next_ids)[0])]
-                continue
-            base = state.length
-            state.feed([row.tokens[-1], *drafts])
-            pieces, used, accepted = self._verify(row, state.logits[0], drafts, qs)
-            state.rewind(base + used)  # as the plain loop: the cache holds every token before the last emitted
-            drafter.record(len(drafts), accepted)
-            yield ["".join(pieces)]
-
-    def _verify(self, row: Completion, logits: np.ndarray, drafts: list[int], qs) -> tuple[list[str], int, int]:
-        """Emit the accepted drafts and one token of the target's own, stopping where the row finishes.
-
-        logits (k + 1, V): position i picks the token after chunk[i]. -> (pieces, positions used, drafts accepted).
-        """
-        greedy, cut, pieces = self.config.greedy, self.gen.sampled_vocab_size, []
-        for i in range(len(drafts) + 1):
-            draft = drafts[i] if i < len(drafts) else None
-            if greedy:  # the request's own Sampler: argmax, penalties included, exactly as the plain loop
-                token = row.sampler(logits[i])
-            else:
-                p, rng = probabilities(logits[i, :cut], self.drafter.scale), row.sampler.rng
-                token = draw(p, rng) if draft is None else accept(p, draft, qs[i] if qs else None, rng)
-            pieces.append(row.add(token))
-            if token != draft or row.finish_reason is not None:
-                return pieces, i + 1, i + (token == draft)
-        raise AssertionError("unreachable: the last position has no draft")
-
     def result(self, b: int = 0) -> GenerationResult:
         row = self.rows[b]
         end = row.finished_at or time.perf_counter()
@@ -253,7 +211,7 @@ class _Request:
             tokens_per_s=(len(row.tokens) - 1) / decode if len(row.tokens) > 1 and decode > 0 else 0.0,
             session_s=self.state.session_s,
             steps=self.state.steps,
-            draft_steps=self.drafter.steps if isinstance(self.drafter, ModelDrafter) else 0,
+            draft_steps=self.drafter.steps if self.drafter else 0,
         )
         return GenerationResult(
             text="".join(row.pieces),
