@@ -38,6 +38,7 @@ from edgegpt.runtime.generation.sampling import draw
 __all__ = ["Speculative", "accept", "lookup_draft", "speculate"]
 
 _UNSUPPORTED = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias")
+_DRAFT_NEEDS = ("bundle", "config", "sampled_vocab_size", "new_state")  # what `ModelDrafter` uses of a Generator
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,6 @@ class Speculative:
             raise SamplingError(
                 f"Speculative(draft=...) takes a Generator (Generator.load(bundle)), got {type(self.draft).__name__}"
             )
-
-
-_DRAFT_NEEDS = ("bundle", "config", "sampled_vocab_size", "new_state")  # what `ModelDrafter` uses of a Generator
 
 
 def check_request(speculative, config, batch: int, *, constrained: bool = False, processed: bool = False) -> None:
@@ -229,7 +227,7 @@ class Drafter:
 
     def propose(self, history: list[int], limit: int, sampler) -> tuple[list[int], list[np.ndarray] | None]:
         """Up to min(k, limit) drafts after `history` (none while backing off: the caller takes a plain step);
-        a draft model samples them with the request's `sampler` (None for greedy)."""
+        a draft model samples them with the request's `sampler` (its probabilities and RNG; unused when greedy)."""
         raise NotImplementedError
 
 
