@@ -49,6 +49,18 @@ class SamplingError(EdgeGPTError, ValueError):
     """An invalid sampling parameter."""
 
 
+class UnknownParameterError(SamplingError, TypeError):
+    """A keyword that is not a `SamplingConfig` field (a `TypeError` too, as Python's own would be)."""
+
+
+class PromptError(EdgeGPTError, ValueError):
+    """Input the model cannot take: token ids outside the vocabulary, or not token ids at all."""
+
+
+class QueueFullError(EdgeGPTError, RuntimeError):
+    """The scheduler's queue is full: retry later (the server answers 429 with Retry-After)."""
+
+
 class ConstraintError(SamplingError):
     """A JSON schema, regex or grammar the constraint library refuses (its reason in one line), or a
     constraint asked for where it cannot apply."""

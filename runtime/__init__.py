@@ -47,6 +47,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from edgegpt.errors import PromptError, UnknownParameterError  # the torch-free core's: nothing to load lazily
+
 __all__ = [
     "Bundle",
     "Completion",
@@ -72,7 +74,6 @@ _HOME = {
     "Completion": "generation.completion",
     "Constraint": "generation.constraints",
     "DecodeState": "engine.state",
-    "PromptError": "engine.state",
     "GenerationResult": "generation.generator",
     "Generator": "generation.generator",
     "TextStream": "generation.generator",
@@ -80,7 +81,6 @@ _HOME = {
     "SessionConfig": "model.providers",
     "Sampler": "generation.sampling",
     "SamplingConfig": "generation.sampling",
-    "UnknownParameterError": "generation.sampling",
     "Speculative": "generation.speculative",
     "TokenLogprob": "generation.logprobs",
 }
@@ -89,11 +89,11 @@ if TYPE_CHECKING:
     from edgegpt.runtime.model.bundle import Bundle, KVCacheSpec
     from edgegpt.runtime.generation.completion import Completion
     from edgegpt.runtime.generation.constraints import Constraint
-    from edgegpt.runtime.engine.state import DecodeState, PromptError
+    from edgegpt.runtime.engine.state import DecodeState
     from edgegpt.runtime.generation.generator import GenerationResult, Generator, TextStream, Timings
     from edgegpt.runtime.generation.logprobs import TokenLogprob
     from edgegpt.runtime.model.providers import SessionConfig
-    from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig, UnknownParameterError
+    from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig
     from edgegpt.runtime.generation.speculative import Speculative
 
 

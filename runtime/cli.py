@@ -203,6 +203,7 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
     constraint = _constraint(json_schema, regex, grammar)
     text = _read_prompt_file(prompt_file) if prompt_file is not None else _check_prompt(prompt)
     from edgegpt.runtime import Generator, SamplingConfig, Speculative
+    from edgegpt.runtime.generation.budget import token_budget
 
     session = dict(provider=provider, threads=threads, spinning=spinning, huge_pages=huge_pages)
     gen = Generator.load(bundle, **session)
@@ -210,13 +211,14 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
     if lookup or draft is not None:
         speculative = Speculative(lookup=lookup, draft=None if draft is None else Generator.load(draft, **session),
                                   draft_tokens=draft_tokens, lookup_ngram=lookup_ngram)  # fmt: skip
+    ids = gen.encode(text)  # once, for the budget and the call
     overrides = given(flags)
-    if "max_new_tokens" not in overrides and not overrides.get("sliding_window"):  # the default fits the context
-        room = gen.config.block_size - max(len(gen.encode(text)), 1)
-        overrides["max_new_tokens"] = max(min(SamplingConfig().max_new_tokens, room), 0)
+    if "max_new_tokens" not in overrides and not overrides.get("sliding_window"):  # the default, lowered to the room
+        room = token_budget(len(ids) or 1, None, gen.config.block_size)  # an empty prompt is fed as end-of-text
+        overrides["max_new_tokens"] = min(SamplingConfig().max_new_tokens, room)
     sampling = SamplingConfig().replace(**overrides)
     if as_json:
-        result = gen.generate(text, sampling, speculative=speculative, **constraint)
+        result = gen.generate_ids(ids, sampling, speculative=speculative, **constraint)
         timings = {k: round(v, 6) for k, v in vars(result.timings).items()}
         payload = {"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason}
         if result.logprobs is not None:
@@ -231,7 +233,7 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
         with _stdout_errors():
             click.echo(json.dumps(payload, ensure_ascii=False))
         return
-    stream = gen.stream(text, sampling, speculative=speculative, **constraint)
+    stream = gen.stream_ids(ids, sampling, speculative=speculative, **constraint)
     with _stdout_errors():
         for piece in stream:
             click.echo(piece, nl=False)

@@ -13,16 +13,12 @@ from typing import Sequence
 
 import numpy as np
 
-from edgegpt.errors import ContextLengthError, EdgeGPTError
+from edgegpt.errors import ContextLengthError, PromptError
 from edgegpt.manifest import ATTENTION_MASK, INPUT_IDS, POSITION_IDS
 from edgegpt.runtime.engine.binding import Binding
 from edgegpt.runtime.engine.session import ModelSession
 
-__all__ = ["KVEngine", "PromptError", "check_ids", "is_id"]
-
-
-class PromptError(EdgeGPTError, ValueError):
-    """Input the model cannot take: token ids outside the vocabulary, or not token ids at all."""
+__all__ = ["KVEngine", "check_ids", "is_id"]
 
 
 class KVEngine:

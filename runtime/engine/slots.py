@@ -29,9 +29,9 @@ from typing import Sequence
 
 import numpy as np
 
-from edgegpt.errors import BundleError, ContextLengthError
+from edgegpt.errors import BundleError, ContextLengthError, PromptError
 from edgegpt.manifest import LOGITS
-from edgegpt.runtime.engine.base import KVEngine, PromptError, check_ids
+from edgegpt.runtime.engine.base import KVEngine, check_ids
 from edgegpt.runtime.engine.session import ModelSession
 
 __all__ = ["SlotBatch"]

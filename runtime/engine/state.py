@@ -31,9 +31,9 @@ from typing import Sequence
 
 import numpy as np
 
-from edgegpt.errors import ContextLengthError
+from edgegpt.errors import ContextLengthError, PromptError
 from edgegpt.manifest import LOGITS
-from edgegpt.runtime.engine.base import KVEngine, PromptError, check_ids, is_id
+from edgegpt.runtime.engine.base import KVEngine, check_ids, is_id
 from edgegpt.runtime.engine.session import ModelSession
 
 __all__ = ["DecodeState", "PromptError"]

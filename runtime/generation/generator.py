@@ -9,7 +9,7 @@ thread-safe, so one Generator serves concurrent calls from several threads.
 Per step only the last position's logits are sampled. Batches are left-padded, so each row computes what
 it would compute alone. With sliding_window, a full context drops its oldest tokens and is recomputed.
 Reference loop: edgegpt.train.generate.generate (PyTorch), which greedy decoding here matches token for token.
-With `speculative=` (`speculative.py`), a batch-1 request runs `_Request._speculate` instead: drafts are
+With `speculative=`, a batch-1 request hands its state and row to `speculative.speculate` instead: drafts are
 verified k + 1 positions per model call, and every emitted token goes through the same `Completion.add` as here.
 """
 
@@ -24,20 +24,20 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from edgegpt.errors import ContextLengthError, SamplingError
+from edgegpt.errors import ContextLengthError, PromptError, SamplingError
 from edgegpt.runtime.model.bundle import Bundle, check_io, select_graph
 from edgegpt.runtime.generation.templates import ChatTemplate
+from edgegpt.runtime.generation.budget import token_budget
 from edgegpt.runtime.generation.completion import Completion, LogitsProcessor
 from edgegpt.runtime.generation.constraints import Constraint, ConstraintCompiler, row_constraints
-from edgegpt.runtime.engine.state import DecodeState, PromptError, check_ids, reusable_prefix
+from edgegpt.runtime.engine.state import DecodeState, check_ids, reusable_prefix
 from edgegpt.runtime.model.contract import check_onnxruntime
 from edgegpt.runtime.generation.logprobs import TokenLogprob
 from edgegpt.runtime.model.providers import SessionConfig, create_session
 from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig
 from edgegpt.runtime.engine.session import ModelSession
 from edgegpt.runtime.engine.slots import SlotBatch
-from edgegpt.runtime.generation.speculative import (Drafter, LookupDrafter, ModelDrafter, Speculative, accept, check_request, draw,
-                                          probabilities)
+from edgegpt.runtime.generation.speculative import Drafter, Speculative, check_request, new_drafter, speculate
 from edgegpt.tokenizer import IncrementalDecoder
 
 __all__ = ["GenerationResult", "Generator", "TextStream", "Timings"]
@@ -113,29 +113,14 @@ class _Request:
                  constraints: Sequence[Constraint | None] = (), processors: Sequence[LogitsProcessor] = ()):  # fmt: skip
         self.gen, self.config, self.started = gen, config, started
         if speculative is not None:
-            if not isinstance(speculative, Speculative):
-                raise SamplingError(f"speculative must be a Speculative, got {type(speculative).__name__}")
-            check_request(config, len(prompts), constrained=any(c is not None for c in constraints),
+            check_request(speculative, config, len(prompts), constrained=any(c is not None for c in constraints),
                           processed=bool(processors))  # fmt: skip
         vocab, block = gen.config.vocab_size, gen.config.block_size
         bad = [i for i in config.stop_token_ids if i >= vocab]
         if bad:
             raise SamplingError(f"stop_token_ids {bad} are outside the vocabulary (0..{vocab - 1})")
         longest = max(len(p) for p in prompts)
-        if config.max_new_tokens is None:
-            if config.sliding_window:
-                raise SamplingError("max_new_tokens=None (until the context is full) cannot be used with sliding_window=True")
-            if longest > block:
-                raise ContextLengthError(f"prompt of {longest} tokens exceeds the model's context of {block} tokens")
-            self.max_new = block - longest
-        else:
-            self.max_new = config.max_new_tokens
-            if not config.sliding_window and longest + self.max_new > block:
-                raise ContextLengthError(
-                    f"prompt of {longest} tokens + max_new_tokens {self.max_new} = {longest + self.max_new} exceeds the "
-                    f"model's context of {block} tokens; shorten the prompt, lower max_new_tokens to "
-                    f"{max(block - longest, 0)} or pass sliding_window=True"
-                )
+        self.max_new = token_budget(longest, config.max_new_tokens, block, sliding_window=config.sliding_window)
         constraints = list(constraints) or [None] * len(prompts)
         self.rows = [gen.new_completion(p, config, self.max_new, constraint=c, logits_processor=processors)
                      for p, c in zip(prompts, constraints)]  # fmt: skip
@@ -150,11 +135,7 @@ class _Request:
                 f"of {capacity}: make it with gen.new_state(batch={len(prompts)}, capacity={capacity})"
             )
         self.state = state
-        self.drafter: Drafter | None = None
-        if speculative is not None:
-            cut = gen.sampled_vocab_size
-            self.drafter = (LookupDrafter(speculative, config, cut) if speculative.lookup
-                            else ModelDrafter(speculative, config, cut, gen, capacity))  # fmt: skip
+        self.drafter: Drafter | None = None if speculative is None else new_drafter(speculative, config, gen, capacity)
         self.next_ids = np.empty((len(prompts), 1), dtype=np.int64)
         self.context_shifts = self.cached_tokens = 0
         self.first_token_at: float | None = None
@@ -173,8 +154,11 @@ class _Request:
         if self.config.sliding_window and max(map(len, feed)) > state.capacity:
             feed = self._window(feed)
         logits = self._feed_prompts(feed)
-        if self.drafter is not None:
-            yield from self._speculate(logits)
+        if self.drafter is not None:  # batch 1: the loop with drafts
+            for piece in speculate(state, rows[0], self.drafter, logits):
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                yield [piece]
             return
         while True:
             pieces = [""] * len(rows)
@@ -215,44 +199,6 @@ class _Request:
         self.context_shifts += 1
         return [h[-keep:] for h in histories]
 
-    def _speculate(self, logits: np.ndarray) -> Iterator[list[str]]:
-        """The batch-1 loop with drafts: feed [last, d1..dk], keep the accepted prefix and one more, rewind the rest."""
-        row, state, drafter = self.rows[0], self.state, self.drafter
-        piece = row.sample(logits[0])
-        self.first_token_at = time.perf_counter()
-        yield [piece]
-        while row.finish_reason is None:
-            room = min(self.max_new - len(row.tokens), state.capacity - state.length - 1)
-            drafts, qs = drafter.propose(row.prompt + row.tokens, room, row.sampler.rng)
-            if not drafts:  # nothing to verify: a plain decode step, through feed's (1, 1) array fast path
-                self.next_ids[0, 0] = row.tokens[-1]
-                yield [row.sample(state.feed(self.next_ids)[0])]
-                continue
-            base = state.length
-            state.feed([row.tokens[-1], *drafts])
-            pieces, used, accepted = self._verify(row, state.logits[0], drafts, qs)
-            state.rewind(base + used)  # as the plain loop: the cache holds every token before the last emitted
-            drafter.record(len(drafts), accepted)
-            yield ["".join(pieces)]
-
-    def _verify(self, row: Completion, logits: np.ndarray, drafts: list[int], qs) -> tuple[list[str], int, int]:
-        """Emit the accepted drafts and one token of the target's own, stopping where the row finishes.
-
-        logits (k + 1, V): position i picks the token after chunk[i]. -> (pieces, positions used, drafts accepted).
-        """
-        greedy, cut, pieces = self.config.greedy, self.gen.sampled_vocab_size, []
-        for i in range(len(drafts) + 1):
-            draft = drafts[i] if i < len(drafts) else None
-            if greedy:  # the request's own Sampler: argmax, penalties included, exactly as the plain loop
-                token = row.sampler(logits[i])
-            else:
-                p, rng = probabilities(logits[i, :cut], self.drafter.scale), row.sampler.rng
-                token = draw(p, rng) if draft is None else accept(p, draft, qs[i] if qs else None, rng)
-            pieces.append(row.add(token))
-            if token != draft or row.finish_reason is not None:
-                return pieces, i + 1, i + (token == draft)
-        raise AssertionError("unreachable: the last position has no draft")
-
     def result(self, b: int = 0) -> GenerationResult:
         row = self.rows[b]
         end = row.finished_at or time.perf_counter()
@@ -265,7 +211,7 @@ class _Request:
             tokens_per_s=(len(row.tokens) - 1) / decode if len(row.tokens) > 1 and decode > 0 else 0.0,
             session_s=self.state.session_s,
             steps=self.state.steps,
-            draft_steps=self.drafter.steps if isinstance(self.drafter, ModelDrafter) else 0,
+            draft_steps=self.drafter.steps if self.drafter else 0,
         )
         return GenerationResult(
             text="".join(row.pieces),
@@ -440,12 +386,8 @@ class Generator:
         >>> gen.generate("Answer: ", regex="(yes|no)", max_new_tokens=4).text  # doctest: +SKIP
         'yes'
         """
-        started = time.perf_counter()
-        request = self._request([self.encode(prompt)], sampling, overrides, started, state, speculative,
-                                (json_schema, regex, grammar), logits_processor)  # fmt: skip
-        for _ in request:
-            pass
-        return request.result(0)
+        return self._call(self.encode, [prompt], sampling, overrides, state, speculative, (json_schema, regex, grammar),
+                          logits_processor)[0]  # fmt: skip
 
     def stream(self, prompt: str, sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
                speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
@@ -458,18 +400,16 @@ class Generator:
         >>> for piece in gen.stream("def parse(", max_new_tokens=16):  # doctest: +SKIP
         ...     print(piece, end="", flush=True)
         """
-        started = time.perf_counter()
-        return TextStream(self._request([self.encode(prompt)], sampling, overrides, started, state, speculative,
-                                        (json_schema, regex, grammar), logits_processor))  # fmt: skip
+        return self._call(self.encode, [prompt], sampling, overrides, state, speculative, (json_schema, regex, grammar),
+                          logits_processor, stream=True)  # fmt: skip
 
     def stream_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
                    speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
                    grammar: str | None = None, logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
                    **overrides) -> TextStream:  # fmt: skip
         """`stream` for a prompt of token ids (ids outside the vocabulary raise `PromptError`)."""
-        started = time.perf_counter()
-        return TextStream(self._request([self._check_ids(ids)], sampling, overrides, started, state, speculative,
-                                        (json_schema, regex, grammar), logits_processor))  # fmt: skip
+        return self._call(self._check_ids, [ids], sampling, overrides, state, speculative,
+                          (json_schema, regex, grammar), logits_processor, stream=True)  # fmt: skip
 
     def generate_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
                      speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
@@ -481,12 +421,8 @@ class Generator:
 
         >>> gen.generate_ids([11, 42, 7], max_new_tokens=4).tokens  # doctest: +SKIP
         """
-        started = time.perf_counter()
-        request = self._request([self._check_ids(ids)], sampling, overrides, started, state, speculative,
-                                (json_schema, regex, grammar), logits_processor)  # fmt: skip
-        for _ in request:
-            pass
-        return request.result(0)
+        return self._call(self._check_ids, [ids], sampling, overrides, state, speculative,
+                          (json_schema, regex, grammar), logits_processor)[0]  # fmt: skip
 
     def generate_batch(
         self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig | None = None, *,
@@ -510,18 +446,17 @@ class Generator:
 
         >>> [r.text for r in gen.generate_batch(["def ", "import "], max_new_tokens=8)]  # doctest: +SKIP
         """
-        started = time.perf_counter()
         if isinstance(prompts, str) or not prompts:
             raise PromptError("generate_batch takes a non-empty list of prompts (texts or token-id lists)")
-        ids = [self.encode(p) if isinstance(p, str) else self._check_ids(p) for p in prompts]
-        request = self._request(ids, sampling, overrides, started, None, speculative, (json_schema, regex, grammar),
-                                logits_processor)  # fmt: skip
-        for _ in request:
-            pass
-        return [request.result(b) for b in range(len(ids))]
+        return self._call(self._prompt_ids, prompts, sampling, overrides, None, speculative,
+                          (json_schema, regex, grammar), logits_processor)  # fmt: skip
 
-    def _request(self, prompts: list[list[int]], sampling, overrides: dict, started: float, state=None,
-                 speculative=None, constraint=(None, None, None), logits_processor=None) -> _Request:  # fmt: skip
+    def _call(self, to_ids, prompts: Sequence, sampling, overrides: dict, state, speculative, constraint,
+              logits_processor, *, stream: bool = False) -> list[GenerationResult] | TextStream:  # fmt: skip
+        """The one body of generate, stream, stream_ids, generate_ids and generate_batch: the prompts (each made
+        token ids by `to_ids`) -> a `TextStream` (stream) or one result per prompt."""
+        started = time.perf_counter()
+        prompts = [to_ids(p) for p in prompts]
         base = SamplingConfig() if sampling is None else sampling
         if not isinstance(base, SamplingConfig):
             raise SamplingError(f"sampling must be a SamplingConfig, got {type(base).__name__}")
@@ -530,7 +465,13 @@ class Generator:
         config = base.replace(**overrides)
         prompts = [p or [self.eot_id] for p in prompts]  # an empty prompt starts from end-of-text
         constraints = row_constraints(len(prompts), *constraint)
-        return _Request(self, prompts, config, started, state, speculative, constraints, _processors(logits_processor))
+        processors = _processors(logits_processor)
+        request = _Request(self, prompts, config, started, state, speculative, constraints, processors)
+        if stream:
+            return TextStream(request)
+        for _ in request:
+            pass
+        return [request.result(b) for b in range(len(prompts))]
 
     def new_state(self, batch: int = 1, capacity: int | None = None) -> DecodeState:
         """An empty `DecodeState` of `batch` rows on this generator's session: the step-level engine.
@@ -570,11 +511,14 @@ class Generator:
 
         Args:
             prompt: the prompt's token ids (the repetition penalty covers them; a logits processor sees them).
-            sampling: the request's knobs; max_new: tokens at most (default: sampling.max_new_tokens, or
-                what the context has room for after the prompt).
+            sampling: the request's knobs; max_new: tokens at most (default: `token_budget` of the prompt and
+                sampling.max_new_tokens in the model's context; None there is what the context has room for).
             constraint: a `Constraint` (JSON schema, regex or grammar), checked here: `ConstraintError` for a bad
                 one, `ExtraMissingError` without llguidance.
             logits_processor: a callable `(ids, logits) -> logits or None`, or a list of them.
+
+        Raises:
+            ContextLengthError: without max_new, the prompt and sampling.max_new_tokens do not fit the context.
 
         >>> row = gen.new_completion(ids, SamplingConfig(max_new_tokens=32), constraint=Constraint(json_schema={"type": "object"}))  # doctest: +SKIP
         >>> piece = row.sample(state.feed(ids)[0])  # doctest: +SKIP
@@ -582,8 +526,8 @@ class Generator:
         config = SamplingConfig() if sampling is None else sampling
         prompt = list(prompt)
         if max_new is None:
-            room = self.config.block_size - len(prompt)
-            max_new = room if config.max_new_tokens is None else config.max_new_tokens
+            max_new = token_budget(len(prompt), config.max_new_tokens, self.config.block_size,
+                                   sliding_window=config.sliding_window)  # fmt: skip
         mask = None
         if constraint is not None:
             if not isinstance(constraint, Constraint):
@@ -610,3 +554,7 @@ class Generator:
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         return check_ids(ids, self.config.vocab_size)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt of generate_batch (a text or token ids) as token ids."""
+        return self.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)

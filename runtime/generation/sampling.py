@@ -26,13 +26,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from edgegpt.checks import check_bool, check_int, check_real
-from edgegpt.errors import SamplingError
+from edgegpt.errors import SamplingError, UnknownParameterError
 
-__all__ = ["SamplingConfig", "Sampler", "UnknownParameterError"]
-
-
-class UnknownParameterError(SamplingError, TypeError):
-    """A keyword that is not a `SamplingConfig` field (a `TypeError` too, as Python's own would be)."""
+__all__ = ["SamplingConfig", "Sampler", "UnknownParameterError", "draw"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +113,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0: argmax (after logit_bias and the penalties), no draw. The one test of it."""
         return self.temperature == 0.0
 
     def replace(self, **overrides: Any) -> "SamplingConfig":
@@ -156,6 +153,17 @@ def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
             raise SamplingError(f"logit_bias of token {token} must be a number (or -inf), got {value!r}")
         pairs[int(token)] = float(value)
     return tuple(sorted(pairs.items()))
+
+
+def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """One id from `weights`, a distribution over ids in id order (not necessarily normalised): the draw of
+    every temperature sample (the `Sampler`'s, speculative decoding's), one `rng.random()` per draw.
+
+    >>> draw(np.array([0.0, 2.0, 0.0]), np.random.default_rng(0))
+    1
+    """
+    cumulative = np.cumsum(weights)
+    return min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), cumulative.size - 1)
 
 
 class Sampler:
@@ -198,7 +206,7 @@ class Sampler:
         # One flag for everything that changes the logits, so that the plain path pays one test per step.
         self._penalised = (c.repetition_penalty != 1.0 or c.presence_penalty != 0.0 or c.frequency_penalty != 0.0
                            or self._bias is not None)  # fmt: skip
-        self._scale = np.float32(1.0 / c.temperature) if c.temperature else np.float32(0.0)
+        self._scale = np.float32(0.0) if c.greedy else np.float32(1.0 / c.temperature)
 
     def __call__(self, logits: np.ndarray) -> int:
         """(V,) float32 logits of the last position -> the next token id (recorded for the penalties)."""
@@ -210,6 +218,18 @@ class Sampler:
         self._seen[token] = True
         self._counts[token] += 1
         return token
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """(V,) logits -> softmax(logits / temperature) over the sampled ids: the distribution that a call draws
+        from when no filter, penalty or logit_bias is set (speculative sampling's p and q). Not for greedy."""
+        if self._cut is not None:
+            logits = logits[: self._cut]
+        weights = self._weights(logits)
+        return weights / weights.sum()
+
+    def _weights(self, logits: np.ndarray) -> np.ndarray:
+        """exp((logits - max) / temperature): the softmax unnormalised, in id order."""
+        return np.exp((logits - logits.max()) * self._scale)
 
     def _penalise(self, logits: np.ndarray) -> np.ndarray:
         c, logits = self.config, logits.astype(np.float32, copy=True)
@@ -231,10 +251,7 @@ class Sampler:
         if c.greedy:
             return int(logits.argmax())  # first maximum: the lowest id wins a tie, as torch.argmax
         if not (c.top_k or c.top_p < 1.0 or c.min_p > 0.0):
-            probs = np.exp((logits - logits.max()) * self._scale)  # unnormalised softmax, in id order
-            cumulative = np.cumsum(probs)
-            index = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
-            return min(index, cumulative.size - 1)
+            return draw(self._weights(logits), self.rng)
         # Filters: sort the logits once; top-k, top-p and min-p all become a cut-off n on the sorted row.
         ascending = np.sort(logits)
         desc, size = ascending[::-1], ascending.size

@@ -1,10 +1,11 @@
 """Speculative decoding: draft k tokens cheaply, verify them in one target call, keep the accepted prefix.
 
-`Speculative` is the knob (`Generator.generate(..., speculative=Speculative(lookup=True))`); the loop lives in
-`generator._Request._speculate`, on the public engine: it feeds [last token, d1..dk] as one chunk, reads
-`DecodeState.logits` (k + 1 positions), keeps the longest accepted prefix plus one token of the target's own,
-and `rewind`s the rejected tail (the shared KV buffer needs no copy). This module owns the two draft sources
-and the acceptance rule:
+`Speculative` is the knob (`Generator.generate(..., speculative=Speculative(lookup=True))`); `speculate` is the
+loop, on the public engine: it feeds [last token, d1..dk] as one chunk, reads `DecodeState.logits` (k + 1
+positions), keeps the longest accepted prefix plus one token of the target's own, and `rewind`s the rejected
+tail (the shared KV buffer needs no copy). A `Generator` request with `speculative=` hands its `DecodeState`,
+its `Completion` and a drafter (`new_drafter`) to it. This module owns the loop, the two draft sources and the
+acceptance rule:
 
 - prompt lookup: match the last n tokens (n = lookup_ngram down to 1) against the prompt and the text so far
   and propose the k tokens that followed the most recent match; no second model (Saxena 2023, "Prompt
@@ -16,25 +17,28 @@ Greedy keeps the draft while it equals the target's argmax, so the output is pla
 for token. Sampling uses the speculative-sampling rule (Leviathan et al. 2023, "Fast Inference from
 Transformers via Speculative Decoding"; Chen et al. 2023): accept a draft x with probability min(1, p(x)/q(x)),
 otherwise draw from normalise(max(0, p - q)); a lookup draft is a point mass (q one-hot); after k accepted
-drafts the bonus token is drawn from p. p and q are the distributions after temperature; top-k/top-p/min-p
-and the penalties change p in ways the rule would have to replay, so sampling with them is refused (greedy
-takes them all: it runs the request's own `Sampler` on each verified position).
+drafts the bonus token is drawn from p. p and q are the distributions after temperature, both the request's
+`Sampler.probabilities`, and every draw is `sampling.draw` on the request's RNG; top-k/top-p/min-p and the
+penalties change p in ways the rule would have to replay, so sampling with them is refused (greedy takes them
+all: it runs the request's own `Sampler` on each verified position).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from edgegpt.checks import check_bool, check_int
 from edgegpt.errors import ContextLengthError, SamplingError
 from edgegpt.runtime.engine.state import reusable_prefix
+from edgegpt.runtime.generation.sampling import draw
 
-__all__ = ["Speculative", "accept", "lookup_draft"]
+__all__ = ["Speculative", "accept", "lookup_draft", "speculate"]
 
 _UNSUPPORTED = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias")
+_DRAFT_NEEDS = ("bundle", "config", "sampled_vocab_size", "new_state")  # what `ModelDrafter` uses of a Generator
 
 
 @dataclass(frozen=True)
@@ -70,19 +74,18 @@ class Speculative:
         if self.lookup == (self.draft is not None):
             given = "both" if self.lookup else "neither"
             raise SamplingError(f"Speculative takes one draft source, lookup=True or draft=<a Generator>; got {given}")
-        if self.draft is not None:
-            from edgegpt.runtime.generation.generator import Generator  # a cycle at import time: generator imports this module
-
-            if not isinstance(self.draft, Generator):
-                raise SamplingError(
-                    f"Speculative(draft=...) takes a Generator (Generator.load(bundle)), got {type(self.draft).__name__}"
-                )
+        if self.draft is not None and not all(hasattr(self.draft, name) for name in _DRAFT_NEEDS):
+            raise SamplingError(
+                f"Speculative(draft=...) takes a Generator (Generator.load(bundle)), got {type(self.draft).__name__}"
+            )
 
 
-def check_request(config, batch: int, *, constrained: bool = False, processed: bool = False) -> None:
-    """SamplingError for what speculation cannot run: several prompts, sliding_window, filters in sampling,
-    constraints, logits processors and logprobs (verification adds tokens without the per-step chain that
-    applies them)."""
+def check_request(speculative, config, batch: int, *, constrained: bool = False, processed: bool = False) -> None:
+    """SamplingError for what speculation cannot run: not a `Speculative`, several prompts, sliding_window,
+    filters in sampling, constraints, logits processors and logprobs (verification adds tokens without the
+    per-step chain that applies them)."""
+    if not isinstance(speculative, Speculative):
+        raise SamplingError(f"speculative must be a Speculative, got {type(speculative).__name__}")
     if batch != 1:
         raise SamplingError(f"speculative decoding runs one prompt at a time, got {batch}; call generate per prompt")
     if config.sliding_window:
@@ -157,19 +160,6 @@ def lookup_draft(history: Sequence[int], k: int, ngram: int = 3) -> list[int]:
     return NgramIndex(ngram).draft(history, k)
 
 
-def probabilities(logits: np.ndarray, scale: float) -> np.ndarray:
-    """softmax(logits * scale) in float64 (scale = 1 / temperature), as the Sampler's plain temperature draw."""
-    x = np.asarray(logits, dtype=np.float64)
-    e = np.exp((x - x.max()) * scale)
-    return e / e.sum()
-
-
-def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """One id from a (not necessarily normalised) distribution."""
-    cumulative = np.cumsum(probs)
-    return min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), cumulative.size - 1)
-
-
 def accept(p: np.ndarray, draft: int, q: np.ndarray | None, rng: np.random.Generator) -> int:
     """The speculative-sampling rule for one draft: `draft` if accepted, else a token from max(0, p - q).
 
@@ -198,7 +188,7 @@ def accept(p: np.ndarray, draft: int, q: np.ndarray | None, rng: np.random.Gener
 
 
 class Drafter:
-    """Proposes draft tokens and adapts k; `propose(history, limit, rng)` -> (drafts, their q rows or None).
+    """Proposes draft tokens and adapts k; `propose(history, limit, sampler)` -> (drafts, their q rows or None).
 
     k halves after a round with nothing accepted and grows by one after a fully accepted round. A failed
     round at k = 1 means the text is not predictable here: on such text a round still costs a 2-token call,
@@ -209,8 +199,12 @@ class Drafter:
     def __init__(self, spec: Speculative, config, cut: int):
         self.most, self.k = spec.draft_tokens, spec.draft_tokens
         self.config, self.cut = config, cut
-        self.scale = 1.0 / config.temperature if config is not None and config.temperature else 0.0
         self.drafted = self.accepted = 0
+
+    @property
+    def steps(self) -> int:
+        """Draft-model calls so far (none for prompt lookup)."""
+        return 0
 
     def record(self, drafted: int, accepted: int) -> None:
         """Count a verified round and adapt k as the class says."""
@@ -231,8 +225,9 @@ class Drafter:
     def kept(self) -> None:
         """A round kept at least one draft."""
 
-    def propose(self, history: list[int], limit: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
-        """Up to min(k, limit) drafts after `history` (none while backing off: the caller takes a plain step)."""
+    def propose(self, history: list[int], limit: int, sampler) -> tuple[list[int], list[np.ndarray] | None]:
+        """Up to min(k, limit) drafts after `history` (none while backing off: the caller takes a plain step);
+        a draft model samples them with the request's `sampler` (its probabilities and RNG; unused when greedy)."""
         raise NotImplementedError
 
 
@@ -244,14 +239,9 @@ class LookupDrafter(Drafter):
     failed round at k = 1.
 
     While watching, every plain step still looks up one draft (no model call, O(ngram) with `NgramIndex`)
-    and checks it against the token the step produced; drafting resumes once `WATCH_HITS` of them in a row
-    were right. A watched draft is right exactly as often as a verified one would be kept: greedy keeps a
-    draft that is the argmax, and sampling keeps a point mass x with probability p(x), the chance that the
-    plain step draws x. So watching measures acceptance for free, and on text that lookup cannot predict
-    (free text, sampled) speculation costs almost nothing instead of one failed 2-token call now and then.
-    Which steps draft depends only on tokens already emitted, so the output's distribution is unchanged.
-    Starting by watching, at k = 1, spares text that lookup cannot predict the first rounds at k = 4, 2, 1,
-    which all fail there, and costs predictable text a few tokens of drafting (docs/benchmarks.md).
+    and checks it against the token the step produced; drafting resumes, at k = 1, once `WATCH_HITS` of
+    them in a row were right. Which steps draft depends only on tokens already emitted, so the output's
+    distribution is unchanged (why watching measures acceptance for free: docs/design.md).
 
     >>> d = LookupDrafter(Speculative(lookup=True, draft_tokens=2), None, 0)
     >>> text = [1, 2, 1, 3, 1, 3, 1]  # watched guesses: 2 (wrong), none, 3 (right), 1 (right): draft again
@@ -268,7 +258,7 @@ class LookupDrafter(Drafter):
     def rest(self) -> None:
         self.watching, self.hits, self.guess = True, 0, None
 
-    def propose(self, history: list[int], limit: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
+    def propose(self, history: list[int], limit: int, sampler) -> tuple[list[int], list[np.ndarray] | None]:
         if self.watching:
             if self.guess is not None:  # guessed at the last call, for the token the plain step then added
                 self.hits = self.hits + 1 if history[-1] == self.guess else 0
@@ -315,6 +305,7 @@ class ModelDrafter(Drafter):
 
     @property
     def steps(self) -> int:
+        """Draft-model calls so far."""
         return self.state.steps
 
     def rest(self) -> None:
@@ -324,7 +315,7 @@ class ModelDrafter(Drafter):
     def kept(self) -> None:
         self.pause //= 2
 
-    def propose(self, history: list[int], limit: int, rng) -> tuple[list[int], list[np.ndarray] | None]:
+    def propose(self, history: list[int], limit: int, sampler) -> tuple[list[int], list[np.ndarray] | None]:
         if self.resting:  # each call while resting is one plain step
             self.resting -= 1
             return [], None
@@ -341,9 +332,63 @@ class ModelDrafter(Drafter):
             if self.config.greedy:
                 token = int(row.argmax())
             else:
-                qs.append(probabilities(row, self.scale))
-                token = draw(qs[-1], rng)
+                qs.append(sampler.probabilities(row))
+                token = draw(qs[-1], sampler.rng)
             drafts.append(token)
             if j + 1 < k:
                 logits = state.feed([token])[0]
         return drafts, (qs or None)
+
+
+def new_drafter(spec: Speculative, config, target, capacity: int) -> Drafter:
+    """The drafter of `spec` for one request of `target` (a Generator) whose sequence holds `capacity` positions."""
+    cut = target.sampled_vocab_size
+    return LookupDrafter(spec, config, cut) if spec.lookup else ModelDrafter(spec, config, cut, target, capacity)
+
+
+def speculate(state, row, drafter: Drafter, logits: np.ndarray) -> Iterator[str]:
+    """The batch-1 decode loop with drafts: yields the text of the prompt's token, then of each round.
+
+    Args:
+        state: the request's `DecodeState` (batch 1), holding the prompt; logits: the prompt's, (1, V).
+        row: its `Completion`: every token goes through `row.add` (or `row.sample`), which stops, counts and
+            detokenises as the plain loop's; the loop ends when the row finishes.
+        drafter: where drafts come from (`new_drafter`).
+
+    A round feeds [last, d1..dk], keeps the accepted prefix and one token of the target's own, and rewinds
+    the rest; with no drafts it is a plain decode step, through feed's (1, 1) array fast path.
+    """
+    next_ids = np.empty((1, 1), dtype=np.int64)
+    yield row.sample(logits[0])
+    while row.finish_reason is None:
+        room = min(row.max_new - len(row.tokens), state.capacity - state.length - 1)
+        drafts, qs = drafter.propose(row.prompt + row.tokens, room, row.sampler)
+        if not drafts:
+            next_ids[0, 0] = row.tokens[-1]
+            yield row.sample(state.feed(next_ids)[0])
+            continue
+        base = state.length
+        state.feed([row.tokens[-1], *drafts])
+        pieces, used, accepted = _verify(row, state.logits[0], drafts, qs)
+        state.rewind(base + used)  # as the plain loop: the cache holds every token before the last emitted
+        drafter.record(len(drafts), accepted)
+        yield "".join(pieces)
+
+
+def _verify(row, logits: np.ndarray, drafts: list[int], qs) -> tuple[list[str], int, int]:
+    """Emit the accepted drafts and one token of the target's own, stopping where the row finishes.
+
+    logits (k + 1, V): position i picks the token after chunk[i]. -> (pieces, positions used, drafts accepted).
+    """
+    sampler, pieces = row.sampler, []
+    greedy = sampler.config.greedy
+    for i in range(len(drafts) + 1):
+        draft = drafts[i] if i < len(drafts) else None
+        if greedy or draft is None:  # argmax (penalties included) or the bonus token: the Sampler, as the plain loop
+            token = sampler(logits[i])
+        else:
+            token = accept(sampler.probabilities(logits[i]), draft, qs[i] if qs else None, sampler.rng)
+        pieces.append(row.add(token))
+        if token != draft or row.finish_reason is not None:
+            return pieces, i + 1, i + (token == draft)
+    raise AssertionError("unreachable: the last position has no draft")

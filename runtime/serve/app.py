@@ -39,10 +39,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgegpt.errors import ConstraintError, ContextLengthError, EdgeGPTError, ExtraMissingError, SamplingError
-from edgegpt.runtime.engine.state import PromptError, check_ids
+from edgegpt.errors import (ConstraintError, ContextLengthError, EdgeGPTError, ExtraMissingError, PromptError,
+                            QueueFullError, SamplingError)
+from edgegpt.runtime.engine.state import check_ids
 from edgegpt.runtime.generation.generator import Generator
-from edgegpt.runtime.serve.scheduler import Job, QueueFullError, Scheduler
+from edgegpt.runtime.serve.scheduler import Job, Scheduler
 from edgegpt.runtime.serve import protocol
 from edgegpt.runtime.serve.metrics import Metrics
 from edgegpt.runtime.serve.protocol import APIError, ParsedRequest

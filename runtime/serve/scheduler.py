@@ -28,16 +28,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from edgegpt.errors import ContextLengthError, EdgeGPTError
+from edgegpt.errors import ContextLengthError, QueueFullError
+from edgegpt.runtime.generation.budget import token_budget
 from edgegpt.runtime.generation.completion import Completion
 from edgegpt.runtime.engine.state import reusable_prefix
 from edgegpt.runtime.generation.generator import Generator
 
 __all__ = ["Job", "QueueFullError", "Scheduler"]
-
-
-class QueueFullError(EdgeGPTError, RuntimeError):
-    """The scheduler's queue is full: retry later (the server answers 429 with Retry-After)."""
 
 
 @dataclass(eq=False)
@@ -119,20 +116,14 @@ class Scheduler:
     def check_fits(self, prompt_tokens: int, max_new: int | None) -> int:
         """The max_new a prompt of this length gets: at most what fits in a slot (None: all that fits).
 
-        Raises ContextLengthError when the prompt alone leaves no room for a token.
+        Raises ContextLengthError when the prompt alone leaves no room for a token (`token_budget` with fit).
         """
-        room = self.capacity - prompt_tokens
-        if room < 1:
-            raise ContextLengthError(
-                f"the prompt has {prompt_tokens} tokens; this model's slots hold {self.capacity} positions, so at most "
-                f"{self.capacity - 1} prompt tokens leave room for one new token"
-            )
-        return room if max_new is None else min(max_new, room)
+        return token_budget(prompt_tokens, max_new, self.capacity, fit=True)
 
     def submit(self, job: Job) -> None:
         """Queue a job (its prompt and max_new must fit a slot: `check_fits`); QueueFullError when full."""
         prompt, max_new = job.prompt, job.completion.max_new
-        if len(prompt) + max_new > self.capacity or not prompt or max_new < 1:
+        if not prompt or max_new < 1 or token_budget(len(prompt), max_new, self.capacity, fit=True) < max_new:
             raise ContextLengthError(f"{len(prompt)} prompt tokens + {max_new} new do not fit a slot's {self.capacity} positions")
         with self._wake:
             if self._stopping:

@@ -12,18 +12,12 @@
 import * as ort from "onnxruntime-web";
 import { Tokenizer } from "@huggingface/tokenizers";
 
+import { ContextLengthError, tokenBudget } from "./budget.js";
 import { BundleError, fetchVerified, graphFile, readManifest } from "./bundle.js";
 import { makeSampler, samplingConfig } from "./sampling.js";
 import { IncrementalDecoder, StopText, tokenBytes } from "./text.js";
 
-export { ort };
-
-export class ContextLengthError extends RangeError {
-  constructor(message) {
-    super(message);
-    this.name = "ContextLengthError";
-  }
-}
+export { ContextLengthError, ort };
 
 /**
  * Why onnxruntime-web's WebGPU backend cannot run this bundle correctly, or null. Measured with onnxruntime-web
@@ -208,13 +202,7 @@ export class Generator {
     const started = performance.now();
     let ids = typeof prompt === "string" ? this.encode(prompt) : [...prompt];
     if (!ids.length) ids = [this.eotId];
-    const block = this.config.block_size;
-    if (ids.length + config.maxNewTokens > block) {
-      throw new ContextLengthError(
-        `prompt of ${ids.length} tokens + maxNewTokens ${config.maxNewTokens} exceeds the model's context of ${block} tokens; ` +
-          `shorten the prompt or lower maxNewTokens to ${Math.max(block - ids.length, 0)}`,
-      );
-    }
+    tokenBudget(ids.length, config.maxNewTokens, this.config.block_size); // ContextLengthError when it does not fit
     const state = this.newState();
     const sample = makeSampler(config, this.sampledVocab);
     const decoder = new IncrementalDecoder(this.bytesTable);
