@@ -1,13 +1,11 @@
 // Generator: load a verified bundle into onnxruntime-web and generate / stream text, like the Python runtime.
 //
 // The loop of runtime/engine/state.py `DecodeState`: prefill the prompt from an empty cache, then one token per step,
-// the cache kept between steps. onnxruntime-web cannot bind one buffer as both a past input and a present output
-// (the "shared_buffer" layout of runtime/engine/cache.py): every run copies CPU tensors into the WebAssembly heap, and a
-// preallocated CPU output tensor comes back unchanged (checked with 1.30: no entry of a present bound that way was
-// written). So the cache here follows the "concat" flow: each step's
-// presents, one position longer, are fed back as the next step's pasts, and the mask grows one column per
-// step. GroupQueryAttention then copies the past into the present itself, which the graph allows (the kernel
-// shares the buffer only when past and present are the same memory). Greedy tokens equal the Python runtime's.
+// the cache kept between steps. The cache follows the "concat" flow whatever the bundle's layout: each step's
+// presents, one position longer, are fed back as the next step's pasts, and the mask grows one column per step
+// (GroupQueryAttention copies the past into the present itself, which the graph allows). Why onnxruntime-web cannot
+// share one buffer as past and present: docs/design.md, "12. The browser runtime". Greedy tokens equal the Python
+// runtime's.
 
 import * as ort from "onnxruntime-web";
 import { Tokenizer } from "@huggingface/tokenizers";
@@ -20,10 +18,8 @@ import { IncrementalDecoder, StopText, tokenBytes } from "./text.js";
 export { ContextLengthError, ort };
 
 /**
- * Why onnxruntime-web's WebGPU backend cannot run this bundle correctly, or null. Measured with onnxruntime-web
- * 1.30 (Chromium's WebGPU on SwiftShader): an int4 bundle whose embedding table is quantized (GatherBlockQuantized
- * on int4 data) gives greedy tokens unlike every other runtime's from the first step, while MatMulNBits alone
- * (int4 with --no-embedding) and fp32 match the Python runtime token for token.
+ * Why onnxruntime-web's WebGPU backend cannot run this bundle correctly, or null: an int4 bundle whose embedding
+ * table is quantized (GatherBlockQuantized) is refused (docs/design.md, "12. The browser runtime").
  */
 export function webgpuProblem(manifest) {
   const q = manifest.quantization;

@@ -1,6 +1,6 @@
 // Text pieces of a stream: token ids -> text that never splits a character, and stop strings.
 //
-// Mirrors edgegpt/tokenizer.py `IncrementalDecoder` and runtime/generation/generator.py `_StopText`. The id -> bytes table
+// Mirrors edgegpt/tokenizer.py `IncrementalDecoder` and runtime/generation/completion.py `StopText`. The id -> bytes table
 // is built from tokenizer.json by hand because no maintained JS tokenizer exposes a token's raw bytes: a
 // byte-level BPE token can end mid-character (an emoji is often two tokens), so decoding ids one at a time
 // with the tokenizer would emit U+FFFD halves. The bytes then go through the platform's TextDecoder in
