@@ -57,7 +57,7 @@ from edgegpt.manifest import (
     write_manifest,
 )
 
-__all__ = ["DEFAULT_MAX_PPL_INCREASE", "FORMATS", "quantize_bundle"]
+__all__ = ["DEFAULT_MAX_KLD", "DEFAULT_MAX_PPL_INCREASE", "FORMATS", "quantize_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,13 @@ FORMATS = QUANTIZED_FORMATS  # what `to` takes (defined with the bundle contract
 # Percent of perplexity increase over the fp32 bundle that the accuracy gate allows (issue defaults; fp16
 # should cost nothing measurable, so 1 % only catches a broken conversion).
 DEFAULT_MAX_PPL_INCREASE = {"int8": 2.0, "int4": 10.0, "fp16": 1.0}
+# Mean KL(fp32 || quantized) in nats (llama-perplexity's definition and windows: edgegpt.runtime.generation.
+# evaluate) that the gate allows. Set to catch a clearly broken quantization, not to rank good ones: about
+# 7x (int8), 35x (int4) and thousands of times (fp16) what the tests' trained tiny model measures (0.0027,
+# 0.0029 and < 1e-6; static int8 0.0032), 50x and 14x `small`'s int8 and int4 (0.0004, 0.0073; llama.cpp's
+# Q8_0 / Q4_0 there: 0.00008 / 0.0021, ORT-NOTES). Doubling one int8 weight scale measures 0.005-0.1, 0.79 for
+# the output head, whose argmax (so top-1 agreement) does not move. docs/design.md, section 5.
+DEFAULT_MAX_KLD = {"int8": 0.02, "int4": 0.1, "fp16": 0.005}
 
 # int8 defaults (why each, in words; measurements: docs/design.md, "5. Quantization defaults and why"):
 # - QInt8 rather than QUInt8 weights: accuracy is a wash and the signed weights decode and prefill faster.
@@ -105,6 +112,7 @@ def quantize_bundle(
     calibrate: str | Path | None = None,
     eval_text: str | Path | None = None,
     max_ppl_increase: float | None = None,
+    max_kld: float | None = None,
     threads: int | None = None,
 ) -> Path:
     """Quantize the fp32 bundle `src` into a new bundle `out` (int8, int4 or fp16).
@@ -120,18 +128,22 @@ def quantize_bundle(
         to: "int8", "int4" or "fp16".
         force: replace an existing bundle at `out` (only one that verifies and holds no unlisted file; see
             edgegpt.export.bundle). It does not touch the accuracy gate.
-        accept_gate_failure: write the bundle even if its perplexity misses the accuracy gate; the failure is
-            recorded in its manifest (`quantization.gate`: passed false, accepted_failure true).
+        accept_gate_failure: write the bundle even if it misses the accuracy gate; the failure is recorded in
+            its manifest (`quantization.gate`: passed false, accepted_failure true).
         per_channel: int8: one scale per output channel (default True) or one per matrix.
         block_size: int4: weights per scale, 16..256, a power of two (default 32).
         accuracy_level: int4: MatMulNBits accuracy_level 0..4 (default 4: int8 activations on CPU).
         embedding: int8/int4: also quantize the token embedding table (default True).
         calibrate: int8 only: a text file; use static QDQ quantization with activation ranges calibrated
             on it instead of dynamic quantization.
-        eval_text: a text file: measure perplexity, top-1 and greedy agreement of the new bundle against
-            `src` on it (see `edgegpt.runtime.generation.evaluate`), record them and apply the accuracy gate.
-        max_ppl_increase: the gate, in percent of the source's perplexity (default: 2 for int8, 10 for
-            int4, 1 for fp16); needs `eval_text`.
+        eval_text: a text file: measure perplexity, top-1 and greedy agreement and KL-divergence of the new
+            bundle against `src` on it (see `edgegpt.runtime.generation.evaluate`), record them and apply
+            the accuracy gate: both of its bounds below.
+        max_ppl_increase: the gate on perplexity (sliding windows), in percent of the source's perplexity
+            (default: 2 for int8, 10 for int4, 1 for fp16); needs `eval_text`.
+        max_kld: the gate on the mean KL-divergence KL(src || new) in nats, llama-perplexity's definition
+            and windows (default: 0.02 for int8, 0.1 for int4, 0.005 for fp16, so that only a clearly
+            broken quantization fails); needs `eval_text`.
         threads: onnxruntime threads for the checks and the evaluation (None: one per core).
 
     Returns:
@@ -144,8 +156,8 @@ def quantize_bundle(
         StorageError: the new bundle could not be written (disk full...); a bundle already at `out` is kept.
         QuantizationError: `src` is already quantized; the quantizer failed; the result lost a fused kernel,
             changed the graph I/O, left a weight matrix unquantized or produced non-finite logits; or, with
-            `eval_text`, its perplexity exceeds the gate (the message shows both perplexities) and
-            `accept_gate_failure` is False.
+            `eval_text`, its perplexity or mean KL-divergence exceeds the gate (the message shows both
+            perplexities, or the KLD and the same-top share) and `accept_gate_failure` is False.
 
     >>> quantize_bundle("bundles/small", "bundles/small-int8", to="int8")  # doctest: +SKIP
     PosixPath('bundles/small-int8')
@@ -154,7 +166,8 @@ def quantize_bundle(
     from edgegpt.runtime.model.bundle import Bundle
 
     src, out = Path(src), Path(out)
-    options = _options(to, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text, max_ppl_increase)
+    options = _options(to, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text, max_ppl_increase,
+                       max_kld)
     if out.resolve() == src.resolve():
         raise ConfigError(f"{out}: the output is the source bundle; quantization writes a new bundle, choose another -o")
     source = Bundle.load(src)  # verifies the manifest and every file's hash
@@ -220,7 +233,8 @@ def _quantize_graph(source, dst: Path, to: str, options: dict) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------- options
 
 
-def _options(to, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text, max_ppl_increase) -> dict:
+def _options(to, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text, max_ppl_increase,
+             max_kld) -> dict:
     """Check the arguments against the format; return them with the format's defaults filled in."""
     if to not in FORMATS:
         raise ConfigError(f"to must be one of {', '.join(FORMATS)}, got {to!r}")
@@ -245,10 +259,16 @@ def _options(to, per_channel, block_size, accuracy_level, embedding, calibrate, 
             raise ConfigError("max_ppl_increase needs eval_text (the gate compares perplexities measured on it)")
         if isinstance(max_ppl_increase, bool) or not isinstance(max_ppl_increase, (int, float)) or not max_ppl_increase >= 0:
             raise ConfigError(f"max_ppl_increase is a percentage >= 0, got {max_ppl_increase!r}")
+    if max_kld is not None:
+        if eval_text is None:
+            raise ConfigError("max_kld needs eval_text (the gate compares the two models' distributions on it)")
+        if isinstance(max_kld, bool) or not isinstance(max_kld, (int, float)) or not max_kld >= 0:
+            raise ConfigError(f"max_kld is a KL-divergence in nats >= 0, got {max_kld!r}")
     defaults = {"int8": INT8_DEFAULTS, "int4": INT4_DEFAULTS, "fp16": {}}[to]
     options = {**defaults, **{k: v for k, v in given.items() if v is not None}}
     options["calibrate"], options["eval_text"] = calibrate, eval_text
     options["max_ppl_increase"] = DEFAULT_MAX_PPL_INCREASE[to] if max_ppl_increase is None else float(max_ppl_increase)
+    options["max_kld"] = DEFAULT_MAX_KLD[to] if max_kld is None else float(max_kld)
     return options
 
 
@@ -558,15 +578,24 @@ def _evaluate_and_gate(source, tmp: Path, out: Path, to: str, options: dict, *, 
     result["bundle"] = str(out)
     ppl, ref_ppl = result["perplexity"], result["reference"]["perplexity"]
     increase = 100.0 * (ppl / ref_ppl - 1.0)
-    limit = options["max_ppl_increase"]
-    gate = {"metric": "perplexity", "max_increase_percent": limit, "increase_percent": increase,
-            "passed": bool(increase <= limit), "accepted_failure": False}
+    limit, kld, kld_limit = options["max_ppl_increase"], result["kld"]["mean"], options["max_kld"]
+    gate = {"metrics": ["perplexity", "kld"], "max_increase_percent": limit, "increase_percent": increase,
+            "max_kld": kld_limit, "kld": kld, "kld_scoring": result["kld"]["scoring"],
+            "passed": bool(increase <= limit and kld <= kld_limit), "accepted_failure": False}
     if not gate["passed"]:
-        message = (f"{to} perplexity {ppl:.4f} vs fp32 {ref_ppl:.4f} on {Path(options['eval_text']).name}: "
-                   f"+{increase:.2f} %, over the {limit:g} % limit")
+        text = Path(options["eval_text"]).name
+        failed, raise_ = [], []
+        if not increase <= limit:
+            failed.append(f"perplexity {ppl:.4f} vs fp32 {ref_ppl:.4f} on {text}: +{increase:.2f} %, over the {limit:g} % limit")
+            raise_.append("max_ppl_increase")
+        if not kld <= kld_limit:
+            failed.append(f"mean KL-divergence from fp32 {kld:.6f} on {text} (same top token "
+                          f"{result['kld']['same_top_percent']:.1f} %), over the {kld_limit:g} limit")
+            raise_.append("max_kld")
+        message = f"{to} {'; '.join(failed)}"
         if not accept_failure:  # the CLI shows the keywords as its flags (edgegpt.cli_support)
-            raise QuantizationError(f"{message}; not written. Raise max_ppl_increase, or pass accept_gate_failure=True "
-                                    "to write it anyway")
+            raise QuantizationError(f"{message}; not written. Raise {' and '.join(raise_)}, or pass "
+                                    "accept_gate_failure=True to write it anyway")
         gate["accepted_failure"] = True
         log.warning("%s; written anyway (accept_gate_failure)", message)
     return result, gate

@@ -31,20 +31,24 @@ from edgegpt.manifest import QUANTIZED_FORMATS as FORMATS  # torch- and onnx-fre
               help="Measure the result against BUNDLE on this text, record it, apply the gate.")
 @click.option("--max-ppl-increase", type=click.FloatRange(min=0), default=None,
               help="Gate, percent over BUNDLE's perplexity [default: int8 2, int4 10, fp16 1].")
+@click.option("--max-kld", type=click.FloatRange(min=0), default=None,
+              help="Gate, mean KL-divergence from BUNDLE in nats, as llama-perplexity --kl-divergence "
+                   "[default: int8 0.02, int4 0.1, fp16 0.005: a broken quantization fails].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads for checks and eval.")
 def quantize(bundle, to, out, force, accept_gate_failure, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text,
-             max_ppl_increase, threads):
+             max_ppl_increase, max_kld, threads):
     """Quantize an fp32 bundle to int8, int4 or fp16 as a new bundle.
 
     The source is left untouched; the new bundle appears only when complete. With --eval-text, its
-    perplexity, top-1 and greedy agreement with BUNDLE are measured and recorded in its manifest, and a
-    perplexity increase past --max-ppl-increase refuses the bundle unless --accept-gate-failure. --force
-    only replaces an existing bundle at --out.
+    perplexity, top-1 and greedy agreement and KL-divergence from BUNDLE are measured and recorded in its
+    manifest, and a perplexity increase past --max-ppl-increase or a mean KL-divergence past --max-kld
+    refuses the bundle unless --accept-gate-failure. --force only replaces an existing bundle at --out.
 
     \b
     Examples:
       edgegpt quantize bundles/small --to int8 -o bundles/small-int8
       edgegpt quantize bundles/small --to int4 --block-size 32 -o bundles/small-int4 --eval-text held_out.txt
+      edgegpt quantize bundles/small --to int8 -o bundles/small-int8 --eval-text held_out.txt --max-kld 0.01
       edgegpt quantize bundles/small --to int8 --calibrate corpus.txt -o bundles/small-int8-static
       edgegpt quantize bundles/small --to fp16 -o bundles/small-fp16
     """
@@ -54,7 +58,7 @@ def quantize(bundle, to, out, force, accept_gate_failure, per_channel, block_siz
         bundle, out, to=to, force=force, accept_gate_failure=accept_gate_failure, per_channel=per_channel,
         block_size=None if block_size is None else int(block_size), accuracy_level=accuracy_level,
         embedding=embedding, calibrate=calibrate, eval_text=eval_text, max_ppl_increase=max_ppl_increase,
-        threads=threads,
+        max_kld=max_kld, threads=threads,
     )
     if eval_text and not root_flag(click.get_current_context(), "quiet"):
         from edgegpt.manifest import read_manifest
@@ -69,4 +73,5 @@ def _gate_line(gate: dict | None) -> str:
     if not gate:
         return ""
     verdict = "passed" if gate["passed"] else "FAILED (written with --accept-gate-failure)"
-    return f"\ngate: {gate['increase_percent']:+.2f} % vs limit {gate['max_increase_percent']:g} %: {verdict}"
+    kld = f", mean KLD {gate['kld']:.6f} vs limit {gate['max_kld']:g}" if "kld" in gate else ""
+    return f"\ngate: {gate['increase_percent']:+.2f} % vs limit {gate['max_increase_percent']:g} %{kld}: {verdict}"

@@ -311,26 +311,48 @@ def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
               help="Only the last fraction of the file (0.1: `edgegpt train`'s validation split).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score at most this many tokens.")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Tokens between windows [default: context/2].")
+@click.option("--scoring", type=click.Choice(["half", "sliding"]), default="half", show_default=True,
+              help="Windows of the KL-divergence comparison (with --reference): half = llama-perplexity's "
+                   "(non-overlapping, second halves scored); sliding = the perplexity windows.")
 @click.option("--prompts", type=click.IntRange(min=0), default=8, show_default=True, help="Greedy prompts (with --reference).")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy tokens per prompt.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core].")
 @click.pass_context
-def eval_command(ctx, bundle, text_file, reference, as_json, tail, max_tokens, stride, prompts, new_tokens, provider, threads):
-    """Measure a bundle: perplexity on a text, agreement with a reference bundle, size.
+def eval_command(ctx, bundle, text_file, reference, as_json, tail, max_tokens, stride, scoring, prompts, new_tokens, provider,
+                 threads):
+    """Measure a bundle: perplexity on a text, agreement and KL-divergence against a reference bundle, size.
 
     Perplexity uses sliding windows of the model's context over the text; with --reference, the same
-    windows give next-token top-1 agreement, and greedy continuations of prompts cut from the text give
-    greedy-sequence agreement. Runs on onnxruntime only (no torch).
+    windows give next-token top-1 agreement, greedy continuations of prompts cut from the text give
+    greedy-sequence agreement, and llama-perplexity's --kl-divergence statistics compare the two
+    distributions: mean KL(reference || bundle) with its percentiles, same top token %, RMS Δp and both
+    perplexities with their difference. Runs on onnxruntime only (no torch).
 
     \b
     Examples:
       edgegpt eval bundles/small --text held_out.txt
+      edgegpt eval bundles/small-int8 --text held_out.txt --reference bundles/small
       edgegpt eval bundles/small-int8 --text held_out.txt --reference bundles/small --json
-      edgegpt eval bundles/small-int4 --text corpus.txt --tail 0.1 --reference bundles/small
+      edgegpt eval bundles/small-int4 --text corpus.txt --tail 0.1 --reference bundles/small --scoring sliding
     """
     from edgegpt.runtime.generation.evaluate import evaluate_bundle, summary_text
 
-    result = evaluate_bundle(bundle, text_file, reference=reference, tail=tail, max_tokens=max_tokens, stride=stride,
-                             prompts=prompts, new_tokens=new_tokens, provider=provider, threads=threads)
+    with contextlib.ExitStack() as stack:
+        result = evaluate_bundle(bundle, text_file, reference=reference, tail=tail, max_tokens=max_tokens, stride=stride,
+                                 scoring=scoring, prompts=prompts, new_tokens=new_tokens, provider=provider,
+                                 threads=threads, progress=None if _quiet(ctx) else _progress_bar(stack))
     click.echo(json.dumps(result, indent=2) if as_json else summary_text(result))
+
+
+def _progress_bar(stack: contextlib.ExitStack):
+    """A progress(done, total) callback drawing a click progress bar on stderr, opened on its first call."""
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = stack.enter_context(click.progressbar(length=total, label="evaluating", file=sys.stderr))
+        bar.update(done - bar.pos)
+
+    return update

@@ -3,8 +3,10 @@
 Agreement thresholds need a model with real preferences (random weights give near-ties), so one `tiny`
 model is trained briefly (150 steps, ~10 s on 2 cores) on the stdlib sample text and measured on its last
 10 %. Measured there (onnxruntime 1.32, CPU): perplexity +0.15 % int8, +0.6 % int4, +0.00 % fp16;
-teacher-forced top-1 agreement with fp32 0.97 int8, 0.93 int4, 0.999 fp16. The thresholds below leave
-room for run-to-run differences in training; the quality target itself is measured on `small`.
+teacher-forced top-1 agreement with fp32 0.97 int8, 0.93 int4, 0.999 fp16; mean KL-divergence (llama-perplexity's
+windows) 0.0027 int8, 0.0029 int4, < 1e-6 fp16, and 0.8 for int8 with its output head's weight scale doubled.
+The thresholds below leave room for run-to-run differences in training; the quality target itself is measured
+on `small`.
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ def test_quality_is_measured_recorded_and_within_the_thresholds(quantized, fp32,
     assert result["reference"]["bundle"] == str(fp32) and result["bundle"] == str(quantized[fmt])
     assert result["scored_tokens"] > 1000 and 0 <= result["greedy"]["token_agreement"] <= 1
     assert gate["passed"] and gate["max_increase_percent"] == quantize_module.DEFAULT_MAX_PPL_INCREASE[fmt]
+    # the default KLD bound passes every real quantization comfortably (by 4x at least)
+    assert gate["max_kld"] == quantize_module.DEFAULT_MAX_KLD[fmt] and gate["kld_scoring"] == "half"
+    assert gate["kld"] == result["kld"]["mean"] <= quantize_module.DEFAULT_MAX_KLD[fmt] / 4, result["kld"]
     assert result["model_bytes"] <= SIZE_RATIO[fmt] * result["reference"]["model_bytes"]
 
 
@@ -189,6 +194,38 @@ def test_gate_refuses_and_shows_both_perplexities(quantized, fp32, texts, tmp_pa
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary directory left
 
 
+def _double_output_head_scale(path: Path) -> None:
+    """Break an int8 graph: the output head's weight scale x 2, so every logit doubles and no argmax moves."""
+    model = onnx.load(str(path))
+    head = [n for n in model.graph.node if n.op_type == "MatMulInteger"][-1]  # the last matmul: logits
+    name = head.input[1].removesuffix("_quantized") + "_scale"
+    scale = next(i for i in model.graph.initializer if i.name == name)
+    scale.CopyFrom(onnx.numpy_helper.from_array(2 * onnx.numpy_helper.to_array(scale), name))
+    onnx.save(model, str(path))
+
+
+def test_a_broken_quantization_fails_the_default_kld_gate(quantized, fp32, texts, tmp_path, monkeypatch):
+    real = quantize_module._quantize_graph
+
+    def broken(source, dst, to, options):  # the real int8, then one scale doubled; the manifest hashes the result
+        result = real(source, dst, to, options)
+        _double_output_head_scale(dst)
+        return result
+
+    monkeypatch.setattr(quantize_module, "_quantize_graph", broken)
+    with pytest.raises(QuantizationError) as info:
+        quantize_bundle(fp32, tmp_path / "broken", to="int8", eval_text=texts[1], threads=2)
+    assert "mean KL-divergence from fp32" in str(info.value) and "max_kld" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    out = quantize_bundle(fp32, tmp_path / "broken", to="int8", eval_text=texts[1], threads=2, accept_gate_failure=True)
+    manifest, good = verify_bundle(out), verify_bundle(quantized["int8"])
+    gate = manifest["quantization"]["gate"]
+    assert gate["passed"] is False and gate["kld"] > 5 * gate["max_kld"] == 5 * quantize_module.DEFAULT_MAX_KLD["int8"]
+    # what top-1 agreement cannot see: the same argmax everywhere, yet a distribution far from fp32's
+    assert manifest["eval"]["top1_agreement"] == good["eval"]["top1_agreement"]
+    assert manifest["eval"]["kld"]["same_top_percent"] == good["eval"]["kld"]["same_top_percent"]
+
+
 def test_accept_gate_failure_writes_past_the_gate_and_records_it(fp32, texts, tmp_path):
     out = quantize_bundle(fp32, tmp_path / "int4", to="int4", eval_text=texts[1], max_ppl_increase=0.0,
                           accept_gate_failure=True)
@@ -224,6 +261,7 @@ def test_a_failure_leaves_no_output_and_no_temporary_dir(fp32, tmp_path, monkeyp
         ({"to": "int4", "accuracy_level": 7}, "accuracy_level"),
         ({"to": "fp16", "per_channel": False}, "per_channel"),
         ({"to": "int8", "max_ppl_increase": 1.0}, "needs eval_text"),
+        ({"to": "int8", "max_kld": 0.01}, "max_kld needs eval_text"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(fp32, tmp_path, kwargs, match):
@@ -286,6 +324,7 @@ def test_cli_quantize_help_exit_codes_and_output(fp32, texts, tmp_path):
     runner = CliRunner()
     help_text = runner.invoke(quantize_cmd, ["--help"]).output
     assert "Quantize an fp32 bundle" in help_text and "Examples:" in help_text and "--max-ppl-increase" in help_text
+    assert "--max-kld" in help_text and "--max-kld 0.01" in help_text
     bad = runner.invoke(quantize_cmd, [str(fp32), "--to", "int3", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "int3" in bad.output
     refused = runner.invoke(quantize_cmd, [str(fp32), "--to", "int4", "-o", str(tmp_path / "x"), "--eval-text",
