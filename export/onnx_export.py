@@ -74,7 +74,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgegpt.config import GPTConfig
+from edgegpt.config import FAMILY_FIELDS, GPTConfig
 from edgegpt.errors import ExportError
 from edgegpt.manifest import (
     ATTENTION_MASK,
@@ -125,6 +125,12 @@ def check_attention(config: GPTConfig, attention: str) -> None:
     """
     if attention not in _ATTENTIONS:
         raise ExportError(f"attention {attention!r} is not supported; choose one of {', '.join(ATTENTIONS)}")
+    family = {k: v for k, v in config.to_dict().items() if k in FAMILY_FIELDS and k not in ("norm_eps", "tied_head")}
+    if family:  # TODO(#24): the Llama family's graph (rotary inside GroupQueryAttention, n_kv_head-wide cache)
+        raise ExportError(
+            f"the ONNX export computes GPT-2's family only; this model sets {', '.join(sorted(family))} (issue #24); "
+            "run it with PyTorch (edgegpt sample) or export it to Hugging Face (edgegpt export-hf)"
+        )
     if attention == "gqa" and config.head_size % _GQA_HEAD_MULTIPLE:
         C = config.n_embd
         fits = [h for h in range(1, C + 1) if C % h == 0 and (C // h) % _GQA_HEAD_MULTIPLE == 0]
@@ -220,7 +226,7 @@ class _ExportAttention(nn.Module):
         super().__init__()
         self.qkv, self.proj, self.n_head = attn.qkv, attn.proj, attn.n_head
 
-    def forward(self, x, past, attention_mask):
+    def forward(self, x, past, attention_mask, rope=None):
         B, T, C = x.shape
         q, k, v = F.linear(x, self.qkv.weight).split(C, dim=2)  # 3 x (B, T, C), bias not yet added
         y, present_k, present_v = _MultiHeadAttentionOp.apply(
@@ -305,7 +311,7 @@ class _ExportGQAAttention(nn.Module):
         super().__init__()
         self.qkv, self.proj, self.n_head = attn.qkv, attn.proj, attn.n_head
 
-    def forward(self, x, past, gqa_inputs):
+    def forward(self, x, past, gqa_inputs, rope=None):
         qkv = self.qkv(x)  # (B, T, C) @ (C, 3C) + bias -> (B, T, 3C): the kernel takes Q, K, V packed
         y, present_k, present_v = _GroupQueryAttentionOp.apply(qkv, past[0], past[1], *gqa_inputs, self.n_head)
         return self.proj(y), (present_k, present_v)
