@@ -59,7 +59,7 @@ class SlotBatch:
             raise ContextLengthError(f"capacity must be in 1..{c.block_size} (the model's context), got {capacity!r}")
         self.slots, self.capacity, self.vocab_size, self.eot_id = slots, capacity, c.vocab_size, bundle.eot_id
         self._width = capacity + 1  # the last column is scratch: a riding-along row writes its dummy there
-        self._shape = (slots, c.n_head, self._width, c.head_size)
+        self._shape = (slots, c.kv_heads, self._width, c.head_size)
         self._dtype = np.dtype(kv.dtype)
         self._past, self._present = kv.past_names(c.n_layer), kv.present_names(c.n_layer)
         self._decode_binding, self._prefill_binding = Binding(session, device), Binding(session, device)

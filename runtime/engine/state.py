@@ -73,7 +73,7 @@ class DecodeState:
         self.vocab_size, self.eot_id = bundle.config.vocab_size, bundle.eot_id
         kv, c = bundle.kv, bundle.config
         self._binding = Binding(session, device)
-        self._cache = make_kv_cache(kv.layout, kv.past_names(c.n_layer), kv.present_names(c.n_layer), c.n_head, c.head_size, kv.dtype)
+        self._cache = make_kv_cache(kv.layout, kv.past_names(c.n_layer), kv.present_names(c.n_layer), c.kv_heads, c.head_size, kv.dtype)
         self._cache.reset(self._binding, batch, capacity)
         # The mask lives in one (B, capacity) buffer: a decode step sets one column instead of allocating.
         self._mask = np.zeros((batch, capacity), dtype=np.int64)
