@@ -88,3 +88,15 @@ def test_the_manifest_records_an_imported_models_bos_and_stop_ids():
     section = _tokenizer_section(config, "tokenizer.json", 300, 0, ({"add_bos_token": True}, {"bos_token_id": 1, "eos_token_id": [2, 3]}))
     assert (section["bos_token_id"], section["add_bos_token"], section["stop_token_ids"]) == (1, True, [2, 3])
     assert set(_tokenizer_section(config, "tokenizer.json", 300, 0)) == {"file", "vocab_size", "eot_token_id", "sampled_vocab_size"}
+
+
+@pytest.mark.parametrize("to", ["int8", "int4"])
+def test_a_llama_bundle_quantizes_and_generates(bundle, to, tmp_path):
+    from edgegpt.export import quantize_bundle
+    from edgegpt.runtime import Generator
+
+    model, path = bundle
+    if model.config.qk_norm or not model.config.tied_head:
+        pytest.skip("one family member is enough here")
+    out = quantize_bundle(path, tmp_path / to, to=to)
+    assert len(Generator.load(out, provider="cpu").generate("def add(", max_new_tokens=4).tokens) >= 1
