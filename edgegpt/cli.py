@@ -15,7 +15,7 @@ import click
 
 from edgegpt import __version__
 from edgegpt.cli_support import Group, field_options, given
-from edgegpt.config import GPTConfig
+from edgegpt.config import PRESETS, GPTConfig
 
 log = logging.getLogger("edgegpt")
 
@@ -60,7 +60,7 @@ _MODEL_FLAGS = {
 @click.argument("corpus", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory (checkpoint/, metrics.jsonl, loss.png).")
-@click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), default=None,
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Model shape [default: tiny; with --resume, the checkpoint's: a preset that contradicts it is refused].")
 @click.option("--vocab-size", type=int, default=None,
               help="BPE vocabulary size [default: 4096; with --resume, the checkpoint's].")

@@ -117,7 +117,7 @@ def export_bundle(
                                 chat_template=ckpt.chat_template)  # fmt: skip
         manifest = {
             "model": cfg.to_dict(),
-            "tokenizer": _tokenizer_section(cfg, TOKENIZER, ckpt.tokenizer.get_vocab_size(), eot),
+            "tokenizer": _tokenizer_section(cfg, TOKENIZER, ckpt.tokenizer.get_vocab_size(), eot, ckpt.special_tokens()),
             "graph": _graph_section(tmp / MODEL_FILE, external_data, attention),
             "quantization": None,
             "producer": _producer(),
@@ -170,10 +170,18 @@ def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_dat
     }
 
 
-def _tokenizer_section(cfg, file: str, size: int, eot: int) -> dict:
+def _tokenizer_section(cfg, file: str, size: int, eot: int, special: tuple[dict, dict] = ({}, {})) -> dict:
     """The manifest's "tokenizer". With a padded model vocabulary (nanoGPT's 50304 for GPT-2's 50257 tokens)
-    `vocab_size` here is below model.vocab_size, and ids from `sampled_vocab_size` on are never sampled."""
-    return {"file": file, "vocab_size": size, "eot_token_id": eot, "sampled_vocab_size": cfg.sampled_ids(size)}
+    `vocab_size` here is below model.vocab_size, and ids from `sampled_vocab_size` on are never sampled.
+    An imported model's special tokens (`Checkpoint.special_tokens`) add its BOS, whether the tokenizer adds it,
+    and every stop id (TODO(#24): the runtime does not read them yet)."""
+    section = {"file": file, "vocab_size": size, "eot_token_id": eot, "sampled_vocab_size": cfg.sampled_ids(size)}
+    tokenizer_config, generation_config = special
+    if generation_config:
+        eos = generation_config.get("eos_token_id")
+        section.update(bos_token_id=generation_config.get("bos_token_id"), add_bos_token=bool(tokenizer_config.get("add_bos_token")),
+                       stop_token_ids=eos if isinstance(eos, list) else [eos] if eos is not None else [])  # fmt: skip
+    return section
 
 
 def _graph_section(final: Path, external_data: bool, attention: str) -> dict:

@@ -63,7 +63,7 @@ def genai_config(
                 "head_size": config.head_size,
                 "hidden_size": config.n_embd,
                 "num_attention_heads": config.n_head,
-                "num_key_value_heads": config.n_head,
+                "num_key_value_heads": config.kv_heads,
                 "num_hidden_layers": config.n_layer,
                 "inputs": {
                     "input_ids": INPUT_IDS,

@@ -32,6 +32,18 @@ with dynamic B, T and P (P = 0 is an empty past). Two attention graphs, chosen b
   decode steps, left-padded batches included (seqlens_k is the last 1, not the mask's width): edgegpt's runtime
   decodes that way, as onnxruntime-genai does.
 
+The Llama family (GPTConfig's family fields) exports to the "gqa" graph only, as onnxruntime-genai's builder
+writes it: the packed QKV has n_head query and n_kv_head key/value heads (kv_num_heads = n_kv_head, the shared
+buffers (B, n_kv_head, L, D)); the kernel applies the rotary itself (do_rotary=1, rotary_interleaved=0 for
+transformers' rotate_half) from the initializers cos_cache / sin_cache (block_size, head_size / 2), shared by
+every layer, at each token's cache position seqlens_k + 1 - T onwards: position_ids stays a graph input (the
+contract) that nothing reads. Under left padding those positions are shifted by the row's padding, which rotary
+attention cannot see (export/validate.py says what that means for parity). Qwen3's q/k RMSNorm comes before the
+rotary, so it runs before the kernel (split, norm per head, concat). RMSNorm is traced as the op pattern that
+onnxruntime's optimizer fuses into SkipSimplifiedLayerNormalization (after each residual add) and
+SimplifiedLayerNormalization (ln_1 of block 0 and the q/k norms). Not yet: n_kv_head = 1 (the TorchScript
+exporter fails on it), and "mha".
+
 Choices (measurements: docs/design.md, "3. The graph"):
 - Attention is emitted directly as `com.microsoft.MultiHeadAttention` (unidirectional=1, a (B, P+T)
   key-padding mask, the QKV bias as its bias input, separate BNSH past/present), from an autograd.Function
@@ -74,7 +86,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgegpt.config import GPTConfig
+from edgegpt.config import FAMILY_FIELDS, GPTConfig
 from edgegpt.errors import ExportError
 from edgegpt.manifest import (
     ATTENTION_MASK,
@@ -86,7 +98,7 @@ from edgegpt.manifest import (
     PRESENT_KEY,
     PRESENT_VALUE,
 )
-from edgegpt.train.model import MultiHeadSelfAttention, SimpleGPT
+from edgegpt.train.model import MultiHeadSelfAttention, SimpleGPT, apply_rotary, rotary
 
 __all__ = [
     "ATTENTIONS",
@@ -125,6 +137,12 @@ def check_attention(config: GPTConfig, attention: str) -> None:
     """
     if attention not in _ATTENTIONS:
         raise ExportError(f"attention {attention!r} is not supported; choose one of {', '.join(ATTENTIONS)}")
+    attention_family = {"position", "n_kv_head", "head_dim", "qk_norm", "qkv_bias", "attn_proj_bias"}
+    family = sorted(k for k in config.to_dict() if k in attention_family)
+    if attention == "mha" and family:  # its MultiHeadAttention stand-in has n_head keys and no rotary
+        raise ExportError(f"attention='mha' computes GPT-2's attention only; this model sets {', '.join(family)}: export with attention='gqa'")
+    if config.kv_heads == 1:  # TODO(#24): multi-query attention; the TorchScript exporter fails on it (a JIT peephole pass)
+        raise ExportError("n_kv_head 1 (multi-query attention) does not export to ONNX yet (issue #24); run it with PyTorch")
     if attention == "gqa" and config.head_size % _GQA_HEAD_MULTIPLE:
         C = config.n_embd
         fits = [h for h in range(1, C + 1) if C % h == 0 and (C // h) % _GQA_HEAD_MULTIPLE == 0]
@@ -220,7 +238,7 @@ class _ExportAttention(nn.Module):
         super().__init__()
         self.qkv, self.proj, self.n_head = attn.qkv, attn.proj, attn.n_head
 
-    def forward(self, x, past, attention_mask):
+    def forward(self, x, past, attention_mask, rope=None):
         B, T, C = x.shape
         q, k, v = F.linear(x, self.qkv.weight).split(C, dim=2)  # 3 x (B, T, C), bias not yet added
         y, present_k, present_v = _MultiHeadAttentionOp.apply(
@@ -265,50 +283,92 @@ class _GQAMaskInputs(torch.autograd.Function):
 class _GroupQueryAttentionOp(torch.autograd.Function):
     """Exported as one com.microsoft.GroupQueryAttention node; computes the same in torch while tracing.
 
-    qkv (B, T, 3C) with the bias added, past_k / past_v (B, nh, P, hs), the `_GQAMaskInputs`
-    -> y (B, T, C), present_k / present_v (B, nh, P+T, hs).
+    qkv (B, T, (nh + 2 nkv) hs) packed with the bias added, past_k / past_v (B, nkv, P, hs), the
+    `_GQAMaskInputs`, and for rotary models cos / sin caches (block_size, hs/2) (else None)
+    -> y (B, T, nh hs), present_k / present_v (B, nkv, P+T, hs).
+    With the caches the kernel rotates q and k itself (do_rotary, the halves convention: rotary_interleaved 0)
+    at the cache positions seqlens_k + 1 - T onwards, as onnxruntime-genai's builder has it.
     """
 
     @staticmethod
-    def forward(ctx, qkv, past_k, past_v, seqlens, total, bias, n_head: int):
-        B, T, C3 = qkv.shape
-        q, k, v = (t.view(B, T, n_head, C3 // (3 * n_head)).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))  # (B, nh, T, hs)
-        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, nh, P+T, hs)
+    def forward(ctx, qkv, past_k, past_v, seqlens, total, bias, cos, sin, n_head: int, n_kv_head: int):
+        B, T, _ = qkv.shape
+        hs = past_k.size(3)
+        q, k, v = qkv.split([n_head * hs, n_kv_head * hs, n_kv_head * hs], dim=2)
+        q = q.view(B, T, n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, n_kv_head, hs).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        if cos is not None:
+            pos = (seqlens.long() + 1 - T)[:, None] + torch.arange(T)  # (B, T): cache positions of the new tokens
+            c, s = (torch.cat([t[pos], t[pos]], dim=-1)[:, None] for t in (cos, sin))  # (B, 1, T, hs)
+            q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, nkv, P+T, hs)
         S = k.size(2)
+        ks, vs = (t.repeat_interleave(n_head // n_kv_head, dim=1) for t in (k, v))  # (B, nh, P+T, hs)
         causal = torch.ones(S, S, dtype=torch.bool).tril()[S - T :]  # (T, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~causal, torch.finfo(q.dtype).min))
-        return y.transpose(1, 2).reshape(B, T, C3 // 3), k, v  # (B, nh, T, hs) -> (B, T, C)
+        y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=bias.masked_fill(~causal, torch.finfo(q.dtype).min))
+        return y.transpose(1, 2).reshape(B, T, n_head * hs), k, v  # (B, nh, T, hs) -> (B, T, nh hs)
 
     @staticmethod
-    def symbolic(g, qkv, past_k, past_v, seqlens, total, bias, n_head: int):
+    def symbolic(g, qkv, past_k, past_v, seqlens, total, bias, cos, sin, n_head: int, n_kv_head: int):
         absent = g.op("prim::Constant")  # an omitted optional input ("")
         absent.setType(torch._C.OptionalType.ofTensor())
+        rotary = {} if cos is None else {"do_rotary_i": 1, "rotary_interleaved_i": 0}
         y, present_k, present_v = g.op(
             "com.microsoft::GroupQueryAttention",
             qkv, absent, absent, past_k, past_v, seqlens, total,  # packed QKV: key and value absent
-            absent, absent, absent, bias,  # no rotary (cos, sin, position_ids); attention_bias for left padding
+            # rotary caches (or none); position_ids absent: the kernel takes positions from seqlens_k;
+            # attention_bias for left padding
+            absent if cos is None else cos, absent if sin is None else sin, absent, bias,
             num_heads_i=n_head,
-            kv_num_heads_i=n_head,
+            kv_num_heads_i=n_kv_head,
             outputs=3,
+            **rotary,
         )
-        sizes = qkv.type().varyingSizes()
-        y.setType(qkv.type().with_sizes([sizes[0], sizes[1], sizes[2] // 3 if sizes[2] else None]))
+        sizes, hs = qkv.type().varyingSizes(), past_k.type().varyingSizes()[3]
+        y.setType(qkv.type().with_sizes([sizes[0], sizes[1], n_head * hs if hs else None]))
         present_k.setType(past_k.type())
         present_v.setType(past_v.type())
         return y, present_k, present_v
 
 
 class _ExportGQAAttention(nn.Module):
-    """Stands in for MultiHeadSelfAttention in the "gqa" traced copy, sharing its `qkv` and `proj` weights."""
+    """Stands in for MultiHeadSelfAttention in the "gqa" traced copy, sharing its `qkv`, `proj` and q/k norms.
+
+    Qwen3's q/k norms come before the rotary, which the kernel applies: they run here, outside it.
+    """
 
     def __init__(self, attn: MultiHeadSelfAttention):
         super().__init__()
-        self.qkv, self.proj, self.n_head = attn.qkv, attn.proj, attn.n_head
+        self.qkv, self.proj, self.n_head, self.n_kv_head, self.hs = attn.qkv, attn.proj, attn.n_head, attn.n_kv_head, attn.hs
+        self.q_norm, self.k_norm, self.widths = attn.q_norm, attn.k_norm, attn.widths
+        self.qk_norm = not isinstance(attn.q_norm, nn.Identity)
 
-    def forward(self, x, past, gqa_inputs):
-        qkv = self.qkv(x)  # (B, T, C) @ (C, 3C) + bias -> (B, T, 3C): the kernel takes Q, K, V packed
-        y, present_k, present_v = _GroupQueryAttentionOp.apply(qkv, past[0], past[1], *gqa_inputs, self.n_head)
+    def forward(self, x, past, gqa_inputs, rope=None):
+        B, T, C = x.shape
+        qkv = self.qkv(x)  # (B, T, C) @ (C, (nh + 2 nkv) hs) + bias: the kernel takes Q, K, V packed
+        if self.qk_norm:
+            q, k, v = qkv.split(self.widths, dim=2)  # (B, T, nh hs), 2 x (B, T, nkv hs)
+            q = self.q_norm(q.view(B, T, self.n_head, self.hs)).view(B, T, self.n_head * self.hs)
+            k = self.k_norm(k.view(B, T, self.n_kv_head, self.hs)).view(B, T, self.n_kv_head * self.hs)
+            qkv = torch.cat([q, k, v], dim=2)
+        y, present_k, present_v = _GroupQueryAttentionOp.apply(qkv, past[0], past[1], *gqa_inputs, self.n_head, self.n_kv_head)
         return self.proj(y), (present_k, present_v)
+
+
+class _ExportRMSNorm(nn.Module):
+    """Stands in for nn.RMSNorm (which the TorchScript exporter cannot write at opset 17), sharing its weight.
+
+    Written as the op pattern onnxruntime's optimizer fuses into (Skip)SimplifiedLayerNormalization:
+    x * Reciprocal(Sqrt(mean(x^2) + eps)) * weight.
+    """
+
+    def __init__(self, norm: nn.RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x):
+        inv_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., 1): Sqrt then Reciprocal
+        return x * inv_rms * self.weight
 
 
 class _FlatIO(nn.Module):
@@ -318,14 +378,28 @@ class _FlatIO(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).eval()  # the caller's model is left untouched
         self.gqa = attention == "gqa"
+        for parent in list(self.model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.RMSNorm):
+                    setattr(parent, name, _ExportRMSNorm(child))
         for block in self.model.blocks:
             block.attn = _ExportGQAAttention(block.attn) if self.gqa else _ExportAttention(block.attn)
+        self.rope = None
+        if model.inv_freq is not None:  # one pair of caches for every layer: initializers cos_cache, sin_cache
+            positions = torch.arange(model.config.block_size)
+            cos, sin = (t[0, 0, :, : model.config.head_size // 2] for t in rotary(model.inv_freq, positions[None]))
+            self.register_buffer("cos_cache", cos.contiguous(), persistent=False)
+            self.register_buffer("sin_cache", sin.contiguous(), persistent=False)
+            self.rope = True
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = tuple(zip(past[0::2], past[1::2]))
         # The blocks hand `attention_mask` to their attention module untouched: for "gqa" it carries the
-        # mask-derived inputs, computed once here instead of once per layer.
-        mask = _GQAMaskInputs.apply(attention_mask, input_ids) if self.gqa else attention_mask
+        # mask-derived inputs (and the rotary caches), computed once here instead of once per layer.
+        mask = attention_mask
+        if self.gqa:
+            caches = (self.cos_cache, self.sin_cache) if self.rope else (None, None)
+            mask = (*_GQAMaskInputs.apply(attention_mask, input_ids), *caches)
         logits, presents = self.model(input_ids, cache, mask, position_ids)
         return (logits, *(t for kv in presents for t in kv))
 
@@ -336,7 +410,7 @@ def example_inputs(model: SimpleGPT, batch: int, new: int, past: int) -> tuple[t
     ids = torch.randint(0, cfg.vocab_size, (batch, new))
     mask = torch.ones(batch, past + new, dtype=torch.long)
     positions = torch.arange(past, past + new).expand(batch, new)
-    kv = [torch.randn(batch, cfg.n_head, past, cfg.head_size) for _ in range(2 * cfg.n_layer)]
+    kv = [torch.randn(batch, cfg.kv_heads, past, cfg.head_size) for _ in range(2 * cfg.n_layer)]
     return (ids, mask, positions, *kv)
 
 
@@ -372,7 +446,36 @@ def export_onnx(model: SimpleGPT, path: str | Path, *, opset: int = DEFAULT_OPSE
             )
     except Exception as exc:  # the exporter raises assorted RuntimeError / OnnxExporterError subclasses
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {exc}") from exc
+    _finish_rotary_graph(path)
     return path
+
+
+def _finish_rotary_graph(path: Path) -> None:
+    """Two touches to a rotary graph, where GroupQueryAttention takes each token's position from seqlens_k:
+    `position_ids` goes back among the inputs (the exporter and the optimizer prune it, unread, but the bundle
+    contract and genai feed it), and the rotary tables become the initializers `cos_cache` / `sin_cache` that
+    every layer reads (the exporter leaves them as Constant nodes), as onnxruntime-genai's builder names them."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and len(n.input) > 8 and n.input[7]]
+    if not gqa:
+        return
+    if not any(i.name == POSITION_IDS for i in model.graph.input):
+        positions = copy.deepcopy(next(i for i in model.graph.input if i.name == INPUT_IDS))  # (B, T) int64 too
+        positions.name = POSITION_IDS
+        model.graph.input.insert(2, positions)
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    for index, name in ((7, "cos_cache"), (8, "sin_cache")):
+        sources = {node.input[index] for node in gqa} & constants.keys()  # one, or one per layer: the same table
+        for source in sources:
+            if name not in {i.name for i in model.graph.initializer}:
+                model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(constants[source].attribute[0].t), name))
+            model.graph.node.remove(constants[source])
+        for node in gqa:
+            node.input[index] = name if node.input[index] in sources else node.input[index]
+    onnx.save_model(model, str(path))
 
 
 def optimize_graph(src: Path, dst: Path, config: GPTConfig, *, attention: str, external_data: bool) -> tuple[dict, dict]:
@@ -383,4 +486,6 @@ def optimize_graph(src: Path, dst: Path, config: GPTConfig, *, attention: str, e
     """
     from edgegpt.export.optimize import optimize_onnx
 
-    return optimize_onnx(src, dst, config, external_data=external_data, attention_op=_ATTENTIONS[attention][0])
+    counts = optimize_onnx(src, dst, config, external_data=external_data, attention_op=_ATTENTIONS[attention][0])
+    _finish_rotary_graph(dst)  # the optimizer prunes the unread position_ids too
+    return counts

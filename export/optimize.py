@@ -95,25 +95,30 @@ def gelu_kinds(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def check_gelu(model: onnx.ModelProto, config: GPTConfig, name: str) -> None:
-    """Raise ExportError unless the graph computes `config.gelu` once per layer and no other GELU."""
+    """Raise ExportError unless the graph computes `config.gelu` once per layer and no other GELU (none at all
+    for a SwiGLU MLP)."""
     kinds = gelu_kinds(model)
-    others = {k: n for k, n in kinds.items() if k != config.gelu and n}
-    if others or kinds[config.gelu] < config.n_layer:
+    wanted = config.gelu if config.mlp == "gelu" else None
+    others = {k: n for k, n in kinds.items() if k != wanted and n}
+    if others or wanted is not None and kinds[wanted] < config.n_layer:
         raise ExportError(
-            f"{name}: the graph's GELU nodes compute {kinds} but the model uses the {config.gelu} GELU in each of "
+            f"{name}: the graph's GELU nodes compute {kinds} but the model uses the {wanted or 'no'} GELU in each of "
             f"{config.n_layer} layers: a graph rewrite changed the model's function; export with optimize=False "
             "(--no-optimize) and report the onnxruntime version"
         )
 
 
 def expected_fused_ops(config: GPTConfig, attention_op: str = "MultiHeadAttention") -> dict[str, int]:
-    """The fused kernels a fully optimised graph holds: per layer one attention, one GELU, two LayerNorms."""
-    return {
-        attention_op: config.n_layer,
-        fused_gelu(config): config.n_layer,
-        # each LayerNorm follows an add: ln_1 of block 0 the embedding sum, the other 2 n_layer the residuals
-        "SkipLayerNormalization": 2 * config.n_layer + 1,
-    }
+    """The fused kernels a fully optimised graph holds: per layer one attention, one GELU (none for SwiGLU), two
+    norms (and Qwen3's two q/k RMSNorms)."""
+    if config.norm == "rmsnorm":
+        # ln_1 of block 0 reads the embedding alone (no position table to add): a plain SimplifiedLayerNormalization
+        norms = {"SkipSimplifiedLayerNormalization": 2 * config.n_layer,
+                 "SimplifiedLayerNormalization": 1 + (2 * config.n_layer if config.qk_norm else 0)}  # fmt: skip
+    else:  # each LayerNorm follows an add: ln_1 of block 0 the embedding sum, the other 2 n_layer the residuals
+        norms = {"SkipLayerNormalization": 2 * config.n_layer + 1}
+    gelu = {fused_gelu(config): config.n_layer} if config.mlp == "gelu" else {}
+    return {attention_op: config.n_layer, **gelu, **norms}
 
 
 def fused_op_shortfall(counts: dict[str, int], config: GPTConfig, attention_op: str = "MultiHeadAttention") -> dict[str, tuple[int, int]]:

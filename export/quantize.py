@@ -390,7 +390,7 @@ def _window_feed(ids: list[int], source, past_dtype) -> dict[str, np.ndarray]:
     cfg, T = source.config, len(ids)
     feed = {INPUT_IDS: np.asarray([ids], np.int64), ATTENTION_MASK: np.ones((1, T), np.int64),
             POSITION_IDS: np.arange(T, dtype=np.int64)[None]}
-    empty = np.zeros((1, cfg.n_head, 0, cfg.head_size), past_dtype)
+    empty = np.zeros((1, cfg.kv_heads, 0, cfg.head_size), past_dtype)
     return {**feed, **{name: empty for name in source.kv.past_names(cfg.n_layer)}}
 
 

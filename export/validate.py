@@ -15,6 +15,13 @@ positions (the kernel then returns a concatenated present), except one: onnxrunt
 multi-token chunk after a past at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past
 context is given"), so that case runs at batch 1; the runtime never feeds such a chunk. Its greedy check
 runs the way the runtime does: one (1, H, L, D) buffer per key/value bound as both past and present.
+
+A rotary graph (the Llama family) rotates q and k inside GroupQueryAttention at each token's cache position,
+as onnxruntime-genai's graphs do; the CPU kernel takes a prompt's positions as 0..T-1 whatever position_ids
+says. A left-padded row's keys are thus rotated at positions shifted by its padding, a shift that rotary
+attention cannot see (scores depend on position differences only), so its logits equal PyTorch's, but its
+cached keys do not, and a PyTorch cache of such a row cannot be continued by the graph. Left-padded cases
+of a rotary graph therefore decode from the graph's own prefill and compare keys of unpadded rows only.
 """
 
 from __future__ import annotations
@@ -60,13 +67,17 @@ def check_graph(path: Path, config: GPTConfig) -> None:
         ExportError: the checker rejects the graph, its inputs/outputs are not the bundle contract's, or its
             GELU nodes compute another function than `config.gelu` (tanh approximation or exact erf).
     """
+    checked = _checkable(path)
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(str(checked), full_check=True)
         inferred = onnx.shape_inference.infer_shapes(
-            onnx.load(str(path), load_external_data=False), check_type=True, strict_mode=True
+            onnx.load(str(checked), load_external_data=False), check_type=True, strict_mode=True
         )
     except Exception as exc:  # onnx raises ValidationError / InferenceError
         raise ExportError(f"{path.name}: rejected by the ONNX checker or shape inference: {exc}") from exc
+    finally:
+        if checked != path:
+            checked.unlink()
     inputs, outputs = graph_io(inferred)
     names = ([i["name"] for i in inputs], [o["name"] for o in outputs])
     if names != (input_names(config.n_layer), output_names(config.n_layer)):
@@ -77,6 +88,27 @@ def check_graph(path: Path, config: GPTConfig) -> None:
     if outputs[0]["shape"][-1] != config.vocab_size:
         raise ExportError(f"{path.name}: logits have shape {outputs[0]['shape']}, expected [..., {config.vocab_size}]")
     check_gelu(inferred, config, path.name)
+
+
+# Contrib ops that onnxruntime registers in the ONNX domain itself (the optimizer writes RMSNorm as one), which
+# the ONNX checker does not know there; checked as the contrib ops they are, like com.microsoft's.
+_ORT_ONNX_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
+
+
+def _checkable(path: Path) -> Path:
+    """`path`, or a sibling copy whose `_ORT_ONNX_DOMAIN_OPS` nodes are filed under com.microsoft (the caller
+    deletes it): the checker then skips them as it skips every contrib op."""
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS]
+    if not nodes:
+        return path
+    for node in nodes:
+        node.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    copy = path.with_name(f".checked-{path.name}")  # beside it: external data locations still resolve
+    onnx.save_model(model, str(copy))
+    return copy
 
 
 def graph_attention(path: Path) -> str:
@@ -138,22 +170,40 @@ def _case_inputs(model: SimpleGPT, case: Case, seed: int):
     with torch.no_grad():
         cache = model(ids[:, :P], None, mask[:, :P], positions[:, :P])[1] if P else None
         logits, presents = model(ids[:, P:], cache, mask, positions[:, P:])
-    empty = torch.zeros(B, cfg.n_head, 0, cfg.head_size)
+    empty = torch.zeros(B, cfg.kv_heads, 0, cfg.head_size)
     past = [t for kv in cache for t in kv] if cache else [empty] * (2 * cfg.n_layer)
     values = [ids[:, P:], mask, positions[:, P:], *past]
     feed = {name: t.numpy() for name, t in zip(input_names(cfg.n_layer), values)}
-    return feed, logits.numpy(), [t.numpy() for kv in presents for t in kv], mask[:, P:].bool().numpy(), mask.bool().numpy()
+    feed_ids = {"prefix": ids[:, :P].numpy()}  # the past's own ids, for a graph that must build its own past
+    return {**feed, **feed_ids}, logits.numpy(), [t.numpy() for kv in presents for t in kv], mask[:, P:].bool().numpy(), mask.bool().numpy()
 
 
 def _case_diffs(model: SimpleGPT, sess: ort.InferenceSession, case: Case, seed: int) -> dict[str, float]:
     """Max abs difference per graph output, over the case's real positions."""
     feed, logits, presents, real_q, real_k = _case_inputs(model, case, seed)
+    prefix = feed.pop("prefix")
     names = output_names(model.config.n_layer)
+    shifted = model.config.position == "rope" and any(case.pads)  # see the module docstring
+    if shifted and case.past:
+        feed = _graph_prefill_past(sess, feed, prefix, model.config.n_layer)
     got = sess.run(names, feed)
     diffs = {names[0]: float(np.abs(got[0] - logits)[real_q].max())}
     for name, onnx_t, torch_t in zip(names[1:], got[1:], presents):
-        diffs[name] = float(np.abs(onnx_t - torch_t).transpose(0, 2, 1, 3)[real_k].max())  # (B, S, H, D)[real]
+        real = real_k.copy()
+        if shifted and ".key" in name:
+            real[[row for row, pad in enumerate(case.pads) if pad]] = False
+        diffs[name] = float(np.abs(onnx_t - torch_t).transpose(0, 2, 1, 3)[real].max())  # (B, S, H, D)[real]
     return diffs
+
+
+def _graph_prefill_past(sess: ort.InferenceSession, feed: dict, prefix: np.ndarray, n_layer: int) -> dict:
+    """`feed` with its past replaced by the graph's own prefill of the `prefix` ids (B, P)."""
+    names, past = input_names(n_layer), prefix.shape[1]
+    mask = feed[names[1]]
+    empty = {n: feed[n][:, :, :0] for n in names[3:]}
+    prefill = {names[0]: prefix, names[1]: mask[:, :past], names[2]: np.maximum(mask[:, :past].cumsum(1) - 1, 0), **empty}
+    presents = sess.run(output_names(n_layer)[1:], prefill)
+    return {**feed, **dict(zip(names[3:], presents))}
 
 
 def check_parity(model: SimpleGPT, path: Path, *, atol: float = ATOL, stage: str = "") -> dict[str, dict[str, float]]:
@@ -189,7 +239,7 @@ def greedy_onnx(
         return _greedy_shared(sess, prompt, max_new_tokens, config)
     B = prompt.shape[0]
     names = input_names(config.n_layer)
-    past = {name: np.zeros((B, config.n_head, 0, config.head_size), np.float32) for name in names[3:]}
+    past = {name: np.zeros((B, config.kv_heads, 0, config.head_size), np.float32) for name in names[3:]}
     step, P, tokens, step_logits = prompt, 0, [], []
     for _ in range(max_new_tokens):
         T = step.shape[1]
@@ -206,7 +256,7 @@ def _greedy_shared(sess: ort.InferenceSession, prompt: np.ndarray, max_new_token
     """`greedy_onnx` with the KV layout "shared_buffer": the past and present of a layer are one OrtValue."""
     (B, T), names, outputs = prompt.shape, input_names(config.n_layer), output_names(config.n_layer)
     binding = sess.io_binding()
-    capacity = (B, config.n_head, T + max_new_tokens, config.head_size)
+    capacity = (B, config.kv_heads, T + max_new_tokens, config.head_size)
     buffers = [ort.OrtValue.ortvalue_from_shape_and_type(capacity, np.float32, "cpu", 0) for _ in names[3:]]
     for past, buffer in zip(names[3:], buffers):
         binding.bind_ortvalue_input(past, buffer)

@@ -89,3 +89,35 @@ def test_checks_raise_the_error_they_are_given():
         check_real("temperature", -1, low=0.0, error=SamplingError)
     with pytest.raises(ConfigError, match=r"^log_severity must be an integer in 0..4, got 5$"):
         check_int("log_severity", 5, high=4)
+
+
+def test_a_gpt2_config_dict_is_unchanged_by_the_family_fields():
+    """Checkpoints and manifests store to_dict(): a GPT-2 config's keys are the ones older releases read."""
+    assert set(GPTConfig.preset("small").to_dict()) == {
+        "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "gelu", "sampled_vocab_size"
+    }
+
+
+def test_a_llama_config_round_trips_and_derives_its_widths(tmp_path):
+    config = GPTConfig.preset("smollm2-135m", rope_scaling="llama3", rope_factor=32.0, qk_norm=True, head_dim=80)
+    config.to_json(tmp_path / "c.json")
+    assert GPTConfig.from_json(tmp_path / "c.json") == config
+    assert (config.head_size, config.kv_heads, config.mlp_width) == (80, 3, 1536)
+    assert GPTConfig.preset("small").kv_heads == 6 and GPTConfig.preset("small").mlp_width == 4 * 384
+    assert GPTConfig(qkv_bias=True, bias=False).bias_of("qkv") and not GPTConfig(bias=False).bias_of("mlp")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"n_head": 6, "n_kv_head": 4}, r"n_head \(6\) must be a multiple of n_kv_head \(4\)"),
+        ({"position": "rope", "n_embd": 30, "n_head": 2}, r"head_size \(15\) must be even"),
+        ({"norm": "batchnorm"}, "norm must be one of"),
+        ({"rope_scaling": "yarn"}, "rope_scaling must be one of"),
+        ({"mlp": "relu"}, "mlp must be one of"),
+        ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 1.0}, "rope_high_freq_factor"),
+    ],
+)
+def test_family_fields_are_validated_by_name(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        GPTConfig(**fields)

@@ -1,11 +1,14 @@
 """Checkpoints: a directory of safetensors weights, config JSON, tokenizer.json and training state.
 
 Layout of a checkpoint directory:
-    model.safetensors   weights (the tied lm_head is stored once, as tok_emb.weight)
+    model.safetensors   weights (a tied lm_head is stored once, as tok_emb.weight; an untied one as lm_head.weight)
     config.json         GPTConfig.to_dict()
     tokenizer.json      the HF `tokenizers` file
     train_state.pt      optimizer state and torch RNG state (loaded with weights_only=True only)
     train_state.json    step, data RNG state, training config
+    tokenizer_config.json, generation_config.json   optional, Hugging Face's names: the special tokens, whether
+                        the tokenizer adds a BOS, and every stop id (eos_token_id, an int or a list), as
+                        `import_hf` found them
 
 Saving is atomic (`edgegpt.files.staged_dir`): everything is written to a temporary sibling directory, the
 old checkpoint is moved aside, the new one renamed into place, and the old one deleted. A kill at any point
@@ -33,7 +36,13 @@ from edgegpt.train.model import SimpleGPT
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 TRAIN_STATE_PT, TRAIN_STATE_JSON = "train_state.pt", "train_state.json"
 CHAT_TEMPLATE = CHAT_TEMPLATE_FILE  # optional: the model's own chat template (Hugging Face's file name)
-TIED = "lm_head.weight"  # same tensor as tok_emb.weight; not stored twice
+TOKENIZER_SPECIALS, GENERATION_CONFIG = "tokenizer_config.json", "generation_config.json"  # optional, see above
+TIED = "lm_head.weight"  # same tensor as tok_emb.weight when config.tied_head; not stored twice then
+
+
+def _stored(name: str, config: GPTConfig) -> bool:
+    """Whether a state-dict entry is written to model.safetensors: all but a tied lm_head."""
+    return name != TIED or not config.tied_head
 
 
 def resolve(path: str | Path) -> Path:
@@ -52,6 +61,8 @@ def save_checkpoint(
     optimizer_state: dict | None = None,
     train_state: dict[str, Any] | None = None,
     chat_template: str | None = None,
+    tokenizer_config: dict[str, Any] | None = None,
+    generation_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
@@ -62,6 +73,7 @@ def save_checkpoint(
         optimizer_state: optional {"optimizer": ..., "torch_rng": ...} tensors-and-numbers dict.
         train_state: optional JSON-serialisable training state (step, data RNG, config).
         chat_template: optional Jinja chat template of the model (written as chat_template.jinja).
+        tokenizer_config, generation_config: optional special-token settings (written under Hugging Face's names).
 
     >>> import tempfile, tokenizers
     >>> m = SimpleGPT(GPTConfig.preset("tiny", vocab_size=64))
@@ -71,7 +83,7 @@ def save_checkpoint(
     """
     path = Path(path)
     with staged_dir(path) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if _stored(k, model.config)}
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt", "edgegpt": "1"})
         model.config.to_json(tmp / CONFIG)
         (tmp / TOKENIZER).write_text(tokenizer_json)
@@ -82,6 +94,9 @@ def save_checkpoint(
             (tmp / TRAIN_STATE_JSON).write_text(json.dumps(train_state, indent=2))
         if chat_template is not None:
             (tmp / CHAT_TEMPLATE).write_text(chat_template, encoding="utf-8")
+        for name, content in ((TOKENIZER_SPECIALS, tokenizer_config), (GENERATION_CONFIG, generation_config)):
+            if content is not None:
+                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
     return path
 
 
@@ -104,7 +119,7 @@ def _read_weights(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
     except Exception as exc:  # safetensors raises its own SafetensorError / OSError on corrupt files
         raise CheckpointError(f"{file}: unreadable safetensors file ({exc}); the checkpoint is corrupt") from exc
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in SimpleGPT(config).state_dict().items() if k != TIED}
+        expected = {k: v.shape for k, v in SimpleGPT(config).state_dict().items() if _stored(k, config)}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise CheckpointError(
@@ -132,6 +147,14 @@ class Checkpoint:
         """The model's own chat template (Jinja), kept by `import_hf`; None when it has none."""
         file = self.path / CHAT_TEMPLATE
         return file.read_text(encoding="utf-8") if file.is_file() else None
+
+    def special_tokens(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(tokenizer_config, generation_config) as `import_hf` kept them; ({}, {}) for a model without them."""
+        files = (self.path / TOKENIZER_SPECIALS, self.path / GENERATION_CONFIG)
+        try:
+            return tuple(json.loads(f.read_text()) if f.is_file() else {} for f in files)  # type: ignore[return-value]
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: unreadable special-token settings ({exc}); import the model again") from exc
 
     @property
     def config(self) -> GPTConfig:
@@ -161,7 +184,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         )
     model = SimpleGPT(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) != {TIED} or unexpected:  # internal invariant: _read_weights checked the names
+    if set(missing) != ({TIED} if config.tied_head else set()) or unexpected:  # internal invariant: _read_weights checked the names
         raise CheckpointError(f"{path}: inconsistent weights (missing {missing}, unexpected {unexpected})")
     return Checkpoint(model.to(map_location).eval(), tokenizer, path)
 

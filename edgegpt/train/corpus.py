@@ -145,7 +145,7 @@ def _check_resumed_model(
     out: Path, config: GPTConfig, state: dict[str, Any], preset: str | None, overrides: dict[str, Any], vocab_size: int | None
 ) -> None:
     """Refuse model settings given with --resume that differ from the checkpoint's: they cannot apply to it."""
-    have = config.to_dict()
+    have = dataclasses.asdict(config)  # every field: to_dict leaves out family fields at their defaults
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     conflicts = [f"{flag(k)} {v} (the checkpoint has {have[k]})" for k, v in overrides.items() if v != have.get(k, v)]
     unknown = sorted(k for k in overrides if k not in have)

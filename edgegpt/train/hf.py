@@ -1,4 +1,11 @@
-"""Weights interchange with the Hugging Face GPT-2 format: `import_hf` and `export_hf`.
+"""Weights interchange with Hugging Face model directories: `import_hf` and `export_hf`.
+
+GPT-2 (GPT2LMHeadModel) is mapped here; the Llama family (LlamaForCausalLM, Qwen2ForCausalLM,
+Qwen3ForCausalLM) in edgegpt.train.hf_llama, chosen by config.json's `architectures` (else `model_type`). This
+file owns the files either way: the weights (single or sharded safetensors), the tokenizer, the chat template,
+and the special tokens: tokenizer_config.json's bos/eos/pad tokens and whether the tokenizer adds a BOS, and
+every stop id of generation_config.json (whose eos_token_id may be a list), kept in the checkpoint under the
+same two file names (`SPECIAL_FILES`) and written back by `export_hf`.
 
 This file owns the mapping between a local Hugging Face GPT-2 directory (config.json, model.safetensors,
 tokenizer.json or vocab.json + merges.txt) and an edgegpt checkpoint directory (see checkpoint.py).
@@ -36,11 +43,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from edgegpt.train import hf_llama
 from edgegpt.train.checkpoint import (
     CHAT_TEMPLATE,
     CONFIG,
+    GENERATION_CONFIG,
     TIED,
     TOKENIZER,
+    TOKENIZER_SPECIALS,
     TRAIN_STATE_JSON,
     TRAIN_STATE_PT,
     WEIGHTS,
@@ -48,7 +58,7 @@ from edgegpt.train.checkpoint import (
     load_tensors_only,
     save_checkpoint,
 )
-from edgegpt.config import GPTConfig
+from edgegpt.config import FAMILY_FIELDS, GPTConfig
 from edgegpt.errors import CheckpointError, ConfigError, DataError
 from edgegpt.files import recover, staged_dir
 from edgegpt.tokenizer import EOT, TOKENIZER_CONFIG, chat_template_of, read_tokenizer_config  # EOT: GPT-2's bos and eos
@@ -84,9 +94,30 @@ def _name_map(n_layer: int) -> dict[str, tuple[str, bool]]:
     return names
 
 
-def _read_hf_config(src: Path) -> GPTConfig:
-    """The GPTConfig of a GPT-2 config.json, refusing every setting SimpleGPT does not compute."""
+def _architecture(raw: dict, file: Path) -> str:
+    """config.json's architecture: the first of `architectures`, else GPT-2's or one named by `model_type`."""
+    names = raw.get("architectures")
+    if names:
+        arch = names[0] if isinstance(names, list) else names
+        if arch != "GPT2LMHeadModel" and arch not in hf_llama.ARCHITECTURES:
+            known = ", ".join(["GPT2LMHeadModel", *hf_llama.ARCHITECTURES])
+            raise CheckpointError(f"{file}: architectures is {names!r}; edgegpt imports {known}")
+        return arch
+    by_type = {family["model_type"]: arch for arch, family in hf_llama.ARCHITECTURES.items()}
+    return by_type.get(raw.get("model_type"), "GPT2LMHeadModel")  # GPT-2's rules name a wrong model_type
+
+
+def _read_hf_config(src: Path) -> tuple[GPTConfig, dict]:
+    """(the GPTConfig of config.json, the raw dict), refusing every setting SimpleGPT does not compute."""
     file = src / "config.json"
+    raw = _read_json(file)
+    arch = _architecture(raw, file)
+    if arch in hf_llama.ARCHITECTURES:
+        return hf_llama.config_from_hf(raw, arch, file), raw
+    return _gpt2_config(raw, file), raw
+
+
+def _read_json(file: Path) -> dict:
     try:
         raw = json.loads(file.read_text())
     except FileNotFoundError:
@@ -95,6 +126,11 @@ def _read_hf_config(src: Path) -> GPTConfig:
         raise CheckpointError(f"{file}: unreadable ({exc}); re-download or re-save the model") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _gpt2_config(raw: dict, file: Path) -> GPTConfig:
+    """The GPTConfig of a GPT-2 config.json."""
     n_embd = raw.get("n_embd", HF_DEFAULTS["n_embd"])
     # (key, GPT2Config's default, accepted values, why and how to fix)
     rules = [
@@ -171,7 +207,11 @@ def _read_hf_weights(src: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def _to_edgegpt(state: dict[str, torch.Tensor], config: GPTConfig, file: Path) -> dict[str, torch.Tensor]:
-    """GPT-2 tensors (prefix stripped) -> a full SimpleGPT state dict, checked name by name and shape by shape."""
+    """Hugging Face tensors (prefix stripped) -> a full SimpleGPT state dict, checked name by name and shape by shape."""
+    if config.position == "rope":
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in SimpleGPT(config).state_dict().items() if k != TIED or not config.tied_head}
+        return hf_llama.to_edgegpt(state, config, expected, file)
     state = dict(state)
     head = state.pop(TIED, None)
     if head is not None and "wte.weight" in state:
@@ -247,8 +287,58 @@ def _read_hf_tokenizer(src: Path, vocab_size: int):
     return tok
 
 
-CHECKPOINT_FILES = frozenset({CONFIG, WEIGHTS, TOKENIZER, TRAIN_STATE_PT, TRAIN_STATE_JSON, CHAT_TEMPLATE})
-HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", TOKENIZER_CONFIG})
+CHECKPOINT_FILES = frozenset(
+    {CONFIG, WEIGHTS, TOKENIZER, TRAIN_STATE_PT, TRAIN_STATE_JSON, CHAT_TEMPLATE, TOKENIZER_SPECIALS, GENERATION_CONFIG}
+)
+HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", TOKENIZER_CONFIG, GENERATION_CONFIG, CHAT_TEMPLATE})
+# tokenizer_config.json keys kept in a checkpoint: the special tokens and whether they are added
+SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "add_eos_token")
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with its "content"."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+def _ids(value: Any) -> list[int]:
+    """A token id or a list of them (generation_config.json's eos_token_id may be either) as a list."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _read_special_tokens(src: Path, raw: dict, tok) -> tuple[dict, dict] | tuple[None, None]:
+    """(tokenizer_config, generation_config) for the checkpoint: the special tokens, whether the tokenizer adds a BOS
+    (its post-processor does, or add_bos_token says so), and every stop id (generation_config.json's eos_token_id,
+    config.json's, and the eos_token's). (None, None) for a model that names no special token at all."""
+    try:
+        tconf = read_tokenizer_config(src)
+    except DataError as exc:
+        log.warning("%s: special tokens not read (%s)", src, exc)
+        tconf = {}
+    gen = _read_json(src / GENERATION_CONFIG) if (src / GENERATION_CONFIG).is_file() else {}
+    special = {k: _token_text(tconf.get(k)) for k in SPECIAL_KEYS[:4] if _token_text(tconf.get(k)) is not None}
+    bos_ids = _ids(gen.get("bos_token_id", raw.get("bos_token_id")))
+    bos = tok.token_to_id(special["bos_token"]) if "bos_token" in special else (bos_ids[0] if bos_ids else None)
+    eos = [*_ids(gen.get("eos_token_id")), *_ids(raw.get("eos_token_id"))]
+    if "eos_token" in special and tok.token_to_id(special["eos_token"]) is not None:
+        eos.append(tok.token_to_id(special["eos_token"]))
+    eos = list(dict.fromkeys(eos))
+    if bos is None and not eos and not special:
+        return None, None
+    probe = tok.encode("a", add_special_tokens=True).ids
+    adds_bos = bos is not None and bool(probe) and probe[0] == bos and tok.encode("a", add_special_tokens=False).ids[:1] != [bos]
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", **special,
+        "add_bos_token": adds_bos or tconf.get("add_bos_token") is True,
+        "add_eos_token": tconf.get("add_eos_token") is True,
+    }
+    pad = _ids(gen.get("pad_token_id", raw.get("pad_token_id")))
+    generation_config = {
+        "bos_token_id": bos,
+        "eos_token_id": eos if len(eos) != 1 else eos[0],  # transformers' own form: an int, or a list of them
+        **({"pad_token_id": pad[0]} if pad else {}),
+    }
+    return tokenizer_config, generation_config
 
 
 def check_out_dir(out: Path, force: bool, replaceable: frozenset[str] = CHECKPOINT_FILES) -> None:
@@ -301,7 +391,7 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
     if not src.is_dir():
         raise CheckpointError(f"{src}: no such directory; pass a local Hugging Face model directory")
     check_out_dir(out, force)
-    config = _read_hf_config(src)
+    config, raw = _read_hf_config(src)
     file, hf_state = _read_hf_weights(src)
     state = _to_edgegpt(hf_state, config, file)
     tok = _read_hf_tokenizer(src, config.vocab_size)
@@ -310,7 +400,9 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
     model = SimpleGPT(config)
     model.load_state_dict(state, strict=True)
     log.info("imported %s (%s, %d parameters) into %s", src, file.name, model.num_params(), out)
-    return save_checkpoint(out, model, tok.to_str(), chat_template=_read_chat_template(src))
+    tokenizer_config, generation_config = _read_special_tokens(src, raw, tok) if config.position == "rope" else (None, None)
+    return save_checkpoint(out, model, tok.to_str(), chat_template=_read_chat_template(src),
+                           tokenizer_config=tokenizer_config, generation_config=generation_config)  # fmt: skip
 
 
 def _read_chat_template(src: Path) -> str | None:
@@ -356,7 +448,11 @@ def _hf_config(config: GPTConfig, eot: int | None) -> dict[str, Any]:
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write an edgegpt checkpoint as a Hugging Face GPT-2 directory that `transformers` loads.
+    """Write an edgegpt checkpoint as a Hugging Face directory that `transformers` loads.
+
+    A Llama-family checkpoint (position "rope") becomes a LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM
+    directory (edgegpt.train.hf_llama.architecture_of) with its special-token files and chat template; the rest
+    of this docstring is about GPT-2.
 
     Writes config.json (a GPT2Config for GPT2LMHeadModel; activation_function "gelu_new" for the tanh GELU,
     "gelu" for the exact one; bos/eos are the id of "<|endoftext|>" if the tokenizer has it, else null), model.safetensors (`transformer.*` keys, Conv1D weights transposed,
@@ -382,12 +478,17 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False)
     out = Path(out_dir)
     check_out_dir(out, force, HF_EXPORT_FILES)
     ckpt = load_checkpoint(ckpt_dir)
+    if ckpt.config.position == "rope":
+        return _export_llama(ckpt, out)
     config = ckpt.config
     if not config.bias:
         raise CheckpointError(
             f"{ckpt.path}: bias=False, but GPT-2 has biases in every Linear and LayerNorm; "
             "only checkpoints trained with bias=True can be exported to the GPT-2 format"
         )
+    off = sorted(k for k in FAMILY_FIELDS if k in config.to_dict())  # to_dict keeps a family field off its default
+    if off:
+        raise CheckpointError(f"{ckpt.path}: {', '.join(off)} differ from GPT-2's; GPT2LMHeadModel cannot compute this model")
     state = ckpt.model.state_dict()
     tensors = {
         f"transformer.{theirs}": (state[ours].t() if conv1d else state[ours]).detach().cpu().contiguous().clone()
@@ -407,4 +508,30 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False)
         shutil.copyfile(ckpt.path / TOKENIZER, tmp / TOKENIZER)
         (tmp / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     log.info("exported %s to %s", ckpt.path, out)
+    return out
+
+
+def _export_llama(ckpt, out: Path) -> Path:
+    """export_hf for a rotary (Llama-family) checkpoint: its architecture's config.json, model.* tensors, the
+    tokenizer, the special-token files kept by `import_hf` and the chat template."""
+    config = ckpt.config
+    try:
+        arch = hf_llama.architecture_of(config)
+    except ConfigError as exc:
+        raise CheckpointError(f"{ckpt.path}: {exc}") from exc
+    tokenizer_config, generation_config = ckpt.special_tokens()
+    special = {k: generation_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    tensors = hf_llama.from_edgegpt(ckpt.model.state_dict(), config)
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size, **tokenizer_config}
+    template = ckpt.chat_template
+    with staged_dir(out) as tmp:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_llama.hf_config(config, special), indent=2) + "\n")
+        shutil.copyfile(ckpt.path / TOKENIZER, tmp / TOKENIZER)
+        (tmp / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        if generation_config:
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(generation_config, indent=2) + "\n")
+        if template is not None:
+            (tmp / CHAT_TEMPLATE).write_text(template, encoding="utf-8")
+    log.info("exported %s to %s as %s", ckpt.path, out, arch)
     return out

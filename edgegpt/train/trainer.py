@@ -61,7 +61,8 @@ def _resolve_device(name: str) -> torch.device:
 
 def configure_optimizer(model: SimpleGPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on the Linear matrices only (not biases, norms or embeddings)."""
-    embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    tables = (model.tok_emb, model.pos_emb) if model.pos_emb is not None else (model.tok_emb,)  # rope: no position table
+    embeddings = {id(table.weight) for table in tables}
     params = {id(p): p for p in model.parameters()}.values()  # the tied lm_head is listed once
     decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
     no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]

@@ -42,16 +42,16 @@ class ConcatKVCache:
     reads_outputs = True
     static_mask = False  # the graph takes the past length from the mask's width: it grows one column per step
 
-    def __init__(self, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):
+    def __init__(self, past_names: list[str], present_names: list[str], kv_heads: int, head_size: int, dtype: str):
         self.past_names, self.present_names = past_names, present_names
-        self.n_head, self.head_size, self.dtype = n_head, head_size, np.dtype(dtype)
+        self.kv_heads, self.head_size, self.dtype = kv_heads, head_size, np.dtype(dtype)
         self.values: list = []
         self.length = 0
 
     def reset(self, binding, batch: int, capacity: int) -> None:
         """Start empty: P = 0 is a valid past on the first step. (`capacity` is not needed: presents grow.)"""
         self.batch = batch
-        empty = binding.empty(np.zeros((batch, self.n_head, 0, self.head_size), dtype=self.dtype))
+        empty = binding.empty(np.zeros((batch, self.kv_heads, 0, self.head_size), dtype=self.dtype))
         self.values = [empty] * len(self.past_names)  # read-only inputs: one empty tensor serves all
         self.length = 0
 
@@ -85,9 +85,9 @@ class SharedBufferKVCache:
     reads_outputs = False
     static_mask = True  # decode steps bind the whole (B, capacity) mask: zeros after the cached positions
 
-    def __init__(self, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):
+    def __init__(self, past_names: list[str], present_names: list[str], kv_heads: int, head_size: int, dtype: str):
         self.past_names, self.present_names = past_names, present_names
-        self.n_head, self.head_size, self.dtype = n_head, head_size, np.dtype(dtype)
+        self.kv_heads, self.head_size, self.dtype = kv_heads, head_size, np.dtype(dtype)
         self.buffers: list = []
         self.shape: tuple[int, ...] = ()
         self.length = 0
@@ -96,7 +96,7 @@ class SharedBufferKVCache:
         """Allocate the buffers on the device, or keep its own when their shape already fits.
 
         `capacity` is the buffers' width in positions (a `SlotBatch` asks for one more than it holds)."""
-        shape = (batch, self.n_head, capacity, self.head_size)
+        shape = (batch, self.kv_heads, capacity, self.head_size)
         if shape != self.shape:
             self.buffers = [binding.allocate(shape, self.dtype) for _ in self.past_names]
             self.shape = shape
@@ -134,8 +134,8 @@ KV_CACHES = {"concat": ConcatKVCache, "shared_buffer": SharedBufferKVCache}
 assert KV_CACHES.keys() == KV_LAYOUTS.keys(), "one strategy class per layout of the contract"
 
 
-def make_kv_cache(layout: str, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):
+def make_kv_cache(layout: str, past_names: list[str], present_names: list[str], kv_heads: int, head_size: int, dtype: str):
     """The strategy object for a manifest's layout; BundleError for a layout this runtime cannot run."""
     if layout not in KV_CACHES:
         raise BundleError(f"KV-cache layout {layout!r} is not supported (known: {', '.join(KV_CACHES)}); upgrade edgegpt")
-    return KV_CACHES[layout](past_names, present_names, n_head, head_size, dtype)
+    return KV_CACHES[layout](past_names, present_names, kv_heads, head_size, dtype)

@@ -57,4 +57,4 @@ class ModelSession:
         """A new, empty KV-cache strategy object for the bundle's layout (`engine.cache`); reset it before use."""
         kv, c = self.bundle.kv, self.bundle.config
         past, present = kv.past_names(c.n_layer), kv.present_names(c.n_layer)
-        return make_kv_cache(kv.layout, past, present, c.n_head, c.head_size, kv.dtype)
+        return make_kv_cache(kv.layout, past, present, c.kv_heads, c.head_size, kv.dtype)

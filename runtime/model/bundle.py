@@ -213,7 +213,8 @@ def check_model_settings(summary: GraphSummary, config: GPTConfig, kv: KVCacheSp
     said["n_layer"] = sum(name.startswith(kv.past_key.split("{")[0]) for name in summary.inputs) // 2
     past = summary.shapes.get(kv.past_names(1)[0], [])
     if len(past) == 4 and isinstance(past[1], int) and isinstance(past[3], int):
-        said["n_head"], said["head_size"] = past[1], past[3]
+        heads = "n_head" if config.n_kv_head is None else "n_kv_head"  # the cache holds the KV heads; name the manifest's field
+        said[heads], said["head_size"] = past[1], past[3]
     rows = _position_table_rows(summary)
     if rows is not None:
         said["block_size"] = rows

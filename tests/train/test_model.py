@@ -114,3 +114,74 @@ def test_sampling_is_reproducible_with_a_seed(model):
 def test_top_k_one_is_greedy(model):
     prompt = torch.randint(0, 64, (1, 4))
     assert torch.equal(generate(model, prompt, 8, temperature=1.0, top_k=1, seed=0), generate(model, prompt, 8))
+
+
+# The Llama family: the same five classes with other config data (edgegpt.config.FAMILY_FIELDS).
+TINY_LLAMA = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, vocab_size=64, n_inner=48,
+                  norm="rmsnorm", position="rope", mlp="swiglu", bias=False)
+
+
+def test_llama_presets_have_their_models_parameter_counts():
+    with torch.device("meta"):
+        assert SimpleGPT(GPTConfig.preset("smollm2-135m")).num_params() == 134_515_008  # HuggingFaceTB/SmolLM2-135M
+        small = SimpleGPT(GPTConfig.preset("small", vocab_size=4096)).num_params(non_embedding=True)
+        llama = SimpleGPT(GPTConfig.preset("small-llama", vocab_size=4096)).num_params(non_embedding=True)
+    assert 0.8 < llama / small < 1.0  # as costly as `small`, less its grouped key/value heads
+
+
+def test_llama_model_has_no_position_table_and_a_kv_head_wide_cache():
+    torch.manual_seed(0)
+    model = SimpleGPT(GPTConfig(**TINY_LLAMA)).eval()
+    assert model.pos_emb is None and not any("pos_emb" in k or "inv_freq" in k for k in model.state_dict())
+    logits, cache = model(torch.zeros(3, 5, dtype=torch.long))
+    assert tuple(logits.shape) == (3, 5, 64) and tuple(cache[0][0].shape) == (3, 2, 5, 8)
+
+
+def test_llama_left_padding_with_positions_matches_the_unpadded_row():
+    torch.manual_seed(0)
+    model = SimpleGPT(GPTConfig(**TINY_LLAMA)).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        want, _ = model(ids)
+        got, _ = model(padded, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+    torch.testing.assert_close(got[:, 3:], want, atol=1e-5, rtol=0)
+
+
+def test_llama_trains_loss_decreases():
+    torch.manual_seed(0)
+    model = SimpleGPT(GPTConfig(**{**TINY_LLAMA, "qk_norm": True, "tied_head": False}))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 64, (4, 16))
+    losses = []
+    for _ in range(30):
+        logits, _ = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_train_resume_and_sample_with_the_small_llama_preset(tmp_path, sample_text):
+    from click.testing import CliRunner
+
+    from edgegpt.cli import main
+    from edgegpt.train.checkpoint import load_checkpoint
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(sample_text[:20000])
+    shape = ["--preset", "small-llama", "--n-layer", "1", "--n-embd", "64", "--n-head", "2", "--block-size", "32"]
+    small = ["--batch-size", "2", "--eval-interval", "2", "--eval-iters", "1", "--warmup-steps", "1", "--cache-dir", str(tmp_path / "cache")]
+    run = str(tmp_path / "run")
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "corpus"), "--glob", "*.txt", "--vocab-size", "300", *shape,
+                                       *small, "--steps", "2", "--out", run])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = load_checkpoint(run).config
+    assert (config.position, config.kv_heads, config.n_layer) == ("rope", 2, 1)
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "corpus"), "--glob", "*.txt", "--resume", *small, "--steps", "3", "--out", run])
+    assert result.exit_code == 0 and "done at step 3" in result.output, result.output
+    result = CliRunner().invoke(main, ["sample", run, "def ", "-n", "5"])
+    assert result.exit_code == 0, result.output
