@@ -57,7 +57,7 @@ _HOME = {
     "Generator": "generation.generator",
     "TextStream": "generation.generator",
     "Timings": "generation.generator",
-    "SessionConfig": "model.providers",
+    "SessionConfig": "model.session",
     "Sampler": "generation.sampling",
     "SamplingConfig": "generation.sampling",
     "UnknownParameterError": "generation.sampling",
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from edgegpt.runtime.engine.state import DecodeState, PromptError
     from edgegpt.runtime.generation.generator import GenerationResult, Generator, TextStream, Timings
     from edgegpt.runtime.generation.logprobs import TokenLogprob
-    from edgegpt.runtime.model.providers import SessionConfig
+    from edgegpt.runtime.model.session import SessionConfig
     from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig, UnknownParameterError
     from edgegpt.runtime.generation.speculative import Speculative
 
