@@ -7,12 +7,10 @@ onnxruntime when a session is made. The session itself is made by `providers.cre
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgegpt.checks import check_bool, check_choice, check_int
+from edgegpt.checks import check_bool, check_choice, check_int, replace_fields
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -78,13 +76,7 @@ class SessionConfig:
         ...
         TypeError: unknown session option 'thread'; did you mean 'threads'?
         """
-        known = [f.name for f in dataclasses.fields(self)]
-        for name in overrides:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
-                raise TypeError(f"unknown session option {name!r}; {hint}")
-        return dataclasses.replace(self, **overrides) if overrides else self
+        return replace_fields(self, overrides, "session option")
 
     def session_options(self) -> "ort.SessionOptions":
         """The `ort.SessionOptions` for this config."""
