@@ -20,7 +20,7 @@ against outlines-core and xgrammar (docs/design.md §8, "Constrained decoding", 
   ours), refuses unsupported schema keywords with a reason, and computes a mask lazily in tens of
   microseconds to a few hundred at 50257 tokens.
 The mask is computed on the decoding thread: a second thread during the model call saved nothing that the
-2-core machine could tell from noise (docs/design.md; `constraint_bench` measures it on other devices).
+2-core machine could tell from noise (docs/design.md; `edgegpt.bench.constraints` measures it on other devices).
 
 JSON is generated compact (no whitespace between tokens: llguidance's `whitespace_flexible` off), which
 suits small models that would otherwise pad with spaces; a schema's own "x-guidance" key can change it.

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgegpt.cli import main
-from edgegpt.cli_support import Command, Group, field_options, given
+from edgegpt.cli.support import Command, Group, field_options, given
 from edgegpt.errors import BundleError, ConfigError, ContextLengthError, SamplingError
 
 
@@ -115,7 +115,7 @@ def test_field_options_make_one_flag_per_field_and_collect_the_given_ones():
 
 
 def test_every_config_field_has_its_flag():
-    from edgegpt.runtime.cli import chat_command, generate_command
+    from edgegpt.cli.generate import chat_command, generate_command
     from edgegpt.runtime.generation.sampling import SamplingConfig
     from edgegpt.runtime.generation.speculative import Speculative
     from edgegpt.train.config import TrainConfig
@@ -145,7 +145,7 @@ def test_sample_and_generate_agree_by_default(tiny_checkpoint, tmp_path):
 
 
 def test_generate_stop_understands_escapes(tiny_checkpoint, tmp_path):
-    from edgegpt.runtime.cli import unescape
+    from edgegpt.cli.generate import unescape
 
     assert unescape(r"\n\n") == "\n\n"
     from edgegpt.export import export_bundle
