@@ -3,7 +3,7 @@
 Each checker raises the error type it is given (`ConfigError` unless told otherwise; `SamplingConfig` passes
 `SamplingError`) with a message that starts with the field's name, says what the field must be and shows
 the value: "n_layer must be a positive integer, got 0". The CLI relies on that first word to name the flag
-(`edgegpt.cli_support`).
+(`edgegpt.cli.support`).
 
 An integer is an int or a numpy integer, never a bool; a number is a finite int or float (numpy's too),
 never a bool; a flag is a bool or a numpy bool. Stdlib only: numpy is looked up, never imported.

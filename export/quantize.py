@@ -564,7 +564,7 @@ def _evaluate_and_gate(source, tmp: Path, out: Path, to: str, options: dict, *, 
     if not gate["passed"]:
         message = (f"{to} perplexity {ppl:.4f} vs fp32 {ref_ppl:.4f} on {Path(options['eval_text']).name}: "
                    f"+{increase:.2f} %, over the {limit:g} % limit")
-        if not accept_failure:  # the CLI shows the keywords as its flags (edgegpt.cli_support)
+        if not accept_failure:  # the CLI shows the keywords as its flags (edgegpt.cli.support)
             raise QuantizationError(f"{message}; not written. Raise max_ppl_increase, or pass accept_gate_failure=True "
                                     "to write it anyway")
         gate["accepted_failure"] = True

@@ -3,17 +3,17 @@
 Imports only the standard library, numpy, onnxruntime, tokenizers and torch-free edgegpt modules
 (config, errors, manifest, tokenizer); tests/test_layout.py checks every import, and loads each module in
 a fresh interpreter.
-The public names load on first use (PEP 562), so `edgegpt.runtime.cli` can be imported by the
-`edgegpt` command group without paying for onnxruntime and numpy at start-up.
+The public names load on first use (PEP 562), so the `edgegpt` command group (edgegpt/cli/) can name
+them without paying for onnxruntime and numpy at start-up.
 
-Modules: bundle.py (verify a bundle), onnx_paths.py (read model.onnx without `onnx`), providers.py
-(execution provider, session options), binding.py (IOBinding), kv_cache.py (KV-cache layouts),
+Modules: bundle.py (verify a bundle), onnx_paths.py (read model.onnx without `onnx`), session.py
+(`SessionConfig`, stdlib-only), providers.py (execution provider), binding.py (IOBinding), kv_cache.py (KV-cache layouts),
 engine.py (`DecodeState`: feed tokens, get logits, rewind, fork), sampling.py (numpy sampling),
 completion.py (one prompt's output), constraints.py (JSON schema, regex and grammar masks, with the
 optional llguidance), logprobs.py (per-token log-probabilities),
 speculative.py (draft and verify: prompt lookup or a draft model), generator.py (`Generator`: generate /
-stream / batch), chat.py (a conversation that keeps its cache), evaluate.py (perplexity, agreement),
-bench.py (time a bundle on this device), cli.py (`generate`, `chat`, `eval`).
+stream / batch), chat.py (a conversation that keeps its cache), evaluate.py (perplexity, agreement).
+The benches are `edgegpt.bench`, the commands `edgegpt.cli`.
 
 >>> from edgegpt.runtime import Generator
 >>> gen = Generator.load("bundles/tiny", provider="cpu")  # doctest: +SKIP

@@ -58,7 +58,7 @@ _BENCH_FLAGS = {
     "serve_clients": {"callback": _csv(int), "help": "Start `edgegpt serve` on the bundle and time these numbers of concurrent streaming clients, e.g. 1,4,8,16."},
 }
 # The session flags of both configs; None: the config's default (BenchConfig's or DeviceBenchConfig's).
-_SESSION_FLAGS = {
+_BENCH_SESSION = {
     "threads": {"default": None, "help": "Threads of every backend. [default: 2; a bundle alone: one per core]"},
     "provider": {"default": None, "type": click.Choice(["cpu", "cuda"]), "help": "[default: cpu]"},
     "spinning": {"default": None, "help": "Busy-waiting onnxruntime threads (edgegpt and genai). [default: on]"},
@@ -75,7 +75,7 @@ _ONE_BUNDLE_FLAGS = (*_SPECULATIVE_FLAGS, "serve_clients")
 @click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), help="A random-weight model of this shape (no training).")
 @click.option("--vocab-size", type=click.IntRange(min=257), help="Vocabulary of the --preset model [default: 512 tiny, 4096 small, 50257 gpt2].")
 @field_options(_BENCH_FLAGS)
-@session_options(*_SESSION_FLAGS, **_SESSION_FLAGS)
+@session_options(*_BENCH_SESSION, **_BENCH_SESSION)
 @click.option("--short", is_flag=True, help="A quick look: 3 rounds, 32-token prompt, 32 new tokens, batch 1.")
 @click.option("--attention", help="Export the graph with this attention (export_bundle's `attention`, e.g. mha, gqa) [default: the exporter's].")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
