@@ -55,7 +55,7 @@ _SERVE_FLAGS = {
                   "help": "Seconds a request may take. [default: {default}]"},
     "max_body_bytes": {"flags": ("--max-body",), "type": click.IntRange(min=1),
                        "help": "Largest request body in bytes (413 beyond). [default: {default}]"},
-    "grace_s": {"flags": ("--grace",), "type": click.FloatRange(min=0),
+    "grace_s": {"flags": ("--grace",), "type": click.FloatRange(min=0), "envvar": "EDGEGPT_SERVE_GRACE",  # as --grace's
                 "help": "On SIGTERM or Ctrl-C: seconds to let running requests finish. [default: {default}]"},
 }
 

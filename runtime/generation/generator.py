@@ -352,7 +352,8 @@ class Generator:
             **session_options: `SessionConfig` fields that replace `session`'s (`provider="cpu", threads=2`).
 
         Raises:
-            TypeError: a keyword that is no `SessionConfig` field (the message names it).
+            TypeError: a keyword that is no `SessionConfig` field (the message names it), or a `session` that
+                is no `SessionConfig`.
             ConfigError: a session option's value is invalid.
             BundleError: the bundle is missing, altered, unsafe or incompatible (its KV layout included: a
                 "shared_buffer" bundle needs onnxruntime >= 1.22).
@@ -361,6 +362,8 @@ class Generator:
         >>> gen = Generator.load("bundles/tiny", provider="cpu", threads=2)  # doctest: +SKIP
         >>> gen = Generator.load("bundles/tiny", SessionConfig(provider="cpu", spinning=False))  # doctest: +SKIP
         """
+        if session is not None and not isinstance(session, SessionConfig):  # e.g. the provider, once the 2nd argument
+            raise TypeError(f"session must be a SessionConfig, got {session!r}; give provider= and threads= by keyword")
         session_config = (session or SessionConfig()).replace(**session_options)  # one dataclasses.replace
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)

@@ -29,6 +29,8 @@ def test_load_takes_a_session_config_and_keywords_that_replace_its_fields(bundle
 def test_load_refuses_an_unknown_session_keyword_by_name(bundle):
     with pytest.raises(TypeError, match="unknown session option 'thread'; did you mean 'threads'"):
         Generator.load(bundle, provider="cpu", thread=2)
+    with pytest.raises(TypeError, match="session must be a SessionConfig, got 'cpu'; give provider= and threads="):
+        Generator.load(bundle, "cpu")
     with pytest.raises(ConfigError, match="threads must be a positive integer"):
         Generator.load(bundle, provider="cpu", threads=0)
 
