@@ -3,7 +3,7 @@
 Each checker raises the error type it is given (`ConfigError` unless told otherwise; `SamplingConfig` passes
 `SamplingError`) with a message that starts with the field's name, says what the field must be and shows
 the value: "n_layer must be a positive integer, got 0". The CLI relies on that first word to name the flag
-(`edgegpt.cli_support`).
+(`edgegpt.cli.support`).
 
 An integer is an int or a numpy integer, never a bool; a number is a finite int or float (numpy's too),
 never a bool; a flag is a bool or a numpy bool. Stdlib only: numpy is looked up, never imported.
@@ -11,6 +11,8 @@ never a bool; a flag is a bool or a numpy bool. Stdlib only: numpy is looked up,
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import numbers
 import sys
@@ -19,7 +21,7 @@ from typing import Any
 
 from edgegpt.errors import ConfigError
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_real"]
+__all__ = ["check_bool", "check_choice", "check_int", "check_real", "replace_fields"]
 
 
 def check_int(
@@ -88,3 +90,23 @@ def check_choice(name: str, value: Any, choices: Iterable[Any], *, error: type[E
     choices = list(choices)
     if value not in choices:
         raise error(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def replace_fields(config: Any, overrides: dict[str, Any], what: str, *, error: type[Exception] = TypeError) -> Any:
+    """`dataclasses.replace(config, **overrides)`, but a keyword that is no field raises `error` naming it (and
+    the closest field), as "unknown {what} 'topk'; did you mean 'top_k'?".
+
+    >>> import dataclasses
+    >>> Knobs = dataclasses.make_dataclass("Knobs", [("top_k", int, 0)], frozen=True)
+    >>> replace_fields(Knobs(), {"topk": 4}, "sampling parameter")
+    Traceback (most recent call last):
+    ...
+    TypeError: unknown sampling parameter 'topk'; did you mean 'top_k'?
+    """
+    known = [f.name for f in dataclasses.fields(config)]
+    for name in overrides:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            raise error(f"unknown {what} {name!r}; {hint}")
+    return dataclasses.replace(config, **overrides) if overrides else config

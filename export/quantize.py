@@ -593,7 +593,7 @@ def _evaluate_and_gate(source, tmp: Path, out: Path, to: str, options: dict, *, 
                           f"{result['kld']['same_top_percent']:.1f} %), over the {kld_limit:g} limit")
             raise_.append("max_kld")
         message = f"{to} {'; '.join(failed)}"
-        if not accept_failure:  # the CLI shows the keywords as its flags (edgegpt.cli_support)
+        if not accept_failure:  # the CLI shows the keywords as its flags (edgegpt.cli.support)
             raise QuantizationError(f"{message}; not written. Raise {' and '.join(raise_)}, or pass "
                                     "accept_gate_failure=True to write it anyway")
         gate["accepted_failure"] = True

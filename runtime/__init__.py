@@ -9,14 +9,19 @@ Four wings, in the order a request meets them:
 
     model/       a bundle checked and opened: bundle.py (verify before load), onnx_paths.py and ort_format.py
                  (read the graphs without onnx), contract.py (KV layouts and the onnxruntime each needs),
-                 providers.py (SessionConfig, the session), huge_pages.py
+                 session.py (SessionConfig, stdlib-only: the CLI builds its flags from it), providers.py
+                 (the execution provider and the session), huge_pages.py
     engine/      the step layer over one session: binding.py (IOBinding), cache.py (KV layouts), state.py
-                 (DecodeState: rows in lockstep), slots.py (SlotBatch: sequences that come and go)
+                 (DecodeState: rows in lockstep), slots.py (SlotBatch: sequences that come and go), base.py
+                 (what the two share), session.py (ModelSession: the session, bundle, device, logits dtype)
     generation/  from a prompt to text: sampling.py, completion.py (one row's text, stops, finish),
-                 constraints.py, logprobs.py, speculative.py, generator.py (Generator), chat.py, templates.py
+                 constraints.py, logprobs.py, speculative.py, budget.py (token_budget), generator.py (Generator), chat.py, templates.py
                  (chat templates), evaluate.py (perplexity, agreement)
     serve/       many clients on one model: scheduler.py (continuous batching), app.py, protocol.py,
-                 metrics.py (`edgegpt serve`, the serve extra), web.py (`edgegpt web`'s static server)
+                 metrics.py (`edgegpt serve`, the serve extra), settings.py (ServeSettings), process.py,
+                 web.py (`edgegpt web`'s static server)
+
+The benches are `edgegpt.bench`, the commands `edgegpt.cli`.
 
 Names, next to the field's (STYLE.md section 11). edgegpt keeps its own, which its API, CLI, server and browser
 runtime have used from the start; the table is for readers who come from the other two:
@@ -78,7 +83,7 @@ _HOME = {
     "Generator": "generation.generator",
     "TextStream": "generation.generator",
     "Timings": "generation.generator",
-    "SessionConfig": "model.providers",
+    "SessionConfig": "model.session",
     "Sampler": "generation.sampling",
     "SamplingConfig": "generation.sampling",
     "Speculative": "generation.speculative",
@@ -92,7 +97,7 @@ if TYPE_CHECKING:
     from edgegpt.runtime.engine.state import DecodeState
     from edgegpt.runtime.generation.generator import GenerationResult, Generator, TextStream, Timings
     from edgegpt.runtime.generation.logprobs import TokenLogprob
-    from edgegpt.runtime.model.providers import SessionConfig
+    from edgegpt.runtime.model.session import SessionConfig
     from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig
     from edgegpt.runtime.generation.speculative import Speculative
 

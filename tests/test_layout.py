@@ -6,13 +6,22 @@
                                   the extra's feature and names the extra when it is missing
     train (edgegpt/train/)     -> core, train (and torch, safetensors, tqdm, ...)
     export (export/)           -> core, train, runtime, export
-    bench (edgegpt/bench/)     -> anything
-    CLI modules (*cli.py)      -> at module level only the standard library, click, core and other CLI modules;
-                                  anything inside a command (lazily)
+    device bench (edgegpt/bench/ but the three below)
+                               -> what the runtime may import (the serve extra's libraries in bench/serve.py);
+                                  core, runtime, device bench: `edgegpt bench BUNDLE` on a base install
+    bench (edgegpt/bench/compare.py, report.py, worker.py: the workstation bench)
+                               -> anything but the CLI
+    CLI (edgegpt/cli/)         -> at module level only the standard library, click, core, the runtime's
+                                  stdlib-only config modules (RUNTIME_CONFIG: runtime/model/session.py,
+                                  runtime/serve/settings.py, from whose dataclasses the CLI builds its flags)
+                                  and other CLI modules; anything inside a command (lazily)
+
+Nothing imports the CLI but the CLI. The config modules the CLI may import at start-up, and the packages they
+sit in, import only the standard library, core and one another at module level (a test checks it).
 
 Every import counts, also those inside functions, except where noted for the CLI: a lazy import against
 the rule still breaks a device the day that function runs. A second test proves the checker fails on a
-module that breaks the rule, and a third imports every runtime module in a fresh interpreter.
+module that breaks the rule, and a third imports every runtime and device-bench module in a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -30,23 +39,27 @@ DEVICE_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "click"}
 # An extra's own libraries (pyproject.toml), and the runtime package that is that extra.
 EXTRAS = {"serve": {"uvicorn", "starlette", "sse_starlette", "anyio", "prometheus_client", "jinja2", "httpx"},
           "constrain": {"llguidance"}}
-EXTRA_PACKAGES = {"runtime/serve/": "serve"}
-CLI_FILES = {"edgegpt/cli.py", "export/cli.py", "export/quantize_cli.py", "runtime/cli.py", "runtime/web_cli.py",
-             "edgegpt/bench/cli.py", "runtime/serve/cli.py"}
+EXTRA_PACKAGES = {"runtime/serve/": "serve", "edgegpt/bench/serve.py": "serve"}
+WORKSTATION_BENCH = {"compare", "report", "worker"}  # edgegpt/bench/ modules of the training extra's side
+RUNTIME_CONFIG = {"edgegpt.runtime.model.session": "runtime/model/session.py",
+                  "edgegpt.runtime.serve.settings": "runtime/serve/settings.py"}  # fmt: skip
 ALLOWED = {  # layer -> the edgegpt layers it may import
     "core": {"core"},
     "runtime": {"core", "runtime"},
     "train": {"core", "train"},
     "export": {"core", "train", "runtime", "export"},
-    "bench": {"core", "train", "runtime", "export", "bench", "cli"},
+    "device bench": {"core", "runtime", "device bench"},
+    "bench": {"core", "train", "runtime", "export", "device bench", "bench"},
 }
+DEVICE_LAYERS = ("runtime", "device bench")  # what a device's base install runs
 
 
 def layer_of_file(relative: str) -> str:
     """The layer a source file (path relative to the repository root) belongs to."""
-    if relative in CLI_FILES:
-        return "cli"
-    for prefix, layer in (("edgegpt/train/", "train"), ("edgegpt/bench/", "bench"), ("export/", "export"), ("runtime/", "runtime")):
+    if relative.startswith("edgegpt/bench/"):
+        return "bench" if relative.rsplit("/", 1)[1].removesuffix(".py") in WORKSTATION_BENCH else "device bench"
+    for prefix, layer in (("edgegpt/cli/", "cli"), ("edgegpt/train/", "train"), ("export/", "export"),
+                          ("runtime/", "runtime")):  # fmt: skip
         if relative.startswith(prefix):
             return layer
     return "core"
@@ -57,11 +70,11 @@ def layer_of_module(name: str) -> str | None:
     if name != "edgegpt" and not name.startswith("edgegpt."):
         return None
     parts = name.split(".")
-    if len(parts) > 1 and parts[1] in ("train", "bench", "export", "runtime"):
-        if parts[-1] in ("cli", "quantize_cli", "web_cli"):
-            return "cli"
+    if len(parts) > 1 and parts[1] == "bench":
+        return "bench" if len(parts) > 2 and parts[2] in WORKSTATION_BENCH else "device bench"
+    if len(parts) > 1 and parts[1] in ("cli", "train", "export", "runtime"):
         return parts[1]
-    return "cli" if name == "edgegpt.cli" else "core"
+    return "core"
 
 
 def imports(source: str, package: str) -> list[tuple[str, int, bool]]:
@@ -91,13 +104,14 @@ def violations(relative: str, source: str) -> list[str]:
             continue
         target = layer_of_module(name)
         if layer == "cli":
-            if module_level and target not in ("core", "cli") and name.split(".")[0] not in {"click"}:
+            light = target in ("core", "cli") or name in RUNTIME_CONFIG or name.split(".")[0] == "click"
+            if module_level and not light:
                 out.append(f"{relative}:{line}: CLI module imports {name} at module level; import it inside the command")
             continue
         if target is None:
-            if layer == "runtime" and _extra_import(relative, name.split(".")[0], module_level):
+            if layer in DEVICE_LAYERS and _extra_import(relative, name.split(".")[0], module_level):
                 continue
-            if layer in ("core", "runtime") and name.split(".")[0] not in DEVICE_THIRD_PARTY:
+            if layer in ("core", *DEVICE_LAYERS) and name.split(".")[0] not in DEVICE_THIRD_PARTY:
                 out.append(f"{relative}:{line}: {layer} imports {name}, which a device's base install does not have")
         elif target not in ALLOWED[layer]:
             out.append(f"{relative}:{line}: {layer} imports {name} ({target}); the layout allows {sorted(ALLOWED[layer])}")
@@ -160,6 +174,21 @@ def test_the_wing_check_sees_an_import_against_the_order(relative, source, broke
     assert bool(wing_violations(relative, source)) == broken
 
 
+def test_the_config_modules_the_cli_imports_stay_light():
+    """RUNTIME_CONFIG modules, and the package __init__s that load with them, import at module level only the
+    standard library, core and one another: `edgegpt --help` never loads onnxruntime, numpy or an extra."""
+    files = set(RUNTIME_CONFIG.values())
+    files |= {"/".join(f.split("/")[:i]) + "/__init__.py" for f in files for i in range(1, f.count("/") + 1)}
+    heavy = [
+        f"{f}:{line}: {name}"
+        for f in sorted(files)
+        for name, line, top in imports((ROOT / f).read_text(), "")
+        if top and name != "__future__" and name.split(".")[0] not in sys.stdlib_module_names
+        and layer_of_module(name) != "core" and name not in RUNTIME_CONFIG
+    ]  # fmt: skip
+    assert not heavy, "\n".join(heavy)
+
+
 @pytest.mark.parametrize(
     "relative, source",
     [
@@ -170,10 +199,16 @@ def test_the_wing_check_sees_an_import_against_the_order(relative, source, broke
         ("edgegpt/tokenizer.py", "from edgegpt.bench.compare import run_bench\n"),
         ("edgegpt/train/model.py", "from edgegpt.runtime import Generator\n"),
         ("export/quantize.py", "from edgegpt.bench import compare\n"),
-        ("runtime/cli.py", "import numpy\n"),
+        ("edgegpt/cli/generate.py", "import numpy\n"),
         ("runtime/generation/constraints.py", "import llguidance\n"),
         ("edgegpt/config.py", "def f():\n    import llguidance\n"),
-        ("edgegpt/cli.py", "from edgegpt.train.trainer import train\n"),
+        ("edgegpt/cli/train.py", "from edgegpt.train.trainer import train\n"),
+        ("edgegpt/cli/serve.py", "from edgegpt.runtime.serve.app import create_app\n"),  # the serve extra at start-up
+        ("edgegpt/bench/device.py", "import torch\n"),
+        ("edgegpt/bench/speculative.py", "def f():\n    from edgegpt.bench.compare import run_bench\n"),
+        ("edgegpt/bench/timing.py", "def f():\n    import onnx\n"),
+        ("edgegpt/bench/worker.py", "from edgegpt.cli import main\n"),  # no bench runs the command root
+        ("runtime/generation/evaluate.py", "from edgegpt.bench.timing import figures\n"),
         ("runtime/generation/templates.py", "import jinja2\n"),  # an extra's library at module level outside its package
         ("runtime/serve/app.py", "import torch\n"),
     ],
@@ -187,7 +222,11 @@ def test_the_checker_refuses_an_import_against_the_rule(relative, source):
     [
         ("runtime/generation/generator.py", "import numpy as np\nimport onnxruntime as ort\nfrom edgegpt.errors import EdgeGPTError\n"),
         ("export/quantize.py", "import onnx\nfrom edgegpt.runtime.model.bundle import Bundle\nfrom edgegpt.train.model import SimpleGPT\n"),
-        ("edgegpt/cli.py", "import click\ndef f():\n    from edgegpt.train.trainer import train\n"),
+        ("edgegpt/cli/train.py", "import click\ndef f():\n    from edgegpt.train.trainer import train\n"),
+        ("edgegpt/cli/serve.py", "from edgegpt.runtime.serve.settings import ServeSettings\n"),
+        ("edgegpt/bench/serve.py", "import httpx\nfrom edgegpt.runtime.serve.process import running_server\n"),
+        ("edgegpt/bench/device.py", "import numpy as np\nfrom edgegpt.bench.timing import figures\n"),
+        ("edgegpt/bench/worker.py", "def f():\n    import torch\n    from edgegpt.train import checkpoint\n"),
         ("runtime/engine/state.py", "from .binding import Binding\n"),
         ("runtime/serve/app.py", "from starlette.applications import Starlette\n"),
         ("runtime/generation/templates.py", "def f():\n    import jinja2\n"),
@@ -198,17 +237,23 @@ def test_the_checker_allows_what_the_rule_allows(relative, source):
     assert not violations(relative, source)
 
 
-def test_every_runtime_module_loads_without_torch_or_onnx():
+@pytest.mark.parametrize("layer", DEVICE_LAYERS)
+def test_every_device_module_loads_without_torch_or_onnx(layer):
     extras = set().union(*EXTRAS.values())
+    paths = [p for d in ("runtime", "edgegpt/bench") for p in (ROOT / d).rglob("*.py")
+             if layer_of_file(p.relative_to(ROOT).as_posix()) == layer]  # fmt: skip
     modules = sorted(
-        "edgegpt." + ".".join(p.relative_to(ROOT).with_suffix("").parts)
-        for p in (ROOT / "runtime").rglob("*.py")
+        "edgegpt." + ".".join(p.relative_to(ROOT).with_suffix("").parts).removeprefix("edgegpt.")
+        for p in paths
         if p.stem != "__init__" and not any(m.split(".")[0] in extras for m, _, top in imports(p.read_text(), "") if top)
     )  # every module a base install can load: all but those that import an extra's library at module level
+    assert modules
+    banned = ["torch", "onnx", "edgegpt.train", "edgegpt.export", "edgegpt.cli"]
+    banned += ["edgegpt.bench"] if layer == "runtime" else [f"edgegpt.bench.{m}" for m in sorted(WORKSTATION_BENCH)]
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
-        "bad = [m for m in ('torch', 'onnx', 'edgegpt.train', 'edgegpt.export', 'edgegpt.bench') if m in sys.modules]\n"
+        f"bad = [m for m in {banned!r} if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -261,7 +306,8 @@ def test_the_readme_layout_names_every_module():
     """README's Layout block lists each package folder and every module in it, and nothing that is gone."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Layout", 1)[1].split("```")[1]
-    folders = {"edgegpt/": ROOT / "edgegpt", "edgegpt/train/": ROOT / "edgegpt/train", "edgegpt/bench/": ROOT / "edgegpt/bench",
+    folders = {"edgegpt/": ROOT / "edgegpt", "edgegpt/cli/": ROOT / "edgegpt/cli",
+               "edgegpt/train/": ROOT / "edgegpt/train", "edgegpt/bench/": ROOT / "edgegpt/bench",
                "export/": ROOT / "export", "runtime/": ROOT / "runtime"}  # fmt: skip
     sections, current = {}, None
     for line in block.splitlines():

@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgegpt.bench.timing import make_prompts
 from edgegpt.checks import check_bool, check_choice, check_int
 from edgegpt.config import PRESETS, GPTConfig
 from edgegpt.errors import BundleError, ConfigError, EdgeGPTError
 from edgegpt.files import aside, recover
 from edgegpt.manifest import FORMATS, MANIFEST_NAME, bundle_format, model_files, read_manifest
-from edgegpt.runtime.bench import make_prompts
 
 __all__ = ["BACKENDS", "FORMATS", "BenchConfig", "BenchError", "BenchReport", "Subject", "run_bench"]
 

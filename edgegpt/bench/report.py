@@ -325,8 +325,8 @@ def markdown(report) -> str:
               f"Ratios are medians of per-round ratios (decode tok/s, batch {b1}). Bound = bandwidth / weights read "
               "per token (embedding tables excluded, KV cache not counted); 'in L3': the weights fit in the L3 cache, so "
               "no DRAM bound applies. Python share: time outside session.run in the edgegpt loop. Peak RSS: the "
-              "backend's own process (torch's includes torch itself); `generate` RSS: the `edgegpt generate` command "
-              "on the same prompt. Torch size: the checkpoint."]
+              "backend's own process (torch's includes torch itself); `generate` RSS: what `edgegpt generate` runs "
+              "(Generator.load, then stream) on the same prompt. Torch size: the checkpoint."]
     if summary["targets"]:
         lines += ["", "Targets (met if the median ratio meets the threshold; set for 2 threads, batch 1, CPU):", ""]
         for t in summary["targets"]:

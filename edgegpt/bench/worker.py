@@ -7,18 +7,19 @@ footprint is what a device would see). Kinds:
 - "torch": PyTorch eager with the KV cache, the same loop as `edgegpt.train.generate.generate` (greedy),
   timed per step; the reference.
 - "edgegpt": `edgegpt.runtime.Generator` on a bundle, greedy with `ignore_eos`, timed per model step by
-  `edgegpt.runtime.bench.time_generation` (what `edgegpt bench BUNDLE` reports on a device).
+  `edgegpt.bench.timing.time_generation` (what `edgegpt bench BUNDLE` reports on a device).
 - "genai": onnxruntime-genai's greedy search on the same bundle (its genai_config.json, with the thread
   count and thread spinning set as edgegpt's, and the end-of-text stop turned off so that every backend
   generates the same number of tokens).
-- "cli": `edgegpt generate` run as a user runs it, for its peak resident memory.
+- "cli": what `edgegpt generate BUNDLE PROMPT` runs (`Generator.load` with the default session, then
+  `Generator.stream`), for its peak resident memory; through the public API, not the command.
 - "bandwidth": the memory-read probe (see `bandwidth_probe`).
 
 Each generation kind runs a short warm-up, then for every batch size one timed generation of
 `new_tokens` tokens after a prompt of `len(prompt)` tokens. The result (one JSON object on stdout) holds
 time to first token, prefill and decode tokens/s, per-token latency percentiles, the generated ids and
 the peak resident set size (`ru_maxrss`) after the batch-1 run and at the end.
-Module-level imports are the standard library and `edgegpt.runtime.bench` (numpy, no onnxruntime).
+Module-level imports are the standard library and `edgegpt.bench.timing` (numpy, no onnxruntime).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from edgegpt.runtime.bench import figures, peak_rss_mb
+from edgegpt.bench.timing import figures, peak_rss_mb
 
 # A timed generation: (prompts, new_tokens) -> (step timestamps incl. the start, tokens per row, extras)
 RunFn = Callable[[list, int], tuple]
@@ -86,11 +87,11 @@ def _edgegpt(spec: dict) -> dict[str, Any]:
     import onnxruntime as ort
 
     from edgegpt.runtime import Generator
-    from edgegpt.runtime.bench import time_generation
+    from edgegpt.bench.timing import time_generation
 
     started = time.perf_counter()
-    gen = Generator.load(spec["path"], provider=spec["provider"], threads=spec["threads"], spinning=spec["spinning"],
-                         huge_pages=spec["huge_pages"])
+    session = {name: spec[name] for name in ("provider", "threads", "spinning", "huge_pages")}
+    gen = Generator.load(spec["path"], **session)
     load_s = time.perf_counter() - started
 
     def run(prompts, new_tokens):
@@ -209,20 +210,13 @@ def _ort_gemv(threads: int, n: int, repeats: int) -> float:
 
 
 def _cli(spec: dict) -> dict[str, Any]:
-    """`edgegpt generate BUNDLE PROMPT` as a user runs it (in this process, output discarded): its peak memory."""
-    import contextlib
+    """What `edgegpt generate BUNDLE PROMPT` runs, greedy with end-of-text ignored: its peak memory."""
+    from edgegpt.runtime import Generator
 
-    from edgegpt.cli import main as cli
-
-    args = ["generate", "-n", str(spec["new_tokens"]), "--ignore-eos", "--temperature", "0",
-            "--threads", str(spec["threads"]), "--provider", spec["provider"], "--", spec["path"], spec["text"]]  # fmt: skip
     started = time.perf_counter()
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        try:
-            cli.main(args, prog_name="edgegpt", standalone_mode=False)
-        except SystemExit as exc:
-            if exc.code:
-                raise RuntimeError(f"edgegpt generate exited {exc.code}") from None
+    gen = Generator.load(spec["path"], provider=spec["provider"], threads=spec["threads"])  # the command's session
+    for _ in gen.stream(spec["text"], max_new_tokens=spec["new_tokens"], temperature=0.0, ignore_eos=True):
+        pass
     return {"peak_rss_mb": peak_rss_mb(), "wall_s": time.perf_counter() - started, "torch_imported": "torch" in sys.modules}
 
 

@@ -282,47 +282,32 @@ class Generator:
         self._compiler_lock = threading.Lock()
 
     @classmethod
-    def load(
-        cls,
-        bundle: str | Path | Bundle,
-        provider: str = "auto",
-        threads: int | None = None,
-        *,
-        optimization: str = "all",
-        memory_arena: bool = True,
-        spinning: bool = True,
-        huge_pages: bool = True,
-        device_id: int = 0,
-        log_severity: int = 3,
-        model_format: str = "auto",
-    ) -> "Generator":
+    def load(cls, bundle: str | Path | Bundle, session: SessionConfig | None = None, *, model_format: str = "auto",
+             **session_options: Any) -> "Generator":  # fmt: skip
         """Verify the bundle (manifest, hashes, external data, I/O, tokenizer), then create the session.
 
         Args:
             bundle: the bundle directory (or an already verified `Bundle`).
-            provider: "auto" (CUDA if usable, else CPU with a warning), "cpu" or "cuda".
-            threads: onnxruntime intra-op threads; None is one per physical core.
-            optimization, memory_arena, spinning, huge_pages, device_id, log_severity: see `SessionConfig`.
+            session: how to build the onnxruntime session (provider, threads, spinning, huge pages, ...); None
+                is `SessionConfig()`: provider "auto" (CUDA if usable, else CPU), one thread per physical core.
             model_format: the graph to run: "onnx", "ort" (the mobile format, `edgegpt convert-ort`) or "auto"
                 (the `.onnx` when the bundle has it, else the `.ort`).
+            **session_options: `SessionConfig` fields that replace `session`'s (`provider="cpu", threads=2`).
 
         Raises:
+            TypeError: a keyword that is no `SessionConfig` field (the message names it), or a `session` that
+                is no `SessionConfig`.
+            ConfigError: a session option's value is invalid.
             BundleError: the bundle is missing, altered, unsafe or incompatible (its KV layout included: a
                 "shared_buffer" bundle needs onnxruntime >= 1.22).
             ProviderError: provider="cuda" and CUDA cannot be used (the message says why).
 
         >>> gen = Generator.load("bundles/tiny", provider="cpu", threads=2)  # doctest: +SKIP
+        >>> gen = Generator.load("bundles/tiny", SessionConfig(provider="cpu", spinning=False))  # doctest: +SKIP
         """
-        session_config = SessionConfig(
-            provider=provider,
-            threads=threads,
-            optimization=optimization,
-            memory_arena=memory_arena,
-            spinning=spinning,
-            huge_pages=huge_pages,
-            device_id=device_id,
-            log_severity=log_severity,
-        )
+        if session is not None and not isinstance(session, SessionConfig):  # e.g. the provider, once the 2nd argument
+            raise TypeError(f"session must be a SessionConfig, got {session!r}; give provider= and threads= by keyword")
+        session_config = (session or SessionConfig()).replace(**session_options)  # one dataclasses.replace
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
         check_onnxruntime(bundle.kv.layout, ort.__version__, str(bundle.path))

@@ -17,15 +17,13 @@ frequency penalties.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from edgegpt.checks import check_bool, check_int, check_real
+from edgegpt.checks import check_bool, check_int, check_real, replace_fields
 from edgegpt.errors import SamplingError, UnknownParameterError
 
 __all__ = ["SamplingConfig", "Sampler", "UnknownParameterError", "draw"]
@@ -127,13 +125,7 @@ class SamplingConfig:
         ...     print(exc)
         unknown sampling parameter 'topk'; did you mean 'top_k'?
         """
-        known = [f.name for f in dataclasses.fields(self)]
-        for name in overrides:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
-                raise UnknownParameterError(f"unknown sampling parameter {name!r}; {hint}")
-        return dataclasses.replace(self, **overrides) if overrides else self
+        return replace_fields(self, overrides, "sampling parameter", error=UnknownParameterError)
 
 
 def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:

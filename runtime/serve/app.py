@@ -47,30 +47,9 @@ from edgegpt.runtime.serve.scheduler import Job, Scheduler
 from edgegpt.runtime.serve import protocol
 from edgegpt.runtime.serve.metrics import Metrics
 from edgegpt.runtime.serve.protocol import APIError, ParsedRequest
+from edgegpt.runtime.serve.settings import LOOPBACK, ServeSettings
 
 __all__ = ["LOOPBACK", "ServeSettings", "create_app"]
-
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})  # hosts served without an API key
-
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """How `edgegpt serve` runs (each field is a flag of the command; see `edgegpt serve --help`)."""
-
-    host: str = "127.0.0.1"
-    api_key: str | None = None
-    cors_origins: tuple[str, ...] = ()
-    slots: int = 4
-    ctx_size: int | None = None
-    chunk: int = 128
-    queue_limit: int = 64
-    timeout_s: float = 600.0
-    max_body_bytes: int = 1 << 20
-    grace_s: float = 10.0
-    spinning: bool = False  # idle onnxruntime threads busy-wait: off, the event loop shares the cores
-    threads: int | None = None
-    provider: str = "cpu"
 
 
 @dataclass
@@ -94,7 +73,7 @@ class _Models:
         s = self.settings
         try:
             for model in self.by_name.values():
-                model.gen = Generator.load(model.path, provider=s.provider, threads=s.threads, spinning=s.spinning)
+                model.gen = Generator.load(model.path, s.session)
                 model.gen.chat_template  # read now: a broken template fails the load, not every request
                 model.scheduler = Scheduler(model.gen, slots=s.slots, capacity=s.ctx_size, chunk=s.chunk,
                                             queue_limit=s.queue_limit)  # fmt: skip

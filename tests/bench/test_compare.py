@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgegpt.bench.compare import BenchConfig, decode_weight_bytes, placeholder_tokenizer
-from edgegpt.runtime.bench import make_prompts
-from edgegpt.bench.cli import bench_command
+from edgegpt.bench.timing import make_prompts
+from edgegpt.cli.bench import bench_command
 from edgegpt.errors import ConfigError
 
 NEW_TOKENS = 8
@@ -149,7 +149,7 @@ def test_decode_weight_bytes_skip_embedding_tables(tmp_path):
 
 
 def test_cli_module_imports_nothing_heavy():
-    code = "import edgegpt.bench.cli, sys; heavy = {'torch', 'onnx', 'numpy', 'onnxruntime'} & set(sys.modules); assert not heavy, heavy"
+    code = "import edgegpt.cli.bench, sys; heavy = {'torch', 'onnx', 'numpy', 'onnxruntime'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -22,7 +22,7 @@ from edgegpt.train.checkpoint import load_checkpoint
 from edgegpt.errors import CheckpointError, ExportError, ParityError
 from edgegpt.export import export_bundle
 from edgegpt.export import onnx_export, validate
-from edgegpt.export.cli import export as export_cmd
+from edgegpt.cli.export import export_command as export_cmd
 from edgegpt.manifest import MANIFEST_NAME, sha256_file, verify_bundle
 
 ATOL = 1e-4
@@ -350,5 +350,5 @@ def test_cli_help_and_refusal(tiny_checkpoint, bundle):
 
 
 def test_cli_module_imports_no_torch():
-    code = "import sys, edgegpt.export.cli; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    code = "import sys, edgegpt.cli.export; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

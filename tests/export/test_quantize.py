@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from edgegpt.errors import ConfigError, ExportError, QuantizationError
 from edgegpt.export import quantize as quantize_module
 from edgegpt.export.quantize import quantize_bundle
-from edgegpt.export.quantize_cli import quantize as quantize_cmd
+from edgegpt.cli.quantize import quantize_command as quantize_cmd
 from edgegpt.manifest import MANIFEST_NAME, sha256_file, verify_bundle
 from edgegpt.runtime import Generator
 
@@ -339,7 +339,7 @@ def test_cli_quantize_help_exit_codes_and_output(fp32, texts, tmp_path):
 
 
 def test_cli_module_imports_no_torch_and_no_onnx():
-    code = "import sys, edgegpt.export.quantize_cli; assert not {'torch', 'onnx', 'onnxruntime'} & set(sys.modules)"
+    code = "import sys, edgegpt.cli.quantize; assert not {'torch', 'onnx', 'onnxruntime'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from edgegpt.train.checkpoint import save_checkpoint
 from edgegpt.errors import ExportError
 from edgegpt.export import export_bundle, onnx_export, validate
-from edgegpt.export.cli import export as export_cmd
+from edgegpt.cli.export import export_command as export_cmd
 from edgegpt.runtime import Bundle, Generator
 from edgegpt.runtime.engine import binding as binding_module
 

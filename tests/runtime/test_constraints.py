@@ -240,7 +240,7 @@ def test_a_logits_processor_sees_the_ids_and_may_change_the_logits(gen):
 def test_the_cli_constrains_biases_and_prints_logprobs(lively_gqa_bundle, tmp_path):
     from click.testing import CliRunner
 
-    from edgegpt.runtime.cli import generate_command
+    from edgegpt.cli.generate import generate_command
 
     run = lambda *args: CliRunner().invoke(generate_command, [str(lively_gqa_bundle), *args, "--provider", "cpu"])  # noqa: E731
     schema = tmp_path / "schema.json"
@@ -266,7 +266,7 @@ def test_the_cli_constrains_biases_and_prints_logprobs(lively_gqa_bundle, tmp_pa
 
 
 def test_the_mask_cost_bench_times_every_step(gen):
-    from edgegpt.runtime.constraint_bench import mask_cost
+    from edgegpt.bench.constraints import mask_cost
 
     cost = mask_cost(gen, tokens=12, runs=2)
     assert cost.tokens == 24 and cost.vocab_size == gen.config.vocab_size

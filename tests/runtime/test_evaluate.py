@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from edgegpt.errors import ConfigError, DataError
 from edgegpt.runtime.generation.evaluate import half_windows, sliding_windows, evaluate_bundle
-from edgegpt.runtime.cli import eval_command as eval_cmd
+from edgegpt.cli.generate import eval_command as eval_cmd
 
 
 @pytest.fixture(scope="module")

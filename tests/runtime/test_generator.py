@@ -22,7 +22,7 @@ from edgegpt.manifest import MANIFEST_NAME, write_manifest
 from edgegpt.runtime import Bundle, Generator, PromptError, UnknownParameterError
 from edgegpt.runtime.generation import generator as generator_module
 from edgegpt.runtime.model import providers
-from edgegpt.runtime.cli import chat_command, generate_command
+from edgegpt.cli.generate import chat_command, generate_command
 
 PROMPTS = ["def ", "import json\n", "class Foo(object):\n    return ", ""]
 
@@ -78,7 +78,7 @@ def _rewrite_manifest(bundle: Path, **changes) -> None:
 def test_runtime_imports_without_torch_or_onnx():
     code = (
         "import sys, edgegpt.runtime as rt\n"
-        "from edgegpt.runtime import cli\nfrom edgegpt.runtime.engine import binding, cache\nfrom edgegpt.runtime.generation import generator, sampling\nfrom edgegpt.runtime.model import bundle, onnx_paths, providers\n"
+        "from edgegpt.cli import generate\nfrom edgegpt.runtime.engine import binding, cache\nfrom edgegpt.runtime.generation import generator, sampling\nfrom edgegpt.runtime.model import bundle, onnx_paths, providers\n"
         "[getattr(rt, name) for name in rt.__all__]\n"
         "bad = [m for m in ('torch', 'onnx') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -87,7 +87,7 @@ def test_runtime_imports_without_torch_or_onnx():
 
 
 def test_cli_module_import_is_light():
-    code = "import sys, edgegpt.runtime.cli; heavy = {'onnxruntime', 'numpy'} & set(sys.modules); assert not heavy, heavy"
+    code = "import sys, edgegpt.cli.generate; heavy = {'onnxruntime', 'numpy'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -99,7 +99,7 @@ def test_cli_generate_runs_with_torch_and_onnx_blocked(tiny_bundle):
         "        if name.split('.')[0] in ('torch', 'onnx'):\n"
         "            raise ImportError(name + ' is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from edgegpt.runtime.cli import generate_command\n"
+        "from edgegpt.cli.generate import generate_command\n"
         "generate_command.main(sys.argv[1:], standalone_mode=False)\n"
     )
     proc = subprocess.run(

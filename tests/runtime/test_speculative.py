@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from edgegpt.errors import SamplingError
 from edgegpt.manifest import MANIFEST_NAME, write_manifest
 from edgegpt.runtime import Generator, Speculative
-from edgegpt.runtime.cli import generate_command
+from edgegpt.cli.generate import generate_command
 from edgegpt.runtime.generation.speculative import accept, lookup_draft
 
 CODE = "def f(x):\n    return x\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgegpt.cli_support import Command
+from edgegpt.cli.support import Command
 
 __all__ = ["web_command"]
 

@@ -1,7 +1,7 @@
 """What every `edgegpt` click command shares: edgegpt's errors as click's, and dataclass fields as flags.
 
-Errors (STYLE.md section 6). A `Command` (and the `Group` of edgegpt/cli.py, for any command made without
-it) reports an error in one line, in one place, `click_error`:
+Errors (STYLE.md section 6). A `Command` (and the `Group` of edgegpt/cli/__init__.py, for any command made
+without it) reports an error in one line, in one place, `click_error`:
 
     ConfigError          -> click.UsageError, exit 2
     SamplingError        -> click.BadParameter naming the flag of the field it rejects, exit 2
@@ -12,9 +12,13 @@ With `edgegpt --debug` the original exception propagates, traceback and all.
 
 Flags (STYLE.md section 3). `field_options` makes one `--field-name` option per dataclass field with the
 default None, so that an unset flag keeps the dataclass default; `given` collects the flags that were set,
-as overrides for `dataclasses.replace` or `from_dict`.
+as overrides for `dataclasses.replace` or `from_dict`. `session_options` declares the onnxruntime session's
+flags (`--provider`, `--threads`, `--spinning/--no-spinning`, `--huge-pages/--no-huge-pages`) once, from
+`SessionConfig`, for every command that takes some of them; a command whose default differs says so in
+its call (`edgegpt serve`: no spinning, as `ServeSettings`).
 
-Module-level imports: the standard library, click and edgegpt.errors, as every CLI module may import this.
+Module-level imports: the standard library, click, core and the runtime's stdlib-only config module
+`edgegpt.runtime.model.session` (tests/test_layout.py), as every CLI module may import this.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from typing import Any
 import click
 
 from edgegpt.errors import ConfigError, EdgeGPTError, SamplingError
+from edgegpt.runtime.model.session import PROVIDERS, SessionConfig
 
-__all__ = ["Command", "Group", "click_error", "field_options", "given", "root_flag"]
+__all__ = ["Command", "Group", "click_error", "field_options", "given", "pop_session", "root_flag", "session_options"]
 
 # A missing optional module -> the command that installs it; the others come with the training extra, whose
 # torch is pinned to the CPU build as in the README (an unpinned torch pulls a multi-GB CUDA build).
@@ -103,7 +108,8 @@ def field_options(fields: Mapping[str, Mapping[str, Any]] | None = None, *, of: 
     Args:
         fields: field name -> how its option differs from the plain one: "flags" (the declarations, by
             default `("--field-name",)`; give a short alias or another name here) and any `click.option`
-            argument ("type", "help", "multiple", "is_flag", ...). None: every field of `of`.
+            argument ("type", "help", "multiple", "is_flag", "default" where a command's own default must
+            be passed on, ...). None: every field of `of`.
         of: the dataclass, when importing it is cheap: a field's type comes from its annotation (bool -> a
             flag, tuple[X, ...] -> a repeatable option) unless "fields" gives type, is_flag, multiple or
             callback, and "{default}" in a help text becomes the field's default (the help is
@@ -132,7 +138,7 @@ def field_options(fields: Mapping[str, Mapping[str, Any]] | None = None, *, of: 
             kwargs["help"] = kwargs.get("help", "[default: {default}]").replace("{default}", shown)
             if not {"type", "is_flag", "multiple", "callback"} & kwargs.keys():  # else the given ones hold
                 kwargs.update(_click_type(name, hints[name]))
-        options.append(click.option(*flags, name, default=None, **kwargs))
+        options.append(click.option(*flags, name, **{"default": None, **kwargs}))
 
     def decorate(func: Callable) -> Callable:
         for option in reversed(options):  # click lists the options in the order they are applied, reversed
@@ -140,6 +146,50 @@ def field_options(fields: Mapping[str, Mapping[str, Any]] | None = None, *, of: 
         return func
 
     return decorate
+
+
+# SessionConfig field -> its flag. Unlike field_options' flags these pass their default on (shown in the help):
+# SessionConfig's, unless the command gives its own (`session_options(spinning={"default": False})`).
+_SESSION_FLAGS: dict[str, dict[str, Any]] = {
+    "provider": {"type": click.Choice(PROVIDERS), "help": "Execution provider: auto is CUDA when usable, else CPU."},
+    "threads": {"type": click.IntRange(min=1), "help": "onnxruntime threads [default: one per core]."},
+    "spinning": {"flags": ("--spinning/--no-spinning",),
+                 "help": "Idle onnxruntime threads busy-wait: faster on a quiet machine; turn off when the cores "
+                         "are shared."},
+    "huge_pages": {"flags": ("--huge-pages/--no-huge-pages",),
+                   "help": "CPU: move the weights to 2 MiB pages after loading (Linux): faster decoding, slower "
+                           "loading."},
+}
+
+
+def session_options(*names: str, **changes: Mapping[str, Any]) -> Callable:
+    """A decorator adding the session flags `names` (`SessionConfig` fields, in that order) to a command.
+
+    Args:
+        names: some of "provider", "threads", "spinning", "huge_pages".
+        changes: field name -> the command's own `click.option` arguments for that flag ("default", "help",
+            "type"); a default of None passes an unset flag on as None (the command's config decides).
+
+    >>> @click.command()
+    ... @session_options("provider", "threads", provider={"default": "cpu"})
+    ... def cmd(provider, threads):
+    ...     click.echo(pop_session({"provider": provider, "threads": threads}))
+    >>> from click.testing import CliRunner
+    >>> CliRunner().invoke(cmd, ["--threads", "2"]).output.startswith("SessionConfig(provider='cpu', threads=2,")
+    True
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(SessionConfig)}
+    unknown = [name for name in [*names, *changes] if name not in _SESSION_FLAGS]
+    if unknown:
+        raise TypeError(f"session_options: no session flag {', '.join(unknown)}; known: {', '.join(_SESSION_FLAGS)}")
+    specs = {name: {"default": defaults[name], "show_default": True, **_SESSION_FLAGS[name], **changes.get(name, {})}
+             for name in names}  # fmt: skip
+    return field_options(specs, of=SessionConfig)
+
+
+def pop_session(flags: dict[str, Any]) -> SessionConfig:
+    """The `SessionConfig` of the session flags in `flags` (which keeps the others); an unset flag keeps its default."""
+    return SessionConfig(**given({name: flags.pop(name) for name in _SESSION_FLAGS if name in flags}))
 
 
 def _click_type(name: str, hint: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""edgegpt.runtime.bench_speculative: `edgegpt bench BUNDLE --lookup/--draft --text ...` times speculative
+"""edgegpt.bench.speculative: `edgegpt bench BUNDLE --lookup/--draft --text ...` times speculative
 decoding against plain decoding on real text, reports its figures and refuses what it cannot run."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgegpt.errors import ConfigError, SamplingError
-from edgegpt.runtime.bench import DeviceBenchConfig, bench_bundle, markdown
-from edgegpt.runtime.bench_speculative import chunk_costs, text_prompts
+from edgegpt.bench.device import DeviceBenchConfig, bench_bundle, markdown
+from edgegpt.bench.speculative import chunk_costs, text_prompts
 
 SHORT = dict(prompts=2, runs=2, threads=1, prompt_tokens=16, new_tokens=12)
 

@@ -1,13 +1,13 @@
-"""The `edgegpt quantize` command. Imports nothing heavy: onnx and onnxruntime load
-inside the commands when they run."""
+"""The `edgegpt quantize` command. Imports nothing heavy: onnx and onnxruntime load inside the command."""
 
 from __future__ import annotations
 
 import click
 
-from edgegpt.cli_support import Command, root_flag
-
+from edgegpt.cli.support import Command, root_flag, session_options
 from edgegpt.manifest import QUANTIZED_FORMATS as FORMATS  # torch- and onnx-free: this import stays light
+
+__all__ = ["quantize_command"]
 
 
 @click.command("quantize", cls=Command)
@@ -34,9 +34,9 @@ from edgegpt.manifest import QUANTIZED_FORMATS as FORMATS  # torch- and onnx-fre
 @click.option("--max-kld", type=click.FloatRange(min=0), default=None,
               help="Gate, mean KL-divergence from BUNDLE in nats, as llama-perplexity --kl-divergence "
                    "[default: int8 0.02, int4 0.1, fp16 0.005: a broken quantization fails].")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads for checks and eval.")
-def quantize(bundle, to, out, force, accept_gate_failure, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text,
-             max_ppl_increase, max_kld, threads):
+@session_options("threads", threads={"help": "onnxruntime threads for checks and eval."})
+def quantize_command(bundle, to, out, force, accept_gate_failure, per_channel, block_size, accuracy_level, embedding,
+                     calibrate, eval_text, max_ppl_increase, max_kld, threads):  # fmt: skip
     """Quantize an fp32 bundle to int8, int4 or fp16 as a new bundle.
 
     The source is left untouched; the new bundle appears only when complete. With --eval-text, its

@@ -1,4 +1,4 @@
-"""edgegpt.runtime.bench: `edgegpt bench BUNDLE` times a bundle with the runtime alone (no torch)."""
+"""edgegpt.bench.device: `edgegpt bench BUNDLE` times a bundle with the runtime alone (no torch)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgegpt.errors import ConfigError
-from edgegpt.runtime.bench import DeviceBenchConfig, bench_bundle, figures, markdown, time_generation
+from edgegpt.bench.device import DeviceBenchConfig, bench_bundle, markdown
+from edgegpt.bench.timing import figures, time_generation
 
 
 @pytest.fixture(scope="module")

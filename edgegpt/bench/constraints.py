@@ -11,7 +11,7 @@ docs/benchmarks.md), so only the control tells what the overlap itself saves. Ra
 mask depends on the grammar's state and the vocabulary, and temperature-1 sampling from a random model walks
 through the grammar.
 
-    python -m edgegpt.runtime.constraint_bench BUNDLE [--json-schema FILE] [--tokens 128] [--runs 5]
+    python -m edgegpt.bench.constraints BUNDLE [--json-schema FILE] [--tokens 128] [--runs 5]
 
 docs/benchmarks.md ("Constrained decoding") has the figures for `small` and `gpt2` int8.
 """

@@ -1,10 +1,10 @@
-"""The `edgegpt bench` click command (edgegpt/cli.py adds `bench_command` to the group).
+"""The `edgegpt bench` click command.
 
-A bundle as SOURCE is timed by the runtime alone (`edgegpt.runtime.bench`, base install); anything else is
+A bundle as SOURCE is timed by the runtime alone (`edgegpt.bench.device`, base install); anything else is
 the comparison (`edgegpt.bench.compare`). Module-level imports stay light (click, the standard library,
-edgegpt.cli_support); the benchmark loads inside the command. Each flag maps 1:1 to a field of
+edgegpt.cli.support); the benchmark loads inside the command. Each flag maps 1:1 to a field of
 `BenchConfig` or `DeviceBenchConfig` (`--prompt-tokens` -> `prompt_tokens`); an unset flag keeps the
-dataclass default, or `short()`'s with `--short`.
+dataclass default, or `short()`'s with `--short` (the session flags too: `session_options` with no default).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from edgegpt.cli_support import Command, field_options, given
+from edgegpt.cli.support import Command, field_options, given, session_options
 
 __all__ = ["bench_command"]
 
@@ -44,12 +44,8 @@ _BENCH_FLAGS = {
     "prompt_tokens": {"type": click.IntRange(min=1), "help": "Prompt length. [default: 128; a bundle alone: at most half its context]"},
     "new_tokens": {"type": click.IntRange(min=2), "help": "Tokens generated per run. [default: 128; a bundle alone: at most half its context]"},
     "batch": {"callback": _csv(int), "help": "Batch sizes to time. [default: 1,8; a bundle alone: 1]"},
-    "threads": {"type": click.IntRange(min=1), "help": "Threads of every backend. [default: 2; a bundle alone: one per core]"},
-    "provider": {"type": click.Choice(["cpu", "cuda"]), "help": "[default: cpu]"},
-    "spinning": {"flags": ("--spinning/--no-spinning",), "help": "Busy-waiting onnxruntime threads (edgegpt and genai). [default: on]"},
-    "huge_pages": {"flags": ("--huge-pages/--no-huge-pages",), "help": "edgegpt's weights in 2 MiB pages (CPU, Linux). [default: on]"},
     "seed": {"type": int, "help": "Seeds the prompts and a preset's weights. [default: 0]"},
-    # A bundle alone: speculative decoding against plain decoding on real text (edgegpt.runtime.bench_speculative).
+    # A bundle alone: speculative decoding against plain decoding on real text (edgegpt.bench.speculative).
     "lookup": {"is_flag": True, "help": "Time prompt-lookup speculative decoding against plain decoding on --text."},
     "draft": {"type": click.Path(exists=True, file_okay=False), "help": "Time speculative decoding with this draft bundle (same tokenizer) on --text."},
     "text": {"type": click.Path(exists=True), "multiple": True,
@@ -58,8 +54,15 @@ _BENCH_FLAGS = {
     "draft_tokens": {"type": click.IntRange(1, 64), "help": "With --lookup/--draft: drafts per call at most. [default: 4]"},
     "lookup_ngram": {"type": click.IntRange(1, 16), "help": "With --lookup: the longest suffix matched. [default: 3]"},
     "temperature": {"type": click.FloatRange(min=0), "help": "With --lookup/--draft: sample at this temperature (drafts mostly fail). [default: 0, greedy]"},
-    # A bundle alone: `edgegpt serve` under concurrent clients (edgegpt.runtime.serve.bench, the serve extra).
+    # A bundle alone: `edgegpt serve` under concurrent clients (edgegpt.bench.serve, the serve extra).
     "serve_clients": {"callback": _csv(int), "help": "Start `edgegpt serve` on the bundle and time these numbers of concurrent streaming clients, e.g. 1,4,8,16."},
+}
+# The session flags of both configs; None: the config's default (BenchConfig's or DeviceBenchConfig's).
+_BENCH_SESSION = {
+    "threads": {"default": None, "help": "Threads of every backend. [default: 2; a bundle alone: one per core]"},
+    "provider": {"default": None, "type": click.Choice(["cpu", "cuda"]), "help": "[default: cpu]"},
+    "spinning": {"default": None, "help": "Busy-waiting onnxruntime threads (edgegpt and genai). [default: on]"},
+    "huge_pages": {"default": None, "help": "edgegpt's weights in 2 MiB pages (CPU, Linux). [default: on]"},
 }
 _SPECULATIVE_FLAGS = ("lookup", "draft", "text", "prompts", "draft_tokens", "lookup_ngram", "temperature")
 _ONE_BUNDLE_FLAGS = (*_SPECULATIVE_FLAGS, "serve_clients")
@@ -72,6 +75,7 @@ _ONE_BUNDLE_FLAGS = (*_SPECULATIVE_FLAGS, "serve_clients")
 @click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), help="A random-weight model of this shape (no training).")
 @click.option("--vocab-size", type=click.IntRange(min=257), help="Vocabulary of the --preset model [default: 512 tiny, 4096 small, 50257 gpt2].")
 @field_options(_BENCH_FLAGS)
+@session_options(*_BENCH_SESSION, **_BENCH_SESSION)
 @click.option("--short", is_flag=True, help="A quick look: 3 rounds, 32-token prompt, 32 new tokens, batch 1.")
 @click.option("--attention", help="Export the graph with this attention (export_bundle's `attention`, e.g. mha, gqa) [default: the exporter's].")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -137,14 +141,14 @@ def bench_command(ctx, source, bundles, preset, vocab_size, short, attention, wo
 
 
 def _bench_one_bundle(bundle: Path, short: bool, json_path: Path | None, settings: dict) -> None:
-    """`edgegpt bench BUNDLE`: the runtime alone (`edgegpt.runtime.bench`), or the server (`--serve-clients`)."""
+    """`edgegpt bench BUNDLE`: the runtime alone (`edgegpt.bench.device`), or the server (`--serve-clients`)."""
     import json
 
     clients = settings.pop("serve_clients", None)
     if clients:
         _bench_server(bundle, clients, short, json_path, settings)
         return
-    from edgegpt.runtime.bench import DeviceBenchConfig, bench_bundle, markdown
+    from edgegpt.bench.device import DeviceBenchConfig, bench_bundle, markdown
 
     known = {f.name for f in dataclasses.fields(DeviceBenchConfig)}
     settings = {k: v for k, v in settings.items() if k in known}
@@ -160,7 +164,7 @@ def _bench_server(bundle: Path, clients: tuple[int, ...], short: bool, json_path
     """`edgegpt bench BUNDLE --serve-clients ...`: `edgegpt serve` measured from the outside."""
     import json
 
-    from edgegpt.runtime.serve.bench import ServeBenchConfig, bench_server, markdown
+    from edgegpt.bench.serve import ServeBenchConfig, bench_server, markdown
 
     other = [f"--{k.replace('_', '-')}" for k in settings if k not in ("prompt_tokens", "new_tokens", "runs", "threads", "spinning", "seed")]
     if other:

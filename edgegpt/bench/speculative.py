@@ -1,6 +1,6 @@
 """`bench_speculative`: plain decoding against speculative decoding (prompt lookup, a draft bundle) on real text.
 
-What `edgegpt bench BUNDLE --lookup [--draft DRAFT] --text FILE_OR_DIR` runs (`bench.bench_bundle` hands a
+What `edgegpt bench BUNDLE --lookup [--draft DRAFT] --text FILE_OR_DIR` runs (`device.bench_bundle` hands a
 `DeviceBenchConfig` with `lookup` or `draft` set here). Drafts only pay off on text a model can predict, so
 unlike the plain bench the prompts are real text, and each `--text` source is reported on its own.
 
@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgegpt.bench.timing import fit_lengths, peak_rss_mb
 from edgegpt.errors import ConfigError
 from edgegpt.manifest import bundle_format
 
@@ -160,28 +161,20 @@ def bench_speculative(bundle: str | Path, config) -> dict[str, Any]:
     """
     import onnxruntime as ort
 
-    from edgegpt.runtime.bench import peak_rss_mb
     from edgegpt.runtime.generation.generator import Generator
     from edgegpt.runtime.generation.speculative import Speculative
 
-    session = dict(provider=config.provider, threads=config.threads, spinning=config.spinning, huge_pages=config.huge_pages)
     started = time.perf_counter()
-    gen = Generator.load(bundle, **session)
+    gen = Generator.load(bundle, config.session)
     load_s = time.perf_counter() - started
     block = gen.config.block_size
-    prompt_tokens = config.prompt_tokens or min(128, block // 2)
-    new_tokens = config.new_tokens or min(128, block // 2)
-    if prompt_tokens + new_tokens > block:
-        raise ConfigError(
-            f"prompt_tokens {prompt_tokens} + new_tokens {new_tokens} exceed the model's context of {block} tokens; "
-            f"lower them (e.g. --prompt-tokens {block // 2} --new-tokens {block // 2})"
-        )
+    prompt_tokens, new_tokens = fit_lengths(block, config.prompt_tokens, config.new_tokens)
     speculatives = {"plain": None}
     if config.lookup:
         speculatives["lookup"] = Speculative(lookup=True, draft_tokens=config.draft_tokens, lookup_ngram=config.lookup_ngram)
     draft = None
     if config.draft is not None:
-        draft = Generator.load(config.draft, **session)
+        draft = Generator.load(config.draft, config.session)
         speculatives["draft"] = Speculative(draft=draft, draft_tokens=config.draft_tokens)
     sources, first_prompt = [], None
     for source in config.text:

@@ -1,8 +1,8 @@
 """`bench_bundle`: the prefill and decode speed of one bundle on this device, with the runtime alone.
 
 What llama-bench is to llama.cpp: `edgegpt bench BUNDLE` in the base install (no torch, no onnx). The
-comparison with PyTorch and onnxruntime-genai on the same weights is `edgegpt.bench` (training extra);
-its edgegpt rows are timed by `time_generation` below, so both report the same figures.
+comparison with PyTorch and onnxruntime-genai on the same weights is `compare.py` (training extra); its
+edgegpt rows are timed by the same `timing.time_generation`, so both report the same figures.
 
 Method:
 - Prompts are seeded random token ids (never end-of-text) of exactly `prompt_tokens` ids; batch b takes b
@@ -16,28 +16,26 @@ Method:
 - Peak resident memory is the process's high-water mark (Linux VmHWM), after loading and timing.
 
 With `lookup` or `draft` set, the bench times speculative decoding against plain decoding on real text
-instead (`bench_speculative.py`, its own method and table).
+instead (`speculative.py`, its own method and table).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from edgegpt.checks import check_bool, check_choice, check_int, check_real
+from edgegpt.bench.timing import figures, fit_lengths, make_prompts, peak_rss_mb, time_generation
+from edgegpt.checks import check_bool, check_int, check_real
 from edgegpt.errors import ConfigError
 from edgegpt.manifest import bundle_format
+from edgegpt.runtime.model.session import SessionConfig
 
-__all__ = ["DeviceBenchConfig", "bench_bundle", "figures", "make_prompts", "markdown", "peak_rss_mb", "time_generation"]
+__all__ = ["DeviceBenchConfig", "bench_bundle", "markdown"]
 
 
 @dataclass(frozen=True)
@@ -90,10 +88,8 @@ class DeviceBenchConfig:
             raise ConfigError(f"batch must be positive integers, got {self.batch!r}")
         for size in self.batch:
             check_int("batch", size, low=1)
-        check_int("threads", self.threads, low=1, optional=True)
-        check_choice("provider", self.provider, ("auto", "cpu", "cuda"))
-        for name in ("spinning", "huge_pages", "lookup"):
-            check_bool(name, getattr(self, name))
+        self.session  # provider, threads, spinning, huge_pages: SessionConfig's checks
+        check_bool("lookup", self.lookup)
         self._check_speculative()
 
     def _check_speculative(self) -> None:
@@ -119,6 +115,12 @@ class DeviceBenchConfig:
             raise ConfigError(f"speculative decoding runs one prompt at a time: drop --batch {','.join(map(str, self.batch))}")
 
     @property
+    def session(self) -> SessionConfig:
+        """The onnxruntime session of the timed model (and of the draft)."""
+        return SessionConfig(provider=self.provider, threads=self.threads, spinning=self.spinning,
+                             huge_pages=self.huge_pages)  # fmt: skip
+
+    @property
     def speculative(self) -> bool:
         """Whether this times speculative decoding (lookup or a draft) rather than plain prefill and decode."""
         return self.lookup or self.draft is not None
@@ -129,80 +131,6 @@ class DeviceBenchConfig:
         return cls(**{"runs": 3, "prompt_tokens": 32, "new_tokens": 32, **overrides})
 
 
-def make_prompts(vocab_size: int, eot_id: int, count: int, length: int, seed: int) -> list[list[int]]:
-    """`count` seeded random prompts of `length` token ids, none of them `eot_id`.
-
-    >>> p = make_prompts(10, 0, 2, 5, seed=0); len(p), len(p[0]), any(0 in row for row in p)
-    (2, 5, False)
-    """
-    ids = np.random.default_rng(seed).integers(0, vocab_size - 1, size=(count, length))
-    ids[ids >= eot_id] += 1  # skip the end-of-text id
-    return ids.tolist()
-
-
-def time_generation(gen, prompts: list[list[int]], new_tokens: int) -> tuple[list[float], list[list[int]], float]:
-    """Greedy generation of exactly `new_tokens` per prompt, as `Generator.generate` runs it, timed per step.
-
-    Returns:
-        (timestamps: the start, then one after each token is picked; the tokens per row; seconds spent
-        inside onnxruntime).
-    """
-    from edgegpt.runtime.generation.sampling import SamplingConfig
-
-    config = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)
-    stamps = [time.perf_counter()]
-    state = gen.new_state(batch=len(prompts), capacity=max(map(len, prompts)) + new_tokens)
-    samplers = [gen.new_sampler(config, p) for p in prompts]  # never the padded ids of a padded vocabulary
-    decoders = [gen.new_decoder() for _ in prompts]
-    tokens: list[list[int]] = [[] for _ in prompts]
-    step = np.empty((len(prompts), 1), dtype=np.int64)
-    logits = state.feed(prompts)
-    for n in range(new_tokens):
-        for b, row in enumerate(logits):
-            token = samplers[b](row)
-            decoders[b].step(token)
-            tokens[b].append(token)
-            step[b, 0] = token
-        stamps.append(time.perf_counter())
-        if n + 1 < new_tokens:
-            logits = state.feed(step)
-    return stamps, tokens, state.session_s
-
-
-def figures(stamps: list[float], prompt_tokens: int, batch: int) -> dict[str, float]:
-    """The figures of one timed generation from its timestamps (start, then one per token)."""
-    ttft = stamps[1] - stamps[0]
-    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # decode steps: token k -> token k + 1
-    decode_s = stamps[-1] - stamps[1]
-    return {
-        "ttft_s": ttft,
-        "prefill_tok_s": batch * prompt_tokens / ttft,
-        "decode_tok_s": batch * len(steps) / decode_s if decode_s > 0 else 0.0,
-        "decode_s": decode_s,
-        "step_p50_ms": float(np.percentile(steps, 50)) * 1e3 if steps else 0.0,
-        "step_p95_ms": float(np.percentile(steps, 95)) * 1e3 if steps else 0.0,
-        "new_tokens": len(steps) + 1,
-    }
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (1e6 bytes).
-
-    Linux: VmHWM, the high-water mark of this program's own address space. Not ru_maxrss: Linux carries
-    it across fork and exec, so a child of a large parent (one that imported torch) would report the
-    parent's size. Elsewhere ru_maxrss (KiB on Linux, bytes on macOS).
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
-
-
 def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConfig()) -> dict[str, Any]:
     """Load `bundle` and time prefill and decode per batch size; the result is JSON-serialisable.
 
@@ -210,13 +138,13 @@ def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConf
         ConfigError: prompt_tokens + new_tokens exceed the model's context (the message says what fits).
         BundleError, ProviderError: as `Generator.load`.
 
-    With `config.lookup` or `config.draft`, the result is `bench_speculative.bench_speculative`'s.
+    With `config.lookup` or `config.draft`, the result is `speculative.bench_speculative`'s.
 
     >>> result = bench_bundle("bundles/tiny", DeviceBenchConfig.short())  # doctest: +SKIP
     >>> print(markdown(result))  # doctest: +SKIP
     """
     if config.speculative:
-        from edgegpt.runtime.bench_speculative import bench_speculative
+        from edgegpt.bench.speculative import bench_speculative
 
         return bench_speculative(bundle, config)
     import onnxruntime as ort
@@ -224,18 +152,9 @@ def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConf
     from edgegpt.runtime.generation.generator import Generator
 
     started = time.perf_counter()
-    gen = Generator.load(bundle, provider=config.provider, threads=config.threads, spinning=config.spinning,
-                         huge_pages=config.huge_pages)  # fmt: skip
+    gen = Generator.load(bundle, config.session)
     load_s = time.perf_counter() - started
-    block = gen.config.block_size
-    prompt_tokens = config.prompt_tokens or min(128, block // 2)
-    new_tokens = config.new_tokens or min(128, block // 2)
-    if prompt_tokens + new_tokens > block:
-        half = block // 2
-        raise ConfigError(
-            f"prompt_tokens {prompt_tokens} + new_tokens {new_tokens} exceed the model's context of "
-            f"{block} tokens; lower them (e.g. --prompt-tokens {half} --new-tokens {half})"
-        )
+    prompt_tokens, new_tokens = fit_lengths(gen.config.block_size, config.prompt_tokens, config.new_tokens)
     config = dataclasses.replace(config, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     prompts = make_prompts(gen.config.vocab_size, gen.eot_id, max(config.batch), config.prompt_tokens, config.seed)
     rows = []
@@ -265,7 +184,7 @@ def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConf
 def markdown(result: dict[str, Any]) -> str:
     """The result as a Markdown table, one row per batch size, and a line naming what was measured."""
     if "sources" in result:  # a speculative bench's
-        from edgegpt.runtime.bench_speculative import speculative_markdown
+        from edgegpt.bench.speculative import speculative_markdown
 
         return speculative_markdown(result)
     c, m = result["config"], result["model"]

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgegpt.cli import main
-from edgegpt.cli_support import Command, Group, field_options, given
+from edgegpt.cli.support import Command, Group, field_options, given
 from edgegpt.errors import BundleError, ConfigError, ContextLengthError, SamplingError
 
 
@@ -115,7 +115,7 @@ def test_field_options_make_one_flag_per_field_and_collect_the_given_ones():
 
 
 def test_every_config_field_has_its_flag():
-    from edgegpt.runtime.cli import chat_command, generate_command
+    from edgegpt.cli.generate import chat_command, generate_command
     from edgegpt.runtime.generation.sampling import SamplingConfig
     from edgegpt.runtime.generation.speculative import Speculative
     from edgegpt.train.config import TrainConfig
@@ -145,7 +145,7 @@ def test_sample_and_generate_agree_by_default(tiny_checkpoint, tmp_path):
 
 
 def test_generate_stop_understands_escapes(tiny_checkpoint, tmp_path):
-    from edgegpt.runtime.cli import unescape
+    from edgegpt.cli.generate import unescape
 
     assert unescape(r"\n\n") == "\n\n"
     from edgegpt.export import export_bundle
@@ -182,3 +182,19 @@ def test_train_refuses_an_out_that_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("mine")
     result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "afile"), "--steps", "1"])
     assert result.exit_code == 2 and "is a file" in result.output and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_session_flags_are_session_configs_with_each_commands_default():
+    """Declared once (`session_options`): generate and chat take SessionConfig's defaults, eval runs on the CPU,
+    serve does not spin (ServeSettings), bench leaves them to its configs, quantize takes the threads only."""
+    from edgegpt.runtime.serve.settings import ServeSettings
+
+    session = ("provider", "threads", "spinning", "huge_pages")
+    defaults = {name: {p.name: p.default for p in command.params if p.name in session}
+                for name, command in main.commands.items()}  # fmt: skip
+    assert defaults["generate"] == defaults["chat"] == dict(provider="auto", threads=None, spinning=True, huge_pages=True)
+    assert defaults["eval"] == {"provider": "cpu", "threads": None}
+    assert defaults["serve"] == {"provider": "auto", "threads": None, "spinning": False}
+    assert defaults["bench"] == {"provider": None, "threads": None, "spinning": None, "huge_pages": None}
+    assert defaults["quantize"] == {"threads": None}
+    assert {f.name for f in dataclasses.fields(ServeSettings)} <= {p.name for p in main.commands["serve"].params}

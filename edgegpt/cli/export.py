@@ -1,10 +1,12 @@
-"""The `edgegpt export` command. Imports nothing heavy: torch loads inside the command when it runs."""
+"""The `edgegpt export` and `edgegpt convert-ort` commands. Import nothing heavy: torch and onnx load inside them."""
 
 from __future__ import annotations
 
 import click
 
-from edgegpt.cli_support import Command
+from edgegpt.cli.support import Command
+
+__all__ = ["convert_ort_command", "export_command"]
 
 
 @click.command("export", cls=Command)
@@ -24,7 +26,7 @@ from edgegpt.cli_support import Command
 )
 @click.option("--ort", "ort", is_flag=True, help="Also write model.ort and required_operators.config (the mobile "
               "format; see `edgegpt convert-ort`).")
-def export(checkpoint, out, force, no_optimize, external_data, opset, attention, ort):
+def export_command(checkpoint, out, force, no_optimize, external_data, opset, attention, ort):
     """Export a checkpoint to a validated ONNX bundle with a KV cache.
 
     Writes model.onnx, tokenizer files, genai_config.json (onnxruntime-genai) and manifest.json, after
@@ -55,7 +57,7 @@ def export(checkpoint, out, force, no_optimize, external_data, opset, attention,
               "(not `edgegpt web` or onnxruntime-genai).")
 @click.option("--target-platform", type=click.Choice(["arm", "amd64"]), default="arm", show_default=True,
               help="The converter's target: arm keeps the graph portable; amd64 adds x86-only layout fusions.")
-def convert_ort(bundle, out, force, ort_only, target_platform):
+def convert_ort_command(bundle, out, force, ort_only, target_platform):
     """Add the mobile ORT format to a bundle: model.ort and required_operators.config.
 
     onnxruntime's converter (onnxruntime.tools.convert_onnx_models_to_ort) optimizes the graph and writes it

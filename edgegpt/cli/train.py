@@ -1,42 +1,19 @@
-"""The `edgegpt` command line: a click group whose commands parse flags and call the public API.
+"""The training side's commands: `train`, `sample`, `import-hf`, `import-nanogpt`, `export-hf` (the train extra).
 
-torch is imported lazily inside the commands that need it, so `edgegpt generate` runs on a device
-with only the base install (onnxruntime, numpy, tokenizers, click).
+torch loads inside the commands; the flags come from the torch-free configs (`GPTConfig`, `TrainConfig`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from pathlib import Path
 
 import click
 
-from edgegpt import __version__
-from edgegpt.cli_support import Group, field_options, given
+from edgegpt.cli.support import Command, field_options, given
 from edgegpt.config import PRESETS, GPTConfig
 
-log = logging.getLogger("edgegpt")
-
-
-@click.group(cls=Group, context_settings={"auto_envvar_prefix": "EDGEGPT", "help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="edgegpt")
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.option("--quiet", "-q", is_flag=True, help="Only errors on stderr; no progress bars.")
-@click.pass_context
-def main(ctx, debug, quiet):
-    """Train a GPT in PyTorch, export it to ONNX, quantize it, generate with onnxruntime.
-
-    \b
-    Examples:
-      edgegpt train --preset tiny --steps 500 --out runs/tiny
-      edgegpt export runs/tiny -o bundles/tiny
-      edgegpt generate bundles/tiny "def main(" -n 50
-    """
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    ctx.obj = {"debug": debug, "quiet": quiet}
+__all__ = ["export_hf_command", "import_hf_command", "import_nanogpt_command", "sample_command", "train_command"]
 
 
 def _train_options(func):
@@ -56,7 +33,7 @@ _MODEL_FLAGS = {
 }
 
 
-@main.command()
+@click.command("train", cls=Command)
 @click.argument("corpus", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory (checkpoint/, metrics.jsonl, loss.png).")
@@ -72,7 +49,7 @@ _MODEL_FLAGS = {
 @click.option("--force", is_flag=True, help="Start afresh even if OUT already holds a checkpoint.")
 @_train_options
 @click.pass_context
-def train(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, resume, force, pattern, **flags):
+def train_command(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, resume, force, pattern, **flags):
     """Train a SimpleGPT on text files (default corpus: the Python standard library's sources).
 
     \b
@@ -115,7 +92,7 @@ def train(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, resume, 
         ctx.exit(128 + signum)  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports a death by the signal
 
 
-@main.command()
+@click.command("sample", cls=Command)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("prompt", default="")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(min=0), default=64, show_default=True,
@@ -124,7 +101,7 @@ def train(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, resume, 
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 keeps all tokens.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Same seed, same text.")
-def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+def sample_command(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
     """Generate text from a checkpoint with PyTorch (the reference for the ONNX runtime).
 
     Greedy by default, and prints the continuation only, as `edgegpt generate` does: for a checkpoint and
@@ -160,11 +137,11 @@ def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed):
     click.echo(decode(ckpt.tokenizer, new[: new.index(eot)] if eot in new else new))  # as generate: not the end-of-text
 
 
-@main.command("import-hf")
+@click.command("import-hf", cls=Command)
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint directory.")
-def import_hf_cmd(src, out, force):
+def import_hf_command(src, out, force):
     """Import a local Hugging Face GPT-2 directory as an edgegpt checkpoint.
 
     \b
@@ -176,14 +153,14 @@ def import_hf_cmd(src, out, force):
     click.echo(import_hf(src, out, force=force))
 
 
-@main.command("import-nanogpt")
+@click.command("import-nanogpt", cls=Command)
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
 @click.option("--tokenizer", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="tokenizer.json, vocab.json + merges.txt (repeat the flag), nanoGPT's meta.pkl, or a directory "
                    "holding one [default: data/<dataset>/meta.pkl beside the checkpoint, as nanoGPT finds it].")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint directory.")
-def import_nanogpt_cmd(ckpt, out, tokenizer, force):
+def import_nanogpt_command(ckpt, out, tokenizer, force):
     """Import a nanoGPT checkpoint (ckpt.pt) as an edgegpt checkpoint; then export, quantize, generate.
 
     The file is read with torch.load(weights_only=True) only: one that needs more is refused. The model keeps
@@ -200,11 +177,11 @@ def import_nanogpt_cmd(ckpt, out, tokenizer, force):
     click.echo(import_nanogpt(ckpt, out, tokenizer=list(tokenizer) or None, force=force))
 
 
-@main.command("export-hf")
+@click.command("export-hf", cls=Command)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Directory for config.json, model.safetensors, tokenizer.json.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def export_hf_cmd(checkpoint, out, force):
+def export_hf_command(checkpoint, out, force):
     """Write a checkpoint in the Hugging Face GPT-2 format (transformers loads it as GPT2LMHeadModel).
 
     \b
@@ -214,55 +191,3 @@ def export_hf_cmd(checkpoint, out, force):
     from edgegpt.train.hf import export_hf
 
     click.echo(export_hf(checkpoint, out, force=force))
-
-
-@main.command()
-def info():
-    """Package versions, onnxruntime execution providers and whether CUDA is usable.
-
-    \b
-    Examples:
-      edgegpt info
-    """
-    import importlib.metadata as md
-    import platform
-
-    click.echo(f"edgegpt {__version__} on Python {platform.python_version()} ({platform.machine()})")
-    for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "numpy", "tokenizers", "click", "torch", "onnx"):
-        try:
-            click.echo(f"  {dist:<18} {md.version(dist)}")
-        except md.PackageNotFoundError:
-            click.echo(f"  {dist:<18} -")
-    import onnxruntime as ort
-
-    providers = ort.get_available_providers()
-    click.echo(f"onnxruntime providers: {', '.join(providers)}")
-    cuda = "CUDAExecutionProvider" in providers
-    click.echo(f"CUDA for onnxruntime: {'available' if cuda else 'not available (install edgegpt[gpu] on a CUDA machine)'}")
-    if "torch" in sys.modules or _installed("torch"):
-        import torch
-
-        click.echo(f"CUDA for torch: {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
-
-
-# Commands owned by the export and runtime packages; their modules import nothing heavy at load time.
-from edgegpt.bench.cli import bench_command  # noqa: E402
-from edgegpt.export.cli import convert_ort, export  # noqa: E402
-from edgegpt.export.quantize_cli import quantize as quantize_command  # noqa: E402
-from edgegpt.runtime.cli import chat_command, eval_command, generate_command  # noqa: E402
-from edgegpt.runtime.serve.cli import serve_command  # noqa: E402
-from edgegpt.runtime.web_cli import web_command  # noqa: E402
-
-for command in (export, convert_ort, quantize_command, eval_command, generate_command, chat_command, serve_command,
-                web_command, bench_command):
-    main.add_command(command)
-
-
-def _installed(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,9 @@
-"""The runtime's click commands, `generate`, `chat` and `eval`, for the `edgegpt` group (edgegpt/cli.py adds them).
+"""The runtime's click commands, `generate`, `chat` and `eval` (the base install is enough).
 
-Module-level imports stay light (click, the standard library, edgegpt.cli_support): onnxruntime and numpy
+Module-level imports stay light (click, the standard library, edgegpt.cli.support): onnxruntime and numpy
 load inside the commands. Every sampling flag maps 1:1 to a `SamplingConfig` field (`--top-k` -> `top_k`);
-an unset flag keeps the dataclass default, so the defaults live in one place.
+an unset flag keeps the dataclass default, so the defaults live in one place. The session flags come from
+`SessionConfig` (`session_options`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from edgegpt.cli_support import Command, field_options, given
+from edgegpt.cli.support import Command, field_options, given, pop_session, root_flag, session_options
 
 __all__ = ["chat_command", "eval_command", "generate_command"]
 
@@ -95,22 +96,7 @@ def _constraint(json_schema: str | None, regex: str | None, grammar: str | None)
 
 def _sampling_options(func):
     """The sampling flags, then the session flags, of `generate` and `chat`."""
-    options = [
-        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core]."),
-        click.option("--spinning/--no-spinning", default=True, show_default=True,
-                     help="Idle onnxruntime threads busy-wait: faster on a quiet machine; turn off when the cores are shared."),
-        click.option("--huge-pages/--no-huge-pages", default=True, show_default=True,
-                     help="CPU: move the weights to 2 MiB pages after loading (Linux): faster decoding, slower loading."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return field_options(_SAMPLING_FLAGS)(func)
-
-
-def _quiet(ctx: click.Context) -> bool:
-    root = ctx.find_root().obj
-    return bool(root and isinstance(root, dict) and root.get("quiet"))
+    return field_options(_SAMPLING_FLAGS)(session_options("provider", "threads", "spinning", "huge_pages")(func))
 
 
 def _utf8(data: bytes, what: str, fix: str = "convert it, e.g. iconv -t UTF-8") -> str:
@@ -178,8 +164,8 @@ def _stdout_errors():
 @click.option("--top-logprobs", type=click.IntRange(min=0), default=None, help="With --json: the N most likely tokens of each step too.")
 @click.option("--json", "as_json", is_flag=True, help="Print text, tokens, finish_reason and timings as one JSON object.")
 @click.pass_context
-def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinning, huge_pages, lookup, draft, draft_tokens,
-                     lookup_ngram, json_schema, regex, grammar, as_json, **flags):  # fmt: skip
+def generate_command(ctx, bundle, prompt, prompt_file, lookup, draft, draft_tokens, lookup_ngram, json_schema, regex,
+                     grammar, as_json, **flags):  # fmt: skip
     """Generate text from a bundle with onnxruntime (no torch), streamed to stdout.
 
     \b
@@ -205,11 +191,11 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
     from edgegpt.runtime import Generator, SamplingConfig, Speculative
     from edgegpt.runtime.generation.budget import token_budget
 
-    session = dict(provider=provider, threads=threads, spinning=spinning, huge_pages=huge_pages)
-    gen = Generator.load(bundle, **session)
+    session = pop_session(flags)
+    gen = Generator.load(bundle, session)
     speculative = None
     if lookup or draft is not None:
-        speculative = Speculative(lookup=lookup, draft=None if draft is None else Generator.load(draft, **session),
+        speculative = Speculative(lookup=lookup, draft=None if draft is None else Generator.load(draft, session),
                                   draft_tokens=draft_tokens, lookup_ngram=lookup_ngram)  # fmt: skip
     ids = gen.encode(text)  # once, for the budget and the call
     overrides = given(flags)
@@ -239,7 +225,7 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
             click.echo(piece, nl=False)
         click.echo()
     result = stream.result
-    if not _quiet(ctx):
+    if not root_flag(ctx, "quiet"):
         t = result.timings
         shifts = f", context shifts {result.context_shifts}" if result.context_shifts else ""
         drafts = ""
@@ -257,7 +243,7 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_sampling_options
 @click.pass_context
-def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
+def chat_command(ctx, bundle, **flags):
     """Chat with a bundle: an interactive loop that keeps the conversation as context.
 
     The conversation is "User: ..." / "Assistant: ..." turns; each reply stops at the next "User:". The
@@ -275,8 +261,9 @@ def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
     from edgegpt.runtime import Generator, SamplingConfig
     from edgegpt.runtime.generation.chat import Conversation
 
+    session = pop_session(flags)
     sampling = SamplingConfig().replace(**given(flags))
-    gen = Generator.load(bundle, provider=provider, threads=threads, spinning=spinning, huge_pages=huge_pages)
+    gen = Generator.load(bundle, session)
     chat = Conversation(gen, sampling)
     while True:
         click.echo("> ", nl=False, err=True)
@@ -316,8 +303,7 @@ def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
                    "(non-overlapping, second halves scored); sliding = the perplexity windows.")
 @click.option("--prompts", type=click.IntRange(min=0), default=8, show_default=True, help="Greedy prompts (with --reference).")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy tokens per prompt.")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core].")
+@session_options("provider", "threads", provider={"default": "cpu"})
 @click.pass_context
 def eval_command(ctx, bundle, text_file, reference, as_json, tail, max_tokens, stride, scoring, prompts, new_tokens, provider,
                  threads):
@@ -341,7 +327,7 @@ def eval_command(ctx, bundle, text_file, reference, as_json, tail, max_tokens, s
     with contextlib.ExitStack() as stack:
         result = evaluate_bundle(bundle, text_file, reference=reference, tail=tail, max_tokens=max_tokens, stride=stride,
                                  scoring=scoring, prompts=prompts, new_tokens=new_tokens, provider=provider,
-                                 threads=threads, progress=None if _quiet(ctx) else _progress_bar(stack))
+                                 threads=threads, progress=None if root_flag(ctx, "quiet") else _progress_bar(stack))
     click.echo(json.dumps(result, indent=2) if as_json else summary_text(result))
 
 

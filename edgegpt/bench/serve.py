@@ -70,7 +70,7 @@ class ServeBenchConfig:
 def bench_server(bundle: str | Path, config: ServeBenchConfig = ServeBenchConfig()) -> dict[str, Any]:
     """Run the benchmark on one bundle; -> {"config", "bundle", "generator_tokens_per_s", "rows", "chat"}."""
     from edgegpt.runtime import Generator
-    from edgegpt.runtime.bench import make_prompts
+    from edgegpt.bench.timing import make_prompts
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the table
     gen = Generator.load(bundle, provider="cpu", threads=config.threads, spinning=config.spinning)
