@@ -140,7 +140,8 @@ class GPTConfig:
                 check_bool(name, getattr(self, name))
         if self.n_head % self.kv_heads:
             raise ConfigError(
-                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads}): each key/value head serves a whole group"
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads}): "
+                "each key/value head serves a whole group"
             )
         if self.position == "rope" and self.head_size % 2:
             raise ConfigError(f"position 'rope' rotates pairs of dimensions: head_size ({self.head_size}) must be even")

@@ -407,7 +407,7 @@ def storage_errors(path: str | Path, *, existed: bool | None = None) -> Iterator
     >>> with storage_errors("runs/x/metrics.jsonl"):
     ...     raise OSError(errno.ENOSPC, "No space left on device")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    edgegpt.errors.StorageError: runs/x/metrics.jsonl: no space left on device (... free in ...); free some space or write elsewhere
+    edgegpt.errors.StorageError: runs/x/metrics.jsonl: no space left on device (... free in ...); free some space ...
     """
     path = Path(path)
     try:

@@ -3,8 +3,9 @@
 A bundle is a directory: `model.onnx` (+ external data), `tokenizer.json`, `genai_config.json` and
 `manifest.json`; with the mobile format (`edgegpt convert-ort`, edgegpt.export.ort_convert) also `model.ort` and
 `required_operators.config`, described by the manifest's "ort" section. A device bundle may hold the `.ort`
-file alone: then `graph.file` is null and the "ort" section names the graph the runtime loads. The manifest records the format version, the model config, the graph's I/O, the
-quantization and the sha256 and size of every other file. Export writes it last; the runtime checks it
+file alone: then `graph.file` is null and the "ort" section names the graph the runtime loads. The
+manifest records the format version, the model config, the graph's I/O, the quantization and the
+sha256 and size of every other file. Export writes it last; the runtime checks it
 before loading anything. Its readers share one reading of it: `bundle_format` (fp32 or the quantization's
 "format", one of `FORMATS`) and `model_files` (the graph and its external data). Torch-free: both sides
 import it.

@@ -1,7 +1,8 @@
 """edgegpt.export: a checkpoint -> a validated, fused ONNX bundle with a KV cache (`export_bundle`).
 
-The steps, one module each: onnx_export.py (torch -> ONNX with GroupQueryAttention or MultiHeadAttention nodes), optimize.py
-(onnxruntime's fusions, op counts), validate.py (checker, parity with PyTorch, greedy generation),
+The steps, one module each: onnx_export.py (torch -> ONNX with GroupQueryAttention or MultiHeadAttention
+nodes), optimize.py (onnxruntime's fusions, op counts), validate.py (checker, parity with PyTorch, greedy
+generation),
 genai.py (onnxruntime-genai's config files), ort_convert.py (the mobile ORT format, `convert_to_ort`) and
 bundle.py (atomic directory). The manifest contract
 lives in edgegpt.manifest. Importing this package is cheap: torch and onnx are imported when

@@ -24,8 +24,9 @@ with dynamic B, T and P (P = 0 is an empty past). Two attention graphs, chosen b
   (a row's length, padding included), positions [0, S) of a row hold its keys/values; the kernel reads them
   and writes the T new ones at [S - T, S) in place, so nothing is copied per step; positions >= S are never
   read (stale values there are harmless). The prefill's mask is exactly as wide as the prompt, so
-  `total_sequence_length` == T tells the first prompt (the past is not read) from decode. The same graph also runs like "concat": given a past of
-  exactly P positions it returns a new (B, H, P+T, D) present (validation and genai without buffer sharing
+  `total_sequence_length` == T tells the first prompt (the past is not read) from decode. The same graph
+  also runs like "concat": given a past of exactly P positions it returns a new (B, H, P+T, D) present
+  (validation and genai without buffer sharing
   do that). Limits of onnxruntime's CPU kernel: head_size % 8 == 0 (checked before export), and T > 1 after
   a past (a second prompt chunk) needs batch 1; `edgegpt.runtime` never does that (prefill starts from an
   empty cache, decode feeds one token). A static (B, L) mask with zeros after the current length works for
@@ -141,7 +142,8 @@ def check_attention(config: GPTConfig, attention: str) -> None:
     family = sorted(k for k in config.to_dict() if k in attention_family)
     if attention == "mha" and family:  # its MultiHeadAttention stand-in has n_head keys and no rotary
         raise ExportError(
-            f"attention='mha' computes GPT-2's attention only; this model sets {', '.join(family)}: export with attention='gqa'"
+            f"attention='mha' computes GPT-2's attention only; this model sets {', '.join(family)}: "
+            "export with attention='gqa'"
         )
     if (
         config.kv_heads == 1

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 def op_counts(model: onnx.ModelProto, domain: str | None = None) -> dict[str, int]:
     """Node count per op type of the main graph (only ops of `domain`, if given), most frequent first.
 
-    >>> op_counts(onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [], [])))
+    >>> node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    >>> op_counts(onnx.helper.make_model(onnx.helper.make_graph([node], "g", [], [])))
     {'Relu': 1}
     """
     nodes = (node for node in model.graph.node if domain is None or node.domain == domain)
@@ -77,7 +78,8 @@ def gelu_kinds(model: onnx.ModelProto) -> dict[str, int]:
     Fused: FastGelu (tanh), com.microsoft Gelu / BiasGelu (erf), ONNX Gelu by its `approximate`, QuickGelu
     (sigmoid: "other"). Unfused, as the exporter writes them: each Tanh or Erf node (SimpleGPT has no other).
 
-    >>> gelu_kinds(onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Erf", ["x"], ["y"])], "g", [], [])))
+    >>> node = onnx.helper.make_node("Erf", ["x"], ["y"])
+    >>> gelu_kinds(onnx.helper.make_model(onnx.helper.make_graph([node], "g", [], [])))
     {'tanh': 0, 'erf': 1, 'other': 0}
     """
     kinds = {"tanh": 0, "erf": 0, "other": 0}

@@ -70,7 +70,8 @@ def convert_to_ort(
     source = Bundle.load(bundle)
     if source.onnx_path is None:
         raise BundleError(
-            f"{source.path}: holds no .onnx graph to convert (an .ort-only bundle); convert its fp32 or quantized source"
+            f"{source.path}: holds no .onnx graph to convert (an .ort-only bundle); "
+            "convert its fp32 or quantized source"
         )
     in_place = out is None or Path(out).resolve() == source.path.resolve()
     out = source.path if in_place else Path(out)

@@ -617,7 +617,8 @@ def _check_io(graph: dict, io: tuple[list[dict], list[dict]], to: str) -> str:
     ]
     if not same or kv_dtype is None:
         raise QuantizationError(
-            f"the quantized graph's I/O differ from the source's: {inputs + outputs} vs {graph['inputs'] + graph['outputs']}"
+            f"the quantized graph's I/O differ from the source's: {inputs + outputs} "
+            f"vs {graph['inputs'] + graph['outputs']}"
         )
     return kv_dtype
 

@@ -218,11 +218,12 @@ def main(bundle, json_schema, tokens, runs, threads, as_json):
         click.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(cost).items()}))
         return
     click.echo(
-        f"{bundle}: vocab {cost.vocab_size}, {cost.tokens} tokens: mask {cost.mask_us:.0f} us a token (compute "
-        f"{cost.compute_us:.0f}, p90 {cost.compute_p90_us:.0f}; apply {cost.apply_us:.0f}; consume {cost.consume_us:.0f}) "
-        f"= {cost.share:.1%} of a decode step (model call {cost.model_us:.0f} us, {cost.control_model_us:.0f} us in the "
-        f"control); step {cost.step_us:.0f} us; with a second thread: control {cost.control_step_us:.0f} us, mask "
-        f"overlapped {cost.overlapped_step_us:.0f} us; first use: vocabulary {cost.compiler_s:.2f} s, schema {cost.grammar_ms:.1f} ms"
+        f"{bundle}: vocab {cost.vocab_size}, {cost.tokens} tokens: mask {cost.mask_us:.0f} us a token "
+        f"(compute {cost.compute_us:.0f}, p90 {cost.compute_p90_us:.0f}; apply {cost.apply_us:.0f}; "
+        f"consume {cost.consume_us:.0f}) = {cost.share:.1%} of a decode step (model call {cost.model_us:.0f} us, "
+        f"{cost.control_model_us:.0f} us in the control); step {cost.step_us:.0f} us; with a second thread: "
+        f"control {cost.control_step_us:.0f} us, mask overlapped {cost.overlapped_step_us:.0f} us; "
+        f"first use: vocabulary {cost.compiler_s:.2f} s, schema {cost.grammar_ms:.1f} ms"
     )
 
 

@@ -197,8 +197,9 @@ def markdown(result: dict[str, Any]) -> str:
         return speculative_markdown(result)
     c, m = result["config"], result["model"]
     lines = [
-        f"{result['bundle']} ({result['format']}; {m['n_layer']} layers, {m['n_embd']} wide, vocab {m['vocab_size']}) on "
-        f"{result['providers'][0]}, onnxruntime {result['onnxruntime']}, threads {c['threads'] or 'one per core'}: "
+        f"{result['bundle']} ({result['format']}; {m['n_layer']} layers, {m['n_embd']} wide, "
+        f"vocab {m['vocab_size']}) on {result['providers'][0]}, onnxruntime {result['onnxruntime']}, "
+        f"threads {c['threads'] or 'one per core'}: "
         f"prompt {c['prompt_tokens']} tokens, {c['new_tokens']} new, medians of {c['runs']} runs",
         "",
         "| batch | prefill tok/s | decode tok/s | first token ms | step p50 ms | step p95 ms | Python share |",
@@ -206,8 +207,9 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['batch']} | {row['prefill_tok_s']:,.0f} | {row['decode_tok_s']:,.1f} | {row['ttft_s'] * 1e3:.1f} | "
-            f"{row['step_p50_ms']:.2f} | {row['step_p95_ms']:.2f} | {row['python_share']:.0%} |"
+            f"| {row['batch']} | {row['prefill_tok_s']:,.0f} | {row['decode_tok_s']:,.1f} | "
+            f"{row['ttft_s'] * 1e3:.1f} | {row['step_p50_ms']:.2f} | {row['step_p95_ms']:.2f} | "
+            f"{row['python_share']:.0%} |"
         )
     lines += ["", f"load {result['load_s']:.2f} s, peak resident memory {result['peak_rss_mb']:.0f} MB"]
     return "\n".join(lines) + "\n"

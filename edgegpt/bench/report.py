@@ -303,8 +303,9 @@ def markdown(report) -> str:
     shape = _shape(model)
     title = f"{shape} shape" if shape else "model"
     lines = [
-        f"### edgegpt bench: {title} ({model['n_layer']} layers x {model['n_embd']} wide, vocab {model['vocab_size']}), "
-        f"{config.prompt_tokens}-token prompt, {config.new_tokens} new tokens, greedy, {config.threads} threads, {config.provider}",
+        f"### edgegpt bench: {title} ({model['n_layer']} layers x {model['n_embd']} wide, "
+        f"vocab {model['vocab_size']}), {config.prompt_tokens}-token prompt, {config.new_tokens} new tokens, "
+        f"greedy, {config.threads} threads, {config.provider}",
         "",
         _env_line(env),
     ]
@@ -465,7 +466,10 @@ def _env_line(env: dict) -> str:
     cpu = env.get("cpu", "?") + (
         " family %s model %s" % tuple(env["cpu_id"]) if len(env.get("cpu_id", [])) == 2 else ""
     )
-    return f"Machine: {cpu} ({cores} CPUs{', ' + flags if flags else ''}, {env.get('memory_gib', '?')} GiB); {shown}{load}."
+    return (
+        f"Machine: {cpu} ({cores} CPUs{', ' + flags if flags else ''}, {env.get('memory_gib', '?')} GiB); "
+        f"{shown}{load}."
+    )
 
 
 def to_json(report) -> dict[str, Any]:
@@ -488,7 +492,8 @@ def to_json(report) -> dict[str, Any]:
 
 
 def plot(report, path: Path) -> Path:
-    """Bar charts of decode tokens/s per batch size (min-max whiskers, the bandwidth bound as a tick) and first-token time."""
+    """Bar charts of decode tokens/s per batch size (min-max whiskers, the bandwidth bound as a tick) and
+    first-token time."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -17,8 +17,9 @@ Two references for the targets in docs/benchmarks.md:
   client through the server against the runtime alone: the HTTP, JSON and SSE cost per token);
 - a chat's second turn: a first turn whose history holds about `history_tokens` tokens (fewer when the
   context is small: the history, its reply and the next turn must fit; none below 16) and a 16-token
-  reply, then the next turn; its time to first token, against the same second-turn messages with the first character of the
-  history changed, which no slot holds (a cold prefill of the same length). Medians of `runs`.
+  reply, then the next turn; its time to first token, against the same second-turn messages with the
+  first character of the history changed, which no slot holds (a cold prefill of the same length).
+  Medians of `runs`.
 """
 
 from __future__ import annotations
@@ -231,7 +232,8 @@ def markdown(result: dict[str, Any]) -> str:
     for row in result["rows"]:
         lines.append(
             f"| {row['clients']} | {row['tokens_per_s']:,.1f} | {row['tokens_per_s'] / one:.2f}x | "
-            f"{row['ttft_p50_ms']:.1f} / {row['ttft_p95_ms']:.1f} | {row['token_p50_ms']:.2f} / {row['token_p95_ms']:.2f} |"
+            f"{row['ttft_p50_ms']:.1f} / {row['ttft_p95_ms']:.1f} | "
+            f"{row['token_p50_ms']:.2f} / {row['token_p95_ms']:.2f} |"
         )
     lines.append("")
     first = next((r for r in result["rows"] if r["clients"] == 1), None)

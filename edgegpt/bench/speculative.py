@@ -92,8 +92,8 @@ def text_prompts(encode, source: str | Path, count: int, length: int) -> list[li
                 windows.append(ids[:length])
     if len(windows) < count:
         raise ConfigError(
-            f"--text {source}: {len(windows)} window(s) of {length} tokens in {len(texts)} text file(s), {count} wanted; "
-            f"lower --prompts or --prompt-tokens, or give more text"
+            f"--text {source}: {len(windows)} window(s) of {length} tokens in {len(texts)} text file(s), "
+            f"{count} wanted; lower --prompts or --prompt-tokens, or give more text"
         )
     return [windows[i * len(windows) // count] for i in range(count)]
 
@@ -241,10 +241,12 @@ def speculative_markdown(result: dict[str, Any]) -> str:
     sources = ", ".join(s["text"] for s in result["sources"])
     decoding = f"temperature {c['temperature']:g}" if c["temperature"] else "greedy"
     lines = [
-        f"{result['bundle']} ({result['format']}; {m['n_layer']} layers, {m['n_embd']} wide, vocab {m['vocab_size']}) on "
-        f"{result['providers'][0]}, onnxruntime {result['onnxruntime']}, threads {c['threads'] or 'one per core'}: "
+        f"{result['bundle']} ({result['format']}; {m['n_layer']} layers, {m['n_embd']} wide, "
+        f"vocab {m['vocab_size']}) on {result['providers'][0]}, onnxruntime {result['onnxruntime']}, "
+        f"threads {c['threads'] or 'one per core'}: "
         f"{c['prompts']} prompts of {c['prompt_tokens']} tokens per source, {c['new_tokens']} new tokens "
-        f"({decoding}), up to {c['draft_tokens']} drafts per call{drafted_by}; medians of {c['runs']} interleaved rounds; text: {sources}",
+        f"({decoding}), up to {c['draft_tokens']} drafts per call{drafted_by}; "
+        f"medians of {c['runs']} interleaved rounds; text: {sources}",
         "",
         "| text | mode | decode tok/s | vs plain | acceptance | tokens per call | same tokens as plain |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -255,8 +257,8 @@ def speculative_markdown(result: dict[str, Any]) -> str:
             rate = "" if f["acceptance_rate"] is None else f"{f['acceptance_rate']:.0%}"
             same = "" if mode == "plain" or c["temperature"] else f"{f['identical']}/{source['prompts']}"
             lines.append(
-                f"| {Path(source['text']).name} | {mode} | {f['decode_tok_s']:,.1f} | {f['decode_tok_s'] / plain:.2f}x | "
-                f"{rate} | {f['tokens_per_call']:.2f} | {same} |"
+                f"| {Path(source['text']).name} | {mode} | {f['decode_tok_s']:,.1f} | "
+                f"{f['decode_tok_s'] / plain:.2f}x | {rate} | {f['tokens_per_call']:.2f} | {same} |"
             )
     one = result["chunk_ms"]["1"]
     costs = ", ".join(f"{n} tokens {ms / one:.2f}x" for n, ms in result["chunk_ms"].items() if n != "1")

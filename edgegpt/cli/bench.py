@@ -66,7 +66,10 @@ _BENCH_FLAGS = {
     "text": {
         "type": click.Path(exists=True),
         "multiple": True,
-        "help": "With --lookup/--draft: a text file or a directory of them to continue (repeatable; one table row per source).",
+        "help": (
+            "With --lookup/--draft: a text file or a directory of them to continue "
+            "(repeatable; one table row per source)."
+        ),
     },
     "prompts": {
         "type": click.IntRange(min=1),
@@ -84,7 +87,9 @@ _BENCH_FLAGS = {
     # A bundle alone: `edgegpt serve` under concurrent clients (edgegpt.bench.serve, the serve extra).
     "serve_clients": {
         "callback": _csv(int),
-        "help": "Start `edgegpt serve` on the bundle and time these numbers of concurrent streaming clients, e.g. 1,4,8,16.",
+        "help": (
+            "Start `edgegpt serve` on the bundle and time these numbers of concurrent streaming clients, e.g. 1,4,8,16."
+        ),
     },
 }
 # The session flags of both configs; None: the config's default (BenchConfig's or DeviceBenchConfig's).

@@ -202,7 +202,10 @@ def _stdout_errors():
     "--json-schema",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help='The text must be JSON valid under this JSON schema file ({"type": "object"}: any object). Needs edgegpt[constrain].',
+    help=(
+        'The text must be JSON valid under this JSON schema file ({"type": "object"}: any object). '
+        "Needs edgegpt[constrain]."
+    ),
 )
 @click.option(
     "--regex",
@@ -323,7 +326,8 @@ def generate_command(
                 f"{len(result.tokens) / max(t.steps, 1):.2f} tokens per model call"
             )
         click.echo(
-            f"[{len(result.tokens)} tokens, {t.tokens_per_s:.1f} tokens/s, first token {t.time_to_first_token_s * 1e3:.1f} ms, "
+            f"[{len(result.tokens)} tokens, {t.tokens_per_s:.1f} tokens/s, "
+            f"first token {t.time_to_first_token_s * 1e3:.1f} ms, "
             f"finish_reason {result.finish_reason}{shifts}{drafts}]",
             err=True,
         )

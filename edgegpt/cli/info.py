@@ -50,7 +50,8 @@ def info_command():
         import torch
 
         click.echo(
-            f"CUDA for torch: {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}"
+            "CUDA for torch: "
+            f"{'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}"
         )
 
 

@@ -86,7 +86,10 @@ _SERVE_FLAGS = {
     "models",
     multiple=True,
     callback=_model_pair,
-    help="Serve this bundle as NAME (repeatable); a request's model field picks one. [default model: BUNDLE, else the first]",
+    help=(
+        "Serve this bundle as NAME (repeatable); a request's model field picks one. "
+        "[default model: BUNDLE, else the first]"
+    ),
 )
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option(

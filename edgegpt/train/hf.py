@@ -220,7 +220,8 @@ def _read_hf_weights(src: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def _to_edgegpt(state: dict[str, torch.Tensor], config: GPTConfig, file: Path) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors (prefix stripped) -> a full SimpleGPT state dict, checked name by name and shape by shape."""
+    """Hugging Face tensors (prefix stripped) -> a full SimpleGPT state dict, checked name by name and
+    shape by shape."""
     if config.position == "rope":
         with torch.device("meta"):
             expected = {
@@ -388,8 +389,9 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
     Reads config.json, the weights (model.safetensors, a sharded model.safetensors.index.json, or else
     pytorch_model.bin through `torch.load(weights_only=True)`), tokenizer.json or vocab.json +
     merges.txt, and the model's chat template if it has one (kept as chat_template.jinja; `export` puts it
-    in the bundle's tokenizer_config.json, where `edgegpt chat` and `edgegpt serve` read it). Keys may carry the `transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model). The
-    checkpoint gets bias=True and dropout=0.0, and the weights are stored as float32. A config.json
+    in the bundle's tokenizer_config.json, where `edgegpt chat` and `edgegpt serve` read it). Keys may
+    carry the `transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model). The checkpoint gets bias=True
+    and dropout=0.0, and the weights are stored as float32. A config.json
     vocab_size above the tokenizer's size (a padded embedding) sets `sampled_vocab_size` to the latter.
 
     Args:
@@ -486,8 +488,9 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False)
     of this docstring is about GPT-2.
 
     Writes config.json (a GPT2Config for GPT2LMHeadModel; activation_function "gelu_new" for the tanh GELU,
-    "gelu" for the exact one; bos/eos are the id of "<|endoftext|>" if the tokenizer has it, else null), model.safetensors (`transformer.*` keys, Conv1D weights transposed,
-    lm_head.weight omitted because it is tied to wte, as `save_pretrained` writes it), tokenizer.json
+    "gelu" for the exact one; bos/eos are the id of "<|endoftext|>" if the tokenizer has it, else null),
+    model.safetensors (`transformer.*` keys, Conv1D weights transposed, lm_head.weight omitted because it
+    is tied to wte, as `save_pretrained` writes it), tokenizer.json
     (the checkpoint's, byte for byte) and tokenizer_config.json (for `AutoTokenizer`). Everything is
     written to a temporary sibling directory and then renamed into place.
 

@@ -221,8 +221,8 @@ def architecture_of(config: GPTConfig) -> str:
     """
     if config.norm != "rmsnorm" or config.position != "rope" or config.mlp != "swiglu":
         raise ConfigError(
-            "only GPT-2 (layernorm, learned, gelu) or Llama-family (rmsnorm, rope, swiglu) models export to Hugging Face; "
-            f"this one has norm {config.norm!r}, position {config.position!r}, mlp {config.mlp!r}"
+            "only GPT-2 (layernorm, learned, gelu) or Llama-family (rmsnorm, rope, swiglu) models export to "
+            f"Hugging Face; this one has norm {config.norm!r}, position {config.position!r}, mlp {config.mlp!r}"
         )
     qkv, proj = config.bias_of("qkv"), config.bias_of("attn_proj")
     if config.qk_norm:

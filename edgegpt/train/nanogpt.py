@@ -352,7 +352,8 @@ def _resolve_tokenizer(given: Sequence[Path]) -> tuple[str, Any, dict | None]:
     if len(files) == 1 and files[0].suffix == ".json":
         return str(files[0]), _read_tokenizer_json(files[0]), None
     raise CheckpointError(
-        f"{names}: not a tokenizer; pass a Hugging Face tokenizer.json, GPT-2's vocab.json + merges.txt, or nanoGPT's meta.pkl"
+        f"{names}: not a tokenizer; pass a Hugging Face tokenizer.json, GPT-2's vocab.json + merges.txt, "
+        "or nanoGPT's meta.pkl"
     )
 
 
@@ -384,7 +385,10 @@ def _no_tokenizer(file: Path, data: dict, config: GPTConfig) -> CheckpointError:
             "tokenizer.json, or its vocab.json and merges.txt, with --tokenizer"
         )
     else:
-        hint = f"pass the meta.pkl its data was prepared with (vocab_size {config.vocab_size}) or a tokenizer.json with --tokenizer"
+        hint = (
+            f"pass the meta.pkl its data was prepared with (vocab_size {config.vocab_size}) "
+            "or a tokenizer.json with --tokenizer"
+        )
     return CheckpointError(f"{file}: no tokenizer ({where}); {hint}")
 
 

@@ -211,7 +211,8 @@ def train(
         ConfigError: resuming a run that is already at or past `cfg.steps`.
         StorageError: a checkpoint or metrics write failed (disk full...); the previous checkpoint is kept.
 
-    >>> # train(SimpleGPT(GPTConfig.preset("tiny")), ids[:9000], ids[9000:], TrainConfig(steps=10), "runs/x", tok.to_str())
+    >>> # train(SimpleGPT(GPTConfig.preset("tiny")), ids[:9000], ids[9000:], TrainConfig(steps=10),
+    >>> #       "runs/x", tok.to_str())
     """
     out = Path(out)
     rank, world = _distributed()

@@ -133,7 +133,8 @@ class Binding:
             self._public.bind_ortvalue_output(name, value)
 
     def bind_outputs(self, host: list[str], device: list[str]) -> None:
-        """Let onnxruntime allocate `host` outputs on the CPU and `device` ones on the device (after `clear_outputs`)."""
+        """Let onnxruntime allocate `host` outputs on the CPU and `device` ones on the device (after
+        `clear_outputs`)."""
         if self._fast:
             for name in host:
                 self._c.bind_output(name, self._c_cpu)

@@ -155,5 +155,6 @@ class SlotBatch(KVEngine):
     def _check_room(self, slot: int, count: int) -> None:
         if len(self.tokens[slot]) + count > self.capacity:
             raise ContextLengthError(
-                f"{count} new tokens after {len(self.tokens[slot])} exceed slot {slot}'s capacity of {self.capacity} positions"
+                f"{count} new tokens after {len(self.tokens[slot])} exceed slot {slot}'s capacity "
+                f"of {self.capacity} positions"
             )

@@ -104,7 +104,8 @@ def row_constraints(
 
     Each keyword is one value for every row or a list with one entry per row (None where that row is free).
 
-    >>> [c and c.kind for c in row_constraints(3, json_schema=[{"type": "object"}, None, None], regex=[None, "a+", None])]
+    >>> rows = row_constraints(3, json_schema=[{"type": "object"}, None, None], regex=[None, "a+", None])
+    >>> [c and c.kind for c in rows]
     ['json_schema', 'regex', None]
     """
     columns = {}

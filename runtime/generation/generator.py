@@ -630,7 +630,8 @@ class Generator:
         Raises:
             ContextLengthError: without max_new, the prompt and sampling.max_new_tokens do not fit the context.
 
-        >>> row = gen.new_completion(ids, SamplingConfig(max_new_tokens=32), constraint=Constraint(json_schema={"type": "object"}))  # doctest: +SKIP
+        >>> constraint = Constraint(json_schema={"type": "object"})  # doctest: +SKIP
+        >>> row = gen.new_completion(ids, SamplingConfig(max_new_tokens=32), constraint=constraint)  # doctest: +SKIP
         >>> piece = row.sample(state.feed(ids)[0])  # doctest: +SKIP
         """
         config = SamplingConfig() if sampling is None else sampling

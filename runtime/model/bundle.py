@@ -3,8 +3,9 @@
 Checks, in order: the manifest's format and version, the size and sha256 of every listed file
 (`edgegpt.manifest.verify_bundle`), the model config, the KV-cache layout, the external-data locations
 inside `model.onnx` (each must be a safe, hashed member of the bundle), the graph's input and output names
-and the model settings it implies (`check_model_settings`), and the tokenizer (loadable, an end-of-text token, no more tokens than the model's vocabulary: a model
-vocabulary larger than the tokenizer's is padding, e.g. nanoGPT's 50304 for GPT-2's 50257, and those ids are
+and the model settings it implies (`check_model_settings`), and the tokenizer (loadable, an end-of-text
+token, no more tokens than the model's vocabulary: a model vocabulary larger than the tokenizer's is
+padding, e.g. nanoGPT's 50304 for GPT-2's 50257, and those ids are
 never sampled).
 
 A bundle with the mobile format (the manifest's "ort" section, `edgegpt convert-ort`) gets the same graph
@@ -188,7 +189,8 @@ def _ort_file(manifest: dict, where: Path) -> str | None:
     name = ort.get("file") if isinstance(ort, dict) else None
     if not isinstance(name, str) or name not in manifest["files"]:
         raise BundleError(
-            f"{where}: ort.file {name!r} is not a file listed (hashed) in 'files'; re-convert with `edgegpt convert-ort`"
+            f"{where}: ort.file {name!r} is not a file listed (hashed) in 'files'; "
+            "re-convert with `edgegpt convert-ort`"
         )
     return name
 

@@ -35,16 +35,17 @@ def read_ort_model(path: str | Path) -> OrtModelInfo:
     Raises:
         BundleError: the file is not an ORT-format model, or is malformed.
 
-    >>> read_ort_model(__file__)
+    >>> read_ort_model(__file__)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    edgegpt.errors.BundleError: ...: not an ORT-format model (no 'ORTM' identifier); re-convert the bundle with `edgegpt convert-ort`
+    edgegpt.errors.BundleError: ...: not an ORT-format model (no 'ORTM' identifier); re-convert the bundle with ...
     """
     path = Path(path)
     with open(path, "rb") as f:
         if f.read(8)[4:8] != _ORT_IDENTIFIER:
             raise BundleError(
-                f"{path}: not an ORT-format model (no 'ORTM' identifier); re-convert the bundle with `edgegpt convert-ort`"
+                f"{path}: not an ORT-format model (no 'ORTM' identifier); "
+                "re-convert the bundle with `edgegpt convert-ort`"
             )
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:  # the weights are never read: map, not load
             return _read(buf, path)

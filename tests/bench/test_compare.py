@@ -184,7 +184,10 @@ def test_decode_weight_bytes_skip_embedding_tables(tmp_path):
 
 
 def test_cli_module_imports_nothing_heavy():
-    code = "import edgegpt.cli.bench, sys; heavy = {'torch', 'onnx', 'numpy', 'onnxruntime'} & set(sys.modules); assert not heavy, heavy"
+    code = (
+        "import edgegpt.cli.bench, sys; "
+        "heavy = {'torch', 'onnx', 'numpy', 'onnxruntime'} & set(sys.modules); assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -1,8 +1,9 @@
 """The GroupQueryAttention graph and its KV layout "shared_buffer", end to end.
 
 Export (the validation recorded in the manifest, greedy tokens, genai config; the parity cases of both graphs
-are in test_export.py), the refusal of head sizes the kernel cannot run, and the runtime: generate / batch / stream / sliding window / threads on the "gqa"
-bundle give the "mha" bundle's tokens, and the cache buffers and logits are allocated once per request.
+are in test_export.py), the refusal of head sizes the kernel cannot run, and the runtime: generate / batch /
+stream / sliding window / threads on the "gqa" bundle give the "mha" bundle's tokens, and the cache buffers
+and logits are allocated once per request.
 The models have larger random weights than the seeded tiny checkpoint so that greedy tokens vary.
 """
 

@@ -294,7 +294,8 @@ def test_cli_eval_json_text_and_errors(bundle, int8_bundle, text_file):
 def test_evaluation_runs_without_torch(bundle, text_file):
     code = (
         "import sys; from edgegpt.runtime.generation.evaluate import evaluate_bundle; "
-        f"r = evaluate_bundle({str(bundle)!r}, {str(text_file)!r}, reference={str(bundle)!r}, max_tokens=100, prompts=1); "
+        f"r = evaluate_bundle({str(bundle)!r}, {str(text_file)!r}, reference={str(bundle)!r}, "
+        "max_tokens=100, prompts=1); "
         "assert r['top1_agreement'] == 1.0; assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

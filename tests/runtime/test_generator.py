@@ -80,7 +80,10 @@ def _rewrite_manifest(bundle: Path, **changes) -> None:
 def test_runtime_imports_without_torch_or_onnx():
     code = (
         "import sys, edgegpt.runtime as rt\n"
-        "from edgegpt.cli import generate\nfrom edgegpt.runtime.engine import binding, cache\nfrom edgegpt.runtime.generation import generator, sampling\nfrom edgegpt.runtime.model import bundle, onnx_paths, providers\n"
+        "from edgegpt.cli import generate\n"
+        "from edgegpt.runtime.engine import binding, cache\n"
+        "from edgegpt.runtime.generation import generator, sampling\n"
+        "from edgegpt.runtime.model import bundle, onnx_paths, providers\n"
         "[getattr(rt, name) for name in rt.__all__]\n"
         "bad = [m for m in ('torch', 'onnx') if m in sys.modules]\n"
         "assert not bad, bad\n"

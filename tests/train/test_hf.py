@@ -214,7 +214,10 @@ def test_the_models_chat_template_reaches_the_bundle_and_the_runtime(hf_dir, tmp
     from edgegpt.export import export_bundle
     from edgegpt.runtime import Generator
 
-    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     src = _copy(hf_dir, tmp_path)
     (src / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template})

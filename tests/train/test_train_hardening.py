@@ -162,7 +162,8 @@ def test_the_cli_exits_143_after_sigterm_and_130_after_ctrl_c(tmp_path, monkeypa
         assert f"interrupted at step 7 by {signal.Signals(signum).name}, checkpoint saved" in result.output
 
 
-# The signal sent to the `train` command itself: tests/train/test_trainer.py::test_ctrl_c_and_sigterm_save_and_exit_cleanly
+# The signal sent to the `train` command itself:
+# tests/train/test_trainer.py::test_ctrl_c_and_sigterm_save_and_exit_cleanly
 
 
 # ------------------------------------------------------------------ 5. two trainers, one run directory
