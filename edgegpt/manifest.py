@@ -3,8 +3,9 @@
 A bundle is a directory: `model.onnx` (+ external data), `tokenizer.json`, `genai_config.json` and
 `manifest.json`; with the mobile format (`edgegpt convert-ort`, edgegpt.export.ort_convert) also `model.ort` and
 `required_operators.config`, described by the manifest's "ort" section. A device bundle may hold the `.ort`
-file alone: then `graph.file` is null and the "ort" section names the graph the runtime loads. The manifest records the format version, the model config, the graph's I/O, the
-quantization and the sha256 and size of every other file. Export writes it last; the runtime checks it
+file alone: then `graph.file` is null and the "ort" section names the graph the runtime loads. The
+manifest records the format version, the model config, the graph's I/O, the quantization and the
+sha256 and size of every other file. Export writes it last; the runtime checks it
 before loading anything. Its readers share one reading of it: `bundle_format` (fp32 or the quantization's
 "format", one of `FORMATS`) and `model_files` (the graph and its external data). Torch-free: both sides
 import it.
@@ -144,7 +145,9 @@ def verify_bundle(bundle: str | Path) -> dict[str, Any]:
             raise BundleError(f"{path}: listed in the manifest but missing; re-export or re-copy the bundle")
         size = path.stat().st_size
         if size != meta.get("size"):
-            raise BundleError(f"{path}: {size} bytes, the manifest says {meta.get('size')}; the file is truncated or replaced")
+            raise BundleError(
+                f"{path}: {size} bytes, the manifest says {meta.get('size')}; the file is truncated or replaced"
+            )
         if sha256_file(path) != meta.get("sha256"):
             raise BundleError(f"{path}: sha256 differs from the manifest; the file was modified or corrupted")
     return manifest

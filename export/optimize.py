@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 def op_counts(model: onnx.ModelProto, domain: str | None = None) -> dict[str, int]:
     """Node count per op type of the main graph (only ops of `domain`, if given), most frequent first.
 
-    >>> op_counts(onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [], [])))
+    >>> node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    >>> op_counts(onnx.helper.make_model(onnx.helper.make_graph([node], "g", [], [])))
     {'Relu': 1}
     """
     nodes = (node for node in model.graph.node if domain is None or node.domain == domain)
@@ -77,7 +78,8 @@ def gelu_kinds(model: onnx.ModelProto) -> dict[str, int]:
     Fused: FastGelu (tanh), com.microsoft Gelu / BiasGelu (erf), ONNX Gelu by its `approximate`, QuickGelu
     (sigmoid: "other"). Unfused, as the exporter writes them: each Tanh or Erf node (SimpleGPT has no other).
 
-    >>> gelu_kinds(onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Erf", ["x"], ["y"])], "g", [], [])))
+    >>> node = onnx.helper.make_node("Erf", ["x"], ["y"])
+    >>> gelu_kinds(onnx.helper.make_model(onnx.helper.make_graph([node], "g", [], [])))
     {'tanh': 0, 'erf': 1, 'other': 0}
     """
     kinds = {"tanh": 0, "erf": 0, "other": 0}
@@ -113,15 +115,19 @@ def expected_fused_ops(config: GPTConfig, attention_op: str = "MultiHeadAttentio
     norms (and Qwen3's two q/k RMSNorms)."""
     if config.norm == "rmsnorm":
         # ln_1 of block 0 reads the embedding alone (no position table to add): a plain SimplifiedLayerNormalization
-        norms = {"SkipSimplifiedLayerNormalization": 2 * config.n_layer,
-                 "SimplifiedLayerNormalization": 1 + (2 * config.n_layer if config.qk_norm else 0)}  # fmt: skip
+        norms = {
+            "SkipSimplifiedLayerNormalization": 2 * config.n_layer,
+            "SimplifiedLayerNormalization": 1 + (2 * config.n_layer if config.qk_norm else 0),
+        }
     else:  # each LayerNorm follows an add: ln_1 of block 0 the embedding sum, the other 2 n_layer the residuals
         norms = {"SkipLayerNormalization": 2 * config.n_layer + 1}
     gelu = {fused_gelu(config): config.n_layer} if config.mlp == "gelu" else {}
     return {attention_op: config.n_layer, **gelu, **norms}
 
 
-def fused_op_shortfall(counts: dict[str, int], config: GPTConfig, attention_op: str = "MultiHeadAttention") -> dict[str, tuple[int, int]]:
+def fused_op_shortfall(
+    counts: dict[str, int], config: GPTConfig, attention_op: str = "MultiHeadAttention"
+) -> dict[str, tuple[int, int]]:
     """{op: (found, expected)} for each fused op that the graph holds too few of."""
     expected = expected_fused_ops(config, attention_op)
     return {op: (counts.get(op, 0), n) for op, n in expected.items() if counts.get(op, 0) < n}
@@ -158,7 +164,9 @@ def optimize_onnx(
         share_tied_lm_head(optimized.model)
         optimized.save_model_to_file(str(dst), use_external_data_format=external_data)
     except Exception as exc:  # the optimizer raises whatever its passes hit
-        raise ExportError(f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False") from exc
+        raise ExportError(
+            f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False"
+        ) from exc
     graph = onnx.load(str(dst), load_external_data=False)
     check_gelu(graph, config, dst.name)
     after = op_counts(graph)

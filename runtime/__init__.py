@@ -15,8 +15,8 @@ Four wings, in the order a request meets them:
                  (DecodeState: rows in lockstep), slots.py (SlotBatch: sequences that come and go), base.py
                  (what the two share), session.py (ModelSession: the session, bundle, device, logits dtype)
     generation/  from a prompt to text: sampling.py, completion.py (one row's text, stops, finish),
-                 constraints.py, logprobs.py, speculative.py, budget.py (token_budget), generator.py (Generator), chat.py, templates.py
-                 (chat templates), evaluate.py (perplexity, agreement)
+                 constraints.py, logprobs.py, speculative.py, budget.py (token_budget), generator.py
+                 (Generator), chat.py, templates.py (chat templates), evaluate.py (perplexity, agreement)
     serve/       many clients on one model: scheduler.py (continuous batching), app.py, protocol.py,
                  metrics.py (`edgegpt serve`, the serve extra), settings.py (ServeSettings), process.py,
                  web.py (`edgegpt web`'s static server)

@@ -112,13 +112,16 @@ class DeviceBenchConfig:
         if self.text and not self.speculative:
             raise ConfigError("--text goes with --lookup or --draft (it names the text the drafts are timed on)")
         if self.speculative and tuple(self.batch) != (1,):
-            raise ConfigError(f"speculative decoding runs one prompt at a time: drop --batch {','.join(map(str, self.batch))}")
+            raise ConfigError(
+                f"speculative decoding runs one prompt at a time: drop --batch {','.join(map(str, self.batch))}"
+            )
 
     @property
     def session(self) -> SessionConfig:
         """The onnxruntime session of the timed model (and of the draft)."""
-        return SessionConfig(provider=self.provider, threads=self.threads, spinning=self.spinning,
-                             huge_pages=self.huge_pages)  # fmt: skip
+        return SessionConfig(
+            provider=self.provider, threads=self.threads, spinning=self.spinning, huge_pages=self.huge_pages
+        )
 
     @property
     def speculative(self) -> bool:
@@ -164,7 +167,12 @@ def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConf
         runs = []
         for _ in range(config.runs):
             stamps, _, session_s = time_generation(gen, chosen, config.new_tokens)
-            runs.append({**figures(stamps, config.prompt_tokens, batch), "python_share": 1 - session_s / (stamps[-1] - stamps[0])})
+            runs.append(
+                {
+                    **figures(stamps, config.prompt_tokens, batch),
+                    "python_share": 1 - session_s / (stamps[-1] - stamps[0]),
+                }
+            )
         medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         rows.append({"batch": batch, **medians, "runs": runs})
     return {
@@ -189,8 +197,9 @@ def markdown(result: dict[str, Any]) -> str:
         return speculative_markdown(result)
     c, m = result["config"], result["model"]
     lines = [
-        f"{result['bundle']} ({result['format']}; {m['n_layer']} layers, {m['n_embd']} wide, vocab {m['vocab_size']}) on "
-        f"{result['providers'][0]}, onnxruntime {result['onnxruntime']}, threads {c['threads'] or 'one per core'}: "
+        f"{result['bundle']} ({result['format']}; {m['n_layer']} layers, {m['n_embd']} wide, "
+        f"vocab {m['vocab_size']}) on {result['providers'][0]}, onnxruntime {result['onnxruntime']}, "
+        f"threads {c['threads'] or 'one per core'}: "
         f"prompt {c['prompt_tokens']} tokens, {c['new_tokens']} new, medians of {c['runs']} runs",
         "",
         "| batch | prefill tok/s | decode tok/s | first token ms | step p50 ms | step p95 ms | Python share |",
@@ -198,8 +207,9 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['batch']} | {row['prefill_tok_s']:,.0f} | {row['decode_tok_s']:,.1f} | {row['ttft_s'] * 1e3:.1f} | "
-            f"{row['step_p50_ms']:.2f} | {row['step_p95_ms']:.2f} | {row['python_share']:.0%} |"
+            f"| {row['batch']} | {row['prefill_tok_s']:,.0f} | {row['decode_tok_s']:,.1f} | "
+            f"{row['ttft_s'] * 1e3:.1f} | {row['step_p50_ms']:.2f} | {row['step_p95_ms']:.2f} | "
+            f"{row['python_share']:.0%} |"
         )
     lines += ["", f"load {result['load_s']:.2f} s, peak resident memory {result['peak_rss_mb']:.0f} MB"]
     return "\n".join(lines) + "\n"

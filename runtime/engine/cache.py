@@ -19,8 +19,9 @@ binding)` to take another cache's contents (`engine.DecodeState.fork`), `length`
   present.{i}.*. The attention kernel reads positions [0, S) of each row (S = the index of the row's
   last 1 in the attention mask + 1, padding included) and writes the T new keys/values at [S - T, S) in
   place: no cache copy, no allocation per step. Positions >= S hold stale or uninitialised values that are
-  never read, so a sliding-window re-prefill reuses the buffers as they are. The prefill's mask is exactly as wide as the prompt; decode
-  steps bind the whole (B, L) mask buffer (ones up to the cached length, zeros after: the graph takes each
+  never read, so a sliding-window re-prefill reuses the buffers as they are. The prefill's mask is exactly
+  as wide as the prompt; decode steps bind the whole (B, L) mask buffer (ones up to the cached length,
+  zeros after: the graph takes each
   row's length from its last 1), so its shape, and on the CPU its binding, stay the same every step.
   `SlotBatch` resets it one column wider than its capacity (a scratch column) and binds a range of rows,
   one slot or the slots a step runs, with `bind_rows`.
@@ -134,8 +135,12 @@ KV_CACHES = {"concat": ConcatKVCache, "shared_buffer": SharedBufferKVCache}
 assert KV_CACHES.keys() == KV_LAYOUTS.keys(), "one strategy class per layout of the contract"
 
 
-def make_kv_cache(layout: str, past_names: list[str], present_names: list[str], kv_heads: int, head_size: int, dtype: str):
+def make_kv_cache(
+    layout: str, past_names: list[str], present_names: list[str], kv_heads: int, head_size: int, dtype: str
+):
     """The strategy object for a manifest's layout; BundleError for a layout this runtime cannot run."""
     if layout not in KV_CACHES:
-        raise BundleError(f"KV-cache layout {layout!r} is not supported (known: {', '.join(KV_CACHES)}); upgrade edgegpt")
+        raise BundleError(
+            f"KV-cache layout {layout!r} is not supported (known: {', '.join(KV_CACHES)}); upgrade edgegpt"
+        )
     return KV_CACHES[layout](past_names, present_names, kv_heads, head_size, dtype)

@@ -81,7 +81,9 @@ class Constraint:
             try:
                 json.dumps(schema)
             except (TypeError, ValueError) as exc:
-                raise ConstraintError(f"json_schema must be JSON data (dicts, lists, strings, numbers): {exc}") from None
+                raise ConstraintError(
+                    f"json_schema must be JSON data (dicts, lists, strings, numbers): {exc}"
+                ) from None
 
     @property
     def kind(self) -> str:
@@ -95,19 +97,24 @@ class Constraint:
         return json.dumps(schema, sort_keys=True)
 
 
-def row_constraints(rows: int, json_schema: Any = None, regex: Any = None, grammar: Any = None) -> list[Constraint | None]:
+def row_constraints(
+    rows: int, json_schema: Any = None, regex: Any = None, grammar: Any = None
+) -> list[Constraint | None]:
     """One `Constraint` (or None: a free row) per row, from `generate_batch`'s keywords.
 
     Each keyword is one value for every row or a list with one entry per row (None where that row is free).
 
-    >>> [c and c.kind for c in row_constraints(3, json_schema=[{"type": "object"}, None, None], regex=[None, "a+", None])]
+    >>> rows = row_constraints(3, json_schema=[{"type": "object"}, None, None], regex=[None, "a+", None])
+    >>> [c and c.kind for c in rows]
     ['json_schema', 'regex', None]
     """
     columns = {}
     for name, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar)):
         if isinstance(value, (list, tuple)):
             if len(value) != rows:
-                raise ConstraintError(f"{name} has {len(value)} entries for {rows} prompts; give one per prompt (None: free)")
+                raise ConstraintError(
+                    f"{name} has {len(value)} entries for {rows} prompts; give one per prompt (None: free)"
+                )
             columns[name] = list(value)
         else:
             columns[name] = [value] * rows
