@@ -9,7 +9,7 @@ Four wings, in the order a request meets them:
 
     model/       a bundle checked and opened: bundle.py (verify before load), onnx_paths.py and ort_format.py
                  (read the graphs without onnx), contract.py (KV layouts and the onnxruntime each needs),
-                 session.py (SessionConfig, stdlib-only: the CLI builds its flags from it), providers.py
+                 session_config.py (SessionConfig, stdlib-only: the CLI builds its flags from it), providers.py
                  (the execution provider and the session), huge_pages.py
     engine/      the step layer over one session: binding.py (IOBinding), cache.py (KV layouts), state.py
                  (DecodeState: rows in lockstep), slots.py (SlotBatch: sequences that come and go), base.py
@@ -83,7 +83,7 @@ _HOME = {
     "Generator": "generation.generator",
     "TextStream": "generation.generator",
     "Timings": "generation.generator",
-    "SessionConfig": "model.session",
+    "SessionConfig": "model.session_config",
     "Sampler": "generation.sampling",
     "SamplingConfig": "generation.sampling",
     "Speculative": "generation.speculative",
@@ -97,7 +97,7 @@ if TYPE_CHECKING:
     from edgegpt.runtime.engine.state import DecodeState
     from edgegpt.runtime.generation.generator import GenerationResult, Generator, TextStream, Timings
     from edgegpt.runtime.generation.logprobs import TokenLogprob
-    from edgegpt.runtime.model.session import SessionConfig
+    from edgegpt.runtime.model.session_config import SessionConfig
     from edgegpt.runtime.generation.sampling import Sampler, SamplingConfig
     from edgegpt.runtime.generation.speculative import Speculative
 

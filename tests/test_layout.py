@@ -12,7 +12,7 @@
     bench (edgegpt/bench/compare.py, report.py, worker.py: the workstation bench)
                                -> anything but the CLI
     CLI (edgegpt/cli/)         -> at module level only the standard library, click, core, the runtime's
-                                  stdlib-only config modules (RUNTIME_CONFIG: runtime/model/session.py,
+                                  stdlib-only config modules (RUNTIME_CONFIG: runtime/model/session_config.py,
                                   runtime/serve/settings.py, from whose dataclasses the CLI builds its flags)
                                   and other CLI modules; anything inside a command (lazily)
 
@@ -44,7 +44,7 @@ EXTRAS = {
 EXTRA_PACKAGES = {"runtime/serve/": "serve", "edgegpt/bench/serve.py": "serve"}
 WORKSTATION_BENCH = {"compare", "report", "worker"}  # edgegpt/bench/ modules of the training extra's side
 RUNTIME_CONFIG = {
-    "edgegpt.runtime.model.session": "runtime/model/session.py",
+    "edgegpt.runtime.model.session_config": "runtime/model/session_config.py",
     "edgegpt.runtime.serve.settings": "runtime/serve/settings.py",
 }
 ALLOWED = {  # layer -> the edgegpt layers it may import
@@ -361,6 +361,7 @@ def test_the_readme_layout_names_every_module():
         "edgegpt/bench/": ROOT / "edgegpt/bench",
         "export/": ROOT / "export",
         "runtime/": ROOT / "runtime",
+        **{f"runtime/{wing}/": ROOT / "runtime" / wing for wing in WINGS},
     }
     sections, current = {}, None
     for line in block.splitlines():

@@ -33,7 +33,7 @@ from edgegpt.bench.timing import figures, fit_lengths, make_prompts, peak_rss_mb
 from edgegpt.checks import check_bool, check_int, check_real
 from edgegpt.errors import ConfigError
 from edgegpt.manifest import bundle_format
-from edgegpt.runtime.model.session import SessionConfig
+from edgegpt.runtime.model.session_config import SessionConfig
 
 __all__ = ["DeviceBenchConfig", "bench_bundle", "markdown"]
 

@@ -18,7 +18,7 @@ flags (`--provider`, `--threads`, `--spinning/--no-spinning`, `--huge-pages/--no
 its call (`edgegpt serve`: no spinning, as `ServeSettings`).
 
 Module-level imports: the standard library, click, core and the runtime's stdlib-only config module
-`edgegpt.runtime.model.session` (tests/test_layout.py), as every CLI module may import this.
+`edgegpt.runtime.model.session_config` (tests/test_layout.py), as every CLI module may import this.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 import click
 
 from edgegpt.errors import ConfigError, EdgeGPTError, SamplingError
-from edgegpt.runtime.model.session import PROVIDERS, SessionConfig
+from edgegpt.runtime.model.session_config import PROVIDERS, SessionConfig
 
 __all__ = ["Command", "Group", "click_error", "field_options", "given", "pop_session", "root_flag", "session_options"]
 

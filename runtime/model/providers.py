@@ -1,4 +1,4 @@
-"""Execution-provider choice: `create_session` runs a `SessionConfig` (session.py) on its provider.
+"""Execution-provider choice: `create_session` runs a `SessionConfig` (session_config.py) on its provider.
 
 "cpu" runs CPUExecutionProvider. "cuda" runs CUDAExecutionProvider or raises `ProviderError` saying why
 (onnxruntime-gpu missing, no NVIDIA driver or device, CUDA/cuDNN libraries that fail to load). "auto"
@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from edgegpt.errors import BundleError, ProviderError
 from edgegpt.runtime.model.huge_pages import huge_pages_for_new_memory
-from edgegpt.runtime.model.session import SessionConfig
+from edgegpt.runtime.model.session_config import SessionConfig
 
 __all__ = ["SessionConfig", "create_session", "cuda_problem"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgegpt.runtime.model.session import SessionConfig
+from edgegpt.runtime.model.session_config import SessionConfig
 
 __all__ = ["LOOPBACK", "ServeSettings"]
 

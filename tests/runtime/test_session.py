@@ -1,4 +1,4 @@
-"""`SessionConfig` (runtime/model/session.py) and `Generator.load`'s session: a config, keywords that replace its
+"""`SessionConfig` (runtime/model/session_config.py) and `Generator.load`'s session: a config, keywords that replace its
 fields, an unknown keyword refused by name; the module loads without onnxruntime, for the CLI's flags."""
 
 from __future__ import annotations
@@ -36,5 +36,5 @@ def test_load_refuses_an_unknown_session_keyword_by_name(bundle):
 
 
 def test_session_config_loads_without_onnxruntime():
-    code = "import sys, edgegpt.runtime.model.session; assert not {'onnxruntime', 'numpy'} & set(sys.modules)"
+    code = "import sys, edgegpt.runtime.model.session_config; assert not {'onnxruntime', 'numpy'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
