@@ -45,31 +45,14 @@ onnxruntime's optimizer fuses into SkipSimplifiedLayerNormalization (after each 
 SimplifiedLayerNormalization (ln_1 of block 0 and the q/k norms). Not yet: n_kv_head = 1 (the TorchScript
 exporter fails on it), and "mha".
 
-Choices (measurements: docs/design.md, "3. The graph"):
-- Attention is emitted directly as `com.microsoft.MultiHeadAttention` (unidirectional=1, a (B, P+T)
-  key-padding mask, the QKV bias as its bias input, separate BNSH past/present), from an autograd.Function
-  `symbolic`. onnxruntime's transformer optimizer fuses attention only when it is written as the classic
-  GPT-2 op pattern, so a traced SDPA stays ~20 unfused ops per layer and decodes slower. The GPT-2
-  `Attention` op with one combined (2, B, H, P, D) past per layer was no faster and would break the
-  separate-key/value contract (genai "decoder" naming). GroupQueryAttention with a shared past/present
-  buffer is faster but needs another KV layout and cannot take a multi-token chunk after a past at
-  batch > 1: it is the "gqa" graph above. The CPU MultiHeadAttention kernel takes an empty past (P = 0),
-  left padding and a causal block at any offset: exactly the "concat" contract.
-- Default "gqa": through `edgegpt.runtime.Generator` it decodes faster than "mha" in fp32, int8 and int4,
-  with fp32 greedy tokens equal to PyTorch's. The gain is the in-place cache (no per-step allocation or
-  copy), packed QKV without a Split, and less Python per step (no presents to fetch and rebind);
-  attention_bias costs nothing measurable. "mha" stays for head sizes that are not a multiple of 8,
-  onnxruntime 1.20-1.21, and fp32 on CUDA (onnxruntime's CUDA GroupQueryAttention kernel takes
-  float16/bfloat16 only; a float16 bundle has it).
-- Exporter: the TorchScript-based one (`dynamo=False`). Its custom-op `symbolic` is a few lines, it traces
-  much faster than dynamo, and one trace with P = 5 keeps P = 0 and T = 1 correct. `dynamo=True` also
-  leaves SDPA unfused; emitting the contrib op there needs a torch.library op plus an onnxscript
-  translation, and torch.export specialises example sizes 0 and 1. TorchScript export is deprecated
-  upstream: porting `symbolic` to a dynamo translation is the way out when it goes.
-- Opset 17: the lowest with LayerNormalization as one op (what the fusions match); older onnxruntime
-  builds (mobile) run it. 18 and 19 give the same fused graph. 20 is refused: it exports GELU as ONNX's
-  `Gelu(approximate="tanh")`, which onnxruntime 1.32's optimizer rewrites into the erf-based `BiasGelu`,
-  a silent change of the model's function.
+Behaviour (why each choice, with its measurements: docs/design.md, "3. The graph"):
+- Attention is emitted directly as the contrib op, from an autograd.Function `symbolic`, so no optimizer has to
+  match an op pattern.
+- "gqa" is the default. "mha" is for head sizes that are not a multiple of 8, onnxruntime 1.20-1.21 and fp32 on
+  CUDA (onnxruntime's CUDA GroupQueryAttention takes float16/bfloat16 only; a float16 bundle has it).
+- The TorchScript-based exporter (`dynamo=False`) traces once with P = 5, which keeps P = 0 and T = 1 correct.
+- Opsets 17-19 are accepted (17 by default); 20 is refused: it exports GELU as ONNX's `Gelu(approximate="tanh")`,
+  which onnxruntime 1.32's optimizer rewrites into the erf-based `BiasGelu`, a silent change of the function.
 - GELU (`GPTConfig.gelu`): at opset 17-19 the tanh approximation is traced as its Mul/Tanh/Add pattern and
   the exact GELU of nanoGPT as Div/Erf/Add/Mul; onnxruntime's optimizer fuses them into FastGelu and
   BiasGelu (Gelu without bias) respectively, and validate.py checks that each graph keeps its function.
