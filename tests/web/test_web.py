@@ -28,17 +28,19 @@ def python_greedy(bundle, **options):
 
 
 def case(name, bundle) -> dict:
+    """The Python runtime's outputs that web/test/generator.test.js checks (stopCases: none for a GPT-2 bundle, whose
+    one stop id is end-of-text; tests/runtime/test_llama_runtime.py adds Llama bundles with several)."""
     from edgegpt.runtime import Generator
-    from edgegpt.tokenizer import encode
 
     result = python_greedy(bundle, ignore_eos=True)
     text = result.text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     stopped = python_greedy(bundle, ignore_eos=True, stop=[stop])
     assert stopped.finish_reason == "stop"
-    tok = Generator.load(bundle, provider="cpu").bundle.tokenizer
+    gen = Generator.load(bundle, provider="cpu")
     return {"name": name, "bundle": str(bundle), "prompt": PROMPT, "steps": STEPS, "tokens": result.tokens, "text": text,
-            "stop": stop, "stopText": stopped.text, "encodings": [[s, encode(tok, s)] for s in ENCODINGS]}  # fmt: skip
+            "stop": stop, "stopText": stopped.text, "encodings": [[s, gen.encode(s)] for s in ENCODINGS],
+            "promptTokens": result.prompt_tokens, "stopCases": []}  # fmt: skip
 
 
 def test_node_unit_tests(node, lively_gqa_bundle, web_int4_bundle, tmp_path):
