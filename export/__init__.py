@@ -184,16 +184,17 @@ def _end_of_text(ckpt, special: tuple[dict, dict]) -> int:
 
     tokenizer_config, generation_config = special
     if tokenizer_config.get("add_bos_token") and generation_config.get("bos_token_id") is None:
-        raise CheckpointError(f"{ckpt.path}: the tokenizer adds a BOS but no bos_token_id is recorded; import the model "
-                              "again with its generation_config.json or config.json bos_token_id")  # fmt: skip
+        raise CheckpointError(f"{ckpt.path}: the tokenizer adds a BOS but no bos_token_id is recorded; import the "
+                              "model again with its generation_config.json or config.json bos_token_id")  # fmt: skip
     stops = _stop_ids(generation_config)
     if stops:
         return stops[0]
     try:
         return eot_id(ckpt.tokenizer)
     except DataError as exc:
-        raise CheckpointError(f"{ckpt.path}/tokenizer.json: {exc}, or import the model with its generation_config.json "
-                              "(edgegpt import-hf) so that its eos_token_id names the end of text") from exc  # fmt: skip
+        raise CheckpointError(f"{ckpt.path}/tokenizer.json: {exc}, or import the model with its "
+                              "generation_config.json (edgegpt import-hf) so that its eos_token_id names the end of text"
+                              ) from exc  # fmt: skip
 
 
 def _tokenizer_section(cfg, file: str, size: int, eot: int, special: tuple[dict, dict] = ({}, {})) -> dict:

@@ -119,7 +119,8 @@ def genai_config(
     }
 
 
-def tokenizer_config(config: GPTConfig, chat_template: str | None = None, special: dict | None = None) -> dict[str, Any]:
+def tokenizer_config(config: GPTConfig, chat_template: str | None = None,
+                     special: dict | None = None) -> dict[str, Any]:  # fmt: skip
     """The Hugging Face tokenizer_config.json that genai's tokenizer needs beside tokenizer.json, with the
     model's chat template when it has one (where `transformers` and edgegpt's runtime read it). An imported
     model's own special tokens (`special`: its kept tokenizer_config, e.g. Llama 3's <|begin_of_text|> and
@@ -142,7 +143,8 @@ def write_genai_files(bundle: Path, config: GPTConfig, eot_token_id: int, *, sha
                       model_type: str = "decoder") -> list[str]:  # fmt: skip
     """Write genai_config.json and tokenizer_config.json into `bundle`; return their names. `special`: an imported
     model's (tokenizer_config, generation_config) (`Checkpoint.special_tokens`), ({}, {}) for edgegpt's own."""
-    genai = genai_config(config, eot_token_id, share_buffer=share_buffer, model_type=model_type, generation_config=special[1])
+    genai = genai_config(config, eot_token_id, share_buffer=share_buffer, model_type=model_type,
+                         generation_config=special[1])  # fmt: skip
     tokenizer = tokenizer_config(config, chat_template, special[0])
     for name, content in ((GENAI_CONFIG, genai), (TOKENIZER_CONFIG, tokenizer)):
         (bundle / name).write_text(json.dumps(content, indent=2) + "\n")

@@ -31,7 +31,7 @@ import numpy as np
 
 from edgegpt.errors import BundleError, ContextLengthError, PromptError
 from edgegpt.manifest import LOGITS
-from edgegpt.runtime.engine.base import KVEngine, check_ids
+from edgegpt.runtime.engine.base import KVEngine, check_ids, is_id
 from edgegpt.runtime.engine.session import ModelSession
 
 __all__ = ["SlotBatch"]
@@ -57,7 +57,7 @@ class SlotBatch(KVEngine):
         # rotary positions (position "rope") a slot holds one position fewer than the context.
         block = bundle.config.block_size
         limit = block - 1 if bundle.config.position == "rope" else block
-        if capacity is not None and not isinstance(capacity, bool) and isinstance(capacity, int) and limit < capacity <= block:
+        if is_id(capacity) and limit < capacity <= block:
             raise ContextLengthError(
                 f"capacity {capacity}: a slot of this rotary model holds at most {limit} positions (its rotary "
                 f"tables have {block} rows, one of them taken by the slots' scratch column); pass at most {limit}"

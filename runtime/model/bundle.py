@@ -373,7 +373,8 @@ def _special_tokens(meta: dict, tok, file: Path, where: Path) -> SpecialTokens:
 
     def token_id(key: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
-            raise BundleError(f"{where}: tokenizer.{key} {value!r} is not a token id of {file} (0..{size - 1}); re-export")
+            raise BundleError(f"{where}: tokenizer.{key} {value!r} is not a token id of {file} (0..{size - 1}); "
+                              "re-export the bundle")
         return value
 
     listed = meta.get("stop_token_ids")
@@ -387,7 +388,8 @@ def _special_tokens(meta: dict, tok, file: Path, where: Path) -> SpecialTokens:
         stops: list[int] = []
     else:
         if not isinstance(listed, list):
-            raise BundleError(f"{where}: tokenizer.stop_token_ids must be a list of token ids, got {listed!r}; re-export")
+            raise BundleError(f"{where}: tokenizer.stop_token_ids must be a list of token ids, got {listed!r}; "
+                              "re-export the bundle")
         stops = [token_id("stop_token_ids", i) for i in listed]
         eot = token_id("eot_token_id", meta.get("eot_token_id", stops[0] if stops else None))
     bos = None

@@ -67,7 +67,8 @@ QWEN_TEMPLATE = """{%- if tools %}
 # Llama 3's shape: the template renders the BOS itself
 LLAMA3_TEMPLATE = """{{- bos_token }}
 {%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
+    {{- message['content'] | trim + '<|eot_id|>' }}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
@@ -85,7 +86,8 @@ FAMILIES = {
                     generation=dict(bos_token_id="<|endoftext|>", eos_token_id=["<|im_end|>", "<|endoftext|>"],
                                     pad_token_id="<|endoftext|>"),
                     template=QWEN_TEMPLATE, template_file="chat_template.jinja"),
-    "qwen3": dict(cls="Qwen3Config", fields=dict(head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen3": dict(cls="Qwen3Config",
+                  fields=dict(head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
                   vocab=CHATML, tokens=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
                   generation=dict(bos_token_id="<|endoftext|>", eos_token_id=["<|im_end|>", "<|endoftext|>"]),
                   template=QWEN_TEMPLATE, template_file="chat_template.jinja"),
@@ -329,9 +331,11 @@ def test_the_server_adds_the_bos_to_text_prompts_and_stops_on_every_stop_id(llam
                                                     "temperature": 0, "ignore_eos": True}).json()  # fmt: skip
     chat_ids = gen.encode_chat(gen.chat_template.render(MESSAGES))
     assert chat["usage"]["prompt_tokens"] == len(chat_ids) and chat_ids.count(llama3.ids["bos_token_id"]) == 1
-    assert chat["choices"][0]["message"]["content"] == gen.generate_ids(chat_ids, max_new_tokens=8, ignore_eos=True).text
+    want = gen.generate_ids(chat_ids, max_new_tokens=8, ignore_eos=True)
+    assert chat["choices"][0]["message"]["content"] == want.text
     for stop in gen.stop_ids:
-        forced = serve.post("/v1/completions", json={**body, "ignore_eos": False, "logit_bias": {str(stop): 100}}).json()
+        forced = serve.post("/v1/completions", json={**body, "ignore_eos": False, "logit_bias": {str(stop): 100}})
+        forced = forced.json()
         assert forced["choices"][0]["finish_reason"] == "stop" and forced["usage"]["completion_tokens"] == 0
     for i, (_, before) in enumerate(stop_cases):
         out = serve.post("/v1/completions", json={**body, "model": f"stop{i}", "max_tokens": STEPS,
@@ -346,7 +350,8 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens(llama3, family):
     for fam in (llama3, family("qwen3")):
         config = json.loads((fam.bundle / "genai_config.json").read_text())["model"]
         assert config["type"] == {"llama3.2": "llama", "qwen3": "qwen3"}[fam.name]
-        assert config["eos_token_id"] == fam.ids["eos_token_id"] and config["decoder"]["head_size"] == fam.gen.config.head_size
+        assert config["eos_token_id"] == fam.ids["eos_token_id"]
+        assert config["decoder"]["head_size"] == fam.gen.config.head_size
         ids = fam.gen.encode(PROMPT)
         model = og.Model(str(fam.bundle))
         params = og.GeneratorParams(model)
@@ -356,7 +361,8 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens(llama3, family):
         while not runner.is_done():
             runner.generate_next_token()
         tokens = [int(t) for t in runner.get_sequence(0)][len(ids) :]
-        assert tokens == fam.gen.generate(PROMPT, max_new_tokens=STEPS, ignore_eos=True).tokens == _hf_greedy(fam, ids, STEPS)
+        ours = fam.gen.generate(PROMPT, max_new_tokens=STEPS, ignore_eos=True).tokens
+        assert tokens == ours == _hf_greedy(fam, ids, STEPS)
 
 
 def _node() -> str:
@@ -376,8 +382,9 @@ def head_dim_bundle(tmp_path_factory, tiny_tokenizer):
     from edgegpt.train.checkpoint import save_checkpoint
     from edgegpt.train.model import SimpleGPT
 
-    config = GPTConfig(n_layer=2, n_head=4, n_kv_head=2, head_dim=32, n_embd=64, block_size=128, n_inner=96, norm="rmsnorm",
-                       position="rope", mlp="swiglu", bias=False, vocab_size=tiny_tokenizer.get_vocab_size())  # fmt: skip
+    config = GPTConfig(n_layer=2, n_head=4, n_kv_head=2, head_dim=32, n_embd=64, block_size=128, n_inner=96,
+                       norm="rmsnorm", position="rope", mlp="swiglu", bias=False,
+                       vocab_size=tiny_tokenizer.get_vocab_size())  # fmt: skip
     torch.manual_seed(0)
     model = SimpleGPT(config)
     with torch.no_grad():
@@ -399,7 +406,8 @@ def _web_case(name: str, bundle: Path, stop_cases=()) -> dict:
             "stopCases": [{"bundle": str(b), "tokens": before} for b, before in stop_cases]}  # fmt: skip
 
 
-def test_the_browser_runtime_generates_the_python_runtimes_tokens(llama3, family, stop_cases, head_dim_bundle, tmp_path):
+def test_the_browser_runtime_generates_the_python_runtimes_tokens(llama3, family, stop_cases, head_dim_bundle,
+                                                                   tmp_path):  # fmt: skip
     """web/test/generator.test.js on the Llama bundle (2 KV heads of 4, a BOS, two stop ids, and copies that list an
     emitted token) and on one with head_dim 32, not 64 / 4: greedy tokens and text, the BOS, every stop id. The Qwen3
     bundle (q/k norm) is refused in one line: onnxruntime-web 1.30 cannot create its session."""
@@ -413,3 +421,33 @@ def test_the_browser_runtime_generates_the_python_runtimes_tokens(llama3, family
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "# skipped 0" in run.stdout and "# fail 0" in run.stdout, run.stdout[-2000:]
+
+
+def test_what_cannot_work_is_refused_in_one_line(llama3, tmp_path):
+    """A slot wider than a rotary graph's tables, a manifest's bad special ids, and an export with no end-of-text."""
+    from edgegpt.config import GPTConfig
+    from edgegpt.errors import BundleError, CheckpointError, ContextLengthError
+    from edgegpt.export import export_bundle
+    from edgegpt.train.checkpoint import save_checkpoint
+    from edgegpt.train.model import SimpleGPT
+
+    gen, block = llama3.gen, llama3.gen.config.block_size
+    assert gen.new_slots(1).capacity == block - 1  # the scratch column must fit the rotary tables too
+    with pytest.raises(ContextLengthError, match=f"holds at most {block - 1} positions"):
+        gen.new_slots(1, capacity=block)
+    for i, (key, value, match) in enumerate([("stop_token_ids", [5, 10_000], "stop_token_ids 10000 is not a token id"),
+                                             ("bos_token_id", None, "bos_token_id None is not a token id"),
+                                             ("stop_token_ids", 7, "must be a list of token ids")]):  # fmt: skip
+        bad = shutil.copytree(llama3.bundle, tmp_path / f"bad{i}")
+        manifest = json.loads((bad / "manifest.json").read_text())
+        manifest["tokenizer"][key] = value
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=match) as info:
+            Generator.load(bad, provider="cpu")
+        assert "\n" not in str(info.value) and "re-export" in str(info.value)
+    config = GPTConfig(n_layer=1, n_head=4, n_kv_head=2, n_embd=64, block_size=16, n_inner=96, norm="rmsnorm",
+                       position="rope", mlp="swiglu", bias=False, vocab_size=llama3.tok.get_vocab_size())  # fmt: skip
+    ckpt = save_checkpoint(tmp_path / "ckpt", SimpleGPT(config), llama3.tok.to_str())  # no generation_config.json
+    with pytest.raises(CheckpointError, match="no '<\\|endoftext\\|>' token.*eos_token_id") as info:
+        export_bundle(ckpt, tmp_path / "bundle")
+    assert "\n" not in str(info.value) and not (tmp_path / "bundle").exists()
