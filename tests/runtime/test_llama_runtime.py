@@ -243,10 +243,17 @@ def test_the_bos_reaches_generate_batch_and_the_cli_once(llama3):
 
 
 def test_chat_gets_the_templates_bos_once_and_keeps_it_across_turns(llama3):
+    from click.testing import CliRunner
+
+    from edgegpt.cli.generate import chat_command
+
     gen, bos = llama3.gen, llama3.ids["bos_token_id"]
-    chat = Conversation(gen, SamplingConfig(max_new_tokens=6))
-    "".join(chat.say("Hi there"))
+    chat = Conversation(gen, SamplingConfig(max_new_tokens=6, ignore_eos=True))
+    reply = "".join(chat.say("Hi there"))
     first = chat.last_result.prompt_tokens
+    cli = CliRunner().invoke(chat_command, [str(llama3.bundle), "-n", "6", "--ignore-eos", "--provider", "cpu"],
+                             input="Hi there\n/exit\n")  # `edgegpt chat` runs the same Conversation
+    assert cli.exit_code == 0 and cli.stdout == reply + "\n", cli.output
     want = llama3.hf_tok.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=True,
                                              add_generation_prompt=True)  # fmt: skip
     assert first == (want["input_ids"] if not isinstance(want, list) else want) and first.count(bos) == 1
