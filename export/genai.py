@@ -58,8 +58,13 @@ def model_type(config: GPTConfig) -> str:
 
 
 def genai_config(
-    config: GPTConfig, eot_token_id: int, model_file: str = MODEL_FILE, *, share_buffer: bool = False,
-    model_type: str = "decoder", generation_config: dict | None = None,
+    config: GPTConfig,
+    eot_token_id: int,
+    model_file: str = MODEL_FILE,
+    *,
+    share_buffer: bool = False,
+    model_type: str = "decoder",
+    generation_config: dict | None = None,
 ) -> dict[str, Any]:
     """genai_config.json for `model_file`: greedy search over the whole context.
 
@@ -119,8 +124,9 @@ def genai_config(
     }
 
 
-def tokenizer_config(config: GPTConfig, chat_template: str | None = None,
-                     special: dict | None = None) -> dict[str, Any]:  # fmt: skip
+def tokenizer_config(
+    config: GPTConfig, chat_template: str | None = None, special: dict | None = None
+) -> dict[str, Any]:
     """The Hugging Face tokenizer_config.json that genai's tokenizer needs beside tokenizer.json, with the
     model's chat template when it has one (where `transformers` and edgegpt's runtime read it). An imported
     model's own special tokens (`special`: its kept tokenizer_config, e.g. Llama 3's <|begin_of_text|> and
@@ -138,13 +144,21 @@ def tokenizer_config(config: GPTConfig, chat_template: str | None = None,
     }
 
 
-def write_genai_files(bundle: Path, config: GPTConfig, eot_token_id: int, *, share_buffer: bool = False,
-                      chat_template: str | None = None, special: tuple[dict, dict] = ({}, {}),
-                      model_type: str = "decoder") -> list[str]:  # fmt: skip
+def write_genai_files(
+    bundle: Path,
+    config: GPTConfig,
+    eot_token_id: int,
+    *,
+    share_buffer: bool = False,
+    chat_template: str | None = None,
+    special: tuple[dict, dict] = ({}, {}),
+    model_type: str = "decoder",
+) -> list[str]:
     """Write genai_config.json and tokenizer_config.json into `bundle`; return their names. `special`: an imported
     model's (tokenizer_config, generation_config) (`Checkpoint.special_tokens`), ({}, {}) for edgegpt's own."""
-    genai = genai_config(config, eot_token_id, share_buffer=share_buffer, model_type=model_type,
-                         generation_config=special[1])  # fmt: skip
+    genai = genai_config(
+        config, eot_token_id, share_buffer=share_buffer, model_type=model_type, generation_config=special[1]
+    )
     tokenizer = tokenizer_config(config, chat_template, special[0])
     for name, content in ((GENAI_CONFIG, genai), (TOKENIZER_CONFIG, tokenizer)):
         (bundle / name).write_text(json.dumps(content, indent=2) + "\n")

@@ -113,15 +113,19 @@ def expected_fused_ops(config: GPTConfig, attention_op: str = "MultiHeadAttentio
     norms (and Qwen3's two q/k RMSNorms)."""
     if config.norm == "rmsnorm":
         # ln_1 of block 0 reads the embedding alone (no position table to add): a plain SimplifiedLayerNormalization
-        norms = {"SkipSimplifiedLayerNormalization": 2 * config.n_layer,
-                 "SimplifiedLayerNormalization": 1 + (2 * config.n_layer if config.qk_norm else 0)}  # fmt: skip
+        norms = {
+            "SkipSimplifiedLayerNormalization": 2 * config.n_layer,
+            "SimplifiedLayerNormalization": 1 + (2 * config.n_layer if config.qk_norm else 0),
+        }
     else:  # each LayerNorm follows an add: ln_1 of block 0 the embedding sum, the other 2 n_layer the residuals
         norms = {"SkipLayerNormalization": 2 * config.n_layer + 1}
     gelu = {fused_gelu(config): config.n_layer} if config.mlp == "gelu" else {}
     return {attention_op: config.n_layer, **gelu, **norms}
 
 
-def fused_op_shortfall(counts: dict[str, int], config: GPTConfig, attention_op: str = "MultiHeadAttention") -> dict[str, tuple[int, int]]:
+def fused_op_shortfall(
+    counts: dict[str, int], config: GPTConfig, attention_op: str = "MultiHeadAttention"
+) -> dict[str, tuple[int, int]]:
     """{op: (found, expected)} for each fused op that the graph holds too few of."""
     expected = expected_fused_ops(config, attention_op)
     return {op: (counts.get(op, 0), n) for op, n in expected.items() if counts.get(op, 0) < n}
@@ -158,7 +162,9 @@ def optimize_onnx(
         share_tied_lm_head(optimized.model)
         optimized.save_model_to_file(str(dst), use_external_data_format=external_data)
     except Exception as exc:  # the optimizer raises whatever its passes hit
-        raise ExportError(f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False") from exc
+        raise ExportError(
+            f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False"
+        ) from exc
     graph = onnx.load(str(dst), load_external_data=False)
     check_gelu(graph, config, dst.name)
     after = op_counts(graph)

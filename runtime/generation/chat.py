@@ -72,6 +72,7 @@ class Conversation:
         if before and after.startswith(before):
             return ids + self.gen.encode(after[len(before) :], add_special_tokens=False)
         return self.gen.encode_chat(after)
+
     def _fit(self, ids: list[int]) -> list[int]:
         """The most recent tokens, leaving room for a reply; unchanged while the conversation fits."""
         block = self.gen.config.block_size

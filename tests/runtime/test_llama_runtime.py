@@ -34,8 +34,14 @@ transformers = pytest.importorskip("transformers")
 WEB = Path(__file__).resolve().parents[2] / "web"
 PROMPT = "the quick brown fox jumps over the lazy dog and the"  # words only: every family's pre-tokenizer agrees
 STEPS = 40
-SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-             max_position_embeddings=128)
+SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=128,
+)
 CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
 
@@ -77,30 +83,62 @@ LLAMA3_TEMPLATE = """{{- bos_token }}
 # name -> the transformers config class and fields, the special tokens (tokenizer_config.json's, and
 # generation_config.json's by name; a list of eos is several stop ids), the template and the file it is saved in
 FAMILIES = {
-    "smollm2": dict(cls="LlamaConfig", fields=dict(rope_theta=100000.0, tie_word_embeddings=True), vocab=CHATML,
-                    tokens=dict(bos_token="<|im_start|>", eos_token="<|im_end|>"),
-                    generation=dict(bos_token_id="<|im_start|>", eos_token_id="<|im_end|>"),
-                    template=SMOLLM2_TEMPLATE, template_file="tokenizer_config.json"),
-    "qwen2.5": dict(cls="Qwen2Config", fields=dict(rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
-                    vocab=CHATML, tokens=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
-                    generation=dict(bos_token_id="<|endoftext|>", eos_token_id=["<|im_end|>", "<|endoftext|>"],
-                                    pad_token_id="<|endoftext|>"),
-                    template=QWEN_TEMPLATE, template_file="chat_template.jinja"),
-    "qwen3": dict(cls="Qwen3Config",
-                  fields=dict(head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
-                  vocab=CHATML, tokens=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
-                  generation=dict(bos_token_id="<|endoftext|>", eos_token_id=["<|im_end|>", "<|endoftext|>"]),
-                  template=QWEN_TEMPLATE, template_file="chat_template.jinja"),
-    "llama3.2": dict(cls="LlamaConfig", fields=dict(
-        rope_theta=500000.0, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16}),
-        vocab=LLAMA3, adds_bos=True, tokens=dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"),
+    "smollm2": dict(
+        cls="LlamaConfig",
+        fields=dict(rope_theta=100000.0, tie_word_embeddings=True),
+        vocab=CHATML,
+        tokens=dict(bos_token="<|im_start|>", eos_token="<|im_end|>"),
+        generation=dict(bos_token_id="<|im_start|>", eos_token_id="<|im_end|>"),
+        template=SMOLLM2_TEMPLATE,
+        template_file="tokenizer_config.json",
+    ),
+    "qwen2.5": dict(
+        cls="Qwen2Config",
+        fields=dict(rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+        vocab=CHATML,
+        tokens=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+        generation=dict(
+            bos_token_id="<|endoftext|>", eos_token_id=["<|im_end|>", "<|endoftext|>"], pad_token_id="<|endoftext|>"
+        ),
+        template=QWEN_TEMPLATE,
+        template_file="chat_template.jinja",
+    ),
+    "qwen3": dict(
+        cls="Qwen3Config",
+        fields=dict(head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+        vocab=CHATML,
+        tokens=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+        generation=dict(bos_token_id="<|endoftext|>", eos_token_id=["<|im_end|>", "<|endoftext|>"]),
+        template=QWEN_TEMPLATE,
+        template_file="chat_template.jinja",
+    ),
+    "llama3.2": dict(
+        cls="LlamaConfig",
+        fields=dict(
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        vocab=LLAMA3,
+        adds_bos=True,
+        tokens=dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"),
         generation=dict(bos_token_id="<|begin_of_text|>", eos_token_id=["<|end_of_text|>", "<|eot_id|>"]),
-        template=LLAMA3_TEMPLATE, template_file="tokenizer_config.json"),
+        template=LLAMA3_TEMPLATE,
+        template_file="tokenizer_config.json",
+    ),
 }
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Add one and two"}]
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Add one and two"},
+]
 _BUILT: dict[str, SimpleNamespace] = {}
 
 
@@ -111,13 +149,18 @@ def _tokenizer(spec: dict, text: str):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=spec["vocab"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=spec["vocab"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([text[:8000]], trainer)
     if spec.get("adds_bos"):
         bos = spec["tokens"]["bos_token"]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])  # fmt: skip
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     return tok
 
 
@@ -130,16 +173,20 @@ def built(name: str, root: Path, text: str) -> SimpleNamespace:
 
     spec = FAMILIES[name]
     tok = _tokenizer(spec, text)
-    ids = {key: [tok.token_to_id(t) for t in v] if isinstance(v, list) else tok.token_to_id(v)
-           for key, v in spec["generation"].items()}  # fmt: skip
+    ids = {
+        key: [tok.token_to_id(t) for t in v] if isinstance(v, list) else tok.token_to_id(v)
+        for key, v in spec["generation"].items()
+    }
     hf = root / "hf"
     config = getattr(transformers, spec["cls"])(**{**SHAPE, **spec["fields"]}, vocab_size=tok.get_vocab_size(), **ids)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # HF initialises norms to 1, biases to 0 and matrices small: with a tied head such a
         for part, p in model.named_parameters():  # model repeats its input token; larger output projections do not
-            p.add_((0.5 if part.endswith(("o_proj.weight", "down_proj.weight")) else 0.1 if p.dim() == 2 else 0.05)
-                   * torch.randn_like(p))
+            p.add_(
+                (0.5 if part.endswith(("o_proj.weight", "down_proj.weight")) else 0.1 if p.dim() == 2 else 0.05)
+                * torch.randn_like(p)
+            )
     model.save_pretrained(hf)
     tok.save(str(hf / "tokenizer.json"))
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **spec["tokens"]}
@@ -151,8 +198,16 @@ def built(name: str, root: Path, text: str) -> SimpleNamespace:
     (hf / "generation_config.json").write_text(json.dumps(ids))
     bundle = export_bundle(import_hf(hf, root / "ckpt"), root / "bundle")
     gen = Generator.load(bundle, provider="cpu", threads=1)
-    _BUILT[name] = SimpleNamespace(name=name, hf=hf, model=model, bundle=bundle, gen=gen, tok=tok, ids=ids,
-                                   hf_tok=transformers.AutoTokenizer.from_pretrained(hf))  # fmt: skip
+    _BUILT[name] = SimpleNamespace(
+        name=name,
+        hf=hf,
+        model=model,
+        bundle=bundle,
+        gen=gen,
+        tok=tok,
+        ids=ids,
+        hf_tok=transformers.AutoTokenizer.from_pretrained(hf),
+    )
     return _BUILT[name]
 
 
@@ -173,8 +228,9 @@ def _hf_greedy(fam, ids: list[int], n: int) -> list[int]:
     fam.model.generation_config.eos_token_id = None  # the model's defaults fill what the config below leaves unset
     config = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=ids[0])
     with torch.no_grad():
-        out = fam.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 generation_config=config)  # fmt: skip
+        out = fam.model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), generation_config=config
+        )
     return out[0, len(ids) :].tolist()
 
 
@@ -235,8 +291,9 @@ def test_the_bos_reaches_generate_batch_and_the_cli_once(llama3):
     assert gen.generate_ids(ids[1:], max_new_tokens=1).prompt_tokens == ids[1:]
     assert gen.generate("", max_new_tokens=2, ignore_eos=True).prompt_tokens == [bos]  # an empty prompt: the BOS
     assert gen.generate_ids([], max_new_tokens=2, ignore_eos=True).prompt_tokens == [bos]
-    out = CliRunner().invoke(generate_command, [str(llama3.bundle), PROMPT, "-n", "8", "--ignore-eos", "--json",
-                                                "--provider", "cpu"])  # fmt: skip
+    out = CliRunner().invoke(
+        generate_command, [str(llama3.bundle), PROMPT, "-n", "8", "--ignore-eos", "--json", "--provider", "cpu"]
+    )
     assert out.exit_code == 0, out.output
     payload = json.loads(out.stdout)
     assert payload["prompt_tokens"] == len(ids) and payload["tokens"] == plain.tokens
@@ -251,11 +308,13 @@ def test_chat_gets_the_templates_bos_once_and_keeps_it_across_turns(llama3):
     chat = Conversation(gen, SamplingConfig(max_new_tokens=6, ignore_eos=True))
     reply = "".join(chat.say("Hi there"))
     first = chat.last_result.prompt_tokens
-    cli = CliRunner().invoke(chat_command, [str(llama3.bundle), "-n", "6", "--ignore-eos", "--provider", "cpu"],
-                             input="Hi there\n/exit\n")  # `edgegpt chat` runs the same Conversation
+    cli = CliRunner().invoke(
+        chat_command, [str(llama3.bundle), "-n", "6", "--ignore-eos", "--provider", "cpu"], input="Hi there\n/exit\n"
+    )  # `edgegpt chat` runs the same Conversation
     assert cli.exit_code == 0 and cli.stdout == reply + "\n", cli.output
-    want = llama3.hf_tok.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=True,
-                                             add_generation_prompt=True)  # fmt: skip
+    want = llama3.hf_tok.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], tokenize=True, add_generation_prompt=True
+    )
     assert first == (want["input_ids"] if not isinstance(want, list) else want) and first.count(bos) == 1
     "".join(chat.say("Add one and two"))
     second = chat.last_result.prompt_tokens
@@ -285,23 +344,29 @@ def stop_cases(llama3, tmp_path_factory):
     k1 = _first_new(full, 3)
     k2 = _first_new(full, k1 + 1)
     root = tmp_path_factory.mktemp("stops")
-    return [(_with_stop_ids(llama3.bundle, [eos[0], full[k1], eos[1]], root / "a"), full[:k1]),
-            (_with_stop_ids(llama3.bundle, [full[k2], *eos], root / "b"), full[:k2])]  # fmt: skip
+    return [
+        (_with_stop_ids(llama3.bundle, [eos[0], full[k1], eos[1]], root / "a"), full[:k1]),
+        (_with_stop_ids(llama3.bundle, [full[k2], *eos], root / "b"), full[:k2]),
+    ]
 
 
 def test_every_stop_id_ends_the_text_in_every_python_path(llama3, stop_cases):
     gen = llama3.gen
     for stop in gen.stop_ids:  # each of the model's own: forced at the first step
-        for result in (gen.generate(PROMPT, max_new_tokens=8, logit_bias={stop: 100}),
-                       gen.generate_batch([PROMPT], max_new_tokens=8, logit_bias={stop: 100})[0]):  # fmt: skip
+        for result in (
+            gen.generate(PROMPT, max_new_tokens=8, logit_bias={stop: 100}),
+            gen.generate_batch([PROMPT], max_new_tokens=8, logit_bias={stop: 100})[0],
+        ):
             assert (result.finish_reason, result.tokens) == ("eos", [])
         chat = Conversation(gen, SamplingConfig(max_new_tokens=8, logit_bias={stop: 100}))
         assert "".join(chat.say("Hi there")) == "" and chat.last_result.finish_reason == "eos"
     for bundle, before in stop_cases:  # one emitted mid-text, listed second, then first
         other = Generator(Generator.load(bundle, provider="cpu", threads=1).bundle, gen.session, gen.session_config)
-        for result in (other.generate(PROMPT, max_new_tokens=STEPS),
-                       other.generate_batch([PROMPT, "and the"], max_new_tokens=STEPS)[0],
-                       other.generate(PROMPT, max_new_tokens=STEPS, speculative=Speculative(lookup=True))):  # fmt: skip
+        for result in (
+            other.generate(PROMPT, max_new_tokens=STEPS),
+            other.generate_batch([PROMPT, "and the"], max_new_tokens=STEPS)[0],
+            other.generate(PROMPT, max_new_tokens=STEPS, speculative=Speculative(lookup=True)),
+        ):
             assert (result.finish_reason, result.tokens) == ("eos", before)
         stream = other.stream(PROMPT, max_new_tokens=STEPS)
         assert "".join(stream) == other.decode(before) and stream.result.finish_reason == "eos"
@@ -334,8 +399,10 @@ def test_the_server_adds_the_bos_to_text_prompts_and_stops_on_every_stop_id(llam
     ids = gen.encode(PROMPT, add_special_tokens=False)
     out = serve.post("/v1/completions", json={**body, "prompt": ids}).json()
     assert out["usage"]["prompt_tokens"] == len(ids)  # ids as given
-    chat = serve.post("/v1/chat/completions", json={"model": "llama", "messages": MESSAGES, "max_tokens": 8,
-                                                    "temperature": 0, "ignore_eos": True}).json()  # fmt: skip
+    chat = serve.post(
+        "/v1/chat/completions",
+        json={"model": "llama", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+    ).json()
     chat_ids = gen.encode_chat(gen.chat_template.render(MESSAGES))
     assert chat["usage"]["prompt_tokens"] == len(chat_ids) and chat_ids.count(llama3.ids["bos_token_id"]) == 1
     want = gen.generate_ids(chat_ids, max_new_tokens=8, ignore_eos=True)
@@ -345,8 +412,9 @@ def test_the_server_adds_the_bos_to_text_prompts_and_stops_on_every_stop_id(llam
         forced = forced.json()
         assert forced["choices"][0]["finish_reason"] == "stop" and forced["usage"]["completion_tokens"] == 0
     for i, (_, before) in enumerate(stop_cases):
-        out = serve.post("/v1/completions", json={**body, "model": f"stop{i}", "max_tokens": STEPS,
-                                                  "ignore_eos": False}).json()  # fmt: skip
+        out = serve.post(
+            "/v1/completions", json={**body, "model": f"stop{i}", "max_tokens": STEPS, "ignore_eos": False}
+        ).json()
         assert out["choices"][0]["finish_reason"] == "stop" and out["usage"]["completion_tokens"] == len(before)
         assert out["choices"][0]["text"] == gen.decode(before)
 
@@ -389,9 +457,20 @@ def head_dim_bundle(tmp_path_factory, tiny_tokenizer):
     from edgegpt.train.checkpoint import save_checkpoint
     from edgegpt.train.model import SimpleGPT
 
-    config = GPTConfig(n_layer=2, n_head=4, n_kv_head=2, head_dim=32, n_embd=64, block_size=128, n_inner=96,
-                       norm="rmsnorm", position="rope", mlp="swiglu", bias=False,
-                       vocab_size=tiny_tokenizer.get_vocab_size())  # fmt: skip
+    config = GPTConfig(
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        head_dim=32,
+        n_embd=64,
+        block_size=128,
+        n_inner=96,
+        norm="rmsnorm",
+        position="rope",
+        mlp="swiglu",
+        bias=False,
+        vocab_size=tiny_tokenizer.get_vocab_size(),
+    )
     torch.manual_seed(0)
     model = SimpleGPT(config)
     with torch.no_grad():
@@ -407,14 +486,24 @@ def _web_case(name: str, bundle: Path, stop_cases=()) -> dict:
     result = gen.generate(PROMPT, max_new_tokens=32, ignore_eos=True)
     stop = result.text[len(result.text) // 2 :][:2]
     stopped = gen.generate(PROMPT, max_new_tokens=32, ignore_eos=True, stop=[stop])
-    return {"name": name, "bundle": str(bundle), "prompt": PROMPT, "steps": 32, "tokens": result.tokens,
-            "text": result.text, "stop": stop, "stopText": stopped.text, "promptTokens": result.prompt_tokens,
-            "encodings": [[s, gen.encode(s)] for s in (PROMPT, "", "x <|eot_id|> y")],
-            "stopCases": [{"bundle": str(b), "tokens": before} for b, before in stop_cases]}  # fmt: skip
+    return {
+        "name": name,
+        "bundle": str(bundle),
+        "prompt": PROMPT,
+        "steps": 32,
+        "tokens": result.tokens,
+        "text": result.text,
+        "stop": stop,
+        "stopText": stopped.text,
+        "promptTokens": result.prompt_tokens,
+        "encodings": [[s, gen.encode(s)] for s in (PROMPT, "", "x <|eot_id|> y")],
+        "stopCases": [{"bundle": str(b), "tokens": before} for b, before in stop_cases],
+    }
 
 
-def test_the_browser_runtime_generates_the_python_runtimes_tokens(llama3, family, stop_cases, head_dim_bundle,
-                                                                   tmp_path):  # fmt: skip
+def test_the_browser_runtime_generates_the_python_runtimes_tokens(
+    llama3, family, stop_cases, head_dim_bundle, tmp_path
+):
     """web/test/generator.test.js on the Llama bundle (2 KV heads of 4, a BOS, two stop ids, and copies that list an
     emitted token) and on one with head_dim 32, not 64 / 4: greedy tokens and text, the BOS, every stop id. The Qwen3
     bundle (q/k norm) is refused in one line: onnxruntime-web 1.30 cannot create its session."""
@@ -424,8 +513,14 @@ def test_the_browser_runtime_generates_the_python_runtimes_tokens(llama3, family
     cases[0]["refusals"] = [{"bundle": str(family("qwen3").bundle), "reason": "q/k-norm model (qk_norm, Qwen3)"}]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "EDGEGPT_WEB_CASES": str(tmp_path / "cases.json")}
-    run = subprocess.run([node, "--test", "--test-reporter=tap", "test/generator.test.js"], cwd=WEB, env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [node, "--test", "--test-reporter=tap", "test/generator.test.js"],
+        cwd=WEB,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "# skipped 0" in run.stdout and "# fail 0" in run.stdout, run.stdout[-2000:]
 
@@ -442,9 +537,13 @@ def test_what_cannot_work_is_refused_in_one_line(llama3, tmp_path):
     assert gen.new_slots(1).capacity == block - 1  # the scratch column must fit the rotary tables too
     with pytest.raises(ContextLengthError, match=f"holds at most {block - 1} positions"):
         gen.new_slots(1, capacity=block)
-    for i, (key, value, match) in enumerate([("stop_token_ids", [5, 10_000], "stop_token_ids 10000 is not a token id"),
-                                             ("bos_token_id", None, "bos_token_id None is not a token id"),
-                                             ("stop_token_ids", 7, "must be a list of token ids")]):  # fmt: skip
+    for i, (key, value, match) in enumerate(
+        [
+            ("stop_token_ids", [5, 10_000], "stop_token_ids 10000 is not a token id"),
+            ("bos_token_id", None, "bos_token_id None is not a token id"),
+            ("stop_token_ids", 7, "must be a list of token ids"),
+        ]
+    ):
         bad = shutil.copytree(llama3.bundle, tmp_path / f"bad{i}")
         manifest = json.loads((bad / "manifest.json").read_text())
         manifest["tokenizer"][key] = value
@@ -452,8 +551,19 @@ def test_what_cannot_work_is_refused_in_one_line(llama3, tmp_path):
         with pytest.raises(BundleError, match=match) as info:
             Generator.load(bad, provider="cpu")
         assert "\n" not in str(info.value) and "re-export" in str(info.value)
-    config = GPTConfig(n_layer=1, n_head=4, n_kv_head=2, n_embd=64, block_size=16, n_inner=96, norm="rmsnorm",
-                       position="rope", mlp="swiglu", bias=False, vocab_size=llama3.tok.get_vocab_size())  # fmt: skip
+    config = GPTConfig(
+        n_layer=1,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=64,
+        block_size=16,
+        n_inner=96,
+        norm="rmsnorm",
+        position="rope",
+        mlp="swiglu",
+        bias=False,
+        vocab_size=llama3.tok.get_vocab_size(),
+    )
     ckpt = save_checkpoint(tmp_path / "ckpt", SimpleGPT(config), llama3.tok.to_str())  # no generation_config.json
     with pytest.raises(CheckpointError, match="no '<\\|endoftext\\|>' token.*eos_token_id") as info:
         export_bundle(ckpt, tmp_path / "bundle")
