@@ -76,7 +76,8 @@ def export_bundle(
 
     Raises:
         CheckpointError: a missing or corrupt checkpoint, a config that does not fit the weights, a tokenizer
-            with more tokens than the model's vocab_size or without an end-of-text token; raised before any
+            with more tokens than the model's vocab_size, or without an end-of-text token (an imported model's
+            first eos_token_id, else "<|endoftext|>"); raised before any
             export work. (Fewer tokens is a padded vocabulary: the manifest's tokenizer.sampled_vocab_size
             tells the runtime which ids it may sample.)
         ExportError: `out` exists (without `force`, or with it but is no bundle that verifies, or holds unlisted
@@ -90,10 +91,9 @@ def export_bundle(
     import shutil
 
     from edgegpt.train.checkpoint import TOKENIZER, WEIGHTS, load_checkpoint
-    from edgegpt.errors import CheckpointError, EdgeGPTError, ExportError
+    from edgegpt.errors import ExportError
     from edgegpt.export import bundle, genai, onnx_export
     from edgegpt.manifest import sha256_file, write_manifest
-    from edgegpt.tokenizer import eot_id
 
     out = Path(out)
     opset = onnx_export.DEFAULT_OPSET if opset is None else opset
@@ -103,10 +103,8 @@ def export_bundle(
         )
     bundle.check_target(out, force)
     ckpt = load_checkpoint(checkpoint)
-    try:
-        eot = eot_id(ckpt.tokenizer)
-    except EdgeGPTError as exc:
-        raise CheckpointError(f"{ckpt.path / TOKENIZER}: {exc}") from exc
+    special = ckpt.special_tokens()
+    eot = _end_of_text(ckpt, special)
     model, cfg = ckpt.model, ckpt.config
     onnx_export.check_attention(cfg, attention)
     n_bytes = 4 * (
@@ -126,25 +124,26 @@ def export_bundle(
             attention=attention,
         )
         shutil.copyfile(ckpt.path / TOKENIZER, tmp / TOKENIZER)
+        model_type = genai.model_type(cfg)
         genai.write_genai_files(
             tmp,
             cfg,
             eot,
             share_buffer=onnx_export.kv_layout(attention) == "shared_buffer",
             chat_template=ckpt.chat_template,
+            special=special,
+            model_type=model_type,
         )
         manifest = {
             "model": cfg.to_dict(),
-            "tokenizer": _tokenizer_section(
-                cfg, TOKENIZER, ckpt.tokenizer.get_vocab_size(), eot, ckpt.special_tokens()
-            ),
+            "tokenizer": _tokenizer_section(cfg, TOKENIZER, ckpt.tokenizer.get_vocab_size(), eot, special),
             "graph": _graph_section(tmp / MODEL_FILE, external_data, attention),
             "quantization": None,
             "producer": _producer(),
             "source": {"checkpoint": str(ckpt.path.resolve()), "fingerprint": sha256_file(ckpt.path / WEIGHTS)},
             "optimization": graph["optimization"],
             "validation": graph["validation"],
-            "genai": {"config": genai.GENAI_CONFIG, "model_type": "decoder"},
+            "genai": {"config": genai.GENAI_CONFIG, "model_type": model_type},
         }
         write_manifest(tmp, manifest)
         if ort:
@@ -192,19 +191,49 @@ def _build_graph(
     }
 
 
+def _stop_ids(generation_config: dict) -> list[int]:
+    """generation_config.json's eos_token_id (an id, a list of them, or none) as a list."""
+    eos = generation_config.get("eos_token_id")
+    return eos if isinstance(eos, list) else [eos] if eos is not None else []
+
+
+def _end_of_text(ckpt, special: tuple[dict, dict]) -> int:
+    """The end-of-text id: an imported model's first eos_token_id (generation_config.json, kept by import-hf), else
+    the tokenizer's "<|endoftext|>" (edgegpt's and GPT-2's). CheckpointError, naming the fix, without either, or
+    for a tokenizer said to add a BOS that names none."""
+    from edgegpt.errors import CheckpointError, DataError
+    from edgegpt.tokenizer import eot_id
+
+    tokenizer_config, generation_config = special
+    if tokenizer_config.get("add_bos_token") and generation_config.get("bos_token_id") is None:
+        raise CheckpointError(
+            f"{ckpt.path}: the tokenizer adds a BOS but no bos_token_id is recorded; import the "
+            "model again with its generation_config.json or config.json bos_token_id"
+        )
+    stops = _stop_ids(generation_config)
+    if stops:
+        return stops[0]
+    try:
+        return eot_id(ckpt.tokenizer)
+    except DataError as exc:
+        raise CheckpointError(
+            f"{ckpt.path}/tokenizer.json: {exc}, or import the model with its "
+            "generation_config.json (edgegpt import-hf) so that its eos_token_id names the end of text"
+        ) from exc
+
+
 def _tokenizer_section(cfg, file: str, size: int, eot: int, special: tuple[dict, dict] = ({}, {})) -> dict:
     """The manifest's "tokenizer". With a padded model vocabulary (nanoGPT's 50304 for GPT-2's 50257 tokens)
     `vocab_size` here is below model.vocab_size, and ids from `sampled_vocab_size` on are never sampled.
     An imported model's special tokens (`Checkpoint.special_tokens`) add its BOS, whether the tokenizer adds it,
-    and every stop id (TODO(#24): the runtime does not read them yet)."""
+    and every stop id: the runtime's `SpecialTokens` reads them (an older bundle without them: end-of-text only)."""
     section = {"file": file, "vocab_size": size, "eot_token_id": eot, "sampled_vocab_size": cfg.sampled_ids(size)}
     tokenizer_config, generation_config = special
     if generation_config:
-        eos = generation_config.get("eos_token_id")
         section.update(
             bos_token_id=generation_config.get("bos_token_id"),
             add_bos_token=bool(tokenizer_config.get("add_bos_token")),
-            stop_token_ids=eos if isinstance(eos, list) else [eos] if eos is not None else [],
+            stop_token_ids=_stop_ids(generation_config),
         )
     return section
 

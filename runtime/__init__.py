@@ -66,6 +66,7 @@ __all__ = [
     "Sampler",
     "SamplingConfig",
     "SessionConfig",
+    "SpecialTokens",
     "Speculative",
     "TextStream",
     "Timings",
@@ -76,6 +77,7 @@ __all__ = [
 _HOME = {
     "Bundle": "model.bundle",
     "KVCacheSpec": "model.bundle",
+    "SpecialTokens": "model.bundle",
     "Completion": "generation.completion",
     "Constraint": "generation.constraints",
     "DecodeState": "engine.state",

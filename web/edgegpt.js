@@ -6,5 +6,7 @@
 //   const result = await gen.generate("def main(", { temperature: 0.8, seed: 0, stop: ["\n\n"] });
 
 export { BundleError, sha256Hex } from "./src/bundle.js";
-export { ContextLengthError, DecodeState, Generator, autoProvider, ort, webgpuProblem } from "./src/generator.js";
+export {
+  ContextLengthError, DecodeState, Generator, autoProvider, browserProblem, ort, webgpuProblem,
+} from "./src/generator.js";
 export { SamplingError, samplingConfig } from "./src/sampling.js";

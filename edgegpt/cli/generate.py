@@ -284,7 +284,7 @@ def generate_command(
     ids = gen.encode(text)  # once, for the budget and the call
     overrides = given(flags)
     if "max_new_tokens" not in overrides and not overrides.get("sliding_window"):  # the default, lowered to the room
-        room = token_budget(len(ids) or 1, None, gen.config.block_size)  # an empty prompt is fed as end-of-text
+        room = token_budget(len(ids) or 1, None, gen.config.block_size)  # an empty prompt is fed as one token
         overrides["max_new_tokens"] = min(SamplingConfig().max_new_tokens, room)
     sampling = SamplingConfig().replace(**overrides)
     if as_json:
@@ -340,8 +340,9 @@ def generate_command(
 def chat_command(ctx, bundle, **flags):
     """Chat with a bundle: an interactive loop that keeps the conversation as context.
 
-    The conversation is "User: ..." / "Assistant: ..." turns; each reply stops at the next "User:". The
-    model's cache is kept between turns, so a turn feeds only its new tokens. When the conversation
+    The conversation is rendered by the bundle's chat template (an imported model's own, else "User: ..." /
+    "Assistant: ..." turns, each reply stopping at the next "User:"); a reply ends at any of the model's stop
+    ids. The model's cache is kept between turns, so a turn feeds only its new tokens. When the conversation
     outgrows the model's context, the oldest tokens are dropped. Type /reset to forget the
     conversation, /exit (or end the input) to quit.
 

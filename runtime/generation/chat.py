@@ -67,10 +67,11 @@ class Conversation:
 
     def _extend(self, ids: list[int], before: str, after: str) -> list[int]:
         """`ids` (the tokens of `before`) plus the tokens of what `after` adds; all of `after` re-encoded when
-        the template rewrote earlier text instead of appending."""
-        if after.startswith(before):
-            return ids + self.gen.encode(after[len(before) :])
-        return self.gen.encode(after)
+        the template rewrote earlier text instead of appending. A whole conversation is encoded as the chat template
+        wants (`Generator.encode_chat`: BOS or not); what a turn appends gets no special tokens."""
+        if before and after.startswith(before):
+            return ids + self.gen.encode(after[len(before) :], add_special_tokens=False)
+        return self.gen.encode_chat(after)
 
     def _fit(self, ids: list[int]) -> list[int]:
         """The most recent tokens, leaving room for a reply; unchanged while the conversation fits."""
@@ -83,5 +84,6 @@ class Conversation:
         for k in range(len(tokens), -1, -1):
             text = self.gen.decode(tokens[:k])
             if reply.startswith(text):  # k = len(tokens) at once, unless a stop string cut the reply
-                return tokens[:k] + (self.gen.encode(reply[len(text) :]) if len(text) < len(reply) else [])
-        return self.gen.encode(reply)
+                rest = reply[len(text) :]
+                return tokens[:k] + (self.gen.encode(rest, add_special_tokens=False) if rest else [])
+        return self.gen.encode(reply, add_special_tokens=False)

@@ -77,7 +77,8 @@ class Completion:
         sampler: picks tokens from logits.
         config: the request's knobs; its stop strings, stop_token_ids and ignore_eos apply here.
         decoder: a fresh incremental detokeniser (`Generator.new_decoder`).
-        eot_id: the end-of-text token (finish_reason "eos" unless the config ignores it).
+        eos_ids: the ids that end the text (finish_reason "eos" unless the config ignores them): the bundle's stop
+            ids (`SpecialTokens.stop_ids`, end-of-text first; several for Llama 3), or one id.
         max_new: tokens to produce at most (finish_reason "length" on the last).
         mask: a constraint's `TokenMask` (`ConstraintCompiler.mask`, `Generator.new_completion`), or None.
         logits_processors: callables `(ids, logits) -> logits or None` run in order before the mask; ids are
@@ -94,14 +95,15 @@ class Completion:
         sampler: Sampler,
         config: SamplingConfig,
         decoder: IncrementalDecoder,
-        eot_id: int,
+        eos_ids: int | Sequence[int],
         max_new: int,
         *,
         mask: TokenMask | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
     ):
         self.prompt, self.sampler, self.config, self.decoder = prompt, sampler, config, decoder
-        self.eot_id, self.max_new = eot_id, max_new
+        self.eos_ids = frozenset((eos_ids,) if isinstance(eos_ids, int) else eos_ids)
+        self.max_new = max_new
         if mask is not None and config.ignore_eos:
             raise SamplingError("ignore_eos=True cannot be used with a constraint: the text must end where it says")
         if any(not callable(p) for p in logits_processors):
@@ -154,7 +156,7 @@ class Completion:
     def add(self, token: int) -> str:
         """Append a picked token, or finish at end-of-text, a stop id or string, or max_new; -> the new text."""
         config = self.config
-        if token == self.eot_id and not config.ignore_eos:
+        if token in self.eos_ids and not config.ignore_eos:
             return self.finish("eos")
         if token in config.stop_token_ids:
             return self.finish("stop")

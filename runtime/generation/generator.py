@@ -76,7 +76,8 @@ class GenerationResult:
         tokens: the generated token ids, without a final end-of-text or stop token id.
         finish_reason: "eos" (the model ended the text), "stop" (a stop string or stop token id) or
             "length" (max_new_tokens, or the context was full).
-        prompt_tokens: the prompt's token ids as fed (an empty prompt is the end-of-text token).
+        prompt_tokens: the prompt's token ids as fed (a text's with the BOS its tokenizer adds, if any; an empty
+            prompt is that BOS, else the end-of-text token).
         timings: see `Timings`.
         context_shifts: how often the sliding window dropped old tokens and recomputed the cache.
         cached_tokens: prompt tokens the given `state` already held, not fed again (0 without a state).
@@ -284,6 +285,8 @@ class Generator:
     def __init__(self, bundle: Bundle, session: ort.InferenceSession, session_config: SessionConfig):
         self.bundle, self.session, self.session_config = bundle, session, session_config
         self.config, self.tokenizer, self.eot_id = bundle.config, bundle.tokenizer, bundle.eot_id
+        self.special = bundle.special  # BOS, end-of-text and every stop id: decided there, once
+        self.stop_ids = bundle.special.stop_ids
         names_in = [i.name for i in session.get_inputs()]
         names_out = [o.name for o in session.get_outputs()]
         check_io(f"{bundle.model_path} (onnxruntime)", names_in, names_out, bundle.input_names, bundle.output_names)
@@ -337,7 +340,8 @@ class Generator:
 
     @property
     def chat_template(self) -> ChatTemplate:
-        """The bundle's chat template (its tokenizer_config.json `chat_template`, else edgegpt's default),
+        """The bundle's chat template (chat_template.jinja, else tokenizer_config.json's `chat_template`, else
+        edgegpt's default),
         read on first use: a Jinja template needs jinja2 (the serve extra) only when a chat asks for it."""
         if self._chat_template is None:
             self._chat_template = ChatTemplate.from_bundle(self.bundle.path)
@@ -347,11 +351,25 @@ class Generator:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no special tokens added)."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, as transformers' tokenizer gives them: with `add_special_tokens`, a BOS first when
+        the bundle's tokenizer adds one (`special.bos_id`: Llama); GPT-2's adds nothing. Every text prompt
+        (generate, stream, generate_batch, the CLI, the server's completions) is encoded here; token ids given
+        to the `*_ids` calls are fed as they are. A chat is encoded by `encode_chat`.
+
+        >>> gen.encode("def f"), gen.encode("def f", add_special_tokens=False)  # doctest: +SKIP
+        ([1, 563, 269], [563, 269])
+        """
         if not isinstance(text, str):
             raise PromptError(f"prompt must be a str, got {type(text).__name__}; use generate_ids for token ids")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.special.with_bos(ids) if add_special_tokens else ids
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Token ids of a conversation rendered by `chat_template`: a model's own (Jinja) template renders its BOS
+        itself, so nothing is added, as transformers' `apply_chat_template(tokenize=True)` does; edgegpt's default
+        transcript is plain text and gets the tokenizer's BOS like any text prompt."""
+        return self.encode(text, add_special_tokens=self.chat_template.source is None)
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of token ids."""
@@ -371,6 +389,9 @@ class Generator:
         **overrides,
     ) -> GenerationResult:
         """Continue `prompt`; returns the text, token ids, finish_reason and timings.
+
+        The prompt is encoded by `encode` (a BOS first where the bundle's tokenizer adds one). The text ends at any
+        of the bundle's stop ids (`stop_ids`: finish_reason "eos"), at a stop string or at `stop_token_ids` ("stop").
 
         `state`: continue on this `DecodeState` (batch 1) instead of a fresh one: the longest common prefix of
         its tokens and the prompt is not fed again (`result.cached_tokens`), and afterwards it holds the prompt
@@ -457,7 +478,10 @@ class Generator:
         logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
         **overrides,
     ) -> TextStream:
-        """`stream` for a prompt of token ids (ids outside the vocabulary raise `PromptError`)."""
+        """`stream` for a prompt of token ids, fed as given (no BOS added).
+
+        Ids outside the vocabulary raise `PromptError`.
+        """
         return self._call(
             self._check_ids,
             [ids],
@@ -484,6 +508,8 @@ class Generator:
         **overrides,
     ) -> GenerationResult:
         """Token ids in, token ids out (`result.tokens`); ids outside the vocabulary raise `PromptError`.
+
+        The ids are fed as given: no BOS is added (`gen.encode(text)` gives a text's ids with it).
 
         The other keywords as for `generate`.
 
@@ -513,6 +539,8 @@ class Generator:
         **overrides,
     ) -> list[GenerationResult]:
         """Several prompts (texts or token-id lists) in one left-padded batch; one result per prompt.
+
+        Texts are encoded by `encode` (with the tokenizer's BOS, if it adds one); token-id lists are fed as given.
 
         `json_schema`, `regex` and `grammar` (see `generate`) each take one value for every row or a list with
         one entry per prompt, None where a row is free; a row takes at most one of the three, so a batch may
@@ -565,7 +593,7 @@ class Generator:
         if state is not None and not isinstance(state, DecodeState):
             raise PromptError(f"state must be a DecodeState from Generator.new_state, got {type(state).__name__}")
         config = base.replace(**overrides)
-        prompts = [p or [self.eot_id] for p in prompts]  # an empty prompt starts from end-of-text
+        prompts = [self.special.prompt(p) for p in prompts]  # an empty prompt starts from BOS or end-of-text
         constraints = row_constraints(len(prompts), *constraint)
         processors = _processors(logits_processor)
         request = _Request(self, prompts, config, started, state, speculative, constraints, processors)
@@ -650,7 +678,7 @@ class Generator:
             self.new_sampler(config, prompt),
             config,
             self.new_decoder(),
-            self.eot_id,
+            self.stop_ids,
             max_new,
             mask=mask,
             logits_processors=_processors(logits_processor),

@@ -1,7 +1,8 @@
 """`ChatTemplate`: chat messages -> the prompt text a model was trained to continue, the Hugging Face way.
 
-A bundle may carry its model's own template as `chat_template` in tokenizer_config.json (what
-`transformers`' `apply_chat_template` reads; `edgegpt import-hf` keeps it). It is Jinja, rendered in
+A bundle may carry its model's own template as `chat_template` in tokenizer_config.json (where `edgegpt export`
+puts the one `edgegpt import-hf` kept) or as chat_template.jinja (the file transformers 5 saves, which wins over
+the other, as in transformers). Either is what `transformers`' `apply_chat_template` reads. It is Jinja, rendered in
 Jinja's immutable sandbox with the variables Hugging Face passes (`messages`, `add_generation_prompt`,
 `bos_token`, `eos_token`) and `raise_exception`; rendering one needs `jinja2` (the `serve` extra).
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgegpt.errors import BundleError, ConfigError, DataError
-from edgegpt.tokenizer import chat_template_of, read_tokenizer_config
+from edgegpt.tokenizer import CHAT_TEMPLATE_FILE, chat_template_of, read_tokenizer_config
 
 __all__ = ["ChatTemplate"]
 
@@ -46,11 +47,12 @@ class ChatTemplate:
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path) -> "ChatTemplate":
-        """The template in the bundle's tokenizer_config.json, or the default when it has none."""
+        """The bundle's chat_template.jinja, else the template in its tokenizer_config.json, else the default."""
+        file = Path(bundle_dir) / CHAT_TEMPLATE_FILE
         try:
             config = read_tokenizer_config(bundle_dir)
-            source = chat_template_of(config)
-        except DataError as exc:
+            source = file.read_text(encoding="utf-8") if file.is_file() else chat_template_of(config)
+        except (DataError, OSError, UnicodeDecodeError) as exc:
             raise BundleError(f"{Path(bundle_dir)}: {exc}") from None
         if source is None:
             return cls()

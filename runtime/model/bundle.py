@@ -8,6 +8,11 @@ token, no more tokens than the model's vocabulary: a model vocabulary larger tha
 padding, e.g. nanoGPT's 50304 for GPT-2's 50257, and those ids are
 never sampled).
 
+`SpecialTokens` (`Bundle.special`) is the one place the runtime decides a model's special ids, from the manifest's
+"tokenizer" section: the end-of-text id (`eot_token_id`; a bundle without it: the tokenizer's "<|endoftext|>"),
+every stop id (`stop_token_ids`, an imported model's eos_token_id list; an older bundle: end-of-text alone), and the
+BOS a tokenizer adds to text (`add_bos_token`, `bos_token_id`). Every path (Generator, chat, the server) asks it.
+
 A bundle with the mobile format (the manifest's "ort" section, `edgegpt convert-ort`) gets the same graph
 checks on `model.ort`, read through onnxruntime's FlatBuffers schema (`ort_format.py`): its I/O names and
 shapes and the model settings they imply, before any session exists. An `.ort`-only bundle (`graph.file`
@@ -41,7 +46,7 @@ from edgegpt.runtime.model.contract import KV_LAYOUTS, version_tuple
 from edgegpt.runtime.model.onnx_paths import GraphSummary, read_graph_summary
 from edgegpt.runtime.model.ort_format import read_ort_model
 
-__all__ = ["Bundle", "KVCacheSpec", "MODEL_FORMATS", "select_graph"]
+__all__ = ["Bundle", "KVCacheSpec", "MODEL_FORMATS", "SpecialTokens", "select_graph"]
 
 MODEL_FORMATS = ("auto", "onnx", "ort")  # which graph file a session loads; see `select_graph`
 
@@ -67,6 +72,36 @@ class KVCacheSpec:
 
 
 @dataclass(frozen=True)
+class SpecialTokens:
+    """A model's special token ids, as its manifest states them; `Bundle.special`.
+
+    Attributes:
+        eot_id: end of text: what an empty prompt starts from (without a BOS) and what pads a finished batch row.
+        stop_ids: every id that ends a text (finish_reason "eos"), end-of-text first: eos_token_id's list of an
+            imported model (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>); end-of-text alone for GPT-2.
+        bos_id: the id the tokenizer adds before a text (add_bos_token), else None.
+
+    >>> special = SpecialTokens(eot_id=2, stop_ids=(2, 3), bos_id=1)
+    >>> special.with_bos([7, 8]), special.prompt([]), SpecialTokens(0, (0,)).prompt([])
+    ([1, 7, 8], [1], [0])
+    """
+
+    eot_id: int
+    stop_ids: tuple[int, ...]
+    bos_id: int | None = None
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """`ids` of a text as the tokenizer encodes it with its special tokens (transformers' add_special_tokens=True):
+        BOS first when it adds one. Token ids given by the caller, and a chat template's text (which renders its
+        own BOS), are not passed here."""
+        return ids if self.bos_id is None else [self.bos_id, *ids]
+
+    def prompt(self, ids: list[int]) -> list[int]:
+        """A prompt's ids as fed: an empty one starts from BOS (a tokenizer that adds one) or end-of-text."""
+        return ids or [self.eot_id if self.bos_id is None else self.bos_id]
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A verified bundle: paths, manifest, model config, KV-cache contract and tokenizer.
 
@@ -80,7 +115,12 @@ class Bundle:
     config: GPTConfig
     kv: KVCacheSpec
     tokenizer: Any  # tokenizers.Tokenizer
-    eot_id: int
+    special: SpecialTokens
+
+    @property
+    def eot_id(self) -> int:
+        """The end-of-text id (`special.eot_id`)."""
+        return self.special.eot_id
 
     @property
     def onnx_path(self) -> Path | None:
@@ -149,8 +189,8 @@ class Bundle:
             summary = read_ort_model(ort_path).summary
             check_io(str(ort_path), summary.inputs, summary.outputs, expected_in, expected_out)
             check_model_settings(summary, config, kv, where)
-        tokenizer, eot = _tokenizer(path, manifest, config, where)
-        return cls(path, manifest, config, kv, tokenizer, eot)
+        tokenizer, special = _tokenizer(path, manifest, config, where)
+        return cls(path, manifest, config, kv, tokenizer, special)
 
 
 def select_graph(bundle: Bundle, model_format: str, onnxruntime_version: str) -> Path:
@@ -307,7 +347,7 @@ def _check_external_data(bundle: Path, locations: list[str], files: dict, model_
 
 
 def _tokenizer(path: Path, manifest: dict, config: GPTConfig, where: Path):
-    from edgegpt.tokenizer import eot_id, load_tokenizer
+    from edgegpt.tokenizer import load_tokenizer
 
     meta = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
     name = meta.get("file", "tokenizer.json")
@@ -323,21 +363,52 @@ def _tokenizer(path: Path, manifest: dict, config: GPTConfig, where: Path):
             f"{file}: the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is only "
             f"{config.vocab_size}; re-export the bundle from one checkpoint"
         )
-    try:
-        eot = eot_id(tok)
-    except DataError as exc:
-        raise BundleError(f"{file}: {exc}") from exc
     size = tok.get_vocab_size()
     if meta.get("vocab_size", size) != size:
         raise BundleError(
             f"{where}: tokenizer.vocab_size is {meta['vocab_size']} but {file} has {size} tokens; re-export the bundle"
         )
-    if meta.get("eot_token_id", eot) != eot:
-        raise BundleError(f"{where}: tokenizer.eot_token_id {meta['eot_token_id']} but the tokenizer's is {eot}")
+    special = _special_tokens(meta, tok, file, where)
     sampled = config.sampled_ids(size)
     if meta.get("sampled_vocab_size", sampled) != sampled:
         raise BundleError(
             f"{where}: tokenizer.sampled_vocab_size {meta['sampled_vocab_size']} but the model and tokenizer "
             f"sample ids 0..{sampled - 1}; re-export the bundle"
         )
-    return tok, eot
+    return tok, special
+
+
+def _special_tokens(meta: dict, tok, file: Path, where: Path) -> SpecialTokens:
+    """The manifest's special ids, checked against the tokenizer. A bundle that lists stop_token_ids (an imported
+    model) names its end-of-text id itself; an older one (GPT-2's) has "<|endoftext|>" in its tokenizer."""
+    from edgegpt.tokenizer import eot_id
+
+    size = tok.get_vocab_size()
+
+    def token_id(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+            raise BundleError(
+                f"{where}: tokenizer.{key} {value!r} is not a token id of {file} (0..{size - 1}); re-export the bundle"
+            )
+        return value
+
+    listed = meta.get("stop_token_ids")
+    if listed is None:
+        try:
+            eot = eot_id(tok)
+        except DataError as exc:
+            raise BundleError(f"{file}: {exc}, and the manifest names no stop_token_ids; re-export the bundle") from exc
+        if meta.get("eot_token_id", eot) != eot:
+            raise BundleError(f"{where}: tokenizer.eot_token_id {meta['eot_token_id']} but the tokenizer's is {eot}")
+        stops: list[int] = []
+    else:
+        if not isinstance(listed, list):
+            raise BundleError(
+                f"{where}: tokenizer.stop_token_ids must be a list of token ids, got {listed!r}; re-export the bundle"
+            )
+        stops = [token_id("stop_token_ids", i) for i in listed]
+        eot = token_id("eot_token_id", meta.get("eot_token_id", stops[0] if stops else None))
+    bos = None
+    if meta.get("add_bos_token"):
+        bos = token_id("bos_token_id", meta.get("bos_token_id"))  # a tokenizer that adds a BOS must name it
+    return SpecialTokens(eot_id=eot, stop_ids=tuple(dict.fromkeys([eot, *stops])), bos_id=bos)

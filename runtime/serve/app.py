@@ -260,11 +260,11 @@ def _jobs(req: ParsedRequest, model: _Model, settings: ServeSettings) -> list[Jo
         )
     for p, prompt in enumerate(req.prompts):
         try:
-            if req.chat:
-                ids = gen.encode(gen.chat_template.render(prompt))
-            else:
+            if req.chat:  # the template renders its own BOS (Generator.encode_chat)
+                ids = gen.encode_chat(gen.chat_template.render(prompt))
+            else:  # a text gets the BOS its tokenizer adds; token ids are taken as given, as in Generator
                 ids = gen.encode(prompt) if isinstance(prompt, str) else check_ids(prompt, gen.config.vocab_size)
-            ids = ids or [gen.eot_id]  # an empty prompt starts from end-of-text, as in Generator
+            ids = gen.special.prompt(ids)  # an empty prompt starts from BOS or end-of-text, as in Generator
             max_new = model.scheduler.check_fits(len(ids), req.max_tokens)
         except ContextLengthError as exc:
             raise APIError(400, str(exc), "messages" if req.chat else "prompt", "context_length_exceeded") from None

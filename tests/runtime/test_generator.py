@@ -226,7 +226,7 @@ def test_stop_token_ids_and_eos(gen):
     stopped = gen.generate("def ", max_new_tokens=20, temperature=1.0, seed=4, ignore_eos=True, stop_token_ids=[token])
     assert stopped.finish_reason == "stop" and stopped.tokens == free.tokens[:cut]
     eos_gen = Generator(gen.bundle, gen.session, gen.session_config)
-    eos_gen.eot_id = token  # pretend the model's end-of-text is that token
+    eos_gen.stop_ids = (token,)  # pretend the model's end-of-text is that token
     ended = eos_gen.generate("def ", max_new_tokens=20, temperature=1.0, seed=4)
     assert ended.finish_reason == "eos" and ended.tokens == free.tokens[:cut]
 

@@ -385,7 +385,7 @@ def test_stop_eos_and_max_cut_where_plain_decoding_does(gqa, draft_tokens):
     assert by_text.finish_reason == "stop"
     # end-of-text: the random model never picks id 0, so a copy names the stop id its end-of-text token
     ending = copy.copy(gqa)
-    ending.eot_id = stop_id
+    ending.stop_ids = (stop_id,)
     by_eos = ending.generate(prompt, max_new_tokens=30, speculative=spec)
     _same(by_eos, ending.generate(prompt, max_new_tokens=30))
     assert by_eos.finish_reason == "eos" and by_eos.tokens == by_id.tokens

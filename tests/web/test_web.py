@@ -28,15 +28,16 @@ def python_greedy(bundle, **options):
 
 
 def case(name, bundle) -> dict:
+    """The Python runtime's outputs that web/test/generator.test.js checks (stopCases: none for a GPT-2 bundle, whose
+    one stop id is end-of-text; tests/runtime/test_llama_runtime.py adds Llama bundles with several)."""
     from edgegpt.runtime import Generator
-    from edgegpt.tokenizer import encode
 
     result = python_greedy(bundle, ignore_eos=True)
     text = result.text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     stopped = python_greedy(bundle, ignore_eos=True, stop=[stop])
     assert stopped.finish_reason == "stop"
-    tok = Generator.load(bundle, provider="cpu").bundle.tokenizer
+    gen = Generator.load(bundle, provider="cpu")
     return {
         "name": name,
         "bundle": str(bundle),
@@ -46,7 +47,9 @@ def case(name, bundle) -> dict:
         "text": text,
         "stop": stop,
         "stopText": stopped.text,
-        "encodings": [[s, encode(tok, s)] for s in ENCODINGS],
+        "encodings": [[s, gen.encode(s)] for s in ENCODINGS],
+        "promptTokens": result.prompt_tokens,
+        "stopCases": [],
     }
 
 

@@ -30,6 +30,19 @@ export function webgpuProblem(manifest) {
   return null;
 }
 
+/**
+ * Why onnxruntime-web cannot run this bundle on any backend, or null: a model with an RMSNorm over each head of q and
+ * k (qk_norm, Qwen3) fails session creation in onnxruntime-web 1.30, whose GroupQueryAttention shape inference loses
+ * the width of the packed q/k/v that follows the norm; the Python runtime (onnxruntime >= 1.22) runs it.
+ */
+export function browserProblem(manifest) {
+  if (manifest.model?.qk_norm) {
+    return "a q/k-norm model (qk_norm, Qwen3) is not supported in the browser: onnxruntime-web 1.30 cannot create " +
+      "its GroupQueryAttention session; run it with the Python runtime (edgegpt generate / serve)";
+  }
+  return null;
+}
+
 /** "webgpu" when this browser offers a WebGPU adapter (and the bundle runs on it), else "wasm". */
 export async function autoProvider(manifest = {}) {
   if (globalThis.navigator?.gpu && !webgpuProblem(manifest)) {
@@ -45,7 +58,10 @@ export async function autoProvider(manifest = {}) {
 /** One sequence's KV cache, mask and positions on one session; `feed(ids)` -> the last position's logits. */
 export class DecodeState {
   constructor(generator) {
-    const { n_layer: layers, n_head: heads } = generator.config;
+    // The cache holds the KV heads (n_kv_head, omitted from the manifest when it equals n_head) of head_dim each
+    // (omitted when it is n_embd / n_head): GPTConfig.to_dict leaves fields at their defaults out.
+    const { n_layer: layers, n_head: nHead, n_kv_head: kvHeads, head_dim: headDim, n_embd: width } = generator.config;
+    const heads = kvHeads ?? nHead;
     this.generator = generator;
     this.pastNames = [];
     this.presentNames = [];
@@ -56,7 +72,7 @@ export class DecodeState {
         this.presentNames.push(present.replace("{}", i));
       }
     }
-    const empty = new ort.Tensor("float32", new Float32Array(0), [1, heads, 0, generator.config.n_embd / heads]);
+    const empty = new ort.Tensor("float32", new Float32Array(0), [1, heads, 0, headDim ?? width / nHead]);
     this.pasts = this.pastNames.map(() => empty);
     this.tokens = [];
     this.steps = 0;
@@ -116,6 +132,7 @@ export class Generator {
     if (!kv || !["concat", "shared_buffer"].includes(kv.layout)) {
       throw new BundleError(`${base}manifest.json: KV-cache layout ${JSON.stringify(kv?.layout)} is not one this runtime runs`);
     }
+    if (browserProblem(manifest)) throw new BundleError(`${base}: ${browserProblem(manifest)}`);
     if ((kv.dtype ?? "float32") !== "float32") {
       throw new BundleError(`${base}: a ${kv.dtype} KV cache (an fp16 bundle) is not supported in the browser; use an fp32, int8 or int4 bundle`);
     }
@@ -149,14 +166,24 @@ export class Generator {
     this.provider = provider;
     this.modelFile = modelFile;
     this.tokenizer = new Tokenizer(tokenizerJson, {});
-    this.eotId = manifest.tokenizer.eot_token_id;
+    // The special ids, as runtime/model/bundle.py `SpecialTokens` reads them: every stop id (Llama 3 has several;
+    // an older manifest: end-of-text alone) and the BOS the tokenizer adds to a text (add_bos_token).
+    const meta = manifest.tokenizer;
+    this.eotId = meta.eot_token_id ?? meta.stop_token_ids?.[0];
+    this.stopIds = new Set([this.eotId, ...(meta.stop_token_ids ?? [])]);
+    this.bosId = meta.add_bos_token ? meta.bos_token_id : null;
     this.sampledVocab = manifest.tokenizer.sampled_vocab_size ?? this.config.vocab_size;
     this.bytesTable = tokenBytes(tokenizerJson);
   }
 
-  /** Token ids of `text`, no special tokens added (a literal "<|endoftext|>" is the end-of-text id). */
-  encode(text) {
-    return this.tokenizer.encode(text, { add_special_tokens: false }).ids;
+  /**
+   * Token ids of `text` as the Python runtime's `Generator.encode` gives them: with addSpecialTokens (the default),
+   * the BOS first when the bundle's tokenizer adds one; nothing else is added (a literal special token such as
+   * "<|endoftext|>" is its id).
+   */
+  encode(text, { addSpecialTokens = true } = {}) {
+    const ids = this.tokenizer.encode(text, { add_special_tokens: false }).ids;
+    return addSpecialTokens && this.bosId != null ? [this.bosId, ...ids] : ids;
   }
 
   decode(ids) {
@@ -169,7 +196,8 @@ export class Generator {
   }
 
   /**
-   * Stream the continuation of `prompt` (text, or token ids) as text pieces that never split a character.
+   * Stream the continuation of `prompt` (text, encoded with the tokenizer's BOS if it adds one; or token ids, fed
+   * as given) as text pieces that never split a character; it ends at any of the bundle's stop ids ("eos").
    * Options (camelCase forms of SamplingConfig's): maxNewTokens, temperature, topK, topP, stop, seed, ignoreEos.
    * After the loop, `stream.result` (the iterator's return value via `generate`) holds tokens and timings.
    */
@@ -197,7 +225,7 @@ export class Generator {
     const config = samplingConfig(options);
     const started = performance.now();
     let ids = typeof prompt === "string" ? this.encode(prompt) : [...prompt];
-    if (!ids.length) ids = [this.eotId];
+    if (!ids.length) ids = [this.bosId ?? this.eotId]; // an empty prompt starts from BOS, else end-of-text
     tokenBudget(ids.length, config.maxNewTokens, this.config.block_size); // ContextLengthError when it does not fit
     const state = this.newState();
     const sample = makeSampler(config, this.sampledVocab);
@@ -210,7 +238,7 @@ export class Generator {
     while (tokens.length < config.maxNewTokens) {
       const id = sample(logits);
       firstAt ??= performance.now();
-      if (id === this.eotId && !config.ignoreEos) {
+      if (this.stopIds.has(id) && !config.ignoreEos) {
         finishReason = "eos";
         break;
       }

@@ -51,6 +51,19 @@ for (const c of cases) {
     assert.equal(stopped.finishReason, "stop");
   });
 
+  test(`${c.name}: a text prompt gets the BOS its tokenizer adds; every stop id ends the text`, { skip }, async () => {
+    const gen = await load(c.bundle);
+    const result = await gen.generate(c.prompt, { maxNewTokens: 2, ignoreEos: true });
+    assert.deepEqual(result.promptTokens, c.promptTokens);
+    const fromIds = await gen.generate(c.promptTokens, { maxNewTokens: 2, ignoreEos: true }); // ids: fed as given
+    assert.deepEqual(fromIds.promptTokens, c.promptTokens);
+    for (const s of c.stopCases) {
+      const stopped = await (await load(s.bundle)).generate(c.prompt, { maxNewTokens: c.steps });
+      assert.deepEqual(stopped.tokens, s.tokens);
+      assert.equal(stopped.finishReason, "eos");
+    }
+  });
+
   test(`${c.name}: a seed repeats a sampled text; top-k 1 is greedy`, { skip }, async () => {
     const gen = await load(c.bundle);
     const options = { maxNewTokens: 16, temperature: 1.2, topP: 0.95, seed: 3, ignoreEos: true };
@@ -58,6 +71,12 @@ for (const c of cases) {
     assert.deepEqual((await gen.generate(c.prompt, options)).tokens, first.tokens);
     const topOne = await gen.generate(c.prompt, { maxNewTokens: 16, temperature: 1.5, topK: 1, seed: 1, ignoreEos: true });
     assert.deepEqual(topOne.tokens, c.tokens.slice(0, 16));
+  });
+}
+
+for (const r of cases.flatMap((c) => c.refusals ?? [])) {
+  test(`${r.bundle}: refused in one line, naming why`, async () => {
+    await assert.rejects(load(r.bundle), (error) => error.name === "BundleError" && error.message.includes(r.reason));
   });
 }
 
