@@ -425,7 +425,7 @@ async def _stream(
 
     async def cut_at_grace() -> None:  # before that, an error event: a cut stream must not read as complete
         await shutdown.wait()
-        await asyncio.sleep(0.8 * grace_s)
+        await asyncio.sleep(0.9 * grace_s - min(1.0, 0.3 * grace_s))  # time left to send it before the cancel
         events.put_nowait(("shutdown", None, ""))
 
     async def send():

@@ -147,7 +147,7 @@ def test_a_whole_request_whose_client_leaves_is_cancelled(lively_gqa_bundle, sta
 @pytest.mark.slow
 def test_a_stream_cut_at_the_end_of_grace_ends_with_an_error_event(lively_gqa_bundle, start_server):
     process = []
-    with start_server(lively_gqa_bundle, "--slots", "1", "--queue", "512", "--grace", "1", process=process) as base:
+    with start_server(lively_gqa_bundle, "--slots", "1", "--queue", "512", "--grace", "3", process=process) as base:
         with httpx.stream("POST", f"{base}/v1/completions", json={**_LONG, "stream": True}, timeout=60) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: {"))
