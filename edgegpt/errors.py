@@ -66,6 +66,11 @@ class ConstraintError(SamplingError):
     constraint asked for where it cannot apply."""
 
 
+class InputLimitError(EdgeGPTError, ValueError):
+    """Input from outside (a request body, a schema, a pickle, a manifest) nested too deeply or too large to read
+    safely; the message names it and the bound (`edgegpt.limits`)."""
+
+
 class ExtraMissingError(EdgeGPTError, ImportError):
     """An optional dependency (an extra) is not installed; the message names the pip command that adds it."""
 

@@ -27,8 +27,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgegpt.errors import BundleError
+from edgegpt.errors import BundleError, InputLimitError
 from edgegpt.files import atomic_write_text, recover
+from edgegpt.limits import loads_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "edgegpt-bundle"
@@ -108,7 +109,9 @@ def read_manifest(bundle: str | Path) -> dict[str, Any]:
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: not a bundle directory; create one with `edgegpt export CKPT -o {bundle}`")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = loads_json(path.read_text(), str(path))
+    except InputLimitError as exc:
+        raise BundleError(f"{exc}; a manifest is a few levels deep: re-export the bundle") from None
     except FileNotFoundError:
         raise BundleError(f"{path}: missing; is {bundle} an edgegpt bundle? re-export it") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

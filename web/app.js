@@ -4,6 +4,7 @@
 // For automation, window.edgegpt holds {ready, generator, error}, and #output's data-tokens the last token ids.
 
 import { Generator, ort } from "./edgegpt.js";
+import { tokenBudget } from "./src/budget.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -29,10 +30,18 @@ async function load() {
   }
 }
 
-function options() {
+function options(generator) {
   const stop = $("stop").value.replaceAll("\\n", "\n").replaceAll("\\t", "\t");
+  const field = $("max-new-tokens");
+  let maxNewTokens = Number(field.value);
+  if (!field.dataset.edited) {
+    // The default (64) lowered to the room the prompt leaves, as the CLI's -n default is: a small model's context
+    // may be shorter. A number the user typed is kept, and refused if it does not fit.
+    const promptTokens = Math.max(generator.encode($("prompt").value).length, 1);
+    maxNewTokens = tokenBudget(promptTokens, maxNewTokens, generator.config.block_size, { fit: true });
+  }
   return {
-    maxNewTokens: Number($("max-new-tokens").value),
+    maxNewTokens,
     temperature: Number($("temperature").value),
     topK: Number($("top-k").value),
     topP: Number($("top-p").value),
@@ -60,7 +69,7 @@ async function generate() {
   delete $("stats").dataset.done;
   $("stats").textContent = "";
   try {
-    const stream = generator.stream($("prompt").value, options());
+    const stream = generator.stream($("prompt").value, options(generator));
     let step;
     while (!(step = await stream.next()).done) {
       $("output").textContent += step.value;
@@ -82,3 +91,4 @@ async function generate() {
 window.edgegpt = { generator: null, error: null, threads, isolated };
 window.edgegpt.ready = load();
 $("generate").addEventListener("click", generate);
+$("max-new-tokens").addEventListener("input", () => ($("max-new-tokens").dataset.edited = "1"));

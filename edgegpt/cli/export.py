@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from edgegpt.cli.support import Command
+from edgegpt.cli.support import Command, utf8_path
 
 __all__ = ["convert_ort_command", "export_command"]
 
 
 @click.command("export", cls=Command)
 @click.argument("checkpoint", type=click.Path(file_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(), help="Bundle directory to create.")
+@click.option("-o", "--out", required=True, type=click.Path(), callback=utf8_path, help="Bundle directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--no-optimize", "no_optimize", is_flag=True, help="Skip onnxruntime's fusions (plain export).")
 @click.option("--external-data", is_flag=True, help="Store weights in model.onnx.data (automatic above 2 GB).")
@@ -65,6 +65,7 @@ def export_command(checkpoint, out, force, no_optimize, external_data, opset, at
     "--out",
     type=click.Path(),
     default=None,
+    callback=utf8_path,
     help="Bundle directory to write [default: BUNDLE itself, replaced atomically].",
 )
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")

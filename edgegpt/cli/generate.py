@@ -19,6 +19,8 @@ from pathlib import Path
 import click
 
 from edgegpt.cli.support import Command, field_options, given, pop_session, root_flag, session_options
+from edgegpt.errors import InputLimitError
+from edgegpt.limits import loads_json
 
 __all__ = ["chat_command", "eval_command", "generate_command"]
 
@@ -103,7 +105,9 @@ def _constraint(json_schema: str | None, regex: str | None, grammar: str | None)
     if json_schema is not None:
         text = _read_text(json_schema, "--json-schema")
         try:
-            return {"json_schema": json.loads(text)}
+            return {"json_schema": loads_json(text, json_schema)}
+        except InputLimitError as exc:
+            raise click.BadParameter(str(exc), param_hint="--json-schema") from None
         except json.JSONDecodeError as exc:
             raise click.BadParameter(f"{json_schema} is not JSON: {exc}", param_hint="--json-schema") from None
     if regex is not None:

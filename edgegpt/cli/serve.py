@@ -142,7 +142,13 @@ def serve_command(bundle, models, port, no_auth, **flags):
     import uvicorn
 
     default = next(iter(paths))
-    app = create_app(paths, default, settings)
+    failed: list[str] = []
+
+    def load_failed(reason: str) -> None:  # on the loading thread: stop serving, exit 1 below
+        failed.append(reason)
+        server.should_exit = True
+
+    app = create_app(paths, default, settings, on_load_error=load_failed)
     where = f"[{host}]" if ":" in host else host
     click.echo(
         f"edgegpt serve: http://{where}:{port}/v1  models: {', '.join(paths)} (default {default}), "
@@ -154,7 +160,7 @@ def serve_command(bundle, models, port, no_auth, **flags):
     # handlers in place that ends here, and the process exits 0 after its clean shutdown.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -162,5 +168,9 @@ def serve_command(bundle, models, port, no_auth, **flags):
         timeout_graceful_shutdown=settings.grace_s,
         access_log=False,
     )
+    server = uvicorn.Server(config)
+    server.run()
+    if failed:
+        raise click.ClickException(f"no model loaded: {failed[0]}")
     click.echo("edgegpt serve: stopped", err=True)
     sys.exit(0)

@@ -35,7 +35,17 @@ import click
 from edgegpt.errors import ConfigError, EdgeGPTError, SamplingError
 from edgegpt.runtime.model.session_config import PROVIDERS, SessionConfig
 
-__all__ = ["Command", "Group", "click_error", "field_options", "given", "pop_session", "root_flag", "session_options"]
+__all__ = [
+    "Command",
+    "Group",
+    "click_error",
+    "field_options",
+    "given",
+    "pop_session",
+    "root_flag",
+    "session_options",
+    "utf8_path",
+]
 
 # A missing optional module -> the command that installs it; the others come with the training extra, whose
 # torch is pinned to the CPU build as in the README (an unpinned torch pulls a multi-GB CUDA build).
@@ -49,6 +59,18 @@ _INSTALL = {
     "jinja2": _SERVE_INSTALL,
 }
 TRAIN_INSTALL = "pip install 'torch==2.13.0' 'edgegpt[train]'"
+
+
+def utf8_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback for an output path: refuse one that is not valid UTF-8 (its bytes reach Python as lone
+    surrogates, which onnx and torch cannot write: they failed deep inside with a 60 KB message)."""
+    if value is not None:
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise click.BadParameter(f"'{shown}' is not a UTF-8 path; choose a UTF-8 name") from None
+    return value
 
 
 def root_flag(ctx: click.Context, name: str) -> bool:

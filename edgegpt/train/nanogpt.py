@@ -54,7 +54,8 @@ from typing import Any
 import torch
 
 from edgegpt.config import GPTConfig
-from edgegpt.errors import CheckpointError, ConfigError
+from edgegpt.errors import CheckpointError, ConfigError, InputLimitError
+from edgegpt.limits import check_nesting
 from edgegpt.tokenizer import EOT
 from edgegpt.train.checkpoint import TIED, load_tensors_only, save_checkpoint
 from edgegpt.train.hf import bpe_from_files, check_out_dir
@@ -68,6 +69,7 @@ MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to every key (nanoGPT #325)
 MASK_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.bias")  # the causal mask, not a weight
 META_MAX_BYTES = 64 << 20  # a character vocabulary's meta.pkl is kilobytes; refuse a pickle bomb unread
+META_MAX_DEPTH = 8  # {"stoi": {...}, "itos": {...}, "vocab_size": n}: two levels
 # (edgegpt sub-module, nanoGPT sub-module); both nn.Linear, so no transpose
 LAYER_PARTS = (
     ("ln_1", "ln_1"),
@@ -197,13 +199,24 @@ class _DataOnlyUnpickler(pickle.Unpickler):
 
 
 def _plain_data(value: Any, file: Path) -> None:
-    """Refuse anything but dicts, strings and integers (no bool, float, list, bytes ...), iteratively."""
+    """Refuse anything but dicts, strings and integers (no bool, float, list, bytes ...), iteratively.
+
+    A pickle shares references through its memo: 40 nested dicts that each hold the next twice are 600 bytes
+    but 2^40 paths, so each dict is walked once, and the nesting is bounded (`check_nesting`).
+    """
+    try:
+        check_nesting(value, f"{file}: refused: it", max_depth=META_MAX_DEPTH)
+    except InputLimitError as exc:
+        raise CheckpointError(f"{exc}; a character vocabulary's meta.pkl is two flat maps") from None
+    seen: set[int] = set()
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            if id(item) not in seen:
+                seen.add(id(item))
+                stack.extend(item.keys())
+                stack.extend(item.values())
         elif type(item) not in (str, int):
             raise CheckpointError(
                 f"{file}: refused: it holds a {type(item).__name__}; a meta.pkl holds only dicts, strings and integers"

@@ -28,12 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from edgegpt.errors import ConstraintError, ExtraMissingError
+from edgegpt.errors import ConstraintError, ExtraMissingError, InputLimitError
+from edgegpt.limits import check_nesting, loads_json
 
 __all__ = ["EXTRA", "Constraint", "ConstraintCompiler", "TokenMask", "row_constraints"]
 
 EXTRA = 'pip install "edgegpt[constrain]"'
 _JSON_OPTIONS = {"whitespace_flexible": False}
+MAX_SOURCE_CHARS = 1 << 20  # a regex or a grammar's text (a schema: `edgegpt.limits`)
 _ECHO = re.compile(r"^(\^+|\d+ \|.*)$")  # llguidance's echo of the grammar line and its caret marks
 
 
@@ -69,15 +71,24 @@ class Constraint:
             raise ConstraintError(f"regex must be a str, got {type(self.regex).__name__}")
         if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar.strip()):
             raise ConstraintError(f"grammar must be the grammar's text (Lark or GBNF), got {self.grammar!r:.60}")
+        text = self.regex if self.regex is not None else self.grammar
+        if text is not None and len(text) > MAX_SOURCE_CHARS:
+            raise ConstraintError(f"{self.kind} has {len(text)} characters; the limit is {MAX_SOURCE_CHARS}")
         if self.json_schema is not None:
             schema = self.json_schema
             if isinstance(schema, str):
                 try:
-                    schema = json.loads(schema)
+                    schema = loads_json(schema, "json_schema")
+                except InputLimitError as exc:
+                    raise ConstraintError(str(exc)) from None
                 except json.JSONDecodeError as exc:
                     raise ConstraintError(f"json_schema is not valid JSON: {exc}") from None
             if not isinstance(schema, dict):
                 raise ConstraintError(f"json_schema must be a JSON object (a dict), got {type(schema).__name__}")
+            try:  # before json.dumps and llguidance, which recurse per level
+                check_nesting(schema, "json_schema")
+            except InputLimitError as exc:
+                raise ConstraintError(str(exc)) from None
             try:
                 json.dumps(schema)
             except (TypeError, ValueError) as exc:
@@ -154,7 +165,7 @@ class ConstraintCompiler:
                 f"constrained generation (a JSON schema, regex or grammar) needs llguidance; install it: {EXTRA}",
                 name="llguidance",
             ) from None
-        self.llguidance, self.vocab_size = llguidance, vocab_size
+        self.llguidance, self.vocab_size, self.eot_id = llguidance, vocab_size, eot_id
         try:
             self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eot_id)
         except ValueError as exc:  # a tokenizer.json llguidance cannot map to bytes
@@ -182,11 +193,35 @@ class ConstraintCompiler:
         error = llg.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
             raise ConstraintError(f"{constraint.kind} refused: {_one_line(error)}")
+        self._probe(grammar, constraint)
         with self._lock:
             if len(self._grammars) >= 256:  # a server sees many schemas: keep the recent ones
                 self._grammars.pop(next(iter(self._grammars)))
             self._grammars[key] = grammar
         return grammar
+
+    def _probe(self, grammar: str, constraint: Constraint) -> None:
+        """Refuse, before any model call, a grammar that fails in its first steps: one that admits no text at
+        all (`[^\\s\\S]`, `start: start "a"`, a schema that is only its own $ref: llguidance's first mask then
+        errs, allowing only end-of-text, which read as a complete empty answer), or one whose lexer gives up
+        after a token (`a{1000000}`: "too many expressions constructed", which read as a bad logit_bias)."""
+        matcher = self.llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        bits = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)
+        for step in range(2):  # the first mask, then the one after the first token it allows
+            if not matcher.is_error():
+                matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+            if matcher.is_error():
+                reason = matcher.get_error().strip().splitlines()[0] if matcher.get_error().strip() else "error"
+                if step == 0 and reason == "NoExtensionBias":  # llguidance's word for "nothing can follow"
+                    raise ConstraintError(
+                        f"{constraint.kind} refused: it admits no text at all (not even the empty one)"
+                    )
+                raise ConstraintError(f"{constraint.kind} refused: {_one_line(reason)}")
+            allowed = np.unpackbits(bits.view(np.uint8), count=self.vocab_size, bitorder="little")
+            tokens = [t for t in np.flatnonzero(allowed)[:2].tolist() if t != self.eot_id]
+            if not tokens or matcher.is_stopped():
+                return
+            matcher.consume_token(tokens[0])
 
     def mask(self, constraint: Constraint) -> "TokenMask":
         """A fresh `TokenMask` at the start of the text (ConstraintError for a bad constraint)."""

@@ -11,10 +11,12 @@ app starts, so /health answers 503 until they are ready, then 200.
 - GET /v1/models, /health, /metrics.
 
 `Guard` runs before any route: a request whose Host header is not a loopback name is refused (403) while
-the server listens on loopback (DNS rebinding: a web page must not reach it through a name it controls),
-and with an API key every route but /health needs `Authorization: Bearer KEY` (401; compared in constant
-time). The body is read up to `max_body_bytes` (413). Any other failure is answered with OpenAI's error
-object, never by crashing the process.
+the server listens on loopback (DNS rebinding: a web page must not reach it through a name it controls), so
+is a browser's request from another site (an Origin header other than the server's own, unless --cors-origin
+allows it: a page's text/plain POST needs no preflight), and with an API key every route but /health needs
+`Authorization: Bearer KEY` (401; compared in constant time). The body must be `application/json` (415) and
+is read up to `max_body_bytes` (413), nested at most `edgegpt.limits.MAX_DEPTH` levels (400 naming the
+field). Any other failure is answered with OpenAI's error object, never by crashing the process.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from edgegpt.errors import (
     QueueFullError,
     SamplingError,
 )
+from edgegpt.limits import MAX_DEPTH, deep_key
 from edgegpt.runtime.engine.state import check_ids
 from edgegpt.runtime.generation.generator import Generator
 from edgegpt.runtime.serve.scheduler import Job, Scheduler
@@ -71,9 +74,9 @@ class _Model:
 class _Models:
     """The served models by name, loaded on a background thread; `error` says why loading failed."""
 
-    def __init__(self, paths: dict[str, Path], default: str, settings: ServeSettings):
+    def __init__(self, paths: dict[str, Path], default: str, settings: ServeSettings, on_error=None):
         self.by_name = {name: _Model(name, Path(path)) for name, path in paths.items()}
-        self.default, self.settings = default, settings
+        self.default, self.settings, self.on_error = default, settings, on_error
         self.ready, self.error = threading.Event(), None
 
     def load(self) -> None:
@@ -87,8 +90,10 @@ class _Models:
                 )
                 model.scheduler.start()
             self.ready.set()
-        except Exception as exc:  # reported by /health and every request; the process stays up to say so
+        except Exception as exc:  # reported by /health and every request, and to `on_error` (the CLI exits)
             self.error = f"{type(exc).__name__}: {exc}"
+            if self.on_error is not None:
+                self.on_error(self.error)
 
     def stop(self) -> None:
         for model in self.by_name.values():
@@ -115,9 +120,15 @@ class _Models:
         return model
 
 
-def create_app(paths: dict[str, Path], default: str, settings: ServeSettings = ServeSettings()) -> Starlette:
-    """The app serving `paths` ({name: bundle directory}); requests without a model field get `default`."""
-    models, metrics = _Models(paths, default, settings), Metrics()
+def create_app(
+    paths: dict[str, Path], default: str, settings: ServeSettings = ServeSettings(), on_load_error=None
+) -> Starlette:
+    """The app serving `paths` ({name: bundle directory}); requests without a model field get `default`.
+
+    `on_load_error(reason)`: called on the loading thread when a model fails to load (`edgegpt serve` then
+    stops and exits 1: a server that can only answer 503 is no server); without it /health reports the error.
+    """
+    models, metrics = _Models(paths, default, settings, on_load_error), Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -159,6 +170,9 @@ def create_app(paths: dict[str, Path], default: str, settings: ServeSettings = S
             except APIError as exc:
                 metrics.request(path, exc.status)
                 return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+            except Exception:  # a bug: `_server_error` answers 500, counted here like every other answer
+                metrics.request(path, 500)
+                raise
 
         return handle
 
@@ -202,6 +216,13 @@ class Guard:
                 return
         await self.app(scope, receive, send)
 
+    def _same_or_allowed(self, origin: str, host: bytes) -> bool:
+        """A browser's Origin is the server's own (scheme://the Host it asked for) or one --cors-origin allows."""
+        if "*" in self.settings.cors_origins or origin in self.settings.cors_origins:
+            return True
+        scheme, sep, netloc = origin.partition("://")
+        return bool(sep) and scheme in ("http", "https") and netloc.lower() == host.decode("latin-1").lower()
+
     def _check(self, scope) -> APIError | None:
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         if self.loopback:
@@ -220,6 +241,14 @@ class Guard:
                     "localhost and ::1 (run it with --host to serve other names)",
                     code="host_not_allowed",
                 )
+        origin = headers.get("origin")
+        if origin is not None and not self._same_or_allowed(origin.decode("latin-1"), headers.get("host", b"")):
+            return APIError(
+                403,
+                f"Origin {origin.decode('latin-1')!r} is another site; a browser page may use this server only "
+                "from its own origin or one allowed with --cors-origin",
+                code="origin_not_allowed",
+            )
         if self.key is not None and scope.get("path") != "/health":
             given = headers.get("authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
@@ -233,6 +262,13 @@ class Guard:
 
 
 async def _read_json(request: Request, limit: int) -> Any:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":  # a web page's "simple" cross-site POST (text/plain, a form) is not JSON
+        raise APIError(
+            415,
+            f"the request body must be sent as Content-Type: application/json, got {media or 'none'!r}",
+            code="unsupported_media_type",
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body has {declared} bytes; the limit is {limit}", code="request_too_large")
@@ -243,6 +279,10 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
     try:
         return json.loads(body)
+    except RecursionError:  # json recurses per level: name the field that nests too deep
+        field = deep_key(body.decode("utf-8", "replace")) or None
+        where = f"'{field}'" if field else "the request body"
+        raise APIError(400, f"{where} is nested more than {MAX_DEPTH} levels deep", field, "too_deep") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
 
@@ -337,18 +377,25 @@ def _usage(req: ParsedRequest, jobs: list[Job]) -> dict[str, int]:
 
 async def _whole(request: Request, req: ParsedRequest, model: _Model, jobs: list[Job], metrics: Metrics) -> Response:
     events, pending = _submit(jobs, model.scheduler), len(jobs)
+
+    async def watch() -> None:  # the body is read, so the next ASGI message is the client's http.disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        events.put_nowait(("gone", None, ""))
+
+    # A task, not a poll between events: a busy generation hands over a token every few ms, so a poll that ran
+    # only when no event came within its timeout never ran, and a client that left still held its slot.
+    watcher = asyncio.create_task(watch())
     try:
         while pending:
-            try:
-                kind, job, _ = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-                continue
+            kind, job, _ = await events.get()
+            if kind == "gone":
+                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
             if kind == "done":
                 pending -= 1
                 metrics.job_done(model.name, job)
     finally:
+        watcher.cancel()
         for job in jobs:
             job.cancel()  # a no-op for finished jobs; frees the slots of a client that went away
     errors = [e for e in map(_error_of, jobs) if e is not None]
@@ -374,11 +421,29 @@ async def _stream(
     index = {id(job): i for i, job in enumerate(jobs)}
     sent = [0] * len(jobs)  # logprobs already streamed, per choice
 
+    shutdown = anyio.Event()  # sse-starlette sets it on SIGTERM, then cancels this stream 0.9 * grace_s later
+
+    async def cut_at_grace() -> None:  # before that, an error event: a cut stream must not read as complete
+        await shutdown.wait()
+        await asyncio.sleep(0.9 * grace_s - min(1.0, 0.3 * grace_s))  # time left to send it before the cancel
+        events.put_nowait(("shutdown", None, ""))
+
     async def send():
         pending, started, status = len(jobs), set(), 200
+        cutter = asyncio.create_task(cut_at_grace())
         try:
             while pending:
                 kind, job, piece = await events.get()
+                if kind == "shutdown":
+                    error = APIError(
+                        503,
+                        f"the server shut down before this stream finished (it waited --grace {grace_s:g} s)",
+                        kind="server_error",
+                        code="shutting_down",
+                    )
+                    status = error.status
+                    yield {"data": _json(error.body())}
+                    break
                 i = index[id(job)]
                 if kind == "done":
                     pending -= 1
@@ -406,15 +471,14 @@ async def _stream(
                     yield {"data": _json(protocol.chunk(req, rid, created, model.name, None, usage=_usage(req, jobs)))}
             yield {"data": "[DONE]"}
         finally:  # also when the client disconnects: sse-starlette cancels this generator
+            cutter.cancel()
             for job in jobs:
                 job.cancel()
             metrics.request(path, status)
 
     # On SIGTERM sse-starlette would cancel every stream at once; with a grace period it lets them run that long
     # (a little less than uvicorn's, which then closes what is left).
-    return EventSourceResponse(
-        send(), sep="\n", ping=15, shutdown_event=anyio.Event(), shutdown_grace_period=0.9 * grace_s
-    )
+    return EventSourceResponse(send(), sep="\n", ping=15, shutdown_event=shutdown, shutdown_grace_period=0.9 * grace_s)
 
 
 def _json(value) -> str:

@@ -15,12 +15,14 @@ differ and the request is still reproducible.
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from edgegpt.errors import SamplingError
+from edgegpt.limits import MAX_DEPTH
 from edgegpt.runtime.generation.constraints import Constraint
 from edgegpt.runtime.generation.sampling import SamplingConfig
 
@@ -57,6 +59,7 @@ _COMMON = {
     "ignore_eos",
 }
 _COMPLETION = _COMMON | {"prompt", "echo", "best_of", "logprobs", "suffix", "response_format"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
 
 
@@ -77,7 +80,13 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        """The error object; its strings are valid UTF-8 whatever the request held (a lone surrogate is escaped)."""
+        message, param = (_utf8(v) for v in (self.message, self.param))
+        return {"error": {"message": message, "type": self.kind, "param": param, "code": self.code}}
+
+
+def _utf8(text: str | None) -> str | None:
+    return text if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -289,10 +298,42 @@ def new_id(chat: bool) -> tuple[str, int]:
 def _object(body: Any, known: set[str]) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None)
+    _check_tree(body)
     unknown = sorted(set(body) - known)
     if unknown:
         raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter")
     return body
+
+
+def _check_tree(body: dict) -> None:
+    """Refuse a field nested deeper than MAX_DEPTH or holding a lone surrogate ("\\ud800" is valid JSON but not
+    Unicode text: the tokenizer and the response's UTF-8 cannot take it), naming the path of the value."""
+    stack = [(value, name, 2) for name, value in body.items()]
+    for name in body:
+        if _SURROGATE.search(name):
+            raise _surrogate(ascii(name)[1:-1])
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise _surrogate(where)
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                field = where.split(".", 1)[0].split("[", 1)[0]
+                raise APIError(400, f"'{field}' is nested more than {MAX_DEPTH} levels deep", field, "too_deep")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if _SURROGATE.search(key):
+                        raise _surrogate(f"{where}.{ascii(key)[1:-1]}")
+                    stack.append((item, f"{where}.{key}", depth + 1))
+            else:
+                stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _surrogate(where: str) -> APIError:
+    return APIError(
+        400, f"'{where}' holds a lone UTF-16 surrogate (such as \\ud800), which is not text; send valid Unicode", where
+    )
 
 
 def _logit_bias(bias: Any) -> dict[int, float]:

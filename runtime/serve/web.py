@@ -3,7 +3,8 @@
 The page (web/index.html) loads the bundle over HTTP with web/edgegpt.js, which checks every file it uses
 against manifest.json (sha256 by WebCrypto) before onnxruntime-web sees it: the server is a plain static
 host and checks only that the manifest reads. It serves nothing but the page's own files, the two npm
-packages' browser builds and the files the manifest lists, and binds to 127.0.0.1 only.
+packages' browser builds and the files the manifest lists, binds to 127.0.0.1 only and answers only a
+loopback Host header (403 otherwise: DNS rebinding).
 
 Every response carries Cross-Origin-Opener-Policy: same-origin and Cross-Origin-Embedder-Policy:
 require-corp, which make the page cross-origin isolated: the browser then allows SharedArrayBuffer, which
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from edgegpt.errors import BundleError, ConfigError
 from edgegpt.manifest import MANIFEST_NAME, read_manifest, safe_member
+from edgegpt.runtime.serve.settings import LOOPBACK
 
 __all__ = ["WebServer", "web_root", "node_modules_dir"]
 
@@ -84,6 +86,22 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Cross-Origin-Resource-Policy", "same-origin")
         self.send_header("Cache-Control", "no-store")  # a re-exported bundle must never be served stale
         super().end_headers()
+
+    def parse_request(self) -> bool:
+        """Refuse (403) a Host header that is not a loopback name: a DNS-rebinding page reaching 127.0.0.1
+        through a name it controls must not read the bundle (`edgegpt serve`'s Guard does the same)."""
+        if not super().parse_request():
+            return False
+        host = self.headers.get("Host", "")
+        name = (
+            host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        )
+        if name.lower() not in LOOPBACK:
+            self.send_error(
+                403, f"Host {host!r} is not a loopback name; this server answers only 127.0.0.1 and localhost"
+            )
+            return False
+        return True
 
     def translate_path(self, path: str) -> str:
         found = self.routes.resolve(path.split("?", 1)[0].split("#", 1)[0])

@@ -225,3 +225,20 @@ def test_bundles_with_external_data_follow_the_umask(tiny_checkpoint, fp32, tmp_
     for root in (bundle, quantized):
         for path in (root, *root.rglob("*")):
             assert path.stat().st_mode & 0o777 == (0o750 if path.is_dir() else 0o640), path
+
+
+def test_a_non_utf8_output_path_is_one_line_before_any_export(tiny_checkpoint, tmp_path):
+    out = str(tmp_path) + "/out\udcff"  # the bytes b"out\xff" as Python sees them: onnx failed with 60 KB of text
+    for command in (["export", str(tiny_checkpoint), "-o", out], ["convert-ort", str(tmp_path), "-o", out]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2 and "is not a UTF-8 path" in result.output, result.output
+        assert len(result.output) < 500 and not Path(out).exists()
+
+
+def test_a_deeply_nested_manifest_is_a_one_line_bundle_error(tmp_path):
+    from edgegpt.errors import BundleError
+
+    (tmp_path / MANIFEST_NAME).write_text('{"format": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(BundleError, match="nested more than 64 levels deep") as info:
+        verify_bundle(tmp_path)
+    assert "\n" not in str(info.value)

@@ -152,6 +152,14 @@ def test_the_stream_equals_generate_under_a_constraint(gen):
         (dict(regex="(a"), "unclosed group"),
         (dict(grammar="start: x"), 'unknown name: "x"'),
         (dict(regex="a+", grammar="start: 'a'"), "one of json_schema, regex or grammar"),
+        # Constraints that admit no text: they gave "" with finish_reason "eos", which reads as complete.
+        (dict(regex=r"[^\s\S]"), "admits no text"),
+        (dict(grammar='start: start "a"'), "admits no text"),
+        (dict(json_schema={"$ref": "#"}), "admits no text"),
+        # llguidance's lexer gives up after the first token: it was refused after a model call, blaming logit_bias.
+        (dict(regex="a{1000000}"), "too many expressions"),
+        (dict(json_schema=json.loads('{"items": ' * 100 + "{}" + "}" * 100)), "nested more than 64 levels"),
+        (dict(json_schema='{"items": ' * 3000 + "{}" + "}" * 3000), "nested more than 64 levels"),
     ],
 )
 def test_bad_constraints_are_refused_before_any_model_call(gen, monkeypatch, kw, reason):
@@ -277,6 +285,10 @@ def test_the_cli_constrains_biases_and_prints_logprobs(lively_gqa_bundle, tmp_pa
     assert run("x", "--logprobs", "-n", "3").exit_code == 2
     assert run("x", "--regex", "a", "--grammar", str(grammar)).exit_code == 2
     assert run("x", "--logit-bias", "7", "-n", "3").exit_code == 2
+    schema.write_text('{"items": ' * 2000 + "{}" + "}" * 2000)  # was a RecursionError's 44-line traceback
+    deep = run("x", "--json-schema", str(schema), "-n", "3")
+    assert deep.exit_code == 2 and "nested more than 64 levels" in deep.output and "Traceback" not in deep.output
+    assert len([line for line in deep.output.splitlines() if line.startswith("Error")]) == 1, deep.output
 
 
 def test_the_mask_cost_bench_times_every_step(gen):

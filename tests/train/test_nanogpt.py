@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -362,6 +363,28 @@ def test_a_meta_pkl_with_a_payload_is_refused_and_never_runs(char_run, tmp_path)
     meta.write_bytes(pickle.dumps({"vocab_size": 1, "itos": {0: "a"}, "stoi": {"a": 0}, "x": [1.5]}))
     with pytest.raises(CheckpointError, match="holds a list; a meta.pkl holds only dicts, strings and integers"):
         read_meta(meta)
+
+
+def test_a_meta_pkl_nesting_bomb_is_refused_at_once(tmp_path):
+    # 40 dicts, each holding the next twice: ~600 bytes through the pickle memo, 2^40 paths for a naive walk.
+    inner: dict = {"a": 0}
+    for _ in range(40):
+        inner = {"x": inner, "y": inner}
+    meta = tmp_path / "meta.pkl"
+    meta.write_bytes(pickle.dumps({"vocab_size": 1, "itos": {0: "a"}, "stoi": {"a": 0}, "x": inner}))
+    assert meta.stat().st_size < 1000
+
+    def hung(*_):
+        raise TimeoutError("read_meta still walks the shared references after 5 s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        with pytest.raises(CheckpointError, match=r"meta.pkl: refused: it is nested more than \d+ levels deep"):
+            read_meta(meta)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_without_a_tokenizer_the_error_says_what_to_pass(padded, char_run, tmp_path):
