@@ -41,8 +41,8 @@ contract) that nothing reads. Under left padding those positions are shifted by 
 attention cannot see (export/validate.py says what that means for parity). Qwen3's q/k RMSNorm comes before the
 rotary, so it runs before the kernel (split, norm per head, concat). RMSNorm is traced as the op pattern that
 onnxruntime's optimizer fuses into SkipSimplifiedLayerNormalization (after each residual add) and
-SimplifiedLayerNormalization (ln_1 of block 0 and the q/k norms). Not yet: n_kv_head = 1 (the TorchScript
-exporter fails on it), and "mha".
+SimplifiedLayerNormalization (ln_1 of block 0 and the q/k norms). n_kv_head = 1 (multi-query attention) is
+the same graph with kv_num_heads 1. Not for this family: "mha".
 
 Choices (measurements: docs/design.md, "3. The graph"):
 - Attention is emitted directly as `com.microsoft.MultiHeadAttention` (unidirectional=1, a (B, P+T)
@@ -141,8 +141,6 @@ def check_attention(config: GPTConfig, attention: str) -> None:
     family = sorted(k for k in config.to_dict() if k in attention_family)
     if attention == "mha" and family:  # its MultiHeadAttention stand-in has n_head keys and no rotary
         raise ExportError(f"attention='mha' computes GPT-2's attention only; this model sets {', '.join(family)}: export with attention='gqa'")
-    if config.kv_heads == 1:  # TODO(#24): multi-query attention; the TorchScript exporter fails on it (a JIT peephole pass)
-        raise ExportError("n_kv_head 1 (multi-query attention) does not export to ONNX yet (issue #24); run it with PyTorch")
     if attention == "gqa" and config.head_size % _GQA_HEAD_MULTIPLE:
         C = config.n_embd
         fits = [h for h in range(1, C + 1) if C % h == 0 and (C // h) % _GQA_HEAD_MULTIPLE == 0]
@@ -288,12 +286,14 @@ class _GroupQueryAttentionOp(torch.autograd.Function):
     -> y (B, T, nh hs), present_k / present_v (B, nkv, P+T, hs).
     With the caches the kernel rotates q and k itself (do_rotary, the halves convention: rotary_interleaved 0)
     at the cache positions seqlens_k + 1 - T onwards, as onnxruntime-genai's builder has it.
+    The head size comes in as a Python int, never as a traced `past_k.size(3)`: a traced size times n_kv_head = 1
+    records `aten::mul(size, 1)` in this op's traced sub-block, and the TorchScript exporter's peephole pass
+    (x * 1 -> x, alias-sensitive) then fails on that sub-block ("Argument passed to at() was not in the map").
     """
 
     @staticmethod
-    def forward(ctx, qkv, past_k, past_v, seqlens, total, bias, cos, sin, n_head: int, n_kv_head: int):
+    def forward(ctx, qkv, past_k, past_v, seqlens, total, bias, cos, sin, n_head: int, n_kv_head: int, hs: int):
         B, T, _ = qkv.shape
-        hs = past_k.size(3)
         q, k, v = qkv.split([n_head * hs, n_kv_head * hs, n_kv_head * hs], dim=2)
         q = q.view(B, T, n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k, v = (t.view(B, T, n_kv_head, hs).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
@@ -309,7 +309,7 @@ class _GroupQueryAttentionOp(torch.autograd.Function):
         return y.transpose(1, 2).reshape(B, T, n_head * hs), k, v  # (B, nh, T, hs) -> (B, T, nh hs)
 
     @staticmethod
-    def symbolic(g, qkv, past_k, past_v, seqlens, total, bias, cos, sin, n_head: int, n_kv_head: int):
+    def symbolic(g, qkv, past_k, past_v, seqlens, total, bias, cos, sin, n_head: int, n_kv_head: int, hs: int):
         absent = g.op("prim::Constant")  # an omitted optional input ("")
         absent.setType(torch._C.OptionalType.ofTensor())
         rotary = {} if cos is None else {"do_rotary_i": 1, "rotary_interleaved_i": 0}
@@ -324,8 +324,8 @@ class _GroupQueryAttentionOp(torch.autograd.Function):
             outputs=3,
             **rotary,
         )
-        sizes, hs = qkv.type().varyingSizes(), past_k.type().varyingSizes()[3]
-        y.setType(qkv.type().with_sizes([sizes[0], sizes[1], n_head * hs if hs else None]))
+        sizes = qkv.type().varyingSizes()
+        y.setType(qkv.type().with_sizes([sizes[0], sizes[1], n_head * hs]))
         present_k.setType(past_k.type())
         present_v.setType(past_v.type())
         return y, present_k, present_v
@@ -351,7 +351,8 @@ class _ExportGQAAttention(nn.Module):
             q = self.q_norm(q.view(B, T, self.n_head, self.hs)).view(B, T, self.n_head * self.hs)
             k = self.k_norm(k.view(B, T, self.n_kv_head, self.hs)).view(B, T, self.n_kv_head * self.hs)
             qkv = torch.cat([q, k, v], dim=2)
-        y, present_k, present_v = _GroupQueryAttentionOp.apply(qkv, past[0], past[1], *gqa_inputs, self.n_head, self.n_kv_head)
+        heads = (self.n_head, self.n_kv_head, self.hs)  # Python ints: no traced size reaches the op (see its docstring)
+        y, present_k, present_v = _GroupQueryAttentionOp.apply(qkv, past[0], past[1], *gqa_inputs, *heads)
         return self.proj(y), (present_k, present_v)
 
 

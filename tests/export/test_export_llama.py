@@ -21,6 +21,7 @@ CASES = {
     "qwen3-like": dict(qk_norm=True, head_dim=32, rope_theta=1000000.0, norm_eps=1e-6),
     "llama3.2-like": dict(rope_scaling="llama3", rope_factor=32.0, rope_original_max_positions=16,
                           tied_head=False, qkv_bias=True, rope_theta=500000.0),
+    "multi-query": dict(n_kv_head=1),  # one key/value head serves all four query heads
 }
 
 
@@ -57,12 +58,13 @@ def test_the_graph_is_the_fused_gqa_graph(bundle):
     assert not {"LayerNormalization", "SkipLayerNormalization", "FastGelu"} & set(ops)
 
 
-def test_multi_query_attention_is_refused_by_name(tiny_config):
+def test_multi_query_attention_is_refused_by_mha_only():
     from edgegpt.errors import ExportError
     from edgegpt.export.onnx_export import check_attention
 
-    with pytest.raises(ExportError, match="n_kv_head 1"):
-        check_attention(GPTConfig(**{**LLAMA, "n_kv_head": 1}), "gqa")
+    check_attention(GPTConfig(**{**LLAMA, "n_kv_head": 1}), "gqa")
+    with pytest.raises(ExportError, match="attention='gqa'"):
+        check_attention(GPTConfig(**{**LLAMA, "n_kv_head": 1}), "mha")
 
 
 def test_validation_passed_and_the_runtime_decodes_like_pytorch(bundle):
