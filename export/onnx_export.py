@@ -35,10 +35,12 @@ with dynamic B, T and P (P = 0 is an empty past). Two attention graphs, chosen b
 The Llama family (GPTConfig's family fields) exports to the "gqa" graph only, as onnxruntime-genai's builder
 writes it: the packed QKV has n_head query and n_kv_head key/value heads (kv_num_heads = n_kv_head, the shared
 buffers (B, n_kv_head, L, D)); the kernel applies the rotary itself (do_rotary=1, rotary_interleaved=0 for
-transformers' rotate_half) from the initializers cos_cache / sin_cache (block_size, head_size / 2), shared by
-every layer, at each token's cache position seqlens_k + 1 - T onwards: position_ids stays a graph input (the
-contract) that nothing reads. Under left padding those positions are shifted by the row's padding, which rotary
-attention cannot see (export/validate.py says what that means for parity). Qwen3's q/k RMSNorm comes before the
+transformers' rotate_half) from the initializers cos_cache / sin_cache (block_size + 1, head_size / 2), shared by
+every layer (one row past the context: the kernel wants a row for every column of the attention mask, and the
+runtime's SlotBatch keeps a scratch column at position block_size), at each token's cache position
+seqlens_k + 1 - T onwards: position_ids stays a graph input (the contract) that nothing reads. Under left
+padding those positions are shifted by the row's padding, which rotary attention cannot see (export/validate.py
+says what that means for parity). Qwen3's q/k RMSNorm comes before the
 rotary, so it runs before the kernel (split, norm per head, concat). RMSNorm is traced as the op pattern that
 onnxruntime's optimizer fuses into SkipSimplifiedLayerNormalization (after each residual add) and
 SimplifiedLayerNormalization (ln_1 of block 0 and the q/k norms). n_kv_head = 1 (multi-query attention) is
@@ -282,7 +284,7 @@ class _GroupQueryAttentionOp(torch.autograd.Function):
     """Exported as one com.microsoft.GroupQueryAttention node; computes the same in torch while tracing.
 
     qkv (B, T, (nh + 2 nkv) hs) packed with the bias added, past_k / past_v (B, nkv, P, hs), the
-    `_GQAMaskInputs`, and for rotary models cos / sin caches (block_size, hs/2) (else None)
+    `_GQAMaskInputs`, and for rotary models cos / sin caches (block_size + 1, hs/2) (else None)
     -> y (B, T, nh hs), present_k / present_v (B, nkv, P+T, hs).
     With the caches the kernel rotates q and k itself (do_rotary, the halves convention: rotary_interleaved 0)
     at the cache positions seqlens_k + 1 - T onwards, as onnxruntime-genai's builder has it.
@@ -387,7 +389,9 @@ class _FlatIO(nn.Module):
             block.attn = _ExportGQAAttention(block.attn) if self.gqa else _ExportAttention(block.attn)
         self.rope = None
         if model.inv_freq is not None:  # one pair of caches for every layer: initializers cos_cache, sin_cache
-            positions = torch.arange(model.config.block_size)
+            # block_size + 1 rows: onnxruntime refuses a mask wider than the caches ("cos_cache dimension 0 shall
+            # not be less than total_sequence_length"), and SlotBatch's mask has a scratch column past the context.
+            positions = torch.arange(model.config.block_size + 1)
             cos, sin = (t[0, 0, :, : model.config.head_size // 2] for t in rotary(model.inv_freq, positions[None]))
             self.register_buffer("cos_cache", cos.contiguous(), persistent=False)
             self.register_buffer("sin_cache", sin.contiguous(), persistent=False)

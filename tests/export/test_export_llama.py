@@ -49,7 +49,8 @@ def test_the_graph_is_the_fused_gqa_graph(bundle):
     assert len(gqa) == config.n_layer
     assert (attrs["num_heads"], attrs["kv_num_heads"], attrs["do_rotary"], attrs["rotary_interleaved"]) == (4, config.kv_heads, 1, 0)
     caches = {i.name: list(i.dims) for i in graph.graph.initializer if i.name in gqa[0].input[7:9]}
-    assert sorted(caches.values()) == [[config.block_size, config.head_size // 2]] * 2  # one pair for every layer
+    # one pair for every layer, a row past the context for SlotBatch's scratch column
+    assert sorted(caches.values()) == [[config.block_size + 1, config.head_size // 2]] * 2
     past = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
     assert past["past_key_values.0.key"][1] == config.kv_heads and "position_ids" in past
     ops = json.loads((path / "manifest.json").read_text())["optimization"]["op_counts_after"]
