@@ -103,3 +103,15 @@ def test_a_llama_bundle_quantizes_and_generates(bundle, to, tmp_path):
         pytest.skip("one family member is enough here")
     out = quantize_bundle(path, tmp_path / to, to=to)
     assert len(Generator.load(out, provider="cpu").generate("def add(", max_new_tokens=4).tokens) >= 1
+
+
+def test_a_norm_left_unfused_is_named_by_the_fused_op_check():
+    from edgegpt.export.optimize import fused_op_shortfall
+
+    config = GPTConfig(**LLAMA, vocab_size=300)
+    fused = {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 1}
+    assert fused_op_shortfall(fused, config, "GroupQueryAttention") == {}
+    # one norm traced but not fused: three of the four norms fused, its mean square and root left behind
+    unfused = {**fused, "SkipSimplifiedLayerNormalization": 3, "ReduceMean": 1, "Sqrt": 1, "Reciprocal": 1, "Pow": 1}
+    assert fused_op_shortfall(unfused, config, "GroupQueryAttention") == {
+        "SkipSimplifiedLayerNormalization": (3, 4), "ReduceMean": (1, 0), "Pow": (1, 0), "Sqrt": (1, 0), "Reciprocal": (1, 0)}
