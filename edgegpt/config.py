@@ -43,8 +43,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # `small`'s cost as a Llama: SwiGLU's three 384 x 1024 matrices hold as many weights as GELU's two 384 x 1536.
     "small-llama": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, n_kv_head=2, n_inner=1024, **LLAMA),
     # HuggingFaceTB/SmolLM2-135M's shape (its config.json: rope_theta 1e5, 8192 positions, tied embeddings).
-    "smollm2-135m": dict(n_layer=30, n_head=9, n_embd=576, block_size=8192, n_kv_head=3, n_inner=1536,
-                         vocab_size=49152, rope_theta=100000.0, **LLAMA),
+    "smollm2-135m": dict(
+        n_layer=30,
+        n_head=9,
+        n_embd=576,
+        block_size=8192,
+        n_kv_head=3,
+        n_inner=1536,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        **LLAMA,
+    ),
 }
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -130,7 +139,9 @@ class GPTConfig:
             if getattr(self, name) is not None:
                 check_bool(name, getattr(self, name))
         if self.n_head % self.kv_heads:
-            raise ConfigError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads}): each key/value head serves a whole group")
+            raise ConfigError(
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads}): each key/value head serves a whole group"
+            )
         if self.position == "rope" and self.head_size % 2:
             raise ConfigError(f"position 'rope' rotates pairs of dimensions: head_size ({self.head_size}) must be even")
 
@@ -202,7 +213,24 @@ class GPTConfig:
 
 
 # The family fields and their (GPT-2) defaults: left out of `to_dict` at those defaults.
-_FAMILY = ("norm", "norm_eps", "position", "rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor",
-           "rope_high_freq_factor", "rope_original_max_positions", "mlp", "n_inner", "n_kv_head", "head_dim", "qk_norm",
-           "qkv_bias", "attn_proj_bias", "mlp_bias", "tied_head")
+_FAMILY = (
+    "norm",
+    "norm_eps",
+    "position",
+    "rope_theta",
+    "rope_scaling",
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_positions",
+    "mlp",
+    "n_inner",
+    "n_kv_head",
+    "head_dim",
+    "qk_norm",
+    "qkv_bias",
+    "attn_proj_bias",
+    "mlp_bias",
+    "tied_head",
+)
 FAMILY_FIELDS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name in _FAMILY}

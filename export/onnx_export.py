@@ -142,7 +142,9 @@ def check_attention(config: GPTConfig, attention: str) -> None:
     attention_family = {"position", "n_kv_head", "head_dim", "qk_norm", "qkv_bias", "attn_proj_bias"}
     family = sorted(k for k in config.to_dict() if k in attention_family)
     if attention == "mha" and family:  # its MultiHeadAttention stand-in has n_head keys and no rotary
-        raise ExportError(f"attention='mha' computes GPT-2's attention only; this model sets {', '.join(family)}: export with attention='gqa'")
+        raise ExportError(
+            f"attention='mha' computes GPT-2's attention only; this model sets {', '.join(family)}: export with attention='gqa'"
+        )
     if attention == "gqa" and config.head_size % _GQA_HEAD_MULTIPLE:
         C = config.n_embd
         fits = [h for h in range(1, C + 1) if C % h == 0 and (C // h) % _GQA_HEAD_MULTIPLE == 0]
@@ -217,7 +219,14 @@ class _MultiHeadAttentionOp(torch.autograd.Function):
         mask32 = g.op("Cast", mask, to_i=6)  # the kernel reads an int32 key-padding mask; ORT's CSE shares it
         y, present_k, present_v = g.op(
             "com.microsoft::MultiHeadAttention",
-            q, k, v, absent if bias is None else bias, mask32, absent, past_k, past_v,  # attention_bias absent
+            q,
+            k,
+            v,
+            absent if bias is None else bias,
+            mask32,
+            absent,
+            past_k,
+            past_v,  # attention_bias absent
             num_heads_i=n_head,
             unidirectional_i=1,  # causal, aligned bottom-right: query t sees keys <= P + t
             outputs=3,
@@ -274,9 +283,13 @@ class _GQAMaskInputs(torch.autograd.Function):
         seqlens = g.op("Cast", last, to_i=torch.onnx.TensorProtoDataType.INT32)
         total = g.op("Cast", g.op("Shape", mask, start_i=1, end_i=2), to_i=torch.onnx.TensorProtoDataType.INT32)
         real = g.op("Cast", mask, to_i=torch.onnx.TensorProtoDataType.BOOL)
-        bias = g.op("Where", real, _constant(g, 0.0, torch.float32), _constant(g, _MASK_FILTER, torch.float32))  # (B, S)
+        bias = g.op(
+            "Where", real, _constant(g, 0.0, torch.float32), _constant(g, _MASK_FILTER, torch.float32)
+        )  # (B, S)
         bias = g.op("Unsqueeze", bias, _constant(g, [1, 2]))  # (B, 1, 1, S)
-        rows = g.op("Concat", _constant(g, [1, 1]), g.op("Shape", input_ids, start_i=1, end_i=2), _constant(g, [1]), axis_i=0)
+        rows = g.op(
+            "Concat", _constant(g, [1, 1]), g.op("Shape", input_ids, start_i=1, end_i=2), _constant(g, [1]), axis_i=0
+        )
         return seqlens, total, g.op("Expand", bias, rows)  # (B, 1, 1, S) x (1, 1, T, 1) -> (B, 1, T, S)
 
 
@@ -317,10 +330,19 @@ class _GroupQueryAttentionOp(torch.autograd.Function):
         rotary = {} if cos is None else {"do_rotary_i": 1, "rotary_interleaved_i": 0}
         y, present_k, present_v = g.op(
             "com.microsoft::GroupQueryAttention",
-            qkv, absent, absent, past_k, past_v, seqlens, total,  # packed QKV: key and value absent
+            qkv,
+            absent,
+            absent,
+            past_k,
+            past_v,
+            seqlens,
+            total,  # packed QKV: key and value absent
             # rotary caches (or none); position_ids absent: the kernel takes positions from seqlens_k;
             # attention_bias for left padding
-            absent if cos is None else cos, absent if sin is None else sin, absent, bias,
+            absent if cos is None else cos,
+            absent if sin is None else sin,
+            absent,
+            bias,
             num_heads_i=n_head,
             kv_num_heads_i=n_kv_head,
             outputs=3,
@@ -341,7 +363,13 @@ class _ExportGQAAttention(nn.Module):
 
     def __init__(self, attn: MultiHeadSelfAttention):
         super().__init__()
-        self.qkv, self.proj, self.n_head, self.n_kv_head, self.hs = attn.qkv, attn.proj, attn.n_head, attn.n_kv_head, attn.hs
+        self.qkv, self.proj, self.n_head, self.n_kv_head, self.hs = (
+            attn.qkv,
+            attn.proj,
+            attn.n_head,
+            attn.n_kv_head,
+            attn.hs,
+        )
         self.q_norm, self.k_norm, self.widths = attn.q_norm, attn.k_norm, attn.widths
         self.qk_norm = not isinstance(attn.q_norm, nn.Identity)
 
@@ -419,7 +447,9 @@ def example_inputs(model: SimpleGPT, batch: int, new: int, past: int) -> tuple[t
     return (ids, mask, positions, *kv)
 
 
-def export_onnx(model: SimpleGPT, path: str | Path, *, opset: int = DEFAULT_OPSET, attention: str = DEFAULT_ATTENTION) -> Path:
+def export_onnx(
+    model: SimpleGPT, path: str | Path, *, opset: int = DEFAULT_OPSET, attention: str = DEFAULT_ATTENTION
+) -> Path:
     """Trace `model` into an ONNX file at `path` (weights as external data beside it above 2 GB).
 
     Args:
@@ -430,7 +460,9 @@ def export_onnx(model: SimpleGPT, path: str | Path, *, opset: int = DEFAULT_OPSE
         ExportError: an opset outside `OPSETS`, an attention that `check_attention` refuses, or the exporter failed.
     """
     if opset not in OPSETS:
-        raise ExportError(f"opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1} (default {DEFAULT_OPSET})")
+        raise ExportError(
+            f"opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1} (default {DEFAULT_OPSET})"
+        )
     check_attention(model.config, attention)
     path = Path(path)
     n_layer = model.config.n_layer
@@ -476,14 +508,18 @@ def _finish_rotary_graph(path: Path) -> None:
         sources = {node.input[index] for node in gqa} & constants.keys()  # one, or one per layer: the same table
         for source in sources:
             if name not in {i.name for i in model.graph.initializer}:
-                model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(constants[source].attribute[0].t), name))
+                model.graph.initializer.append(
+                    numpy_helper.from_array(numpy_helper.to_array(constants[source].attribute[0].t), name)
+                )
             model.graph.node.remove(constants[source])
         for node in gqa:
             node.input[index] = name if node.input[index] in sources else node.input[index]
     onnx.save_model(model, str(path))
 
 
-def optimize_graph(src: Path, dst: Path, config: GPTConfig, *, attention: str, external_data: bool) -> tuple[dict, dict]:
+def optimize_graph(
+    src: Path, dst: Path, config: GPTConfig, *, attention: str, external_data: bool
+) -> tuple[dict, dict]:
     """onnxruntime's transformer fusions on either attention graph; -> (op counts before, op counts after).
 
     Raises:

@@ -28,7 +28,15 @@ from edgegpt.config import GPTConfig
 from edgegpt.errors import ExportError
 from edgegpt.export.tied_embedding import share_tied_lm_head
 
-__all__ = ["UNFUSED_NORM_OPS", "check_gelu", "fused_op_shortfall", "gelu_kinds", "graph_io", "op_counts", "optimize_onnx"]
+__all__ = [
+    "UNFUSED_NORM_OPS",
+    "check_gelu",
+    "fused_op_shortfall",
+    "gelu_kinds",
+    "graph_io",
+    "op_counts",
+    "optimize_onnx",
+]
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +121,10 @@ def expected_fused_ops(config: GPTConfig, attention_op: str = "MultiHeadAttentio
     norms (and Qwen3's two q/k RMSNorms)."""
     if config.norm == "rmsnorm":
         # ln_1 of block 0 reads the embedding alone (no position table to add): a plain SimplifiedLayerNormalization
-        norms = {"SkipSimplifiedLayerNormalization": 2 * config.n_layer,
-                 "SimplifiedLayerNormalization": 1 + (2 * config.n_layer if config.qk_norm else 0)}  # fmt: skip
+        norms = {
+            "SkipSimplifiedLayerNormalization": 2 * config.n_layer,
+            "SimplifiedLayerNormalization": 1 + (2 * config.n_layer if config.qk_norm else 0),
+        }
     else:  # each LayerNorm follows an add: ln_1 of block 0 the embedding sum, the other 2 n_layer the residuals
         norms = {"SkipLayerNormalization": 2 * config.n_layer + 1}
     gelu = {fused_gelu(config): config.n_layer} if config.mlp == "gelu" else {}
@@ -127,7 +137,9 @@ def expected_fused_ops(config: GPTConfig, attention_op: str = "MultiHeadAttentio
 UNFUSED_NORM_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal")
 
 
-def fused_op_shortfall(counts: dict[str, int], config: GPTConfig, attention_op: str = "MultiHeadAttention") -> dict[str, tuple[int, int]]:
+def fused_op_shortfall(
+    counts: dict[str, int], config: GPTConfig, attention_op: str = "MultiHeadAttention"
+) -> dict[str, tuple[int, int]]:
     """{op: (found, expected)} for each fused op that the graph holds too few of, and for each op of an unfused
     norm pattern left in it (expected 0)."""
     expected = expected_fused_ops(config, attention_op)
@@ -166,7 +178,9 @@ def optimize_onnx(
         share_tied_lm_head(optimized.model)
         optimized.save_model_to_file(str(dst), use_external_data_format=external_data)
     except Exception as exc:  # the optimizer raises whatever its passes hit
-        raise ExportError(f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False") from exc
+        raise ExportError(
+            f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False"
+        ) from exc
     graph = onnx.load(str(dst), load_external_data=False)
     check_gelu(graph, config, dst.name)
     after = op_counts(graph)

@@ -149,8 +149,9 @@ def base_venv_bin() -> Path:
 
 
 # The Llama family's test shape (tests/export/test_export_llama.py's LLAMA, with a longer context for evaluation).
-TINY_LLAMA = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, n_inner=96, norm="rmsnorm", position="rope",
-                  mlp="swiglu", bias=False)
+TINY_LLAMA = dict(
+    n_layer=2, n_head=4, n_embd=64, block_size=64, n_inner=96, norm="rmsnorm", position="rope", mlp="swiglu", bias=False
+)
 
 
 @pytest.fixture(scope="session")
@@ -179,8 +180,17 @@ def llama_bundles(tiny_tokenizer, llama_texts, tmp_path_factory) -> dict[str, Pa
 
     ids = np.asarray(encode(tiny_tokenizer, llama_texts[0].read_text()), np.uint16)
     cut = int(len(ids) * 0.95)
-    cfg = TrainConfig(steps=150, batch_size=16, learning_rate=3e-3, warmup_steps=10, eval_interval=150, eval_iters=2,
-                      save_interval=10_000, log_interval=50, seed=0)
+    cfg = TrainConfig(
+        steps=150,
+        batch_size=16,
+        learning_rate=3e-3,
+        warmup_steps=10,
+        eval_interval=150,
+        eval_iters=2,
+        save_interval=10_000,
+        log_interval=50,
+        seed=0,
+    )
     shapes = {"tied": dict(n_kv_head=2), "untied": dict(n_kv_head=1, tied_head=False)}
     root, bundles, threads = tmp_path_factory.mktemp("llama"), {}, torch.get_num_threads()
     torch.set_num_threads(1)  # two threads spin against each other when the 2 cores are busy: 30x slower

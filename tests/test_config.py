@@ -94,7 +94,15 @@ def test_checks_raise_the_error_they_are_given():
 def test_a_gpt2_config_dict_is_unchanged_by_the_family_fields():
     """Checkpoints and manifests store to_dict(): a GPT-2 config's keys are the ones older releases read."""
     assert set(GPTConfig.preset("small").to_dict()) == {
-        "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "gelu", "sampled_vocab_size"
+        "vocab_size",
+        "block_size",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "dropout",
+        "bias",
+        "gelu",
+        "sampled_vocab_size",
     }
 
 
@@ -115,7 +123,10 @@ def test_a_llama_config_round_trips_and_derives_its_widths(tmp_path):
         ({"norm": "batchnorm"}, "norm must be one of"),
         ({"rope_scaling": "yarn"}, "rope_scaling must be one of"),
         ({"mlp": "relu"}, "mlp must be one of"),
-        ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 1.0}, "rope_high_freq_factor"),
+        (
+            {"rope_scaling": "llama3", "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 1.0},
+            "rope_high_freq_factor",
+        ),
     ],
 )
 def test_family_fields_are_validated_by_name(fields, message):

@@ -37,12 +37,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "click"}
 # An extra's own libraries (pyproject.toml), and the runtime package that is that extra.
-EXTRAS = {"serve": {"uvicorn", "starlette", "sse_starlette", "anyio", "prometheus_client", "jinja2", "httpx"},
-          "constrain": {"llguidance"}}
+EXTRAS = {
+    "serve": {"uvicorn", "starlette", "sse_starlette", "anyio", "prometheus_client", "jinja2", "httpx"},
+    "constrain": {"llguidance"},
+}
 EXTRA_PACKAGES = {"runtime/serve/": "serve", "edgegpt/bench/serve.py": "serve"}
 WORKSTATION_BENCH = {"compare", "report", "worker"}  # edgegpt/bench/ modules of the training extra's side
-RUNTIME_CONFIG = {"edgegpt.runtime.model.session": "runtime/model/session.py",
-                  "edgegpt.runtime.serve.settings": "runtime/serve/settings.py"}  # fmt: skip
+RUNTIME_CONFIG = {
+    "edgegpt.runtime.model.session": "runtime/model/session.py",
+    "edgegpt.runtime.serve.settings": "runtime/serve/settings.py",
+}
 ALLOWED = {  # layer -> the edgegpt layers it may import
     "core": {"core"},
     "runtime": {"core", "runtime"},
@@ -58,8 +62,12 @@ def layer_of_file(relative: str) -> str:
     """The layer a source file (path relative to the repository root) belongs to."""
     if relative.startswith("edgegpt/bench/"):
         return "bench" if relative.rsplit("/", 1)[1].removesuffix(".py") in WORKSTATION_BENCH else "device bench"
-    for prefix, layer in (("edgegpt/cli/", "cli"), ("edgegpt/train/", "train"), ("export/", "export"),
-                          ("runtime/", "runtime")):  # fmt: skip
+    for prefix, layer in (
+        ("edgegpt/cli/", "cli"),
+        ("edgegpt/train/", "train"),
+        ("export/", "export"),
+        ("runtime/", "runtime"),
+    ):
         if relative.startswith(prefix):
             return layer
     return "core"
@@ -88,7 +96,9 @@ def imports(source: str, package: str) -> list[tuple[str, int, bool]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.append((base, node.lineno, id(node) in top))
     return found
 
@@ -106,7 +116,9 @@ def violations(relative: str, source: str) -> list[str]:
         if layer == "cli":
             light = target in ("core", "cli") or name in RUNTIME_CONFIG or name.split(".")[0] == "click"
             if module_level and not light:
-                out.append(f"{relative}:{line}: CLI module imports {name} at module level; import it inside the command")
+                out.append(
+                    f"{relative}:{line}: CLI module imports {name} at module level; import it inside the command"
+                )
             continue
         if target is None:
             if layer in DEVICE_LAYERS and _extra_import(relative, name.split(".")[0], module_level):
@@ -114,7 +126,9 @@ def violations(relative: str, source: str) -> list[str]:
             if layer in ("core", *DEVICE_LAYERS) and name.split(".")[0] not in DEVICE_THIRD_PARTY:
                 out.append(f"{relative}:{line}: {layer} imports {name}, which a device's base install does not have")
         elif target not in ALLOWED[layer]:
-            out.append(f"{relative}:{line}: {layer} imports {name} ({target}); the layout allows {sorted(ALLOWED[layer])}")
+            out.append(
+                f"{relative}:{line}: {layer} imports {name} ({target}); the layout allows {sorted(ALLOWED[layer])}"
+            )
     return out
 
 
@@ -167,7 +181,11 @@ def test_each_wing_imports_only_the_wings_before_it():
         ("runtime/engine/state.py", "def f():\n    from edgegpt.runtime.generation.sampling import Sampler\n", True),
         ("runtime/generation/generator.py", "from ..serve.scheduler import Scheduler\n", True),
         ("runtime/serve/app.py", "from edgegpt.runtime.generation.generator import Generator\n", False),
-        ("runtime/engine/slots.py", "from .cache import SharedBufferKVCache\nfrom ..model.bundle import Bundle\n", False),
+        (
+            "runtime/engine/slots.py",
+            "from .cache import SharedBufferKVCache\nfrom ..model.bundle import Bundle\n",
+            False,
+        ),
     ],
 )
 def test_the_wing_check_sees_an_import_against_the_order(relative, source, broken):
@@ -183,9 +201,12 @@ def test_the_config_modules_the_cli_imports_stay_light():
         f"{f}:{line}: {name}"
         for f in sorted(files)
         for name, line, top in imports((ROOT / f).read_text(), "")
-        if top and name != "__future__" and name.split(".")[0] not in sys.stdlib_module_names
-        and layer_of_module(name) != "core" and name not in RUNTIME_CONFIG
-    ]  # fmt: skip
+        if top
+        and name != "__future__"
+        and name.split(".")[0] not in sys.stdlib_module_names
+        and layer_of_module(name) != "core"
+        and name not in RUNTIME_CONFIG
+    ]
     assert not heavy, "\n".join(heavy)
 
 
@@ -209,7 +230,10 @@ def test_the_config_modules_the_cli_imports_stay_light():
         ("edgegpt/bench/timing.py", "def f():\n    import onnx\n"),
         ("edgegpt/bench/worker.py", "from edgegpt.cli import main\n"),  # no bench runs the command root
         ("runtime/generation/evaluate.py", "from edgegpt.bench.timing import figures\n"),
-        ("runtime/generation/templates.py", "import jinja2\n"),  # an extra's library at module level outside its package
+        (
+            "runtime/generation/templates.py",
+            "import jinja2\n",
+        ),  # an extra's library at module level outside its package
         ("runtime/serve/app.py", "import torch\n"),
     ],
 )
@@ -220,8 +244,14 @@ def test_the_checker_refuses_an_import_against_the_rule(relative, source):
 @pytest.mark.parametrize(
     "relative, source",
     [
-        ("runtime/generation/generator.py", "import numpy as np\nimport onnxruntime as ort\nfrom edgegpt.errors import EdgeGPTError\n"),
-        ("export/quantize.py", "import onnx\nfrom edgegpt.runtime.model.bundle import Bundle\nfrom edgegpt.train.model import SimpleGPT\n"),
+        (
+            "runtime/generation/generator.py",
+            "import numpy as np\nimport onnxruntime as ort\nfrom edgegpt.errors import EdgeGPTError\n",
+        ),
+        (
+            "export/quantize.py",
+            "import onnx\nfrom edgegpt.runtime.model.bundle import Bundle\nfrom edgegpt.train.model import SimpleGPT\n",
+        ),
         ("edgegpt/cli/train.py", "import click\ndef f():\n    from edgegpt.train.trainer import train\n"),
         ("edgegpt/cli/serve.py", "from edgegpt.runtime.serve.settings import ServeSettings\n"),
         ("edgegpt/bench/serve.py", "import httpx\nfrom edgegpt.runtime.serve.process import running_server\n"),
@@ -240,12 +270,17 @@ def test_the_checker_allows_what_the_rule_allows(relative, source):
 @pytest.mark.parametrize("layer", DEVICE_LAYERS)
 def test_every_device_module_loads_without_torch_or_onnx(layer):
     extras = set().union(*EXTRAS.values())
-    paths = [p for d in ("runtime", "edgegpt/bench") for p in (ROOT / d).rglob("*.py")
-             if layer_of_file(p.relative_to(ROOT).as_posix()) == layer]  # fmt: skip
+    paths = [
+        p
+        for d in ("runtime", "edgegpt/bench")
+        for p in (ROOT / d).rglob("*.py")
+        if layer_of_file(p.relative_to(ROOT).as_posix()) == layer
+    ]
     modules = sorted(
         "edgegpt." + ".".join(p.relative_to(ROOT).with_suffix("").parts).removeprefix("edgegpt.")
         for p in paths
-        if p.stem != "__init__" and not any(m.split(".")[0] in extras for m, _, top in imports(p.read_text(), "") if top)
+        if p.stem != "__init__"
+        and not any(m.split(".")[0] in extras for m, _, top in imports(p.read_text(), "") if top)
     )  # every module a base install can load: all but those that import an extra's library at module level
     assert modules
     banned = ["torch", "onnx", "edgegpt.train", "edgegpt.export", "edgegpt.cli"]
@@ -264,11 +299,20 @@ def private_names(source: str) -> set[str]:
     """The private names a module defines: `_function`, `_Class`, `_CONSTANT`, `self._attribute`."""
     names = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name.startswith("_") and not node.name.startswith("__"):
+        if (
+            isinstance(node, (ast.FunctionDef, ast.ClassDef))
+            and node.name.startswith("_")
+            and not node.name.startswith("__")
+        ):
             names.add(node.name)
         elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr.startswith("_"):
             names.add(node.attr)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id.startswith("_") and node.id != "_":
+        elif (
+            isinstance(node, ast.Name)
+            and isinstance(node.ctx, ast.Store)
+            and node.id.startswith("_")
+            and node.id != "_"
+        ):
             names.add(node.id)
     return {n for n in names if not n.startswith("__")}
 
@@ -290,7 +334,11 @@ def test_nothing_outside_the_runtime_uses_its_private_names():
     others = {path: path.read_text() for d in ("edgegpt", "export", "tests") for path in (ROOT / d).rglob("*.py")}
     defined_elsewhere = set().union(*(private_names(text) for text in others.values()))
     private = set().union(*(private_names(text) for text in runtime.values())) - defined_elsewhere
-    uses = [f"{p.relative_to(ROOT)}:{line}: {name}" for p, text in others.items() for name, line in private_uses(text, private)]
+    uses = [
+        f"{p.relative_to(ROOT)}:{line}: {name}"
+        for p, text in others.items()
+        for name, line in private_uses(text, private)
+    ]
     assert not uses, "private runtime names used outside runtime/:\n" + "\n".join(uses)
 
 
@@ -306,9 +354,14 @@ def test_the_readme_layout_names_every_module():
     """README's Layout block lists each package folder and every module in it, and nothing that is gone."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Layout", 1)[1].split("```")[1]
-    folders = {"edgegpt/": ROOT / "edgegpt", "edgegpt/cli/": ROOT / "edgegpt/cli",
-               "edgegpt/train/": ROOT / "edgegpt/train", "edgegpt/bench/": ROOT / "edgegpt/bench",
-               "export/": ROOT / "export", "runtime/": ROOT / "runtime"}  # fmt: skip
+    folders = {
+        "edgegpt/": ROOT / "edgegpt",
+        "edgegpt/cli/": ROOT / "edgegpt/cli",
+        "edgegpt/train/": ROOT / "edgegpt/train",
+        "edgegpt/bench/": ROOT / "edgegpt/bench",
+        "export/": ROOT / "export",
+        "runtime/": ROOT / "runtime",
+    }
     sections, current = {}, None
     for line in block.splitlines():
         head = line.split(" ", 1)[0]
@@ -321,5 +374,7 @@ def test_the_readme_layout_names_every_module():
         modules = {p.stem for p in path.glob("*.py") if p.stem != "__init__"} | {p.name for p in path.glob("*.json")}
         missing = sorted(m for m in modules if m not in sections[folder])
         assert not missing, f"README's layout misses {folder}: {missing}"
-        gone = sorted(name for name in re.findall(r"\b(\w+\.(?:py|json))\b", sections[folder]) if not (path / name).exists())
+        gone = sorted(
+            name for name in re.findall(r"\b(\w+\.(?:py|json))\b", sections[folder]) if not (path / name).exists()
+        )
         assert not gone, f"README's layout names files that {folder} does not have: {gone}"

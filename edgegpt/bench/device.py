@@ -112,13 +112,16 @@ class DeviceBenchConfig:
         if self.text and not self.speculative:
             raise ConfigError("--text goes with --lookup or --draft (it names the text the drafts are timed on)")
         if self.speculative and tuple(self.batch) != (1,):
-            raise ConfigError(f"speculative decoding runs one prompt at a time: drop --batch {','.join(map(str, self.batch))}")
+            raise ConfigError(
+                f"speculative decoding runs one prompt at a time: drop --batch {','.join(map(str, self.batch))}"
+            )
 
     @property
     def session(self) -> SessionConfig:
         """The onnxruntime session of the timed model (and of the draft)."""
-        return SessionConfig(provider=self.provider, threads=self.threads, spinning=self.spinning,
-                             huge_pages=self.huge_pages)  # fmt: skip
+        return SessionConfig(
+            provider=self.provider, threads=self.threads, spinning=self.spinning, huge_pages=self.huge_pages
+        )
 
     @property
     def speculative(self) -> bool:
@@ -164,7 +167,12 @@ def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConf
         runs = []
         for _ in range(config.runs):
             stamps, _, session_s = time_generation(gen, chosen, config.new_tokens)
-            runs.append({**figures(stamps, config.prompt_tokens, batch), "python_share": 1 - session_s / (stamps[-1] - stamps[0])})
+            runs.append(
+                {
+                    **figures(stamps, config.prompt_tokens, batch),
+                    "python_share": 1 - session_s / (stamps[-1] - stamps[0]),
+                }
+            )
         medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         rows.append({"batch": batch, **medians, "runs": runs})
     return {

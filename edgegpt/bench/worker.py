@@ -115,8 +115,12 @@ def _genai(spec: dict) -> dict[str, Any]:
 
     config = og.Config(spec["path"])
     spin = "1" if spec["spinning"] else "0"  # as edgegpt's session
-    session = {"intra_op_num_threads": spec["threads"], "inter_op_num_threads": 1,
-               "session.intra_op.allow_spinning": spin, "session.inter_op.allow_spinning": spin}  # fmt: skip
+    session = {
+        "intra_op_num_threads": spec["threads"],
+        "inter_op_num_threads": 1,
+        "session.intra_op.allow_spinning": spin,
+        "session.inter_op.allow_spinning": spin,
+    }
     # eos_token_id [] turns off the end-of-text stop: every backend generates exactly new_tokens tokens.
     config.overlay(json.dumps({"model": {"eos_token_id": [], "decoder": {"session_options": session}}}))
     config.clear_providers()  # genai's default: the CPU
@@ -189,7 +193,10 @@ def _ort_gemv(threads: int, n: int, repeats: int) -> float:
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         "gemv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]), helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, cols])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, cols]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -217,7 +224,11 @@ def _cli(spec: dict) -> dict[str, Any]:
     gen = Generator.load(spec["path"], provider=spec["provider"], threads=spec["threads"])  # the command's session
     for _ in gen.stream(spec["text"], max_new_tokens=spec["new_tokens"], temperature=0.0, ignore_eos=True):
         pass
-    return {"peak_rss_mb": peak_rss_mb(), "wall_s": time.perf_counter() - started, "torch_imported": "torch" in sys.modules}
+    return {
+        "peak_rss_mb": peak_rss_mb(),
+        "wall_s": time.perf_counter() - started,
+        "torch_imported": "torch" in sys.modules,
+    }
 
 
 KINDS = {"torch": _torch, "edgegpt": _edgegpt, "genai": _genai, "cli": _cli}

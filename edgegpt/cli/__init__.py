@@ -24,8 +24,13 @@ from edgegpt.cli.info import info_command
 from edgegpt.cli.quantize import quantize_command
 from edgegpt.cli.serve import serve_command
 from edgegpt.cli.support import Group
-from edgegpt.cli.train import (export_hf_command, import_hf_command, import_nanogpt_command, sample_command,
-                               train_command)
+from edgegpt.cli.train import (
+    export_hf_command,
+    import_hf_command,
+    import_nanogpt_command,
+    sample_command,
+    train_command,
+)
 from edgegpt.cli.web import web_command
 
 __all__ = ["main"]
@@ -50,7 +55,21 @@ def main(ctx, debug, quiet):
     ctx.obj = {"debug": debug, "quiet": quiet}
 
 
-for command in (train_command, sample_command, import_hf_command, import_nanogpt_command, export_hf_command,
-                info_command, export_command, convert_ort_command, quantize_command, generate_command, chat_command,
-                eval_command, serve_command, web_command, bench_command):  # fmt: skip
+for command in (
+    train_command,
+    sample_command,
+    import_hf_command,
+    import_nanogpt_command,
+    export_hf_command,
+    info_command,
+    export_command,
+    convert_ort_command,
+    quantize_command,
+    generate_command,
+    chat_command,
+    eval_command,
+    serve_command,
+    web_command,
+    bench_command,
+):
     main.add_command(command)

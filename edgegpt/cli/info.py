@@ -24,7 +24,16 @@ def info_command():
     import platform
 
     click.echo(f"edgegpt {__version__} on Python {platform.python_version()} ({platform.machine()})")
-    for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "numpy", "tokenizers", "click", "torch", "onnx"):
+    for dist in (
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnxruntime-genai",
+        "numpy",
+        "tokenizers",
+        "click",
+        "torch",
+        "onnx",
+    ):
         try:
             click.echo(f"  {dist:<18} {md.version(dist)}")
         except md.PackageNotFoundError:
@@ -34,11 +43,15 @@ def info_command():
     providers = ort.get_available_providers()
     click.echo(f"onnxruntime providers: {', '.join(providers)}")
     cuda = "CUDAExecutionProvider" in providers
-    click.echo(f"CUDA for onnxruntime: {'available' if cuda else 'not available (install edgegpt[gpu] on a CUDA machine)'}")
+    click.echo(
+        f"CUDA for onnxruntime: {'available' if cuda else 'not available (install edgegpt[gpu] on a CUDA machine)'}"
+    )
     if "torch" in sys.modules or _installed("torch"):
         import torch
 
-        click.echo(f"CUDA for torch: {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+        click.echo(
+            f"CUDA for torch: {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}"
+        )
 
 
 def _installed(name: str) -> bool:

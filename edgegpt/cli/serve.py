@@ -41,37 +41,70 @@ def _model_pair(ctx, param, values):
 # its session fields (provider, threads, spinning) are `session_options`'.
 _SERVE_FLAGS = {
     "host": {"help": "Address to listen on; another than loopback needs --api-key or --no-auth. [default: {default}]"},
-    "api_key": {"envvar": "EDGEGPT_API_KEY",
-                "help": "Require 'Authorization: Bearer KEY' (also from $EDGEGPT_API_KEY)."},
-    "cors_origins": {"flags": ("--cors-origin",),
-                     "help": "Allow browser pages from this origin (repeatable). [default: none]"},
+    "api_key": {
+        "envvar": "EDGEGPT_API_KEY",
+        "help": "Require 'Authorization: Bearer KEY' (also from $EDGEGPT_API_KEY).",
+    },
+    "cors_origins": {
+        "flags": ("--cors-origin",),
+        "help": "Allow browser pages from this origin (repeatable). [default: none]",
+    },
     "slots": {"type": click.IntRange(1, 256), "help": "Requests decoded together at most. [default: {default}]"},
     "ctx_size": {"type": click.IntRange(min=2), "help": "Positions per slot. [default: the model's context]"},
-    "chunk": {"type": click.IntRange(min=1), "help": "Prompt tokens per prefill call (long prompts are interleaved "
-                                                    "with decoding). [default: {default}]"},
-    "queue_limit": {"flags": ("--queue",), "type": click.IntRange(min=0),
-                    "help": "Requests that may wait for a slot; beyond it: 429. [default: {default}]"},
-    "timeout_s": {"flags": ("--timeout",), "type": click.FloatRange(min=0, min_open=True),
-                  "help": "Seconds a request may take. [default: {default}]"},
-    "max_body_bytes": {"flags": ("--max-body",), "type": click.IntRange(min=1),
-                       "help": "Largest request body in bytes (413 beyond). [default: {default}]"},
-    "grace_s": {"flags": ("--grace",), "type": click.FloatRange(min=0), "envvar": "EDGEGPT_SERVE_GRACE",  # as --grace's
-                "help": "On SIGTERM or Ctrl-C: seconds to let running requests finish. [default: {default}]"},
+    "chunk": {
+        "type": click.IntRange(min=1),
+        "help": "Prompt tokens per prefill call (long prompts are interleaved with decoding). [default: {default}]",
+    },
+    "queue_limit": {
+        "flags": ("--queue",),
+        "type": click.IntRange(min=0),
+        "help": "Requests that may wait for a slot; beyond it: 429. [default: {default}]",
+    },
+    "timeout_s": {
+        "flags": ("--timeout",),
+        "type": click.FloatRange(min=0, min_open=True),
+        "help": "Seconds a request may take. [default: {default}]",
+    },
+    "max_body_bytes": {
+        "flags": ("--max-body",),
+        "type": click.IntRange(min=1),
+        "help": "Largest request body in bytes (413 beyond). [default: {default}]",
+    },
+    "grace_s": {
+        "flags": ("--grace",),
+        "type": click.FloatRange(min=0),
+        "envvar": "EDGEGPT_SERVE_GRACE",  # as --grace's
+        "help": "On SIGTERM or Ctrl-C: seconds to let running requests finish. [default: {default}]",
+    },
 }
 
 
 @click.command("serve", cls=Command)
 @click.argument("bundle", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--model", "models", multiple=True, callback=_model_pair,
-              help="Serve this bundle as NAME (repeatable); a request's model field picks one. [default model: BUNDLE, else the first]")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    callback=_model_pair,
+    help="Serve this bundle as NAME (repeatable); a request's model field picks one. [default model: BUNDLE, else the first]",
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--no-auth", is_flag=True, help="Serve a non-loopback address without an API key (anyone who reaches it may use it).")
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="Serve a non-loopback address without an API key (anyone who reaches it may use it).",
+)
 @field_options(_SERVE_FLAGS, of=ServeSettings)
-@session_options("provider", "threads", "spinning", spinning={
-    "default": ServeSettings.spinning,
-    "help": "Idle onnxruntime threads busy-wait between calls (faster steps; the event loop then competes for "
-            "the cores).",
-})  # provider: SessionConfig's auto (ServeSettings' own default, cpu, is create_app's)
+@session_options(
+    "provider",
+    "threads",
+    "spinning",
+    spinning={
+        "default": ServeSettings.spinning,
+        "help": "Idle onnxruntime threads busy-wait between calls (faster steps; the event loop then competes for "
+        "the cores).",
+    },
+)  # provider: SessionConfig's auto (ServeSettings' own default, cpu, is create_app's)
 def serve_command(bundle, models, port, no_auth, **flags):
     """Serve bundles over an OpenAI-compatible HTTP API (needs edgegpt[serve]).
 
@@ -99,21 +132,32 @@ def serve_command(bundle, models, port, no_auth, **flags):
     settings = ServeSettings(**given({**flags, "api_key": flags["api_key"] or None}))  # "": $EDGEGPT_API_KEY set empty
     host = settings.host
     if host not in LOOPBACK and not settings.api_key and not no_auth:
-        raise click.UsageError(f"--host {host} reaches beyond this machine: give --api-key KEY (or $EDGEGPT_API_KEY), "
-                               "or --no-auth to serve it open")  # fmt: skip
+        raise click.UsageError(
+            f"--host {host} reaches beyond this machine: give --api-key KEY (or $EDGEGPT_API_KEY), "
+            "or --no-auth to serve it open"
+        )
     import uvicorn
 
     default = next(iter(paths))
     app = create_app(paths, default, settings)
     where = f"[{host}]" if ":" in host else host
-    click.echo(f"edgegpt serve: http://{where}:{port}/v1  models: {', '.join(paths)} (default {default}), "
-               f"{settings.slots} slots", err=True)  # fmt: skip
+    click.echo(
+        f"edgegpt serve: http://{where}:{port}/v1  models: {', '.join(paths)} (default {default}), "
+        f"{settings.slots} slots",
+        err=True,
+    )
     # uvicorn handles SIGTERM and Ctrl-C itself (stop accepting, let requests finish for --grace seconds, cancel
     # the rest, stop the schedulers), then raises the signal again for the handler it found. With these no-op
     # handlers in place that ends here, and the process exits 0 after its clean shutdown.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=host, port=port, log_level=os.environ.get("EDGEGPT_LOG_LEVEL", "warning"),
-                timeout_graceful_shutdown=settings.grace_s, access_log=False)  # fmt: skip
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=os.environ.get("EDGEGPT_LOG_LEVEL", "warning"),
+        timeout_graceful_shutdown=settings.grace_s,
+        access_log=False,
+    )
     click.echo("edgegpt serve: stopped", err=True)
     sys.exit(0)

@@ -40,8 +40,14 @@ __all__ = ["Command", "Group", "click_error", "field_options", "given", "pop_ses
 # A missing optional module -> the command that installs it; the others come with the training extra, whose
 # torch is pinned to the CPU build as in the README (an unpinned torch pulls a multi-GB CUDA build).
 _SERVE_INSTALL = "pip install 'edgegpt[serve]'"
-_INSTALL = {"onnxruntime_genai": "pip install 'edgegpt[genai]'", "uvicorn": _SERVE_INSTALL, "starlette": _SERVE_INSTALL,
-            "sse_starlette": _SERVE_INSTALL, "prometheus_client": _SERVE_INSTALL, "jinja2": _SERVE_INSTALL}
+_INSTALL = {
+    "onnxruntime_genai": "pip install 'edgegpt[genai]'",
+    "uvicorn": _SERVE_INSTALL,
+    "starlette": _SERVE_INSTALL,
+    "sse_starlette": _SERVE_INSTALL,
+    "prometheus_client": _SERVE_INSTALL,
+    "jinja2": _SERVE_INSTALL,
+}
 TRAIN_INSTALL = "pip install 'torch==2.13.0' 'edgegpt[train]'"
 
 
@@ -153,12 +159,14 @@ def field_options(fields: Mapping[str, Mapping[str, Any]] | None = None, *, of: 
 _SESSION_FLAGS: dict[str, dict[str, Any]] = {
     "provider": {"type": click.Choice(PROVIDERS), "help": "Execution provider: auto is CUDA when usable, else CPU."},
     "threads": {"type": click.IntRange(min=1), "help": "onnxruntime threads [default: one per core]."},
-    "spinning": {"flags": ("--spinning/--no-spinning",),
-                 "help": "Idle onnxruntime threads busy-wait: faster on a quiet machine; turn off when the cores "
-                         "are shared."},
-    "huge_pages": {"flags": ("--huge-pages/--no-huge-pages",),
-                   "help": "CPU: move the weights to 2 MiB pages after loading (Linux): faster decoding, slower "
-                           "loading."},
+    "spinning": {
+        "flags": ("--spinning/--no-spinning",),
+        "help": "Idle onnxruntime threads busy-wait: faster on a quiet machine; turn off when the cores are shared.",
+    },
+    "huge_pages": {
+        "flags": ("--huge-pages/--no-huge-pages",),
+        "help": "CPU: move the weights to 2 MiB pages after loading (Linux): faster decoding, slower loading.",
+    },
 }
 
 
@@ -182,8 +190,10 @@ def session_options(*names: str, **changes: Mapping[str, Any]) -> Callable:
     unknown = [name for name in [*names, *changes] if name not in _SESSION_FLAGS]
     if unknown:
         raise TypeError(f"session_options: no session flag {', '.join(unknown)}; known: {', '.join(_SESSION_FLAGS)}")
-    specs = {name: {"default": defaults[name], "show_default": True, **_SESSION_FLAGS[name], **changes.get(name, {})}
-             for name in names}  # fmt: skip
+    specs = {
+        name: {"default": defaults[name], "show_default": True, **_SESSION_FLAGS[name], **changes.get(name, {})}
+        for name in names
+    }
     return field_options(specs, of=SessionConfig)
 
 

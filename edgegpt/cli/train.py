@@ -35,17 +35,38 @@ _MODEL_FLAGS = {
 
 @click.command("train", cls=Command)
 @click.argument("corpus", nargs=-1, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run directory (checkpoint/, metrics.jsonl, loss.png).")
-@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-              help="Model shape [default: tiny; with --resume, the checkpoint's: a preset that contradicts it is refused].")
-@click.option("--vocab-size", type=int, default=None,
-              help="BPE vocabulary size [default: 4096; with --resume, the checkpoint's].")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run directory (checkpoint/, metrics.jsonl, loss.png).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    default=None,
+    help="Model shape [default: tiny; with --resume, the checkpoint's: a preset that contradicts it is refused].",
+)
+@click.option(
+    "--vocab-size", type=int, default=None, help="BPE vocabulary size [default: 4096; with --resume, the checkpoint's]."
+)
 @field_options(_MODEL_FLAGS, of=GPTConfig)
-@click.option("--glob", "pattern", help="Files to take from CORPUS directories [default: **/*; **/*.py for the default corpus].")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSON with training-config fields; flags override it.")
+@click.option(
+    "--glob", "pattern", help="Files to take from CORPUS directories [default: **/*; **/*.py for the default corpus]."
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON with training-config fields; flags override it.",
+)
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Token-id cache (default ~/.cache/edgegpt).")
-@click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoint, with its model (model flags must agree with it).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue exactly from OUT/checkpoint, with its model (model flags must agree with it).",
+)
 @click.option("--force", is_flag=True, help="Start afresh even if OUT already holds a checkpoint.")
 @_train_options
 @click.pass_context
@@ -81,8 +102,11 @@ def train_command(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, 
     val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
     rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
     signum = result.signal or signal.SIGINT  # another rank's signal stopped this one
-    how = f"interrupted at step {result.step} by {signal.Signals(signum).name}, checkpoint saved" if result.interrupted \
+    how = (
+        f"interrupted at step {result.step} by {signal.Signals(signum).name}, checkpoint saved"
+        if result.interrupted
         else f"done at step {result.step}"
+    )
     click.echo(
         f"{rank}{how}: train loss {result.train_loss:.4f}, val loss {val}, {result.tokens_per_s:,.0f} tokens/s, "
         f"weights {result.weights_sha256[:16]} -> {out / 'checkpoint'}",
@@ -95,8 +119,14 @@ def train_command(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, 
 @click.command("sample", cls=Command)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("prompt", default="")
-@click.option("-n", "--max-new-tokens", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Tokens to generate at most (fewer when the context has no more room).")
+@click.option(
+    "-n",
+    "--max-new-tokens",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Tokens to generate at most (fewer when the context has no more room).",
+)
 @click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 keeps all tokens.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -160,9 +190,13 @@ def import_hf_command(src, out, force):
 @click.command("import-nanogpt", cls=Command)
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
-@click.option("--tokenizer", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="tokenizer.json, vocab.json + merges.txt (repeat the flag), nanoGPT's meta.pkl, or a directory "
-                   "holding one [default: data/<dataset>/meta.pkl beside the checkpoint, as nanoGPT finds it].")
+@click.option(
+    "--tokenizer",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="tokenizer.json, vocab.json + merges.txt (repeat the flag), nanoGPT's meta.pkl, or a directory "
+    "holding one [default: data/<dataset>/meta.pkl beside the checkpoint, as nanoGPT finds it].",
+)
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint directory.")
 def import_nanogpt_command(ckpt, out, tokenizer, force):
     """Import a nanoGPT checkpoint (ckpt.pt) as an edgegpt checkpoint; then export, quantize, generate.
@@ -183,7 +217,13 @@ def import_nanogpt_command(ckpt, out, tokenizer, force):
 
 @click.command("export-hf", cls=Command)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Directory for config.json, model.safetensors, tokenizer.json.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Directory for config.json, model.safetensors, tokenizer.json.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export_hf_command(checkpoint, out, force):
     """Write a checkpoint as a Hugging Face model directory that transformers loads.

@@ -154,7 +154,9 @@ class Checkpoint:
         try:
             return tuple(json.loads(f.read_text()) if f.is_file() else {} for f in files)  # type: ignore[return-value]
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{self.path}: unreadable special-token settings ({exc}); import the model again") from exc
+            raise CheckpointError(
+                f"{self.path}: unreadable special-token settings ({exc}); import the model again"
+            ) from exc
 
     @property
     def config(self) -> GPTConfig:
@@ -184,7 +186,9 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         )
     model = SimpleGPT(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) != ({TIED} if config.tied_head else set()) or unexpected:  # internal invariant: _read_weights checked the names
+    if (
+        set(missing) != ({TIED} if config.tied_head else set()) or unexpected
+    ):  # internal invariant: _read_weights checked the names
         raise CheckpointError(f"{path}: inconsistent weights (missing {missing}, unexpected {unexpected})")
     return Checkpoint(model.to(map_location).eval(), tokenizer, path)
 
@@ -221,8 +225,13 @@ def load_tensors_only(file: Path) -> Any:
         # what the file asked for is kept, and the chain is cut so that --debug does not show the suggestion.
         found = re.search(r"unsupported global:?(?: GLOBAL)? ([\w.]+)", str(exc), re.IGNORECASE)
         reason = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(exc))
-        asks = (f"it asks to import {found[1]} while loading" if found else
-                f"it holds more than tensors ({reason[1].strip()})" if reason else "it holds more than tensors")
+        asks = (
+            f"it asks to import {found[1]} while loading"
+            if found
+            else f"it holds more than tensors ({reason[1].strip()})"
+            if reason
+            else "it holds more than tensors"
+        )
     raise CheckpointError(
         f"{file}: refused: {asks}. Loading it would run code of the file's choosing, which a file of weights never "
         "needs: it may be hostile. Do not load it; use a file you can trust (train again, or download it again "

@@ -135,11 +135,19 @@ def _gpt2_config(raw: dict, file: Path) -> GPTConfig:
     # (key, GPT2Config's default, accepted values, why and how to fix)
     rules = [
         ("model_type", None, ("gpt2",), "only GPT-2 checkpoints map onto SimpleGPT; pick a GPT-2 model"),
-        ("activation_function", "gelu_new", tuple(ACTIVATIONS),
-         f"SimpleGPT computes the tanh-approximate or the exact GELU; only {', '.join(ACTIVATIONS)} import exactly"),
+        (
+            "activation_function",
+            "gelu_new",
+            tuple(ACTIVATIONS),
+            f"SimpleGPT computes the tanh-approximate or the exact GELU; only {', '.join(ACTIVATIONS)} import exactly",
+        ),
         ("layer_norm_epsilon", 1e-5, (1e-5,), "SimpleGPT's LayerNorms use 1e-5; only models trained with it import"),
-        ("n_inner", None, (None, 4 * n_embd),
-         f"SimpleGPT's MLP width is 4 * n_embd; set n_inner to null or {4 * n_embd}"),
+        (
+            "n_inner",
+            None,
+            (None, 4 * n_embd),
+            f"SimpleGPT's MLP width is 4 * n_embd; set n_inner to null or {4 * n_embd}",
+        ),
         ("scale_attn_weights", True, (True,), "SimpleGPT always scales attention by 1/sqrt(head_size)"),
         ("scale_attn_by_inverse_layer_idx", False, (False,), "SimpleGPT has no per-layer attention scaling"),
         ("add_cross_attention", False, (False,), "SimpleGPT is decoder-only, without cross-attention"),
@@ -151,8 +159,13 @@ def _gpt2_config(raw: dict, file: Path) -> GPTConfig:
     fields = {k: raw.get(k, v) for k, v in HF_DEFAULTS.items()}
     try:
         return GPTConfig(
-            vocab_size=fields["vocab_size"], block_size=fields["n_positions"], n_layer=fields["n_layer"],
-            n_head=fields["n_head"], n_embd=fields["n_embd"], dropout=0.0, bias=True,
+            vocab_size=fields["vocab_size"],
+            block_size=fields["n_positions"],
+            n_layer=fields["n_layer"],
+            n_head=fields["n_head"],
+            n_embd=fields["n_embd"],
+            dropout=0.0,
+            bias=True,
             gelu=ACTIVATIONS[raw.get("activation_function", "gelu_new")],
         )
     except ConfigError as exc:
@@ -210,7 +223,9 @@ def _to_edgegpt(state: dict[str, torch.Tensor], config: GPTConfig, file: Path) -
     """Hugging Face tensors (prefix stripped) -> a full SimpleGPT state dict, checked name by name and shape by shape."""
     if config.position == "rope":
         with torch.device("meta"):
-            expected = {k: v.shape for k, v in SimpleGPT(config).state_dict().items() if k != TIED or not config.tied_head}
+            expected = {
+                k: v.shape for k, v in SimpleGPT(config).state_dict().items() if k != TIED or not config.tied_head
+            }
         return hf_llama.to_edgegpt(state, config, expected, file)
     state = dict(state)
     head = state.pop(TIED, None)
@@ -290,7 +305,9 @@ def _read_hf_tokenizer(src: Path, vocab_size: int):
 CHECKPOINT_FILES = frozenset(
     {CONFIG, WEIGHTS, TOKENIZER, TRAIN_STATE_PT, TRAIN_STATE_JSON, CHAT_TEMPLATE, TOKENIZER_SPECIALS, GENERATION_CONFIG}
 )
-HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", TOKENIZER_CONFIG, GENERATION_CONFIG, CHAT_TEMPLATE})
+HF_EXPORT_FILES = frozenset(
+    {"config.json", "model.safetensors", "tokenizer.json", TOKENIZER_CONFIG, GENERATION_CONFIG, CHAT_TEMPLATE}
+)
 # tokenizer_config.json keys kept in a checkpoint: the special tokens and whether they are added
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "add_eos_token")
 
@@ -326,9 +343,15 @@ def _read_special_tokens(src: Path, raw: dict, tok) -> tuple[dict, dict] | tuple
     if bos is None and not eos and not special:
         return None, None
     probe = tok.encode("a", add_special_tokens=True).ids
-    adds_bos = bos is not None and bool(probe) and probe[0] == bos and tok.encode("a", add_special_tokens=False).ids[:1] != [bos]
+    adds_bos = (
+        bos is not None
+        and bool(probe)
+        and probe[0] == bos
+        and tok.encode("a", add_special_tokens=False).ids[:1] != [bos]
+    )
     tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", **special,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
         "add_bos_token": adds_bos or tconf.get("add_bos_token") is True,
         "add_eos_token": tconf.get("add_eos_token") is True,
     }
@@ -400,9 +423,17 @@ def import_hf(src_dir: str | Path, out_ckpt_dir: str | Path, *, force: bool = Fa
     model = SimpleGPT(config)
     model.load_state_dict(state, strict=True)
     log.info("imported %s (%s, %d parameters) into %s", src, file.name, model.num_params(), out)
-    tokenizer_config, generation_config = _read_special_tokens(src, raw, tok) if config.position == "rope" else (None, None)
-    return save_checkpoint(out, model, tok.to_str(), chat_template=_read_chat_template(src),
-                           tokenizer_config=tokenizer_config, generation_config=generation_config)  # fmt: skip
+    tokenizer_config, generation_config = (
+        _read_special_tokens(src, raw, tok) if config.position == "rope" else (None, None)
+    )
+    return save_checkpoint(
+        out,
+        model,
+        tok.to_str(),
+        chat_template=_read_chat_template(src),
+        tokenizer_config=tokenizer_config,
+        generation_config=generation_config,
+    )
 
 
 def _read_chat_template(src: Path) -> str | None:
@@ -488,7 +519,9 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False)
         )
     off = sorted(k for k in FAMILY_FIELDS if k in config.to_dict())  # to_dict keeps a family field off its default
     if off:
-        raise CheckpointError(f"{ckpt.path}: {', '.join(off)} differ from GPT-2's; GPT2LMHeadModel cannot compute this model")
+        raise CheckpointError(
+            f"{ckpt.path}: {', '.join(off)} differ from GPT-2's; GPT2LMHeadModel cannot compute this model"
+        )
     state = ckpt.model.state_dict()
     tensors = {
         f"transformer.{theirs}": (state[ours].t() if conv1d else state[ours]).detach().cpu().contiguous().clone()
@@ -498,7 +531,9 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False)
     if config.sampled_ids(ckpt.tokenizer.get_vocab_size()) < ckpt.tokenizer.get_vocab_size():
         log.warning(
             "%s: ids from %d on are never sampled (sampled_vocab_size), which GPT-2's config cannot say; "
-            "transformers will sample them", ckpt.path, config.sampled_vocab_size,
+            "transformers will sample them",
+            ckpt.path,
+            config.sampled_vocab_size,
         )
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT} if eot is not None else {}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size, **special}
@@ -522,7 +557,11 @@ def _export_llama(ckpt, out: Path) -> Path:
     tokenizer_config, generation_config = ckpt.special_tokens()
     special = {k: generation_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     tensors = hf_llama.from_edgegpt(ckpt.model.state_dict(), config)
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size, **tokenizer_config}
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": config.block_size,
+        **tokenizer_config,
+    }
     template = ckpt.chat_template
     with staged_dir(out) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})

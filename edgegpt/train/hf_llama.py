@@ -69,24 +69,34 @@ def _rope(raw: dict, file: Path) -> dict[str, Any]:
         return {"rope_theta": float(theta), "rope_scaling": "linear", "rope_factor": float(scaling["factor"])}
     if kind == "llama3":
         return {
-            "rope_theta": float(theta), "rope_scaling": "llama3", "rope_factor": float(scaling["factor"]),
+            "rope_theta": float(theta),
+            "rope_scaling": "llama3",
+            "rope_factor": float(scaling["factor"]),
             "rope_low_freq_factor": float(scaling["low_freq_factor"]),
             "rope_high_freq_factor": float(scaling["high_freq_factor"]),
             "rope_original_max_positions": int(scaling["original_max_position_embeddings"]),
         }
-    raise CheckpointError(f"{file}: {field}.rope_type is {kind!r}; SimpleGPT computes default, linear and llama3 rotary positions")
+    raise CheckpointError(
+        f"{file}: {field}.rope_type is {kind!r}; SimpleGPT computes default, linear and llama3 rotary positions"
+    )
 
 
 def _refuse_unsupported(raw: dict, file: Path) -> None:
     """One line per setting SimpleGPT does not compute, naming the field."""
     if raw.get("use_sliding_window"):
-        raise CheckpointError(f"{file}: use_sliding_window is true; SimpleGPT attends to the whole context in every layer")
+        raise CheckpointError(
+            f"{file}: use_sliding_window is true; SimpleGPT attends to the whole context in every layer"
+        )
     sliding = [t for t in raw.get("layer_types") or () if t != "full_attention"]
     if sliding:
-        raise CheckpointError(f"{file}: layer_types has {sliding[0]!r} layers; SimpleGPT attends to the whole context in every layer")
+        raise CheckpointError(
+            f"{file}: layer_types has {sliding[0]!r} layers; SimpleGPT attends to the whole context in every layer"
+        )
     for key in MOE_FIELDS:
         if raw.get(key):
-            raise CheckpointError(f"{file}: {key} is {raw[key]!r}; SimpleGPT has one dense MLP per layer, not a mixture of experts")
+            raise CheckpointError(
+                f"{file}: {key} is {raw[key]!r}; SimpleGPT has one dense MLP per layer, not a mixture of experts"
+            )
     if raw.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{file}: hidden_act is {raw['hidden_act']!r}; SimpleGPT's SwiGLU uses silu")
 
@@ -98,8 +108,12 @@ def config_from_hf(raw: dict, architecture: str, file: Path) -> GPTConfig:
     try:
         n_embd, n_head = raw["hidden_size"], raw["num_attention_heads"]
         shape = dict(
-            vocab_size=raw["vocab_size"], block_size=raw["max_position_embeddings"], n_layer=raw["num_hidden_layers"],
-            n_head=n_head, n_embd=n_embd, n_inner=raw["intermediate_size"],
+            vocab_size=raw["vocab_size"],
+            block_size=raw["max_position_embeddings"],
+            n_layer=raw["num_hidden_layers"],
+            n_head=n_head,
+            n_embd=n_embd,
+            n_inner=raw["intermediate_size"],
         )
     except KeyError as exc:
         raise CheckpointError(f"{file}: no {exc.args[0]}; a {architecture} config.json has it") from None
@@ -109,11 +123,19 @@ def config_from_hf(raw: dict, architecture: str, file: Path) -> GPTConfig:
     qkv_bias = attention_bias if family["qkv_bias"] is None else family["qkv_bias"]
     try:
         return GPTConfig(
-            **shape, dropout=0.0, bias=False, norm="rmsnorm", norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            position="rope", **_rope(raw, file), mlp="swiglu",
+            **shape,
+            dropout=0.0,
+            bias=False,
+            norm="rmsnorm",
+            norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            position="rope",
+            **_rope(raw, file),
+            mlp="swiglu",
             n_kv_head=None if kv == n_head else kv,
             head_dim=None if n_embd % n_head == 0 and head_dim == n_embd // n_head else head_dim,
-            qk_norm=family["qk_norm"], qkv_bias=qkv_bias or None, attn_proj_bias=attention_bias or None,
+            qk_norm=family["qk_norm"],
+            qkv_bias=qkv_bias or None,
+            attn_proj_bias=attention_bias or None,
             mlp_bias=bool(raw.get("mlp_bias", False)) or None,
             tied_head=bool(raw.get("tie_word_embeddings", False)),
         )
@@ -124,7 +146,11 @@ def config_from_hf(raw: dict, architecture: str, file: Path) -> GPTConfig:
 def _split(config: GPTConfig, part: str) -> list[int]:
     """Rows of each stacked Hugging Face tensor in one SimpleGPT part (the same for weight and bias)."""
     if part == "attn.qkv":
-        return [config.n_head * config.head_size, config.kv_heads * config.head_size, config.kv_heads * config.head_size]
+        return [
+            config.n_head * config.head_size,
+            config.kv_heads * config.head_size,
+            config.kv_heads * config.head_size,
+        ]
     if part == "ffn.fc":
         return [config.mlp_width, config.mlp_width]
     return []
@@ -139,7 +165,9 @@ def _names(ours: str) -> tuple[str, tuple[str, ...]]:
     return part, tuple(f"model.layers.{i}.{theirs}.{kind}" for theirs in PARTS[part])
 
 
-def to_edgegpt(state: dict[str, torch.Tensor], config: GPTConfig, expected: dict[str, torch.Size], file: Path) -> dict[str, torch.Tensor]:
+def to_edgegpt(
+    state: dict[str, torch.Tensor], config: GPTConfig, expected: dict[str, torch.Size], file: Path
+) -> dict[str, torch.Tensor]:
     """Llama-family tensors -> a SimpleGPT state dict (`expected`: its names and shapes), checked by name and shape."""
     state = {k: v for k, v in state.items() if not k.endswith(BUFFERS)}
     head = state.pop("lm_head.weight", None) if config.tied_head else None
@@ -218,7 +246,9 @@ def hf_config(config: GPTConfig, special: dict[str, Any]) -> dict[str, Any]:
         rope = {"rope_type": "linear", "factor": config.rope_factor}
     elif config.rope_scaling == "llama3":
         rope = {
-            "rope_type": "llama3", "factor": config.rope_factor, "low_freq_factor": config.rope_low_freq_factor,
+            "rope_type": "llama3",
+            "factor": config.rope_factor,
+            "low_freq_factor": config.rope_low_freq_factor,
             "high_freq_factor": config.rope_high_freq_factor,
             "original_max_position_embeddings": config.rope_original_max_positions,
         }

@@ -19,7 +19,12 @@ __all__ = ["OPTIMIZATION", "PROVIDERS", "SessionConfig"]
 
 PROVIDERS = ("auto", "cpu", "cuda")
 # optimization name -> onnxruntime's GraphOptimizationLevel member
-OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+OPTIMIZATION = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,29 @@ from edgegpt.config import GPTConfig
 from edgegpt.train.checkpoint import save_checkpoint
 from edgegpt.train.model import SimpleGPT
 
-LLAMA = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=32, n_inner=96, norm="rmsnorm",
-             position="rope", mlp="swiglu", bias=False)
+LLAMA = dict(
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    n_embd=64,
+    block_size=32,
+    n_inner=96,
+    norm="rmsnorm",
+    position="rope",
+    mlp="swiglu",
+    bias=False,
+)
 CASES = {
     "smollm2-like": dict(rope_theta=100000.0),
     "qwen3-like": dict(qk_norm=True, head_dim=32, rope_theta=1000000.0, norm_eps=1e-6),
-    "llama3.2-like": dict(rope_scaling="llama3", rope_factor=32.0, rope_original_max_positions=16,
-                          tied_head=False, qkv_bias=True, rope_theta=500000.0),
+    "llama3.2-like": dict(
+        rope_scaling="llama3",
+        rope_factor=32.0,
+        rope_original_max_positions=16,
+        tied_head=False,
+        qkv_bias=True,
+        rope_theta=500000.0,
+    ),
     "multi-query": dict(n_kv_head=1),  # one key/value head serves all four query heads
 }
 
@@ -47,7 +63,12 @@ def test_the_graph_is_the_fused_gqa_graph(bundle):
     gqa = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert len(gqa) == config.n_layer
-    assert (attrs["num_heads"], attrs["kv_num_heads"], attrs["do_rotary"], attrs["rotary_interleaved"]) == (4, config.kv_heads, 1, 0)
+    assert (attrs["num_heads"], attrs["kv_num_heads"], attrs["do_rotary"], attrs["rotary_interleaved"]) == (
+        4,
+        config.kv_heads,
+        1,
+        0,
+    )
     caches = {i.name: list(i.dims) for i in graph.graph.initializer if i.name in gqa[0].input[7:9]}
     # one pair for every layer, a row past the context for SlotBatch's scratch column
     assert sorted(caches.values()) == [[config.block_size + 1, config.head_size // 2]] * 2
@@ -75,12 +96,15 @@ def test_validation_passed_and_the_runtime_decodes_like_pytorch(bundle):
     model, path = bundle
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["validation"]["max_abs_diff"] <= 1e-4 and manifest["graph"]["kv_cache"]["layout"] == "shared_buffer"
-    assert json.loads((path / "genai_config.json").read_text())["model"]["decoder"]["num_key_value_heads"] == model.config.kv_heads
+    assert (
+        json.loads((path / "genai_config.json").read_text())["model"]["decoder"]["num_key_value_heads"]
+        == model.config.kv_heads
+    )
     gen = Generator.load(path, provider="cpu")
     result = gen.generate("def add(a, b):", max_new_tokens=12)
     ids = torch.tensor([result.prompt_tokens])
     with torch.no_grad():
-        want = generate(model, ids, max_new_tokens=12, eos_token_id=gen.eot_id)[0, ids.size(1):].tolist()
+        want = generate(model, ids, max_new_tokens=12, eos_token_id=gen.eot_id)[0, ids.size(1) :].tolist()
     assert result.tokens == want[: len(result.tokens)] and len(result.tokens) >= 1
 
 
@@ -88,9 +112,16 @@ def test_the_manifest_records_an_imported_models_bos_and_stop_ids():
     from edgegpt.export import _tokenizer_section
 
     config = GPTConfig(**LLAMA, vocab_size=300)
-    section = _tokenizer_section(config, "tokenizer.json", 300, 0, ({"add_bos_token": True}, {"bos_token_id": 1, "eos_token_id": [2, 3]}))
+    section = _tokenizer_section(
+        config, "tokenizer.json", 300, 0, ({"add_bos_token": True}, {"bos_token_id": 1, "eos_token_id": [2, 3]})
+    )
     assert (section["bos_token_id"], section["add_bos_token"], section["stop_token_ids"]) == (1, True, [2, 3])
-    assert set(_tokenizer_section(config, "tokenizer.json", 300, 0)) == {"file", "vocab_size", "eot_token_id", "sampled_vocab_size"}
+    assert set(_tokenizer_section(config, "tokenizer.json", 300, 0)) == {
+        "file",
+        "vocab_size",
+        "eot_token_id",
+        "sampled_vocab_size",
+    }
 
 
 @pytest.mark.parametrize("to", ["int8", "int4"])
@@ -114,4 +145,9 @@ def test_a_norm_left_unfused_is_named_by_the_fused_op_check():
     # one norm traced but not fused: three of the four norms fused, its mean square and root left behind
     unfused = {**fused, "SkipSimplifiedLayerNormalization": 3, "ReduceMean": 1, "Sqrt": 1, "Reciprocal": 1, "Pow": 1}
     assert fused_op_shortfall(unfused, config, "GroupQueryAttention") == {
-        "SkipSimplifiedLayerNormalization": (3, 4), "ReduceMean": (1, 0), "Pow": (1, 0), "Sqrt": (1, 0), "Reciprocal": (1, 0)}
+        "SkipSimplifiedLayerNormalization": (3, 4),
+        "ReduceMean": (1, 0),
+        "Pow": (1, 0),
+        "Sqrt": (1, 0),
+        "Reciprocal": (1, 0),
+    }

@@ -28,8 +28,11 @@ SIZE_RATIO = {"int8": 0.45, "int4": 0.30, "fp16": 0.60}  # model bytes / fp32 mo
 def quantized(llama_bundles, llama_texts, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """(variant, format) -> the bundle, quantized with --eval-text (the default gate)."""
     root = tmp_path_factory.mktemp("llama_quantized")
-    return {(name, fmt): quantize_bundle(src, root / f"{name}-{fmt}", to=fmt, eval_text=llama_texts[1], threads=2)
-            for name, src in llama_bundles.items() for fmt in FORMATS}
+    return {
+        (name, fmt): quantize_bundle(src, root / f"{name}-{fmt}", to=fmt, eval_text=llama_texts[1], threads=2)
+        for name, src in llama_bundles.items()
+        for fmt in FORMATS
+    }
 
 
 def _fused(n: int) -> dict[str, int]:

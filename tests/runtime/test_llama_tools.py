@@ -39,8 +39,23 @@ def gen(request, llama_bundles) -> Generator:
 
 
 def test_eval_measures_perplexity_and_the_kld_against_the_fp32_bundle(int4, llama_bundles, llama_texts):
-    args = ["eval", str(int4), "--text", str(llama_texts[1]), "--reference", str(llama_bundles["tied"]),
-            "--max-tokens", "600", "--prompts", "2", "--new-tokens", "8", "--threads", "1", "--json"]
+    args = [
+        "eval",
+        str(int4),
+        "--text",
+        str(llama_texts[1]),
+        "--reference",
+        str(llama_bundles["tied"]),
+        "--max-tokens",
+        "600",
+        "--prompts",
+        "2",
+        "--new-tokens",
+        "8",
+        "--threads",
+        "1",
+        "--json",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     measured = json.loads(result.stdout)
@@ -49,8 +64,21 @@ def test_eval_measures_perplexity_and_the_kld_against_the_fp32_bundle(int4, llam
 
 
 def test_the_device_bench_times_a_llama_bundle(int4):
-    args = ["bench", str(int4), "--short", "--runs", "1", "--prompt-tokens", "8", "--new-tokens", "6",
-            "--batch", "1,2", "--threads", "1"]
+    args = [
+        "bench",
+        str(int4),
+        "--short",
+        "--runs",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "6",
+        "--batch",
+        "1,2",
+        "--threads",
+        "1",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "| batch | prefill tok/s | decode tok/s |" in result.output
@@ -63,8 +91,12 @@ def test_the_ort_format_decodes_like_the_onnx_graph(source, llama_bundles, int4,
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "mobile" / "manifest.json").read_text())
     assert manifest["ort"]["greedy_check"] == {"tokens": 8, "equal": True}  # convert-ort's own check
-    greedy = [Generator.load(tmp_path / "mobile", provider="cpu", threads=1, model_format=f).generate(
-        "def main(", max_new_tokens=24, ignore_eos=True).tokens for f in ("ort", "onnx")]  # fmt: skip
+    greedy = [
+        Generator.load(tmp_path / "mobile", provider="cpu", threads=1, model_format=f)
+        .generate("def main(", max_new_tokens=24, ignore_eos=True)
+        .tokens
+        for f in ("ort", "onnx")
+    ]
     assert greedy[0] == greedy[1]
 
 

@@ -21,20 +21,50 @@ transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-5
 BOS, EOS, EOT_CHAT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
-SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-             max_position_embeddings=128)
+SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=128,
+)
 # name -> (transformers config class, its fields beyond SHAPE, the tokenizer adds a BOS)
 CASES = {
     "smollm2": ("LlamaConfig", dict(rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True), False),
     "qwen2.5": ("Qwen2Config", dict(rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True), False),
-    "qwen3": ("Qwen3Config", dict(head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True), False),
-    "llama3.2": ("LlamaConfig", dict(
-        num_key_value_heads=1, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16}), True),
-    "llama-biased-untied": ("LlamaConfig", dict(
-        attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "linear", "factor": 2.0}), True),
+    "qwen3": (
+        "Qwen3Config",
+        dict(head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+        False,
+    ),
+    "llama3.2": (
+        "LlamaConfig",
+        dict(
+            num_key_value_heads=1,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        True,
+    ),
+    "llama-biased-untied": (
+        "LlamaConfig",
+        dict(
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=False,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+        ),
+        True,
+    ),
 }
 
 
@@ -55,8 +85,9 @@ def llama_tok(bpe):
 def _save(case: str, path, tok, *, shard: bool = False):
     cls, fields, adds_bos = CASES[case]
     ids = {t: tok.token_to_id(t) for t in (BOS, EOS, EOT_CHAT)}
-    config = getattr(transformers, cls)(**{**SHAPE, **fields}, vocab_size=tok.get_vocab_size(),
-                                        bos_token_id=ids[BOS], eos_token_id=ids[EOS])
+    config = getattr(transformers, cls)(
+        **{**SHAPE, **fields}, vocab_size=tok.get_vocab_size(), bos_token_id=ids[BOS], eos_token_id=ids[EOS]
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # HF initialises norms to 1 and biases to 0: perturb them so a swapped name shows
@@ -64,12 +95,20 @@ def _save(case: str, path, tok, *, shard: bool = False):
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(path, max_shard_size="100KB" if shard else "5GB")
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOT_CHAT if adds_bos else EOS,
-        "chat_template": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": BOS,
+                "eos_token": EOT_CHAT if adds_bos else EOS,
+                "chat_template": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
+            }
+        )
+    )
     # Llama 3.1's generation_config.json: several stop ids
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": ids[BOS], "eos_token_id": [ids[EOS], ids[EOT_CHAT]]}))
+    (path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": ids[BOS], "eos_token_id": [ids[EOS], ids[EOT_CHAT]]})
+    )
     return model
 
 
@@ -153,7 +192,9 @@ def test_export_round_trip_loads_in_transformers(case, ids, tmp_path):
 def test_sharded_safetensors_and_chat_template_file(llama_tok, tmp_path, ids):
     """A sharded save (model.safetensors.index.json) imports; transformers 5's chat_template.jinja is read."""
     hf_model = _save("smollm2", tmp_path / "hf", llama_tok[False], shard=True)
-    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() and not (tmp_path / "hf" / "model.safetensors").exists()
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() and not (
+        tmp_path / "hf" / "model.safetensors"
+    ).exists()
     (tmp_path / "hf" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
     ckpt = load_checkpoint(import_hf(tmp_path / "hf", tmp_path / "ckpt"))
     with torch.no_grad():
@@ -165,11 +206,23 @@ def test_sharded_safetensors_and_chat_template_file(llama_tok, tmp_path, ids):
     "case_name, changes, match",
     [
         ("qwen2.5", {"use_sliding_window": True}, "use_sliding_window is true"),
-        ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types has 'sliding_attention' layers"),
+        (
+            "qwen3",
+            {"layer_types": ["full_attention", "sliding_attention"]},
+            "layer_types has 'sliding_attention' layers",
+        ),
         ("smollm2", {"num_experts": 8}, "num_experts is 8"),
         ("smollm2", {"num_local_experts": 4}, "num_local_experts is 4"),
-        ("smollm2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_parameters.rope_type is 'yarn'"),
-        ("smollm2", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type is 'dynamic'"),
+        (
+            "smollm2",
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+            "rope_parameters.rope_type is 'yarn'",
+        ),
+        (
+            "smollm2",
+            {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+            "rope_scaling.rope_type is 'dynamic'",
+        ),
         ("smollm2", {"architectures": ["MistralForCausalLM"]}, r"architectures is \['MistralForCausalLM'\]"),
         ("smollm2", {"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
     ],

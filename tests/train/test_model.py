@@ -117,8 +117,19 @@ def test_top_k_one_is_greedy(model):
 
 
 # The Llama family: the same five classes with other config data (edgegpt.config.FAMILY_FIELDS).
-TINY_LLAMA = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, vocab_size=64, n_inner=48,
-                  norm="rmsnorm", position="rope", mlp="swiglu", bias=False)
+TINY_LLAMA = dict(
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    n_embd=32,
+    block_size=16,
+    vocab_size=64,
+    n_inner=48,
+    norm="rmsnorm",
+    position="rope",
+    mlp="swiglu",
+    bias=False,
+)
 
 
 def test_llama_presets_have_their_models_parameter_counts():
@@ -174,14 +185,42 @@ def test_train_resume_and_sample_with_the_small_llama_preset(tmp_path, sample_te
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text(sample_text[:20000])
     shape = ["--preset", "small-llama", "--n-layer", "1", "--n-embd", "64", "--n-head", "2", "--block-size", "32"]
-    small = ["--batch-size", "2", "--eval-interval", "2", "--eval-iters", "1", "--warmup-steps", "1", "--cache-dir", str(tmp_path / "cache")]
+    small = [
+        "--batch-size",
+        "2",
+        "--eval-interval",
+        "2",
+        "--eval-iters",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     run = str(tmp_path / "run")
-    result = CliRunner().invoke(main, ["train", str(tmp_path / "corpus"), "--glob", "*.txt", "--vocab-size", "300", *shape,
-                                       *small, "--steps", "2", "--out", run])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(tmp_path / "corpus"),
+            "--glob",
+            "*.txt",
+            "--vocab-size",
+            "300",
+            *shape,
+            *small,
+            "--steps",
+            "2",
+            "--out",
+            run,
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = load_checkpoint(run).config
     assert (config.position, config.kv_heads, config.n_layer) == ("rope", 2, 1)
-    result = CliRunner().invoke(main, ["train", str(tmp_path / "corpus"), "--glob", "*.txt", "--resume", *small, "--steps", "3", "--out", run])
+    result = CliRunner().invoke(
+        main, ["train", str(tmp_path / "corpus"), "--glob", "*.txt", "--resume", *small, "--steps", "3", "--out", run]
+    )
     assert result.exit_code == 0 and "done at step 3" in result.output, result.output
     result = CliRunner().invoke(main, ["sample", run, "def ", "-n", "5"])
     assert result.exit_code == 0, result.output
