@@ -9,6 +9,9 @@ BASE_VENV := .venv-base
 DEMO   := runs/demo
 DEMO_STEPS ?= 1500
 DEMO_PORT  ?= 8765
+# The Llama family's part of the demo: `small-llama` with a short context and small batches, so that its
+# 300 steps take minutes on 2 cores (the full preset's 16 x 256 tokens a step would take about ten times longer).
+DEMO_LLAMA_STEPS ?= 300
 # Held-out text for the demo's quantization gate: a stdlib module from the validation tail of the default corpus.
 EVAL_TEXT = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/zoneinfo/_zoneinfo.py
 
@@ -65,6 +68,16 @@ demo: install
 	     -d '{"prompt": "def main(", "max_tokens": 24, "temperature": 0}'; echo
 	$(BIN)/edgegpt bench $(DEMO)/int8 --short
 	$(BIN)/edgegpt bench $(DEMO)/run --short --backends torch,edgegpt --formats fp32,int8
+	$(BIN)/edgegpt train --preset small-llama --steps $(DEMO_LLAMA_STEPS) --batch-size 8 --block-size 64 \
+	    --eval-interval $(DEMO_LLAMA_STEPS) --eval-iters 5 --out $(DEMO)/llama --force
+	rm -rf $(DEMO)/llama-fp32 $(DEMO)/llama-int4
+	$(BIN)/edgegpt export $(DEMO)/llama -o $(DEMO)/llama-fp32
+	$(BIN)/edgegpt quantize $(DEMO)/llama-fp32 --to int4 -o $(DEMO)/llama-int4 --eval-text $(EVAL_TEXT)
+	$(BIN)/edgegpt generate $(DEMO)/llama-int4 "def main(" -n 32
+	printf 'def add(a, b):\nreturn what?\n/exit\n' | $(BIN)/edgegpt chat $(DEMO)/llama-int4 -n 24 --seed 0
+	$(BIN)/edgegpt export-hf $(DEMO)/llama -o $(DEMO)/llama-hf --force
+	$(BIN)/edgegpt import-hf $(DEMO)/llama-hf -o $(DEMO)/llama-hf-import --force
+	$(BIN)/edgegpt sample $(DEMO)/llama-hf-import "def main(" -n 32
 
 clean:
 	rm -rf $(VENV) $(BASE_VENV) runs build *.egg-info

@@ -36,14 +36,16 @@ with dynamic B, T and P (P = 0 is an empty past). Two attention graphs, chosen b
 The Llama family (GPTConfig's family fields) exports to the "gqa" graph only, as onnxruntime-genai's builder
 writes it: the packed QKV has n_head query and n_kv_head key/value heads (kv_num_heads = n_kv_head, the shared
 buffers (B, n_kv_head, L, D)); the kernel applies the rotary itself (do_rotary=1, rotary_interleaved=0 for
-transformers' rotate_half) from the initializers cos_cache / sin_cache (block_size, head_size / 2), shared by
-every layer, at each token's cache position seqlens_k + 1 - T onwards: position_ids stays a graph input (the
-contract) that nothing reads. Under left padding those positions are shifted by the row's padding, which rotary
-attention cannot see (export/validate.py says what that means for parity). Qwen3's q/k RMSNorm comes before the
+transformers' rotate_half) from the initializers cos_cache / sin_cache (block_size + 1, head_size / 2), shared by
+every layer (one row past the context: the kernel wants a row for every column of the attention mask, and the
+runtime's SlotBatch keeps a scratch column at position block_size), at each token's cache position
+seqlens_k + 1 - T onwards: position_ids stays a graph input (the contract) that nothing reads. Under left
+padding those positions are shifted by the row's padding, which rotary attention cannot see (export/validate.py
+says what that means for parity). Qwen3's q/k RMSNorm comes before the
 rotary, so it runs before the kernel (split, norm per head, concat). RMSNorm is traced as the op pattern that
 onnxruntime's optimizer fuses into SkipSimplifiedLayerNormalization (after each residual add) and
-SimplifiedLayerNormalization (ln_1 of block 0 and the q/k norms). Not yet: n_kv_head = 1 (the TorchScript
-exporter fails on it), and "mha".
+SimplifiedLayerNormalization (ln_1 of block 0 and the q/k norms). n_kv_head = 1 (multi-query attention) is
+the same graph with kv_num_heads 1. Not for this family: "mha".
 
 Behaviour (why each choice, with its measurements: docs/design.md, "3. The graph"):
 - Attention is emitted directly as the contrib op, from an autograd.Function `symbolic`, so no optimizer has to
@@ -127,12 +129,6 @@ def check_attention(config: GPTConfig, attention: str) -> None:
         raise ExportError(
             f"attention='mha' computes GPT-2's attention only; this model sets {', '.join(family)}: "
             "export with attention='gqa'"
-        )
-    if (
-        config.kv_heads == 1
-    ):  # TODO(#24): multi-query attention; the TorchScript exporter fails on it (a JIT peephole pass)
-        raise ExportError(
-            "n_kv_head 1 (multi-query attention) does not export to ONNX yet (issue #24); run it with PyTorch"
         )
     if attention == "gqa" and config.head_size % _GQA_HEAD_MULTIPLE:
         C = config.n_embd
@@ -286,16 +282,18 @@ class _GroupQueryAttentionOp(torch.autograd.Function):
     """Exported as one com.microsoft.GroupQueryAttention node; computes the same in torch while tracing.
 
     qkv (B, T, (nh + 2 nkv) hs) packed with the bias added, past_k / past_v (B, nkv, P, hs), the
-    `_GQAMaskInputs`, and for rotary models cos / sin caches (block_size, hs/2) (else None)
+    `_GQAMaskInputs`, and for rotary models cos / sin caches (block_size + 1, hs/2) (else None)
     -> y (B, T, nh hs), present_k / present_v (B, nkv, P+T, hs).
     With the caches the kernel rotates q and k itself (do_rotary, the halves convention: rotary_interleaved 0)
     at the cache positions seqlens_k + 1 - T onwards, as onnxruntime-genai's builder has it.
+    The head size comes in as a Python int, never as a traced `past_k.size(3)`: a traced size times n_kv_head = 1
+    records `aten::mul(size, 1)` in this op's traced sub-block, and the TorchScript exporter's peephole pass
+    (x * 1 -> x, alias-sensitive) then fails on that sub-block ("Argument passed to at() was not in the map").
     """
 
     @staticmethod
-    def forward(ctx, qkv, past_k, past_v, seqlens, total, bias, cos, sin, n_head: int, n_kv_head: int):
+    def forward(ctx, qkv, past_k, past_v, seqlens, total, bias, cos, sin, n_head: int, n_kv_head: int, hs: int):
         B, T, _ = qkv.shape
-        hs = past_k.size(3)
         q, k, v = qkv.split([n_head * hs, n_kv_head * hs, n_kv_head * hs], dim=2)
         q = q.view(B, T, n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k, v = (t.view(B, T, n_kv_head, hs).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
@@ -311,7 +309,7 @@ class _GroupQueryAttentionOp(torch.autograd.Function):
         return y.transpose(1, 2).reshape(B, T, n_head * hs), k, v  # (B, nh, T, hs) -> (B, T, nh hs)
 
     @staticmethod
-    def symbolic(g, qkv, past_k, past_v, seqlens, total, bias, cos, sin, n_head: int, n_kv_head: int):
+    def symbolic(g, qkv, past_k, past_v, seqlens, total, bias, cos, sin, n_head: int, n_kv_head: int, hs: int):
         absent = g.op("prim::Constant")  # an omitted optional input ("")
         absent.setType(torch._C.OptionalType.ofTensor())
         rotary = {} if cos is None else {"do_rotary_i": 1, "rotary_interleaved_i": 0}
@@ -335,8 +333,8 @@ class _GroupQueryAttentionOp(torch.autograd.Function):
             outputs=3,
             **rotary,
         )
-        sizes, hs = qkv.type().varyingSizes(), past_k.type().varyingSizes()[3]
-        y.setType(qkv.type().with_sizes([sizes[0], sizes[1], n_head * hs if hs else None]))
+        sizes = qkv.type().varyingSizes()
+        y.setType(qkv.type().with_sizes([sizes[0], sizes[1], n_head * hs]))
         present_k.setType(past_k.type())
         present_v.setType(past_v.type())
         return y, present_k, present_v
@@ -368,9 +366,8 @@ class _ExportGQAAttention(nn.Module):
             q = self.q_norm(q.view(B, T, self.n_head, self.hs)).view(B, T, self.n_head * self.hs)
             k = self.k_norm(k.view(B, T, self.n_kv_head, self.hs)).view(B, T, self.n_kv_head * self.hs)
             qkv = torch.cat([q, k, v], dim=2)
-        y, present_k, present_v = _GroupQueryAttentionOp.apply(
-            qkv, past[0], past[1], *gqa_inputs, self.n_head, self.n_kv_head
-        )
+        heads = (self.n_head, self.n_kv_head, self.hs)  # Python ints: no traced size reaches the op (see its docstring)
+        y, present_k, present_v = _GroupQueryAttentionOp.apply(qkv, past[0], past[1], *gqa_inputs, *heads)
         return self.proj(y), (present_k, present_v)
 
 
@@ -405,7 +402,9 @@ class _FlatIO(nn.Module):
             block.attn = _ExportGQAAttention(block.attn) if self.gqa else _ExportAttention(block.attn)
         self.rope = None
         if model.inv_freq is not None:  # one pair of caches for every layer: initializers cos_cache, sin_cache
-            positions = torch.arange(model.config.block_size)
+            # block_size + 1 rows: onnxruntime refuses a mask wider than the caches ("cos_cache dimension 0 shall
+            # not be less than total_sequence_length"), and SlotBatch's mask has a scratch column past the context.
+            positions = torch.arange(model.config.block_size + 1)
             cos, sin = (t[0, 0, :, : model.config.head_size // 2] for t in rotary(model.inv_freq, positions[None]))
             self.register_buffer("cos_cache", cos.contiguous(), persistent=False)
             self.register_buffer("sin_cache", sin.contiguous(), persistent=False)

@@ -28,7 +28,15 @@ from edgegpt.config import GPTConfig
 from edgegpt.errors import ExportError
 from edgegpt.export.tied_embedding import share_tied_lm_head
 
-__all__ = ["check_gelu", "fused_op_shortfall", "gelu_kinds", "graph_io", "op_counts", "optimize_onnx"]
+__all__ = [
+    "UNFUSED_NORM_OPS",
+    "check_gelu",
+    "fused_op_shortfall",
+    "gelu_kinds",
+    "graph_io",
+    "op_counts",
+    "optimize_onnx",
+]
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +133,20 @@ def expected_fused_ops(config: GPTConfig, attention_op: str = "MultiHeadAttentio
     return {attention_op: config.n_layer, **gelu, **norms}
 
 
+# The ops of a norm written out (LayerNorm's mean and variance, RMSNorm's mean square, root and reciprocal): none
+# is left in a fully fused graph, since SimpleGPT's graph computes nothing else with them (a traced tanh GELU's
+# x^3 is a Pow too, fused into FastGelu).
+UNFUSED_NORM_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal")
+
+
 def fused_op_shortfall(
     counts: dict[str, int], config: GPTConfig, attention_op: str = "MultiHeadAttention"
 ) -> dict[str, tuple[int, int]]:
-    """{op: (found, expected)} for each fused op that the graph holds too few of."""
+    """{op: (found, expected)} for each fused op that the graph holds too few of, and for each op of an unfused
+    norm pattern left in it (expected 0)."""
     expected = expected_fused_ops(config, attention_op)
-    return {op: (counts.get(op, 0), n) for op, n in expected.items() if counts.get(op, 0) < n}
+    short = {op: (counts.get(op, 0), n) for op, n in expected.items() if counts.get(op, 0) < n}
+    return {**short, **{op: (counts[op], 0) for op in UNFUSED_NORM_OPS if counts.get(op, 0)}}
 
 
 def optimize_onnx(
@@ -173,7 +189,7 @@ def optimize_onnx(
     shortfall = fused_op_shortfall(after, config, attention_op)
     if shortfall:
         raise ExportError(
-            "the optimized graph lacks fused kernels, (found, expected): "
+            "the optimized graph lacks fused kernels or keeps an unfused norm, (found, expected): "
             + ", ".join(f"{op} {v}" for op, v in shortfall.items())
             + "; check the onnxruntime version or export with optimize=False (--no-optimize)"
         )

@@ -29,6 +29,7 @@ DynamicQuantizeMatMul); llama.cpp's Q8_0 / Q4_0 for comparable schemes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import shutil
@@ -541,6 +542,7 @@ def _fp16(model, dst: Path, options: dict, *, source, external: bool, work: Path
     """fp16 weights and compute, with normalisation, the residual stream and logits kept fp32."""
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    inputs = [copy.deepcopy(i) for i in model.graph.input]
     wrapped = OnnxModel(model)
     try:
         with _quiet_quantizer():
@@ -548,6 +550,7 @@ def _fp16(model, dst: Path, options: dict, *, source, external: bool, work: Path
             wrapped.topological_sort()  # the converter appends its Cast nodes out of order
     except Exception as exc:  # the converter raises whatever shape inference or its passes hit
         raise QuantizationError(f"fp16 conversion failed: {exc}") from exc
+    _restore_unread_inputs(wrapped.model, inputs)
     _save(wrapped.model, dst, external)
     return {
         "method": "onnxruntime.transformers float16 conversion",
@@ -556,6 +559,15 @@ def _fp16(model, dst: Path, options: dict, *, source, external: bool, work: Path
         "kv_cache": "float16",
         "provider": "CUDAExecutionProvider (CPU runs it with casts)",
     }
+
+
+def _restore_unread_inputs(model: onnx.ModelProto, inputs: list) -> None:
+    """Put back the graph inputs that a converter pruned as unread, at their places: a rotary graph's
+    `position_ids` (GroupQueryAttention takes positions from seqlens_k), which the bundle contract keeps."""
+    names = {i.name for i in model.graph.input}
+    for index, value in enumerate(inputs):
+        if value.name not in names:
+            model.graph.input.insert(index, value)
 
 
 _QUANTIZERS = {"int8": _int8, "int4": _int4, "fp16": _fp16}

@@ -146,3 +146,60 @@ def base_venv_bin() -> Path:
             pytest.fail("EDGEGPT_BASE_VENV is unset in CI; run the suite with `make test`")
         pytest.skip("EDGEGPT_BASE_VENV is unset (`make test` sets it)")
     return Path(venv) / ("Scripts" if sys.platform == "win32" else "bin")
+
+
+# The Llama family's test shape (tests/export/test_export_llama.py's LLAMA, with a longer context for evaluation).
+TINY_LLAMA = dict(
+    n_layer=2, n_head=4, n_embd=64, block_size=64, n_inner=96, norm="rmsnorm", position="rope", mlp="swiglu", bias=False
+)
+
+
+@pytest.fixture(scope="session")
+def llama_texts(sample_text, tmp_path_factory) -> tuple[Path, Path]:
+    """(training text, held-out text): the sample text split 90 / 10."""
+    root = tmp_path_factory.mktemp("llama_text")
+    cut = int(len(sample_text) * 0.9)
+    (root / "train.txt").write_text(sample_text[:cut])
+    (root / "held_out.txt").write_text(sample_text[cut:])
+    return root / "train.txt", root / "held_out.txt"
+
+
+@pytest.fixture(scope="session")
+def llama_bundles(tiny_tokenizer, llama_texts, tmp_path_factory) -> dict[str, Path]:
+    """Two briefly trained tiny Llama-family fp32 bundles of the same tokenizer (150 steps, ~20 s each on one
+    thread): "tied" (2 KV heads, lm_head tied to the embedding) and "untied" (1 KV head: multi-query attention,
+    its own lm_head). Trained, so that quantization gates and agreement are measured on real preferences."""
+    import numpy as np
+    import torch
+
+    from edgegpt.config import GPTConfig
+    from edgegpt.export import export_bundle
+    from edgegpt.tokenizer import encode
+    from edgegpt.train import TrainConfig, train
+    from edgegpt.train.model import SimpleGPT
+
+    ids = np.asarray(encode(tiny_tokenizer, llama_texts[0].read_text()), np.uint16)
+    cut = int(len(ids) * 0.95)
+    cfg = TrainConfig(
+        steps=150,
+        batch_size=16,
+        learning_rate=3e-3,
+        warmup_steps=10,
+        eval_interval=150,
+        eval_iters=2,
+        save_interval=10_000,
+        log_interval=50,
+        seed=0,
+    )
+    shapes = {"tied": dict(n_kv_head=2), "untied": dict(n_kv_head=1, tied_head=False)}
+    root, bundles, threads = tmp_path_factory.mktemp("llama"), {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads spin against each other when the 2 cores are busy: 30x slower
+    try:
+        for name, shape in shapes.items():
+            config = GPTConfig(**TINY_LLAMA, **shape, vocab_size=tiny_tokenizer.get_vocab_size())
+            torch.manual_seed(0)
+            train(SimpleGPT(config), ids[:cut], ids[cut:], cfg, root / name, tiny_tokenizer.to_str(), progress=False)
+            bundles[name] = export_bundle(root / name / "checkpoint", root / f"{name}-fp32")
+    finally:
+        torch.set_num_threads(threads)
+    return bundles

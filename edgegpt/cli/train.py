@@ -172,11 +172,15 @@ def sample_command(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint directory.")
 def import_hf_command(src, out, force):
-    """Import a local Hugging Face GPT-2 directory as an edgegpt checkpoint.
+    """Import a local Hugging Face model directory (GPT-2 or the Llama family) as an edgegpt checkpoint.
+
+    The classes read (config.json's architectures, else its model_type): GPT2LMHeadModel, LlamaForCausalLM
+    (Llama 2/3, SmolLM2), Qwen2ForCausalLM and Qwen3ForCausalLM; its weights, tokenizer and chat template.
 
     \b
     Examples:
       edgegpt import-hf ~/models/gpt2 -o runs/gpt2/checkpoint
+      edgegpt import-hf ~/models/SmolLM2-135M -o runs/smollm2/checkpoint
     """
     from edgegpt.train.hf import import_hf
 
@@ -222,11 +226,15 @@ def import_nanogpt_command(ckpt, out, tokenizer, force):
 )
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export_hf_command(checkpoint, out, force):
-    """Write a checkpoint in the Hugging Face GPT-2 format (transformers loads it as GPT2LMHeadModel).
+    """Write a checkpoint as a Hugging Face model directory that transformers loads.
+
+    A GPT-2 checkpoint becomes a GPT2LMHeadModel; a Llama-family one a LlamaForCausalLM, or a Qwen2ForCausalLM
+    (biases on q, k and v only) or Qwen3ForCausalLM (q/k norm), whichever class computes it.
 
     \b
     Examples:
       edgegpt export-hf runs/tiny -o hf/tiny
+      edgegpt export-hf runs/small-llama -o hf/small-llama
     """
     from edgegpt.train.hf import export_hf
 

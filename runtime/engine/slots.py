@@ -31,7 +31,7 @@ import numpy as np
 
 from edgegpt.errors import BundleError, ContextLengthError, PromptError
 from edgegpt.manifest import LOGITS
-from edgegpt.runtime.engine.base import KVEngine, check_ids, is_id
+from edgegpt.runtime.engine.base import KVEngine, check_ids
 from edgegpt.runtime.engine.session import ModelSession
 
 __all__ = ["SlotBatch"]
@@ -52,17 +52,9 @@ class SlotBatch(KVEngine):
                 f"{bundle.path}: continuous batching needs the GroupQueryAttention graph (KV layout 'shared_buffer'), "
                 f"this bundle has {bundle.kv.layout!r}; re-export it with the default attention"
             )
-        # The cache is one column wider than the context: the last is scratch, where a riding-along row writes.
-        # GroupQueryAttention refuses a mask wider than its rotary tables (cos_cache: block_size rows), so with
-        # rotary positions (position "rope") a slot holds one position fewer than the context.
-        block = bundle.config.block_size
-        limit = block - 1 if bundle.config.position == "rope" else block
-        if is_id(capacity) and limit < capacity <= block:
-            raise ContextLengthError(
-                f"capacity {capacity}: a slot of this rotary model holds at most {limit} positions (its rotary "
-                f"tables have {block} rows, one of them taken by the slots' scratch column); pass at most {limit}"
-            )
-        super().__init__(model, slots, limit if capacity is None else capacity, "slots", spare_columns=1)
+        # The cache is one column wider than the context: the last is scratch, where a riding-along row writes (a
+        # rotary graph's cos/sin tables hold a row for it: export/onnx_export.py).
+        super().__init__(model, slots, capacity, "slots", spare_columns=1)
         self.slots = slots
         self._prefill_binding = model.binding()  # `_binding` keeps the decode step's rows bound between steps
         self._mask = np.zeros((slots, self.capacity + 1), dtype=np.int64)  # at rest: ones over each slot's length

@@ -37,6 +37,7 @@ CASES = {
         qkv_bias=True,
         rope_theta=500000.0,
     ),
+    "multi-query": dict(n_kv_head=1),  # one key/value head serves all four query heads
 }
 
 
@@ -69,7 +70,8 @@ def test_the_graph_is_the_fused_gqa_graph(bundle):
         0,
     )
     caches = {i.name: list(i.dims) for i in graph.graph.initializer if i.name in gqa[0].input[7:9]}
-    assert sorted(caches.values()) == [[config.block_size, config.head_size // 2]] * 2  # one pair for every layer
+    # one pair for every layer, a row past the context for SlotBatch's scratch column
+    assert sorted(caches.values()) == [[config.block_size + 1, config.head_size // 2]] * 2
     past = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
     assert past["past_key_values.0.key"][1] == config.kv_heads and "position_ids" in past
     ops = json.loads((path / "manifest.json").read_text())["optimization"]["op_counts_after"]
@@ -78,12 +80,13 @@ def test_the_graph_is_the_fused_gqa_graph(bundle):
     assert not {"LayerNormalization", "SkipLayerNormalization", "FastGelu"} & set(ops)
 
 
-def test_multi_query_attention_is_refused_by_name(tiny_config):
+def test_multi_query_attention_is_refused_by_mha_only():
     from edgegpt.errors import ExportError
     from edgegpt.export.onnx_export import check_attention
 
-    with pytest.raises(ExportError, match="n_kv_head 1"):
-        check_attention(GPTConfig(**{**LLAMA, "n_kv_head": 1}), "gqa")
+    check_attention(GPTConfig(**{**LLAMA, "n_kv_head": 1}), "gqa")
+    with pytest.raises(ExportError, match="attention='gqa'"):
+        check_attention(GPTConfig(**{**LLAMA, "n_kv_head": 1}), "mha")
 
 
 def test_validation_passed_and_the_runtime_decodes_like_pytorch(bundle):
@@ -131,3 +134,20 @@ def test_a_llama_bundle_quantizes_and_generates(bundle, to, tmp_path):
         pytest.skip("one family member is enough here")
     out = quantize_bundle(path, tmp_path / to, to=to)
     assert len(Generator.load(out, provider="cpu").generate("def add(", max_new_tokens=4).tokens) >= 1
+
+
+def test_a_norm_left_unfused_is_named_by_the_fused_op_check():
+    from edgegpt.export.optimize import fused_op_shortfall
+
+    config = GPTConfig(**LLAMA, vocab_size=300)
+    fused = {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 1}
+    assert fused_op_shortfall(fused, config, "GroupQueryAttention") == {}
+    # one norm traced but not fused: three of the four norms fused, its mean square and root left behind
+    unfused = {**fused, "SkipSimplifiedLayerNormalization": 3, "ReduceMean": 1, "Sqrt": 1, "Reciprocal": 1, "Pow": 1}
+    assert fused_op_shortfall(unfused, config, "GroupQueryAttention") == {
+        "SkipSimplifiedLayerNormalization": (3, 4),
+        "ReduceMean": (1, 0),
+        "Pow": (1, 0),
+        "Sqrt": (1, 0),
+        "Reciprocal": (1, 0),
+    }

@@ -526,17 +526,19 @@ def test_the_browser_runtime_generates_the_python_runtimes_tokens(
 
 
 def test_what_cannot_work_is_refused_in_one_line(llama3, tmp_path):
-    """A slot wider than a rotary graph's tables, a manifest's bad special ids, and an export with no end-of-text."""
+    """A full-context slot runs on a rotary graph; a manifest's bad special ids and an export with no end-of-text are
+    refused in one line."""
     from edgegpt.config import GPTConfig
-    from edgegpt.errors import BundleError, CheckpointError, ContextLengthError
+    from edgegpt.errors import BundleError, CheckpointError
     from edgegpt.export import export_bundle
     from edgegpt.train.checkpoint import save_checkpoint
     from edgegpt.train.model import SimpleGPT
 
     gen, block = llama3.gen, llama3.gen.config.block_size
-    assert gen.new_slots(1).capacity == block - 1  # the scratch column must fit the rotary tables too
-    with pytest.raises(ContextLengthError, match=f"holds at most {block - 1} positions"):
-        gen.new_slots(1, capacity=block)
+    slots = gen.new_slots(2)  # the rotary tables hold a row for the slots' scratch column: the whole context fits
+    assert slots.capacity == block
+    slots.prefill(1, [5] * (block - 1))
+    slots.step({1: 6})  # slot 0 rides along in the scratch column, slot 1 fills the last position
     for i, (key, value, match) in enumerate(
         [
             ("stop_token_ids", [5, 10_000], "stop_token_ids 10000 is not a token id"),
