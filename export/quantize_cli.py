@@ -25,6 +25,9 @@ from edgegpt.manifest import QUANTIZED_FORMATS as FORMATS  # torch- and onnx-fre
               help="int4 MatMulNBits accuracy_level; 4 = int8 activations [default: 4].")
 @click.option("--embedding/--no-embedding", "embedding", default=None,
               help="int8/int4: quantize the token embedding table too [default: yes].")
+@click.option("--int8-kernel", "int8_kernel", type=click.Choice(["rowwise", "dynamic"]), default=None,
+              help="int8 activations: rowwise = per row, batch-invariant (greedy output does not depend on what "
+                   "shares the batch); dynamic = one scale per call, a little faster [default: rowwise].")
 @click.option("--calibrate", type=click.Path(exists=True, dir_okay=False), default=None,
               help="int8: static QDQ quantization calibrated on this text file (default: dynamic).")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -35,8 +38,8 @@ from edgegpt.manifest import QUANTIZED_FORMATS as FORMATS  # torch- and onnx-fre
               help="Gate, mean KL-divergence from BUNDLE in nats, as llama-perplexity --kl-divergence "
                    "[default: int8 0.02, int4 0.1, fp16 0.005: a broken quantization fails].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads for checks and eval.")
-def quantize(bundle, to, out, force, accept_gate_failure, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text,
-             max_ppl_increase, max_kld, threads):
+def quantize(bundle, to, out, force, accept_gate_failure, per_channel, block_size, accuracy_level, embedding, int8_kernel,
+             calibrate, eval_text, max_ppl_increase, max_kld, threads):
     """Quantize an fp32 bundle to int8, int4 or fp16 as a new bundle.
 
     The source is left untouched; the new bundle appears only when complete. With --eval-text, its
@@ -49,6 +52,7 @@ def quantize(bundle, to, out, force, accept_gate_failure, per_channel, block_siz
       edgegpt quantize bundles/small --to int8 -o bundles/small-int8
       edgegpt quantize bundles/small --to int4 --block-size 32 -o bundles/small-int4 --eval-text held_out.txt
       edgegpt quantize bundles/small --to int8 -o bundles/small-int8 --eval-text held_out.txt --max-kld 0.01
+      edgegpt quantize bundles/small --to int8 --int8-kernel dynamic -o bundles/small-int8-dynamic
       edgegpt quantize bundles/small --to int8 --calibrate corpus.txt -o bundles/small-int8-static
       edgegpt quantize bundles/small --to fp16 -o bundles/small-fp16
     """
@@ -57,7 +61,7 @@ def quantize(bundle, to, out, force, accept_gate_failure, per_channel, block_siz
     path = quantize_bundle(
         bundle, out, to=to, force=force, accept_gate_failure=accept_gate_failure, per_channel=per_channel,
         block_size=None if block_size is None else int(block_size), accuracy_level=accuracy_level,
-        embedding=embedding, calibrate=calibrate, eval_text=eval_text, max_ppl_increase=max_ppl_increase,
+        embedding=embedding, int8_kernel=int8_kernel, calibrate=calibrate, eval_text=eval_text, max_ppl_increase=max_ppl_increase,
         max_kld=max_kld, threads=threads,
     )
     if eval_text and not root_flag(click.get_current_context(), "quiet"):
