@@ -386,12 +386,15 @@ def _row_local_activations(model: onnx.ModelProto) -> int:
 
     quantize_dynamic quantizes each MatMul input x with one DynamicQuantizeLinear: one (scale, zero point) for
     the whole (B, T, K) tensor, so rows batched together change each other's rounding. Each becomes
-        s = max(ReduceMax(|x|, last axis), tiny) / 127                     (B, T, 1): one scale per row
-        x_q = QuantizeLinear(x / s, 1, 128)                                 uint8, symmetric around 128
+        m = ReduceMax(|x|, last axis)                                  (B, T, 1): each row's range
+        x_q = QuantizeLinear(x / m, 1/127, 128)                        uint8: round(127 x / m) + 128
     and each MatMulInteger(x_q, W_q) -> Cast -> Mul(s_x * s_W) that reads it becomes
-        com.microsoft.MatMulIntegerToFloat(x_q, W_q, s, s_W, 128, W_zero_point)
-    which scales the exact int32 products by the row's s and the column's s_W. The bias Add stays a separate
-    node: onnxruntime 1.32 multiplies a bias given to MatMulIntegerToFloat by a non-scalar A scale.
+        com.microsoft.MatMulIntegerToFloat(x_q, W_q, m, s_W / 127, 128, W_zero_point)
+    which scales the exact int32 products by the row's m and the column's s_W / 127. Four small ops per
+    activation instead of one: the 1/127 lives in the quantize scale and the weight scales, not in an op. An
+    all-zero row (m = 0) quantizes 0/0 to some byte, and its products are scaled by m = 0: zeros, as fp32 gives.
+    The bias Add stays a separate node: onnxruntime 1.32 multiplies a bias given to MatMulIntegerToFloat by a
+    non-scalar A scale.
     """
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -400,10 +403,10 @@ def _row_local_activations(model: onnx.ModelProto) -> int:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     producers = {out: node for node in graph.node for out in node.output}
-    constants = {"rowq_inv127": np.array(1 / 127, np.float32), "rowq_tiny": np.array(1e-30, np.float32),
-                 "rowq_one": np.array(1.0, np.float32), "rowq_zero_point": np.array(128, np.uint8),
+    inits = {i.name: i for i in graph.initializer}
+    constants = {"rowq_step": np.array(1 / 127, np.float32), "rowq_zero_point": np.array(128, np.uint8),
                  "rowq_last_axis": np.array([-1], np.int64)}
-    replace, drop, count = {}, set(), 0
+    replace, drop, orphans, count = {}, set(), set(), 0
     for dql in graph.node:
         if dql.op_type != "DynamicQuantizeLinear":
             continue
@@ -412,12 +415,11 @@ def _row_local_activations(model: onnx.ModelProto) -> int:
         reduce = (helper.make_node("ReduceMax", [p + "_abs", "rowq_last_axis"], [p + "_max"], name=p + "_ReduceMax", keepdims=1)
                   if opset >= 18 else
                   helper.make_node("ReduceMax", [p + "_abs"], [p + "_max"], name=p + "_ReduceMax", axes=[-1], keepdims=1))
+        reduce.output[0] = x_scale  # the row's max |x| is its scale (times 1/127, moved into the weight scales)
         replace[dql.name] = [
             helper.make_node("Abs", [x], [p + "_abs"], name=p + "_Abs"), reduce,
-            helper.make_node("Max", [p + "_max", "rowq_tiny"], [p + "_nonzero"], name=p + "_Max"),  # an all-zero row
-            helper.make_node("Mul", [p + "_nonzero", "rowq_inv127"], [x_scale], name=p + "_Scale"),
-            helper.make_node("Div", [x, x_scale], [p + "_scaled"], name=p + "_Div"),
-            helper.make_node("QuantizeLinear", [p + "_scaled", "rowq_one", "rowq_zero_point"], [x_q], name=p + "_Quantize"),
+            helper.make_node("Div", [x, x_scale], [p + "_unit"], name=p + "_Div"),
+            helper.make_node("QuantizeLinear", [p + "_unit", "rowq_step", "rowq_zero_point"], [x_q], name=p + "_Quantize"),
         ]
         count += 1
         for matmul in consumers.get(x_q, []):
@@ -426,6 +428,10 @@ def _row_local_activations(model: onnx.ModelProto) -> int:
                 raise QuantizationError(f"int8 rowwise: unexpected use of {x_q} by {matmul.op_type} {matmul.name}; "
                                         "quantize with int8_kernel='dynamic'")
             cast, mul, scales, weight_scale = chain
+            orphans.add(weight_scale)
+            if weight_scale + "_rowq" not in constants:
+                constants[weight_scale + "_rowq"] = numpy_helper.to_array(inits[weight_scale]) / np.float32(127)
+            weight_scale += "_rowq"
             replace[matmul.name] = [helper.make_node(
                 "MatMulIntegerToFloat", [x_q, matmul.input[1], x_scale, weight_scale, "rowq_zero_point", matmul.input[3]],
                 [mul.output[0]], name=matmul.name + "_RowLocal", domain=_MS)]
@@ -433,6 +439,10 @@ def _row_local_activations(model: onnx.ModelProto) -> int:
     nodes = [new for node in graph.node if node.name not in drop for new in replace.get(node.name, [node])]
     del graph.node[:]
     graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [i for i in graph.initializer if i.name not in orphans or i.name in used]  # the weight scales now / 127
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items()
                              if opset >= 18 or name != "rowq_last_axis")
     if not any(o.domain == _MS for o in model.opset_import):
