@@ -23,7 +23,13 @@ __all__ = ["check_bool", "check_choice", "check_int", "check_real"]
 
 
 def check_int(
-    name: str, value: Any, *, low: int = 0, high: int | None = None, optional: bool = False, error: type[Exception] = ConfigError
+    name: str,
+    value: Any,
+    *,
+    low: int = 0,
+    high: int | None = None,
+    optional: bool = False,
+    error: type[Exception] = ConfigError,
 ) -> None:
     """Raise `error` unless `value` is an integer in [low, high] (or None, when `optional`).
 
@@ -37,7 +43,13 @@ def check_int(
     integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if integer and value >= low and (high is None or value <= high):
         return
-    what = f"an integer in {low}..{high}" if high is not None else "a positive integer" if low == 1 else f"an integer >= {low}"
+    what = (
+        f"an integer in {low}..{high}"
+        if high is not None
+        else "a positive integer"
+        if low == 1
+        else f"an integer >= {low}"
+    )
     raise error(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
 
 

@@ -58,17 +58,38 @@ _MODEL_FLAGS = {
 
 @main.command()
 @click.argument("corpus", nargs=-1, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run directory (checkpoint/, metrics.jsonl, loss.png).")
-@click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), default=None,
-              help="Model shape [default: tiny; with --resume, the checkpoint's: a preset that contradicts it is refused].")
-@click.option("--vocab-size", type=int, default=None,
-              help="BPE vocabulary size [default: 4096; with --resume, the checkpoint's].")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run directory (checkpoint/, metrics.jsonl, loss.png).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "small", "gpt2"]),
+    default=None,
+    help="Model shape [default: tiny; with --resume, the checkpoint's: a preset that contradicts it is refused].",
+)
+@click.option(
+    "--vocab-size", type=int, default=None, help="BPE vocabulary size [default: 4096; with --resume, the checkpoint's]."
+)
 @field_options(_MODEL_FLAGS, of=GPTConfig)
-@click.option("--glob", "pattern", help="Files to take from CORPUS directories [default: **/*; **/*.py for the default corpus].")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSON with training-config fields; flags override it.")
+@click.option(
+    "--glob", "pattern", help="Files to take from CORPUS directories [default: **/*; **/*.py for the default corpus]."
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON with training-config fields; flags override it.",
+)
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Token-id cache (default ~/.cache/edgegpt).")
-@click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoint, with its model (model flags must agree with it).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue exactly from OUT/checkpoint, with its model (model flags must agree with it).",
+)
 @click.option("--force", is_flag=True, help="Start afresh even if OUT already holds a checkpoint.")
 @_train_options
 @click.pass_context
@@ -104,8 +125,11 @@ def train(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, resume, 
     val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
     rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
     signum = result.signal or signal.SIGINT  # another rank's signal stopped this one
-    how = f"interrupted at step {result.step} by {signal.Signals(signum).name}, checkpoint saved" if result.interrupted \
+    how = (
+        f"interrupted at step {result.step} by {signal.Signals(signum).name}, checkpoint saved"
+        if result.interrupted
         else f"done at step {result.step}"
+    )
     click.echo(
         f"{rank}{how}: train loss {result.train_loss:.4f}, val loss {val}, {result.tokens_per_s:,.0f} tokens/s, "
         f"weights {result.weights_sha256[:16]} -> {out / 'checkpoint'}",
@@ -118,8 +142,14 @@ def train(ctx, corpus, out, preset, vocab_size, config_file, cache_dir, resume, 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("prompt", default="")
-@click.option("-n", "--max-new-tokens", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Tokens to generate at most (fewer when the context has no more room).")
+@click.option(
+    "-n",
+    "--max-new-tokens",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Tokens to generate at most (fewer when the context has no more room).",
+)
 @click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 keeps all tokens.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -179,9 +209,13 @@ def import_hf_cmd(src, out, force):
 @main.command("import-nanogpt")
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
-@click.option("--tokenizer", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="tokenizer.json, vocab.json + merges.txt (repeat the flag), nanoGPT's meta.pkl, or a directory "
-                   "holding one [default: data/<dataset>/meta.pkl beside the checkpoint, as nanoGPT finds it].")
+@click.option(
+    "--tokenizer",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="tokenizer.json, vocab.json + merges.txt (repeat the flag), nanoGPT's meta.pkl, or a directory "
+    "holding one [default: data/<dataset>/meta.pkl beside the checkpoint, as nanoGPT finds it].",
+)
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint directory.")
 def import_nanogpt_cmd(ckpt, out, tokenizer, force):
     """Import a nanoGPT checkpoint (ckpt.pt) as an edgegpt checkpoint; then export, quantize, generate.
@@ -202,7 +236,13 @@ def import_nanogpt_cmd(ckpt, out, tokenizer, force):
 
 @main.command("export-hf")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Directory for config.json, model.safetensors, tokenizer.json.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Directory for config.json, model.safetensors, tokenizer.json.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export_hf_cmd(checkpoint, out, force):
     """Write a checkpoint in the Hugging Face GPT-2 format (transformers loads it as GPT2LMHeadModel).
@@ -228,7 +268,16 @@ def info():
     import platform
 
     click.echo(f"edgegpt {__version__} on Python {platform.python_version()} ({platform.machine()})")
-    for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "numpy", "tokenizers", "click", "torch", "onnx"):
+    for dist in (
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnxruntime-genai",
+        "numpy",
+        "tokenizers",
+        "click",
+        "torch",
+        "onnx",
+    ):
         try:
             click.echo(f"  {dist:<18} {md.version(dist)}")
         except md.PackageNotFoundError:
@@ -238,11 +287,15 @@ def info():
     providers = ort.get_available_providers()
     click.echo(f"onnxruntime providers: {', '.join(providers)}")
     cuda = "CUDAExecutionProvider" in providers
-    click.echo(f"CUDA for onnxruntime: {'available' if cuda else 'not available (install edgegpt[gpu] on a CUDA machine)'}")
+    click.echo(
+        f"CUDA for onnxruntime: {'available' if cuda else 'not available (install edgegpt[gpu] on a CUDA machine)'}"
+    )
     if "torch" in sys.modules or _installed("torch"):
         import torch
 
-        click.echo(f"CUDA for torch: {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+        click.echo(
+            f"CUDA for torch: {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}"
+        )
 
 
 # Commands owned by the export and runtime packages; their modules import nothing heavy at load time.
@@ -253,8 +306,17 @@ from edgegpt.runtime.cli import chat_command, eval_command, generate_command  # 
 from edgegpt.runtime.serve.cli import serve_command  # noqa: E402
 from edgegpt.runtime.web_cli import web_command  # noqa: E402
 
-for command in (export, convert_ort, quantize_command, eval_command, generate_command, chat_command, serve_command,
-                web_command, bench_command):
+for command in (
+    export,
+    convert_ort,
+    quantize_command,
+    eval_command,
+    generate_command,
+    chat_command,
+    serve_command,
+    web_command,
+    bench_command,
+):
     main.add_command(command)
 
 

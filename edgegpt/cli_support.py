@@ -35,8 +35,14 @@ __all__ = ["Command", "Group", "click_error", "field_options", "given", "root_fl
 # A missing optional module -> the command that installs it; the others come with the training extra, whose
 # torch is pinned to the CPU build as in the README (an unpinned torch pulls a multi-GB CUDA build).
 _SERVE_INSTALL = "pip install 'edgegpt[serve]'"
-_INSTALL = {"onnxruntime_genai": "pip install 'edgegpt[genai]'", "uvicorn": _SERVE_INSTALL, "starlette": _SERVE_INSTALL,
-            "sse_starlette": _SERVE_INSTALL, "prometheus_client": _SERVE_INSTALL, "jinja2": _SERVE_INSTALL}
+_INSTALL = {
+    "onnxruntime_genai": "pip install 'edgegpt[genai]'",
+    "uvicorn": _SERVE_INSTALL,
+    "starlette": _SERVE_INSTALL,
+    "sse_starlette": _SERVE_INSTALL,
+    "prometheus_client": _SERVE_INSTALL,
+    "jinja2": _SERVE_INSTALL,
+}
 TRAIN_INSTALL = "pip install 'torch==2.13.0' 'edgegpt[train]'"
 
 

@@ -350,8 +350,10 @@ def run_lock(directory: str | Path, what: str = "edgegpt train") -> Iterator[Pat
     with _lock:
         held = _run_locks.get(key)
         if held is not None and held[2] != me:
-            raise LockError(f"{directory}: another thread of this process (pid {os.getpid()}) is writing to it; "
-                            "wait for it to finish or choose another output directory")
+            raise LockError(
+                f"{directory}: another thread of this process (pid {os.getpid()}) is writing to it; "
+                "wait for it to finish or choose another output directory"
+            )
         if held is None:
             held = _run_locks[key] = [_take_run_lock(file, directory, what), 0, me]
         held[1] += 1
@@ -372,9 +374,13 @@ def _take_run_lock(file: Path, directory: Path, what: str) -> int:
     if locked is False:
         holder = os.pread(fd, 256, 0).decode(errors="replace").split(maxsplit=1)
         os.close(fd)
-        pid, by = (holder[0], holder[1].strip()) if len(holder) == 2 else (holder[0] if holder else "unknown", "process")
-        raise LockError(f"{directory}: another {by} (pid {pid}) is writing to it; wait for it to finish or stop it, "
-                        "or choose another output directory")
+        pid, by = (
+            (holder[0], holder[1].strip()) if len(holder) == 2 else (holder[0] if holder else "unknown", "process")
+        )
+        raise LockError(
+            f"{directory}: another {by} (pid {pid}) is writing to it; wait for it to finish or stop it, "
+            "or choose another output directory"
+        )
     if locked is None:
         log.debug("%s: no advisory locks on this file system; a second writer would not be refused", file)
     try:
@@ -422,7 +428,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _failure(exc: BaseException, path: Path) -> str | None:
-    """"full", "quota" or "write" when `exc` is a failure to write `path`; None for anything else."""
+    """ "full", "quota" or "write" when `exc` is a failure to write `path`; None for anything else."""
     if not isinstance(exc, Exception) or isinstance(exc, StorageError):
         return None
     for error in _chain(exc):
@@ -433,8 +439,12 @@ def _failure(exc: BaseException, path: Path) -> str | None:
     if isinstance(exc, EdgeGPTError):
         return None
     free = _free(path)
-    if isinstance(exc, (OSError, RuntimeError)) and getattr(exc, "errno", None) is None and free is not None \
-            and free < _NEARLY_FULL:
+    if (
+        isinstance(exc, (OSError, RuntimeError))
+        and getattr(exc, "errno", None) is None
+        and free is not None
+        and free < _NEARLY_FULL
+    ):
         return "full"  # a short write (numpy's tofile) or torch's writer: no errno, but no space left either
     if isinstance(exc, OSError) and _about(exc, path):
         return "write"

@@ -144,7 +144,9 @@ def verify_bundle(bundle: str | Path) -> dict[str, Any]:
             raise BundleError(f"{path}: listed in the manifest but missing; re-export or re-copy the bundle")
         size = path.stat().st_size
         if size != meta.get("size"):
-            raise BundleError(f"{path}: {size} bytes, the manifest says {meta.get('size')}; the file is truncated or replaced")
+            raise BundleError(
+                f"{path}: {size} bytes, the manifest says {meta.get('size')}; the file is truncated or replaced"
+            )
         if sha256_file(path) != meta.get("sha256"):
             raise BundleError(f"{path}: sha256 differs from the manifest; the file was modified or corrupted")
     return manifest

@@ -68,7 +68,9 @@ def chat_template_of(config: dict) -> str | None:
     """
     template = config.get("chat_template")
     if isinstance(template, list):
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
         if template is None:
             raise DataError("chat_template is a list without a 'default' entry")
     if template is not None and not isinstance(template, str):
@@ -121,7 +123,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
 
     tok.train_from_iterator(non_empty(), trainer=trainer)
     if not seen[0]:
-        raise DataError("train_tokenizer got no non-empty text; pass the corpus documents (edgegpt.train.data.read_corpus)")
+        raise DataError(
+            "train_tokenizer got no non-empty text; pass the corpus documents (edgegpt.train.data.read_corpus)"
+        )
     return tok
 
 

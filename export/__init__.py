@@ -31,6 +31,7 @@ def __getattr__(name: str):
         return convert_to_ort
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 log = logging.getLogger(__name__)
 
 _PROTOBUF_LIMIT = 2**31  # bytes: a larger ONNX file must keep its weights as external data
@@ -96,7 +97,9 @@ def export_bundle(
     out = Path(out)
     opset = onnx_export.DEFAULT_OPSET if opset is None else opset
     if opset not in onnx_export.OPSETS:
-        raise ExportError(f"opset {opset} is not supported; choose {min(onnx_export.OPSETS)}..{max(onnx_export.OPSETS)}")
+        raise ExportError(
+            f"opset {opset} is not supported; choose {min(onnx_export.OPSETS)}..{max(onnx_export.OPSETS)}"
+        )
     bundle.check_target(out, force)
     ckpt = load_checkpoint(checkpoint)
     try:
@@ -105,16 +108,30 @@ def export_bundle(
         raise CheckpointError(f"{ckpt.path / TOKENIZER}: {exc}") from exc
     model, cfg = ckpt.model, ckpt.config
     onnx_export.check_attention(cfg, attention)
-    n_bytes = 4 * (sum(p.numel() for p in model.parameters()) + cfg.vocab_size * cfg.n_embd)  # + the export's lm_head copy
+    n_bytes = 4 * (
+        sum(p.numel() for p in model.parameters()) + cfg.vocab_size * cfg.n_embd
+    )  # + the export's lm_head copy
     external_data = external_data or n_bytes > 0.9 * _PROTOBUF_LIMIT
     log.info("exporting %s (%.1f M parameters) to %s", ckpt.path, model.num_params() / 1e6, out)
 
     with bundle.staging(out, force=force) as tmp:
-        graph = _build_graph(model, tmp / MODEL_FILE, opset=opset, optimize=optimize,
-                             external_data=external_data, validate=validate, attention=attention)
+        graph = _build_graph(
+            model,
+            tmp / MODEL_FILE,
+            opset=opset,
+            optimize=optimize,
+            external_data=external_data,
+            validate=validate,
+            attention=attention,
+        )
         shutil.copyfile(ckpt.path / TOKENIZER, tmp / TOKENIZER)
-        genai.write_genai_files(tmp, cfg, eot, share_buffer=onnx_export.kv_layout(attention) == "shared_buffer",
-                                chat_template=ckpt.chat_template)  # fmt: skip
+        genai.write_genai_files(
+            tmp,
+            cfg,
+            eot,
+            share_buffer=onnx_export.kv_layout(attention) == "shared_buffer",
+            chat_template=ckpt.chat_template,
+        )
         manifest = {
             "model": cfg.to_dict(),
             "tokenizer": _tokenizer_section(cfg, TOKENIZER, ckpt.tokenizer.get_vocab_size(), eot),
@@ -135,7 +152,9 @@ def export_bundle(
     return out
 
 
-def _build_graph(model, final: Path, *, opset: int, optimize: bool, external_data: bool, validate: bool, attention: str) -> dict:
+def _build_graph(
+    model, final: Path, *, opset: int, optimize: bool, external_data: bool, validate: bool, attention: str
+) -> dict:
     """Export, check, optimise and validate the graph into `final`; return the manifest's two sections."""
     import shutil
 
@@ -211,7 +230,13 @@ def _validation_section(parity: dict, greedy: dict | None) -> dict:
     if greedy is None:
         return {"checker": "onnx.checker full_check", "parity": None, "greedy": None}
     worst = max(d for stage in parity.values() for case in stage.values() for d in case.values())
-    return {"checker": "onnx.checker full_check", "atol": ATOL, "max_abs_diff": worst, "parity": parity, "greedy": greedy}
+    return {
+        "checker": "onnx.checker full_check",
+        "atol": ATOL,
+        "max_abs_diff": worst,
+        "parity": parity,
+        "greedy": greedy,
+    }
 
 
 def _producer() -> dict:

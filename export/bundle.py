@@ -51,9 +51,11 @@ def check_target(out: Path, force: bool) -> None:
     unlisted = _unlisted(out, manifest["files"])
     if unlisted:
         shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
-        raise ExportError(f"{out}: an edgegpt bundle, but it also holds files its manifest does not list ({shown}); "
-                          "refusing to replace it even with --force, which would delete them: move them out, or "
-                          "choose another output")
+        raise ExportError(
+            f"{out}: an edgegpt bundle, but it also holds files its manifest does not list ({shown}); "
+            "refusing to replace it even with --force, which would delete them: move them out, or "
+            "choose another output"
+        )
 
 
 def _unlisted(out: Path, listed: dict) -> list[str]:

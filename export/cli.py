@@ -22,8 +22,12 @@ from edgegpt.cli_support import Command
     help="Attention graph: gqa (GroupQueryAttention, KV cache updated in place, faster decode; needs "
     "head_size % 8 == 0 and onnxruntime >= 1.22) or mha (MultiHeadAttention, KV cache grown by concatenation).",
 )
-@click.option("--ort", "ort", is_flag=True, help="Also write model.ort and required_operators.config (the mobile "
-              "format; see `edgegpt convert-ort`).")
+@click.option(
+    "--ort",
+    "ort",
+    is_flag=True,
+    help="Also write model.ort and required_operators.config (the mobile format; see `edgegpt convert-ort`).",
+)
 def export(checkpoint, out, force, no_optimize, external_data, opset, attention, ort):
     """Export a checkpoint to a validated ONNX bundle with a KV cache.
 
@@ -40,21 +44,41 @@ def export(checkpoint, out, force, no_optimize, external_data, opset, attention,
     from edgegpt.export import export_bundle
 
     path = export_bundle(
-        checkpoint, out, force=force, optimize=not no_optimize, external_data=external_data, opset=opset,
-        attention=attention, ort=ort,
+        checkpoint,
+        out,
+        force=force,
+        optimize=not no_optimize,
+        external_data=external_data,
+        opset=opset,
+        attention=attention,
+        ort=ort,
     )
     click.echo(path)
 
 
 @click.command("convert-ort", cls=Command)
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--out", type=click.Path(), default=None, help="Bundle directory to write [default: BUNDLE itself, "
-              "replaced atomically].")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(),
+    default=None,
+    help="Bundle directory to write [default: BUNDLE itself, replaced atomically].",
+)
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
-@click.option("--ort-only", is_flag=True, help="Leave model.onnx out: a device bundle that only the ORT format serves "
-              "(not `edgegpt web` or onnxruntime-genai).")
-@click.option("--target-platform", type=click.Choice(["arm", "amd64"]), default="arm", show_default=True,
-              help="The converter's target: arm keeps the graph portable; amd64 adds x86-only layout fusions.")
+@click.option(
+    "--ort-only",
+    is_flag=True,
+    help="Leave model.onnx out: a device bundle that only the ORT format serves "
+    "(not `edgegpt web` or onnxruntime-genai).",
+)
+@click.option(
+    "--target-platform",
+    type=click.Choice(["arm", "amd64"]),
+    default="arm",
+    show_default=True,
+    help="The converter's target: arm keeps the graph portable; amd64 adds x86-only layout fusions.",
+)
 def convert_ort(bundle, out, force, ort_only, target_platform):
     """Add the mobile ORT format to a bundle: model.ort and required_operators.config.
 

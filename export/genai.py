@@ -114,8 +114,9 @@ def tokenizer_config(config: GPTConfig, chat_template: str | None = None) -> dic
     }
 
 
-def write_genai_files(bundle: Path, config: GPTConfig, eot_token_id: int, *, share_buffer: bool = False,
-                      chat_template: str | None = None) -> list[str]:  # fmt: skip
+def write_genai_files(
+    bundle: Path, config: GPTConfig, eot_token_id: int, *, share_buffer: bool = False, chat_template: str | None = None
+) -> list[str]:
     """Write genai_config.json and tokenizer_config.json into `bundle`; return their names."""
     genai = genai_config(config, eot_token_id, share_buffer=share_buffer)
     for name, content in ((GENAI_CONFIG, genai), (TOKENIZER_CONFIG, tokenizer_config(config, chat_template))):

@@ -199,7 +199,14 @@ class _MultiHeadAttentionOp(torch.autograd.Function):
         mask32 = g.op("Cast", mask, to_i=6)  # the kernel reads an int32 key-padding mask; ORT's CSE shares it
         y, present_k, present_v = g.op(
             "com.microsoft::MultiHeadAttention",
-            q, k, v, absent if bias is None else bias, mask32, absent, past_k, past_v,  # attention_bias absent
+            q,
+            k,
+            v,
+            absent if bias is None else bias,
+            mask32,
+            absent,
+            past_k,
+            past_v,  # attention_bias absent
             num_heads_i=n_head,
             unidirectional_i=1,  # causal, aligned bottom-right: query t sees keys <= P + t
             outputs=3,
@@ -256,9 +263,13 @@ class _GQAMaskInputs(torch.autograd.Function):
         seqlens = g.op("Cast", last, to_i=torch.onnx.TensorProtoDataType.INT32)
         total = g.op("Cast", g.op("Shape", mask, start_i=1, end_i=2), to_i=torch.onnx.TensorProtoDataType.INT32)
         real = g.op("Cast", mask, to_i=torch.onnx.TensorProtoDataType.BOOL)
-        bias = g.op("Where", real, _constant(g, 0.0, torch.float32), _constant(g, _MASK_FILTER, torch.float32))  # (B, S)
+        bias = g.op(
+            "Where", real, _constant(g, 0.0, torch.float32), _constant(g, _MASK_FILTER, torch.float32)
+        )  # (B, S)
         bias = g.op("Unsqueeze", bias, _constant(g, [1, 2]))  # (B, 1, 1, S)
-        rows = g.op("Concat", _constant(g, [1, 1]), g.op("Shape", input_ids, start_i=1, end_i=2), _constant(g, [1]), axis_i=0)
+        rows = g.op(
+            "Concat", _constant(g, [1, 1]), g.op("Shape", input_ids, start_i=1, end_i=2), _constant(g, [1]), axis_i=0
+        )
         return seqlens, total, g.op("Expand", bias, rows)  # (B, 1, 1, S) x (1, 1, T, 1) -> (B, 1, T, S)
 
 
@@ -272,7 +283,9 @@ class _GroupQueryAttentionOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, past_k, past_v, seqlens, total, bias, n_head: int):
         B, T, C3 = qkv.shape
-        q, k, v = (t.view(B, T, n_head, C3 // (3 * n_head)).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))  # (B, nh, T, hs)
+        q, k, v = (
+            t.view(B, T, n_head, C3 // (3 * n_head)).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2)
+        )  # (B, nh, T, hs)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, nh, P+T, hs)
         S = k.size(2)
         causal = torch.ones(S, S, dtype=torch.bool).tril()[S - T :]  # (T, S)
@@ -285,8 +298,17 @@ class _GroupQueryAttentionOp(torch.autograd.Function):
         absent.setType(torch._C.OptionalType.ofTensor())
         y, present_k, present_v = g.op(
             "com.microsoft::GroupQueryAttention",
-            qkv, absent, absent, past_k, past_v, seqlens, total,  # packed QKV: key and value absent
-            absent, absent, absent, bias,  # no rotary (cos, sin, position_ids); attention_bias for left padding
+            qkv,
+            absent,
+            absent,
+            past_k,
+            past_v,
+            seqlens,
+            total,  # packed QKV: key and value absent
+            absent,
+            absent,
+            absent,
+            bias,  # no rotary (cos, sin, position_ids); attention_bias for left padding
             num_heads_i=n_head,
             kv_num_heads_i=n_head,
             outputs=3,
@@ -340,7 +362,9 @@ def example_inputs(model: SimpleGPT, batch: int, new: int, past: int) -> tuple[t
     return (ids, mask, positions, *kv)
 
 
-def export_onnx(model: SimpleGPT, path: str | Path, *, opset: int = DEFAULT_OPSET, attention: str = DEFAULT_ATTENTION) -> Path:
+def export_onnx(
+    model: SimpleGPT, path: str | Path, *, opset: int = DEFAULT_OPSET, attention: str = DEFAULT_ATTENTION
+) -> Path:
     """Trace `model` into an ONNX file at `path` (weights as external data beside it above 2 GB).
 
     Args:
@@ -351,7 +375,9 @@ def export_onnx(model: SimpleGPT, path: str | Path, *, opset: int = DEFAULT_OPSE
         ExportError: an opset outside `OPSETS`, an attention that `check_attention` refuses, or the exporter failed.
     """
     if opset not in OPSETS:
-        raise ExportError(f"opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1} (default {DEFAULT_OPSET})")
+        raise ExportError(
+            f"opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1} (default {DEFAULT_OPSET})"
+        )
     check_attention(model.config, attention)
     path = Path(path)
     n_layer = model.config.n_layer
@@ -375,7 +401,9 @@ def export_onnx(model: SimpleGPT, path: str | Path, *, opset: int = DEFAULT_OPSE
     return path
 
 
-def optimize_graph(src: Path, dst: Path, config: GPTConfig, *, attention: str, external_data: bool) -> tuple[dict, dict]:
+def optimize_graph(
+    src: Path, dst: Path, config: GPTConfig, *, attention: str, external_data: bool
+) -> tuple[dict, dict]:
     """onnxruntime's transformer fusions on either attention graph; -> (op counts before, op counts after).
 
     Raises:

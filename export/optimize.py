@@ -116,7 +116,9 @@ def expected_fused_ops(config: GPTConfig, attention_op: str = "MultiHeadAttentio
     }
 
 
-def fused_op_shortfall(counts: dict[str, int], config: GPTConfig, attention_op: str = "MultiHeadAttention") -> dict[str, tuple[int, int]]:
+def fused_op_shortfall(
+    counts: dict[str, int], config: GPTConfig, attention_op: str = "MultiHeadAttention"
+) -> dict[str, tuple[int, int]]:
     """{op: (found, expected)} for each fused op that the graph holds too few of."""
     expected = expected_fused_ops(config, attention_op)
     return {op: (counts.get(op, 0), n) for op, n in expected.items() if counts.get(op, 0) < n}
@@ -153,7 +155,9 @@ def optimize_onnx(
         share_tied_lm_head(optimized.model)
         optimized.save_model_to_file(str(dst), use_external_data_format=external_data)
     except Exception as exc:  # the optimizer raises whatever its passes hit
-        raise ExportError(f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False") from exc
+        raise ExportError(
+            f"onnxruntime transformer optimizer failed on {src.name}: {exc}; retry with optimize=False"
+        ) from exc
     graph = onnx.load(str(dst), load_external_data=False)
     check_gelu(graph, config, dst.name)
     after = op_counts(graph)

@@ -35,8 +35,14 @@ TARGET_PLATFORMS = ("arm", "amd64")  # the converter's --target_platform: "arm" 
 GREEDY_CHECK_TOKENS = 8
 
 
-def convert_to_ort(bundle: str | Path, out: str | Path | None = None, *, force: bool = False,
-                   keep_onnx: bool = True, target_platform: str = "arm") -> Path:  # fmt: skip
+def convert_to_ort(
+    bundle: str | Path,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    keep_onnx: bool = True,
+    target_platform: str = "arm",
+) -> Path:
     """Add `model.ort` and `required_operators.config` to a bundle of any format (fp32, int8, int4, fp16).
 
     Args:
@@ -63,7 +69,9 @@ def convert_to_ort(bundle: str | Path, out: str | Path | None = None, *, force: 
 
     source = Bundle.load(bundle)
     if source.onnx_path is None:
-        raise BundleError(f"{source.path}: holds no .onnx graph to convert (an .ort-only bundle); convert its fp32 or quantized source")
+        raise BundleError(
+            f"{source.path}: holds no .onnx graph to convert (an .ort-only bundle); convert its fp32 or quantized source"
+        )
     in_place = out is None or Path(out).resolve() == source.path.resolve()
     out = source.path if in_place else Path(out)
     skip = set(ort_files(source.manifest)) | {MANIFEST_NAME}
@@ -78,7 +86,9 @@ def convert_to_ort(bundle: str | Path, out: str | Path | None = None, *, force: 
     return out
 
 
-def add_ort(tmp: Path, manifest: dict[str, Any], *, keep_onnx: bool = True, target_platform: str = "arm") -> dict[str, Any]:
+def add_ort(
+    tmp: Path, manifest: dict[str, Any], *, keep_onnx: bool = True, target_platform: str = "arm"
+) -> dict[str, Any]:
     """Convert the staged bundle `tmp`'s graph into `tmp/model.ort` + `tmp/required_operators.config`, check its
     greedy tokens against the `.onnx` graph, and write the manifest (with its "ort" section); -> the manifest.
 
@@ -96,11 +106,14 @@ def add_ort(tmp: Path, manifest: dict[str, Any], *, keep_onnx: bool = True, targ
     chatter = io.StringIO()  # the converter prints its progress: keep stdout for the command's result
     # Its config writer logs through a logger that onnxruntime pins at DEBUG (onnxruntime.tools.logger), naming
     # the staging folder: shown only with --debug, so that --quiet stays quiet.
-    logging.getLogger("ort_format_model.utils").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
+    logging.getLogger("ort_format_model.utils").setLevel(
+        logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING
+    )
     try:
         with contextlib.redirect_stdout(chatter):
-            convert_onnx_models_to_ort(model, output_dir=work, optimization_styles=[OptimizationStyle.Fixed],
-                                       target_platform=target_platform)  # fmt: skip
+            convert_onnx_models_to_ort(
+                model, output_dir=work, optimization_styles=[OptimizationStyle.Fixed], target_platform=target_platform
+            )
     except Exception as exc:  # the converter raises onnxruntime's own exception types
         raise ExportError(f"{model}: onnxruntime's ORT-format converter failed: {exc}") from exc
     finally:
@@ -155,13 +168,21 @@ def _ort_compatible(model: Path, work: Path) -> Path:
         used = [name for name in node.input if name in packed]
         if not used:
             continue
-        if node.op_type != "GatherBlockQuantized" or list(node.input).index(used[0]) != 0 or len(node.input) > 3 \
-                or packed[used[0]].data_type != onnx.TensorProto.INT4:  # fmt: skip
-            raise ExportError(f"{model}: a 4-bit initializer feeds {node.op_type} {node.name!r}; the ORT format cannot "
-                              "store 4-bit tensors and edgegpt only repacks GatherBlockQuantized's int4 data")  # fmt: skip
+        if (
+            node.op_type != "GatherBlockQuantized"
+            or list(node.input).index(used[0]) != 0
+            or len(node.input) > 3
+            or packed[used[0]].data_type != onnx.TensorProto.INT4
+        ):
+            raise ExportError(
+                f"{model}: a 4-bit initializer feeds {node.op_type} {node.name!r}; the ORT format cannot "
+                "store 4-bit tensors and edgegpt only repacks GatherBlockQuantized's int4 data"
+            )
         tensor = packed.pop(used[0])
         values = numpy_helper.to_array(tensor).astype(np.int16) + 8  # int4 -> 0..15 (rows, cols), cols even
-        tensor.CopyFrom(numpy_helper.from_array((values[:, 0::2] | (values[:, 1::2] << 4)).astype(np.uint8), tensor.name))
+        tensor.CopyFrom(
+            numpy_helper.from_array((values[:, 0::2] | (values[:, 1::2] << 4)).astype(np.uint8), tensor.name)
+        )
     work.mkdir()
     onnx.save_model(proto, str(work / model.name))
     return work / model.name
@@ -200,5 +221,7 @@ def _greedy_check(tmp: Path) -> dict[str, Any]:
         n = min(GREEDY_CHECK_TOKENS, gen.config.block_size - 1)
         runs[model_format] = gen.generate("", max_new_tokens=n, ignore_eos=True).tokens
     if runs["ort"] != runs["onnx"]:
-        raise ExportError(f"{tmp}: the ORT-format graph's greedy tokens {runs['ort']} differ from the ONNX graph's {runs['onnx']}")
+        raise ExportError(
+            f"{tmp}: the ORT-format graph's greedy tokens {runs['ort']} differ from the ONNX graph's {runs['onnx']}"
+        )
     return {"tokens": len(runs["ort"]), "equal": True}

@@ -108,8 +108,13 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (CPU)
 CALIBRATION_WINDOWS = 32
 # Ops that fp16 conversion leaves in fp32: normalisation statistics and any explicit softmax.
-FP16_FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
-                 "SkipSimplifiedLayerNormalization", "Softmax")
+FP16_FP32_OPS = (
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "Softmax",
+)
 _MS = "com.microsoft"
 
 
@@ -185,13 +190,27 @@ def quantize_bundle(
     from edgegpt.runtime.model.bundle import Bundle
 
     src, out = Path(src), Path(out)
-    options = _options(to, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text, max_ppl_increase,
-                       max_kld, int8_kernel)
+    options = _options(
+        to,
+        per_channel,
+        block_size,
+        accuracy_level,
+        embedding,
+        calibrate,
+        eval_text,
+        max_ppl_increase,
+        max_kld,
+        int8_kernel,
+    )
     if out.resolve() == src.resolve():
-        raise ConfigError(f"{out}: the output is the source bundle; quantization writes a new bundle, choose another -o")
+        raise ConfigError(
+            f"{out}: the output is the source bundle; quantization writes a new bundle, choose another -o"
+        )
     source = Bundle.load(src)  # verifies the manifest and every file's hash
     if source.onnx_path is None:
-        raise QuantizationError(f"{src}: an .ort-only bundle has no ONNX graph to quantize; quantize its fp32 source bundle")
+        raise QuantizationError(
+            f"{src}: an .ort-only bundle has no ONNX graph to quantize; quantize its fp32 source bundle"
+        )
     if (fmt := bundle_format(source.manifest)) != "fp32":
         raise QuantizationError(f"{src}: already quantized ({fmt}); quantize the fp32 bundle")
     staging_dir.check_target(out, force)
@@ -231,7 +250,9 @@ def _quantize_graph(source, dst: Path, to: str, options: dict) -> dict[str, Any]
     quantized = onnx.load(str(dst), load_external_data=False)
     fused = _check_fused_ops(fused_before, quantized)
     unquantized = _fp32_matrices(quantized)
-    left = [m for m in unquantized if m["consumer"] != "Gather" or (m["role"] == "token_embedding" and method["embedding"])]
+    left = [
+        m for m in unquantized if m["consumer"] != "Gather" or (m["role"] == "token_embedding" and method["embedding"])
+    ]
     if to != "fp16" and left:
         raise QuantizationError(
             f"{to}: weight matrices left in fp32: {', '.join(m['name'] for m in left)}; the quantizer skipped their ops"
@@ -252,18 +273,39 @@ def _quantize_graph(source, dst: Path, to: str, options: dict) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------- options
 
 
-def _options(to, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text, max_ppl_increase,
-             max_kld, int8_kernel=None) -> dict:
+def _options(
+    to,
+    per_channel,
+    block_size,
+    accuracy_level,
+    embedding,
+    calibrate,
+    eval_text,
+    max_ppl_increase,
+    max_kld,
+    int8_kernel=None,
+) -> dict:
     """Check the arguments against the format; return them with the format's defaults filled in."""
     if to not in FORMATS:
         raise ConfigError(f"to must be one of {', '.join(FORMATS)}, got {to!r}")
-    given = {"per_channel": per_channel, "block_size": block_size, "accuracy_level": accuracy_level,
-             "embedding": embedding, "calibrate": calibrate, "int8_kernel": int8_kernel}
-    applies = {"int8": {"per_channel", "embedding", "calibrate", "int8_kernel"}, "int4": {"block_size", "accuracy_level", "embedding"},
-               "fp16": set()}[to]
+    given = {
+        "per_channel": per_channel,
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+        "embedding": embedding,
+        "calibrate": calibrate,
+        "int8_kernel": int8_kernel,
+    }
+    applies = {
+        "int8": {"per_channel", "embedding", "calibrate", "int8_kernel"},
+        "int4": {"block_size", "accuracy_level", "embedding"},
+        "fp16": set(),
+    }[to]
     wrong = [name for name, value in given.items() if value is not None and name not in applies]
     if wrong:
-        raise ConfigError(f"{', '.join(wrong)} do(es) not apply to {to}; {to} takes {', '.join(sorted(applies)) or 'no options'}")
+        raise ConfigError(
+            f"{', '.join(wrong)} do(es) not apply to {to}; {to} takes {', '.join(sorted(applies)) or 'no options'}"
+        )
     if block_size is not None and block_size not in BLOCK_SIZES:
         raise ConfigError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}")
     if int8_kernel is not None and int8_kernel not in INT8_KERNELS:
@@ -280,7 +322,11 @@ def _options(to, per_channel, block_size, accuracy_level, embedding, calibrate, 
     if max_ppl_increase is not None:
         if eval_text is None:
             raise ConfigError("max_ppl_increase needs eval_text (the gate compares perplexities measured on it)")
-        if isinstance(max_ppl_increase, bool) or not isinstance(max_ppl_increase, (int, float)) or not max_ppl_increase >= 0:
+        if (
+            isinstance(max_ppl_increase, bool)
+            or not isinstance(max_ppl_increase, (int, float))
+            or not max_ppl_increase >= 0
+        ):
             raise ConfigError(f"max_ppl_increase is a percentage >= 0, got {max_ppl_increase!r}")
     if max_kld is not None:
         if eval_text is None:
@@ -302,8 +348,11 @@ def _embedding_gathers(model: onnx.ModelProto) -> dict[str, str]:
     """{node name: "token_embedding" | "position_embedding"} for the Gathers of a constant table."""
     inits = {i.name for i in model.graph.initializer}
     roles = {INPUT_IDS: "token_embedding", POSITION_IDS: "position_embedding"}
-    return {n.name: roles[n.input[1]] for n in model.graph.node
-            if n.op_type == "Gather" and n.input[0] in inits and n.input[1] in roles}
+    return {
+        n.name: roles[n.input[1]]
+        for n in model.graph.node
+        if n.op_type == "Gather" and n.input[0] in inits and n.input[1] in roles
+    }
 
 
 class _DropQuantizerChatter(logging.Filter):
@@ -312,7 +361,9 @@ class _DropQuantizerChatter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         path = record.pathname.replace("\\", "/")
-        return record.levelno >= logging.ERROR or not ("onnxruntime/quantization" in path or "onnxruntime/transformers" in path)
+        return record.levelno >= logging.ERROR or not (
+            "onnxruntime/quantization" in path or "onnxruntime/transformers" in path
+        )
 
 
 @contextlib.contextmanager
@@ -337,7 +388,9 @@ def _quiet_quantizer():
 
 def _save(model: onnx.ModelProto, path: Path, external: bool) -> None:
     if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA)
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA
+        )
     else:
         onnx.save_model(model, str(path))
 
@@ -349,30 +402,54 @@ def _int8(model, dst: Path, options: dict, *, source, external: bool, work: Path
     gathers = _embedding_gathers(model)
     exclude = [name for name, role in gathers.items() if role == "position_embedding" or not options["embedding"]]
     weight_type = getattr(QuantType, options["weight_type"])
-    extra = {"DefaultTensorType": TensorProto.FLOAT, "MatMulConstBOnly": True}  # contrib ops have no ONNX shape inference
+    extra = {
+        "DefaultTensorType": TensorProto.FLOAT,
+        "MatMulConstBOnly": True,
+    }  # contrib ops have no ONNX shape inference
     rowwise = options["int8_kernel"] == "rowwise" and options["calibrate"] is None
-    params = {"per_channel": options["per_channel"], "weight_type": options["weight_type"].lower(),
-              "activations": "uint8, dynamic (per call)", "embedding": options["embedding"], "lm_head": True,
-              "kernel": "dynamic", "batch_invariant": False}
+    params = {
+        "per_channel": options["per_channel"],
+        "weight_type": options["weight_type"].lower(),
+        "activations": "uint8, dynamic (per call)",
+        "embedding": options["embedding"],
+        "lm_head": True,
+        "kernel": "dynamic",
+        "batch_invariant": False,
+    }
     if rowwise:
-        params.update(kernel="rowwise", weight_bits=7, batch_invariant=True,
-                      activations="uint8, symmetric per row (scale max|x| / 127, zero point 128)")
+        params.update(
+            kernel="rowwise",
+            weight_bits=7,
+            batch_invariant=True,
+            activations="uint8, symmetric per row (scale max|x| / 127, zero point 128)",
+        )
     with _quiet_quantizer():
         try:
             if options["calibrate"] is None:
                 from onnxruntime.quantization import quantize_dynamic
 
-                quantize_dynamic(model, str(dst), op_types_to_quantize=["MatMul", "Gather"],
-                                 per_channel=options["per_channel"], weight_type=weight_type, reduce_range=rowwise,
-                                 nodes_to_exclude=exclude, use_external_data_format=external, extra_options=extra)
+                quantize_dynamic(
+                    model,
+                    str(dst),
+                    op_types_to_quantize=["MatMul", "Gather"],
+                    per_channel=options["per_channel"],
+                    weight_type=weight_type,
+                    reduce_range=rowwise,
+                    nodes_to_exclude=exclude,
+                    use_external_data_format=external,
+                    extra_options=extra,
+                )
                 if rowwise:
                     quantized = onnx.load(str(dst))
                     params["row_quantized_activations"] = _row_local_activations(quantized)
                     if external:  # onnx appends to an existing data file: write it afresh
                         (dst.parent / EXTERNAL_DATA).unlink(missing_ok=True)
                     _save(quantized, dst, external)
-                return {"method": "onnxruntime.quantization.quantize_dynamic" + (" + row-local activations" if rowwise else ""),
-                        **params}
+                return {
+                    "method": "onnxruntime.quantization.quantize_dynamic"
+                    + (" + row-local activations" if rowwise else ""),
+                    **params,
+                }
             params.pop("kernel"), params.pop("batch_invariant")
             return _int8_static(model, dst, options, source, external, work, params, extra)
         except QuantizationError:
@@ -404,37 +481,55 @@ def _row_local_activations(model: onnx.ModelProto) -> int:
             consumers.setdefault(name, []).append(node)
     producers = {out: node for node in graph.node for out in node.output}
     inits = {i.name: i for i in graph.initializer}
-    constants = {"rowq_step": np.array(1 / 127, np.float32), "rowq_zero_point": np.array(128, np.uint8),
-                 "rowq_last_axis": np.array([-1], np.int64)}
+    constants = {
+        "rowq_step": np.array(1 / 127, np.float32),
+        "rowq_zero_point": np.array(128, np.uint8),
+        "rowq_last_axis": np.array([-1], np.int64),
+    }
     replace, drop, orphans, count = {}, set(), set(), 0
     for dql in graph.node:
         if dql.op_type != "DynamicQuantizeLinear":
             continue
         x, (x_q, x_scale, _) = dql.input[0], dql.output
         p = f"{x}_rowq"
-        reduce = (helper.make_node("ReduceMax", [p + "_abs", "rowq_last_axis"], [p + "_max"], name=p + "_ReduceMax", keepdims=1)
-                  if opset >= 18 else
-                  helper.make_node("ReduceMax", [p + "_abs"], [p + "_max"], name=p + "_ReduceMax", axes=[-1], keepdims=1))
+        reduce = (
+            helper.make_node(
+                "ReduceMax", [p + "_abs", "rowq_last_axis"], [p + "_max"], name=p + "_ReduceMax", keepdims=1
+            )
+            if opset >= 18
+            else helper.make_node("ReduceMax", [p + "_abs"], [p + "_max"], name=p + "_ReduceMax", axes=[-1], keepdims=1)
+        )
         reduce.output[0] = x_scale  # the row's max |x| is its scale (times 1/127, moved into the weight scales)
         replace[dql.name] = [
-            helper.make_node("Abs", [x], [p + "_abs"], name=p + "_Abs"), reduce,
+            helper.make_node("Abs", [x], [p + "_abs"], name=p + "_Abs"),
+            reduce,
             helper.make_node("Div", [x, x_scale], [p + "_unit"], name=p + "_Div"),
-            helper.make_node("QuantizeLinear", [p + "_unit", "rowq_step", "rowq_zero_point"], [x_q], name=p + "_Quantize"),
+            helper.make_node(
+                "QuantizeLinear", [p + "_unit", "rowq_step", "rowq_zero_point"], [x_q], name=p + "_Quantize"
+            ),
         ]
         count += 1
         for matmul in consumers.get(x_q, []):
             chain = _dynamic_matmul_chain(matmul, x_scale, consumers, producers)
             if chain is None:
-                raise QuantizationError(f"int8 rowwise: unexpected use of {x_q} by {matmul.op_type} {matmul.name}; "
-                                        "quantize with int8_kernel='dynamic'")
+                raise QuantizationError(
+                    f"int8 rowwise: unexpected use of {x_q} by {matmul.op_type} {matmul.name}; "
+                    "quantize with int8_kernel='dynamic'"
+                )
             cast, mul, scales, weight_scale = chain
             orphans.add(weight_scale)
             if weight_scale + "_rowq" not in constants:
                 constants[weight_scale + "_rowq"] = numpy_helper.to_array(inits[weight_scale]) / np.float32(127)
             weight_scale += "_rowq"
-            replace[matmul.name] = [helper.make_node(
-                "MatMulIntegerToFloat", [x_q, matmul.input[1], x_scale, weight_scale, "rowq_zero_point", matmul.input[3]],
-                [mul.output[0]], name=matmul.name + "_RowLocal", domain=_MS)]
+            replace[matmul.name] = [
+                helper.make_node(
+                    "MatMulIntegerToFloat",
+                    [x_q, matmul.input[1], x_scale, weight_scale, "rowq_zero_point", matmul.input[3]],
+                    [mul.output[0]],
+                    name=matmul.name + "_RowLocal",
+                    domain=_MS,
+                )
+            ]
             drop.update({cast.name, mul.name, scales.name})
     nodes = [new for node in graph.node if node.name not in drop for new in replace.get(node.name, [node])]
     del graph.node[:]
@@ -443,8 +538,11 @@ def _row_local_activations(model: onnx.ModelProto) -> int:
     kept = [i for i in graph.initializer if i.name not in orphans or i.name in used]  # the weight scales now / 127
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items()
-                             if opset >= 18 or name != "rowq_last_axis")
+    graph.initializer.extend(
+        numpy_helper.from_array(value, name)
+        for name, value in constants.items()
+        if opset >= 18 or name != "rowq_last_axis"
+    )
     if not any(o.domain == _MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(_MS, 1))
     return count
@@ -469,9 +567,17 @@ def _dynamic_matmul_chain(matmul, x_scale: str, consumers: dict, producers: dict
     return cast[0], mul[0], scales, weight_scale
 
 
-def _int8_static(model, dst: Path, options: dict, source, external: bool, work: Path, params: dict, extra: dict) -> dict:
+def _int8_static(
+    model, dst: Path, options: dict, source, external: bool, work: Path, params: dict, extra: dict
+) -> dict:
     """QDQ int8: weights per channel, activations uint8 with ranges from the fp32 graph run on corpus windows."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     text = Path(options["calibrate"]).read_text(encoding="utf-8", errors="replace")
     ids = source.tokenizer.encode(text, add_special_tokens=False).ids
@@ -501,21 +607,44 @@ def _int8_static(model, dst: Path, options: dict, source, external: bool, work: 
     model.graph.value_info.extend(typed.graph.value_info)
     src_path = work / "fp32.onnx"
     _save(model, src_path, external=True)  # quantize_static writes its augmented copy beside its input
-    quantize_static(str(src_path), str(dst), Windows(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                    per_channel=options["per_channel"], weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external, extra_options=extra,
-                    calibration_providers=["CPUExecutionProvider"])
-    windows = {"windows": len(starts), "tokens": int(len(starts) * width), "file": Path(options["calibrate"]).name,
-               "sha256": sha256_file(options["calibrate"]), "method": "MinMax"}
-    return {"method": "onnxruntime.quantization.quantize_static (QDQ)", **params, "embedding": False,
-            "activations": "uint8, static (calibrated)", "calibration": windows}
+    quantize_static(
+        str(src_path),
+        str(dst),
+        Windows(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul"],
+        per_channel=options["per_channel"],
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=external,
+        extra_options=extra,
+        calibration_providers=["CPUExecutionProvider"],
+    )
+    windows = {
+        "windows": len(starts),
+        "tokens": int(len(starts) * width),
+        "file": Path(options["calibrate"]).name,
+        "sha256": sha256_file(options["calibrate"]),
+        "method": "MinMax",
+    }
+    return {
+        "method": "onnxruntime.quantization.quantize_static (QDQ)",
+        **params,
+        "embedding": False,
+        "activations": "uint8, static (calibrated)",
+        "calibration": windows,
+    }
 
 
 def _window_feed(ids: list[int], source, past_dtype) -> dict[str, np.ndarray]:
     """One row of `ids` from an empty cache: the graph inputs."""
     cfg, T = source.config, len(ids)
-    feed = {INPUT_IDS: np.asarray([ids], np.int64), ATTENTION_MASK: np.ones((1, T), np.int64),
-            POSITION_IDS: np.arange(T, dtype=np.int64)[None]}
+    feed = {
+        INPUT_IDS: np.asarray([ids], np.int64),
+        ATTENTION_MASK: np.ones((1, T), np.int64),
+        POSITION_IDS: np.arange(T, dtype=np.int64)[None],
+    }
     empty = np.zeros((1, cfg.n_head, 0, cfg.head_size), past_dtype)
     return {**feed, **{name: empty for name in source.kv.past_names(cfg.n_layer)}}
 
@@ -529,8 +658,12 @@ def _int4(model, dst: Path, options: dict, *, source, external: bool, work: Path
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
         config = DefaultWeightOnlyQuantConfig(
-            block_size=options["block_size"], is_symmetric=options["symmetric"], accuracy_level=options["accuracy_level"],
-            op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)), bits=4,
+            block_size=options["block_size"],
+            is_symmetric=options["symmetric"],
+            accuracy_level=options["accuracy_level"],
+            op_types_to_quantize=("MatMul", "Gather"),
+            quant_axes=(("MatMul", 0), ("Gather", 1)),
+            bits=4,
         )
         try:
             quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
@@ -538,9 +671,15 @@ def _int4(model, dst: Path, options: dict, *, source, external: bool, work: Path
         except Exception as exc:  # the quantizer raises assorted ValueError / AssertionError / onnx errors
             raise QuantizationError(f"int4 quantization failed: {exc}") from exc
         _save(quantizer.model.model, dst, external)
-    return {"method": "onnxruntime.quantization.matmul_nbits_quantizer (RTN)", "bits": 4,
-            "block_size": options["block_size"], "accuracy_level": options["accuracy_level"],
-            "symmetric": options["symmetric"], "embedding": options["embedding"], "lm_head": True}
+    return {
+        "method": "onnxruntime.quantization.matmul_nbits_quantizer (RTN)",
+        "bits": 4,
+        "block_size": options["block_size"],
+        "accuracy_level": options["accuracy_level"],
+        "symmetric": options["symmetric"],
+        "embedding": options["embedding"],
+        "lm_head": True,
+    }
 
 
 def _gemm_to_matmul(model: onnx.ModelProto) -> int:
@@ -549,8 +688,13 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> int:
     nodes, changed = [], 0
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
-                or attrs.get("beta", 1.0) != 1.0:
+        if (
+            node.op_type != "Gemm"
+            or node.input[1] not in inits
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
             nodes.append(node)
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
@@ -580,8 +724,13 @@ def _fp16(model, dst: Path, options: dict, *, source, external: bool, work: Path
     except Exception as exc:  # the converter raises whatever shape inference or its passes hit
         raise QuantizationError(f"fp16 conversion failed: {exc}") from exc
     _save(wrapped.model, dst, external)
-    return {"method": "onnxruntime.transformers float16 conversion", "fp32_ops": list(FP16_FP32_OPS),
-            "fp32_outputs": [LOGITS], "kv_cache": "float16", "provider": "CUDAExecutionProvider (CPU runs it with casts)"}
+    return {
+        "method": "onnxruntime.transformers float16 conversion",
+        "fp32_ops": list(FP16_FP32_OPS),
+        "fp32_outputs": [LOGITS],
+        "kv_cache": "float16",
+        "provider": "CUDAExecutionProvider (CPU runs it with casts)",
+    }
 
 
 _QUANTIZERS = {"int8": _int8, "int4": _int4, "fp16": _fp16}
@@ -601,22 +750,33 @@ def _check_fused_ops(was: dict[str, int], after: onnx.ModelProto) -> dict[str, i
     lost = {op: (now.get(op, 0), n) for op, n in was.items() if now.get(op, 0) != n}
     if lost:
         raise QuantizationError(
-            "the quantized graph lost fused kernels, (found, expected): " + ", ".join(f"{op} {v}" for op, v in lost.items())
+            "the quantized graph lost fused kernels, (found, expected): "
+            + ", ".join(f"{op} {v}" for op, v in lost.items())
         )
     return was
 
 
 def _fp32_matrices(model: onnx.ModelProto) -> list[dict[str, Any]]:
     """2-D float32 initializers still read by MatMul / Gemm / Gather: what quantization left in full precision."""
-    floats = {i.name: list(i.dims) for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
+    floats = {
+        i.name: list(i.dims) for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2
+    }
     roles = _embedding_gathers(model)
     found = []
     for node in model.graph.node:
         if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in floats:
-            found.append({"name": node.input[1], "shape": floats[node.input[1]], "consumer": node.op_type, "role": "weight"})
+            found.append(
+                {"name": node.input[1], "shape": floats[node.input[1]], "consumer": node.op_type, "role": "weight"}
+            )
         elif node.op_type == "Gather" and node.input[0] in floats:
-            found.append({"name": node.input[0], "shape": floats[node.input[0]], "consumer": "Gather",
-                          "role": roles.get(node.name, "table")})
+            found.append(
+                {
+                    "name": node.input[0],
+                    "shape": floats[node.input[0]],
+                    "consumer": "Gather",
+                    "role": roles.get(node.name, "table"),
+                }
+            )
     return found
 
 
@@ -627,8 +787,9 @@ def _check_io(graph: dict, io: tuple[list[dict], list[dict]], to: str) -> str:
     kv_dtypes = {d["dtype"] for d in inputs + outputs if d["name"] in cache}
     kv_dtype = kv_dtypes.pop() if len(kv_dtypes) == 1 else None
     relax = lambda d: {**d, "dtype": "kv"} if d["name"] in cache and to == "fp16" else d  # noqa: E731
-    same = [relax(d) for d in inputs] == [relax(d) for d in graph["inputs"]] and \
-           [relax(d) for d in outputs] == [relax(d) for d in graph["outputs"]]
+    same = [relax(d) for d in inputs] == [relax(d) for d in graph["inputs"]] and [relax(d) for d in outputs] == [
+        relax(d) for d in graph["outputs"]
+    ]
     if not same or kv_dtype is None:
         raise QuantizationError(
             f"the quantized graph's I/O differ from the source's: {inputs + outputs} vs {graph['inputs'] + graph['outputs']}"
@@ -661,18 +822,30 @@ def _smoke_check(source, tmp: Path, *, threads: int | None) -> dict[str, Any]:
     for sess, bundle in zip(sessions, (source, new)):
         feed = _window_feed(ids[:T], bundle, np.dtype(bundle.kv.dtype))
         first = sess.run(None, feed)
-        step = {INPUT_IDS: np.asarray([[ids[T]]], np.int64), ATTENTION_MASK: np.ones((1, T + 1), np.int64),
-                POSITION_IDS: np.asarray([[T]], np.int64), **dict(zip(bundle.kv.past_names(cfg.n_layer), first[1:]))}
+        step = {
+            INPUT_IDS: np.asarray([[ids[T]]], np.int64),
+            ATTENTION_MASK: np.ones((1, T + 1), np.int64),
+            POSITION_IDS: np.asarray([[T]], np.int64),
+            **dict(zip(bundle.kv.past_names(cfg.n_layer), first[1:])),
+        }
         second = sess.run(None, step)
-        results.append((np.concatenate([first[0][0], second[0][0]]).astype(np.float32), [o.shape for o in first + second]))
+        results.append(
+            (np.concatenate([first[0][0], second[0][0]]).astype(np.float32), [o.shape for o in first + second])
+        )
     (ref, ref_shapes), (got, got_shapes) = results
     if got_shapes != ref_shapes:
-        raise QuantizationError(f"the quantized graph's output shapes {got_shapes} differ from the source's {ref_shapes}")
+        raise QuantizationError(
+            f"the quantized graph's output shapes {got_shapes} differ from the source's {ref_shapes}"
+        )
     if not np.isfinite(got).all():
         raise QuantizationError("the quantized graph produced non-finite logits (NaN or inf) on CPU")
-    return {"provider": "CPUExecutionProvider", "finite": True, "positions": T + 1,
-            "max_abs_logit_diff": float(np.abs(got - ref).max()),
-            "top1_agreement_random_ids": float((got.argmax(-1) == ref.argmax(-1)).mean())}
+    return {
+        "provider": "CPUExecutionProvider",
+        "finite": True,
+        "positions": T + 1,
+        "max_abs_logit_diff": float(np.abs(got - ref).max()),
+        "top1_agreement_random_ids": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+    }
 
 
 def _runtime_op_counts(path: Path, graph_result: dict) -> dict[str, int] | None:
@@ -695,8 +868,9 @@ def _runtime_op_counts(path: Path, graph_result: dict) -> dict[str, int] | None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _evaluate_and_gate(source, tmp: Path, out: Path, to: str, options: dict, *, accept_failure: bool,
-                       threads) -> tuple[dict, dict]:
+def _evaluate_and_gate(
+    source, tmp: Path, out: Path, to: str, options: dict, *, accept_failure: bool, threads
+) -> tuple[dict, dict]:
     """Measure the new bundle against the source on eval_text; refuse it past the gate unless `accept_failure`."""
     from edgegpt.runtime.generation.evaluate import evaluate_bundle
 
@@ -705,23 +879,36 @@ def _evaluate_and_gate(source, tmp: Path, out: Path, to: str, options: dict, *, 
     ppl, ref_ppl = result["perplexity"], result["reference"]["perplexity"]
     increase = 100.0 * (ppl / ref_ppl - 1.0)
     limit, kld, kld_limit = options["max_ppl_increase"], result["kld"]["mean"], options["max_kld"]
-    gate = {"metrics": ["perplexity", "kld"], "max_increase_percent": limit, "increase_percent": increase,
-            "max_kld": kld_limit, "kld": kld, "kld_scoring": result["kld"]["scoring"],
-            "passed": bool(increase <= limit and kld <= kld_limit), "accepted_failure": False}
+    gate = {
+        "metrics": ["perplexity", "kld"],
+        "max_increase_percent": limit,
+        "increase_percent": increase,
+        "max_kld": kld_limit,
+        "kld": kld,
+        "kld_scoring": result["kld"]["scoring"],
+        "passed": bool(increase <= limit and kld <= kld_limit),
+        "accepted_failure": False,
+    }
     if not gate["passed"]:
         text = Path(options["eval_text"]).name
         failed, raise_ = [], []
         if not increase <= limit:
-            failed.append(f"perplexity {ppl:.4f} vs fp32 {ref_ppl:.4f} on {text}: +{increase:.2f} %, over the {limit:g} % limit")
+            failed.append(
+                f"perplexity {ppl:.4f} vs fp32 {ref_ppl:.4f} on {text}: +{increase:.2f} %, over the {limit:g} % limit"
+            )
             raise_.append("max_ppl_increase")
         if not kld <= kld_limit:
-            failed.append(f"mean KL-divergence from fp32 {kld:.6f} on {text} (same top token "
-                          f"{result['kld']['same_top_percent']:.1f} %), over the {kld_limit:g} limit")
+            failed.append(
+                f"mean KL-divergence from fp32 {kld:.6f} on {text} (same top token "
+                f"{result['kld']['same_top_percent']:.1f} %), over the {kld_limit:g} limit"
+            )
             raise_.append("max_kld")
         message = f"{to} {'; '.join(failed)}"
         if not accept_failure:  # the CLI shows the keywords as its flags (edgegpt.cli_support)
-            raise QuantizationError(f"{message}; not written. Raise {' and '.join(raise_)}, or pass "
-                                    "accept_gate_failure=True to write it anyway")
+            raise QuantizationError(
+                f"{message}; not written. Raise {' and '.join(raise_)}, or pass "
+                "accept_gate_failure=True to write it anyway"
+            )
         gate["accepted_failure"] = True
         log.warning("%s; written anyway (accept_gate_failure)", message)
     return result, gate
@@ -768,10 +955,11 @@ def _manifest(source, to: str, graph_result: dict, tmp: Path) -> dict:
     manifest.update(
         graph=graph,
         quantization=quantization,
-        producer={**src_manifest.get("producer", {}), "quantizer": {"edgegpt": __version__, "onnx": onnx.__version__,
-                                                                    "onnxruntime": onnxruntime.__version__}},
+        producer={
+            **src_manifest.get("producer", {}),
+            "quantizer": {"edgegpt": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        },
         validation={"source": src_manifest.get("validation"), "quantized": None},
         eval=None,
     )
     return manifest
-

@@ -14,32 +14,89 @@ from edgegpt.manifest import QUANTIZED_FORMATS as FORMATS  # torch- and onnx-fre
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--to", "to", required=True, type=click.Choice(FORMATS), help="Target format.")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Bundle directory to create.")
-@click.option("--force", is_flag=True, help="Replace an existing bundle at --out (only a bundle that verifies and holds "
-              "no file its manifest does not list).")
-@click.option("--accept-gate-failure", is_flag=True, help="Write the bundle even if it misses the accuracy gate "
-              "(--eval-text); the failure is recorded in its manifest.")
-@click.option("--per-channel/--per-tensor", "per_channel", default=None, help="int8 weight scales [default: per-channel].")
-@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
-              help="int4 weights per scale [default: 32].")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
-              help="int4 MatMulNBits accuracy_level; 4 = int8 activations [default: 4].")
-@click.option("--embedding/--no-embedding", "embedding", default=None,
-              help="int8/int4: quantize the token embedding table too [default: yes].")
-@click.option("--int8-kernel", "int8_kernel", type=click.Choice(["rowwise", "dynamic"]), default=None,
-              help="int8 activations: rowwise = per row, batch-invariant (greedy output does not depend on what "
-                   "shares the batch); dynamic = one scale per call, a little faster [default: rowwise].")
-@click.option("--calibrate", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="int8: static QDQ quantization calibrated on this text file (default: dynamic).")
-@click.option("--eval-text", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Measure the result against BUNDLE on this text, record it, apply the gate.")
-@click.option("--max-ppl-increase", type=click.FloatRange(min=0), default=None,
-              help="Gate, percent over BUNDLE's perplexity [default: int8 2, int4 10, fp16 1].")
-@click.option("--max-kld", type=click.FloatRange(min=0), default=None,
-              help="Gate, mean KL-divergence from BUNDLE in nats, as llama-perplexity --kl-divergence "
-                   "[default: int8 0.02, int4 0.1, fp16 0.005: a broken quantization fails].")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing bundle at --out (only a bundle that verifies and holds "
+    "no file its manifest does not list).",
+)
+@click.option(
+    "--accept-gate-failure",
+    is_flag=True,
+    help="Write the bundle even if it misses the accuracy gate (--eval-text); the failure is recorded in its manifest.",
+)
+@click.option(
+    "--per-channel/--per-tensor", "per_channel", default=None, help="int8 weight scales [default: per-channel]."
+)
+@click.option(
+    "--block-size",
+    type=click.Choice(["16", "32", "64", "128", "256"]),
+    default=None,
+    help="int4 weights per scale [default: 32].",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=None,
+    help="int4 MatMulNBits accuracy_level; 4 = int8 activations [default: 4].",
+)
+@click.option(
+    "--embedding/--no-embedding",
+    "embedding",
+    default=None,
+    help="int8/int4: quantize the token embedding table too [default: yes].",
+)
+@click.option(
+    "--int8-kernel",
+    "int8_kernel",
+    type=click.Choice(["rowwise", "dynamic"]),
+    default=None,
+    help="int8 activations: rowwise = per row, batch-invariant (greedy output does not depend on what "
+    "shares the batch); dynamic = one scale per call, a little faster [default: rowwise].",
+)
+@click.option(
+    "--calibrate",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="int8: static QDQ quantization calibrated on this text file (default: dynamic).",
+)
+@click.option(
+    "--eval-text",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Measure the result against BUNDLE on this text, record it, apply the gate.",
+)
+@click.option(
+    "--max-ppl-increase",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Gate, percent over BUNDLE's perplexity [default: int8 2, int4 10, fp16 1].",
+)
+@click.option(
+    "--max-kld",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Gate, mean KL-divergence from BUNDLE in nats, as llama-perplexity --kl-divergence "
+    "[default: int8 0.02, int4 0.1, fp16 0.005: a broken quantization fails].",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads for checks and eval.")
-def quantize(bundle, to, out, force, accept_gate_failure, per_channel, block_size, accuracy_level, embedding, int8_kernel,
-             calibrate, eval_text, max_ppl_increase, max_kld, threads):
+def quantize(
+    bundle,
+    to,
+    out,
+    force,
+    accept_gate_failure,
+    per_channel,
+    block_size,
+    accuracy_level,
+    embedding,
+    int8_kernel,
+    calibrate,
+    eval_text,
+    max_ppl_increase,
+    max_kld,
+    threads,
+):
     """Quantize an fp32 bundle to int8, int4 or fp16 as a new bundle.
 
     The source is left untouched; the new bundle appears only when complete. With --eval-text, its
@@ -59,10 +116,21 @@ def quantize(bundle, to, out, force, accept_gate_failure, per_channel, block_siz
     from edgegpt.export.quantize import quantize_bundle
 
     path = quantize_bundle(
-        bundle, out, to=to, force=force, accept_gate_failure=accept_gate_failure, per_channel=per_channel,
-        block_size=None if block_size is None else int(block_size), accuracy_level=accuracy_level,
-        embedding=embedding, int8_kernel=int8_kernel, calibrate=calibrate, eval_text=eval_text, max_ppl_increase=max_ppl_increase,
-        max_kld=max_kld, threads=threads,
+        bundle,
+        out,
+        to=to,
+        force=force,
+        accept_gate_failure=accept_gate_failure,
+        per_channel=per_channel,
+        block_size=None if block_size is None else int(block_size),
+        accuracy_level=accuracy_level,
+        embedding=embedding,
+        int8_kernel=int8_kernel,
+        calibrate=calibrate,
+        eval_text=eval_text,
+        max_ppl_increase=max_ppl_increase,
+        max_kld=max_kld,
+        threads=threads,
     )
     if eval_text and not root_flag(click.get_current_context(), "quiet"):
         from edgegpt.manifest import read_manifest

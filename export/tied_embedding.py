@@ -54,7 +54,9 @@ def share_tied_lm_head(model: onnx.ModelProto) -> bool:
         if table is None:
             continue
         transposed = f"{table}/transposed"
-        graph.node.insert(0, helper.make_node("Transpose", [table], [transposed], name=f"{table}/Transpose", perm=[1, 0]))
+        graph.node.insert(
+            0, helper.make_node("Transpose", [table], [transposed], name=f"{table}/Transpose", perm=[1, 0])
+        )
         for user in graph.node:
             if weight.name in user.input:
                 user.input[:] = [transposed if name == weight.name else name for name in user.input]

@@ -73,14 +73,16 @@ def check_graph(path: Path, config: GPTConfig) -> None:
         raise ExportError(f"{path.name}: graph I/O {names} differ from the bundle contract (edgegpt.manifest)")
     dtypes = {io["name"]: io["dtype"] for io in inputs + outputs}
     if dtypes["input_ids"] != "int64" or dtypes["attention_mask"] != "int64" or dtypes["logits"] != "float32":
-        raise ExportError(f"{path.name}: graph dtypes {dtypes} differ from the contract (ids/mask int64, logits float32)")
+        raise ExportError(
+            f"{path.name}: graph dtypes {dtypes} differ from the contract (ids/mask int64, logits float32)"
+        )
     if outputs[0]["shape"][-1] != config.vocab_size:
         raise ExportError(f"{path.name}: logits have shape {outputs[0]['shape']}, expected [..., {config.vocab_size}]")
     check_gelu(inferred, config, path.name)
 
 
 def graph_attention(path: Path) -> str:
-    """"gqa" if the graph's attention is GroupQueryAttention (KV layout "shared_buffer"), else "mha"."""
+    """ "gqa" if the graph's attention is GroupQueryAttention (KV layout "shared_buffer"), else "mha"."""
     graph = onnx.load(str(path), load_external_data=False).graph
     return "gqa" if any(node.op_type == "GroupQueryAttention" for node in graph.node) else "mha"
 
@@ -142,7 +144,13 @@ def _case_inputs(model: SimpleGPT, case: Case, seed: int):
     past = [t for kv in cache for t in kv] if cache else [empty] * (2 * cfg.n_layer)
     values = [ids[:, P:], mask, positions[:, P:], *past]
     feed = {name: t.numpy() for name, t in zip(input_names(cfg.n_layer), values)}
-    return feed, logits.numpy(), [t.numpy() for kv in presents for t in kv], mask[:, P:].bool().numpy(), mask.bool().numpy()
+    return (
+        feed,
+        logits.numpy(),
+        [t.numpy() for kv in presents for t in kv],
+        mask[:, P:].bool().numpy(),
+        mask.bool().numpy(),
+    )
 
 
 def _case_diffs(model: SimpleGPT, sess: ort.InferenceSession, case: Case, seed: int) -> dict[str, float]:
@@ -170,7 +178,10 @@ def check_parity(model: SimpleGPT, path: Path, *, atol: float = ATOL, stage: str
             raise ParityError(
                 f"{stage} graph: {worst} differs from PyTorch by {diffs[worst]:.3g} (atol {atol}) in case {case.name} "
                 f"(batch {case.batch}, {case.new} new after {case.past} cached, left pads {list(case.pads)})",
-                output=worst, case=case.name, max_abs_diff=diffs[worst], atol=atol,
+                output=worst,
+                case=case.name,
+                max_abs_diff=diffs[worst],
+                atol=atol,
             )
         results[case.name] = {"logits": diffs["logits"], "present": max(v for k, v in diffs.items() if k != "logits")}
         log.info("parity %s %-28s logits %.2e  present %.2e", stage, case.name, *results[case.name].values())
@@ -178,7 +189,12 @@ def check_parity(model: SimpleGPT, path: Path, *, atol: float = ATOL, stage: str
 
 
 def greedy_onnx(
-    sess: ort.InferenceSession, prompt: np.ndarray, max_new_tokens: int, config: GPTConfig, *, shared_buffer: bool = False
+    sess: ort.InferenceSession,
+    prompt: np.ndarray,
+    max_new_tokens: int,
+    config: GPTConfig,
+    *,
+    shared_buffer: bool = False,
 ):
     """Greedy decoding through the graph with a growing cache: (new ids (B, n), step logits (B, n, V)).
 
@@ -193,7 +209,12 @@ def greedy_onnx(
     step, P, tokens, step_logits = prompt, 0, [], []
     for _ in range(max_new_tokens):
         T = step.shape[1]
-        feed = {names[0]: step, names[1]: np.ones((B, P + T), np.int64), names[2]: np.tile(np.arange(P, P + T), (B, 1)), **past}
+        feed = {
+            names[0]: step,
+            names[1]: np.ones((B, P + T), np.int64),
+            names[2]: np.tile(np.arange(P, P + T), (B, 1)),
+            **past,
+        }
         logits, *presents = sess.run(output_names(config.n_layer), feed)
         step_logits.append(logits[:, -1])
         step = logits[:, -1].argmax(-1)[:, None].astype(np.int64)  # (B, 1)
@@ -257,10 +278,16 @@ def check_greedy(model: SimpleGPT, path: Path, *, new_tokens: int = GREEDY_TOKEN
         raise ParityError(
             f"greedy generation through the graph diverges from PyTorch at new token {agree}: onnx {got[0, agree]} vs "
             f"torch {want[agree]} (max abs logit difference {diff:.3g} up to there)",
-            output="logits", case=f"greedy_{new_tokens}", max_abs_diff=diff, atol=atol,
+            output="logits",
+            case=f"greedy_{new_tokens}",
+            max_abs_diff=diff,
+            atol=atol,
         )
     log.info("greedy %d tokens equal to PyTorch's (max abs logit difference %.2e)", new_tokens, diff)
     return {
-        "new_tokens": new_tokens, "prompt": prompt[0].tolist(), "tokens": want, "max_abs_logit_diff": diff,
+        "new_tokens": new_tokens,
+        "prompt": prompt[0].tolist(),
+        "tokens": want,
+        "max_abs_logit_diff": diff,
         "shared_buffer": shared,
     }

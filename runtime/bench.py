@@ -116,7 +116,9 @@ class DeviceBenchConfig:
         if self.text and not self.speculative:
             raise ConfigError("--text goes with --lookup or --draft (it names the text the drafts are timed on)")
         if self.speculative and tuple(self.batch) != (1,):
-            raise ConfigError(f"speculative decoding runs one prompt at a time: drop --batch {','.join(map(str, self.batch))}")
+            raise ConfigError(
+                f"speculative decoding runs one prompt at a time: drop --batch {','.join(map(str, self.batch))}"
+            )
 
     @property
     def speculative(self) -> bool:
@@ -224,8 +226,9 @@ def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConf
     from edgegpt.runtime.generation.generator import Generator
 
     started = time.perf_counter()
-    gen = Generator.load(bundle, provider=config.provider, threads=config.threads, spinning=config.spinning,
-                         huge_pages=config.huge_pages)  # fmt: skip
+    gen = Generator.load(
+        bundle, provider=config.provider, threads=config.threads, spinning=config.spinning, huge_pages=config.huge_pages
+    )
     load_s = time.perf_counter() - started
     block = gen.config.block_size
     prompt_tokens = config.prompt_tokens or min(128, block // 2)
@@ -245,7 +248,12 @@ def bench_bundle(bundle: str | Path, config: DeviceBenchConfig = DeviceBenchConf
         runs = []
         for _ in range(config.runs):
             stamps, _, session_s = time_generation(gen, chosen, config.new_tokens)
-            runs.append({**figures(stamps, config.prompt_tokens, batch), "python_share": 1 - session_s / (stamps[-1] - stamps[0])})
+            runs.append(
+                {
+                    **figures(stamps, config.prompt_tokens, batch),
+                    "python_share": 1 - session_s / (stamps[-1] - stamps[0]),
+                }
+            )
         medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         rows.append({"batch": batch, **medians, "runs": runs})
     return {

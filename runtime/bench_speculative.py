@@ -116,11 +116,18 @@ def chunk_costs(gen, prompt: list[int], sizes: list[int], repeats: int = CHUNK_R
 
 
 def _decode(gen, prompt: list[int], new_tokens: int, speculative, temperature: float, seed: int) -> dict[str, Any]:
-    result = gen.generate_ids(prompt, max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature, seed=seed,
-                              speculative=speculative)  # fmt: skip
+    result = gen.generate_ids(
+        prompt, max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature, seed=seed, speculative=speculative
+    )
     t = result.timings
-    return {"tokens": result.tokens, "decode_s": t.decode_s, "calls": t.steps - 1, "draft_calls": t.draft_steps,
-            "drafted": result.drafted_tokens, "accepted": result.accepted_tokens}  # fmt: skip
+    return {
+        "tokens": result.tokens,
+        "decode_s": t.decode_s,
+        "calls": t.steps - 1,
+        "draft_calls": t.draft_steps,
+        "drafted": result.drafted_tokens,
+        "accepted": result.accepted_tokens,
+    }
 
 
 def _diverges_at(tokens: list[int], reference: list[int]) -> int | None:
@@ -164,7 +171,9 @@ def bench_speculative(bundle: str | Path, config) -> dict[str, Any]:
     from edgegpt.runtime.generation.generator import Generator
     from edgegpt.runtime.generation.speculative import Speculative
 
-    session = dict(provider=config.provider, threads=config.threads, spinning=config.spinning, huge_pages=config.huge_pages)
+    session = dict(
+        provider=config.provider, threads=config.threads, spinning=config.spinning, huge_pages=config.huge_pages
+    )
     started = time.perf_counter()
     gen = Generator.load(bundle, **session)
     load_s = time.perf_counter() - started
@@ -178,7 +187,9 @@ def bench_speculative(bundle: str | Path, config) -> dict[str, Any]:
         )
     speculatives = {"plain": None}
     if config.lookup:
-        speculatives["lookup"] = Speculative(lookup=True, draft_tokens=config.draft_tokens, lookup_ngram=config.lookup_ngram)
+        speculatives["lookup"] = Speculative(
+            lookup=True, draft_tokens=config.draft_tokens, lookup_ngram=config.lookup_ngram
+        )
     draft = None
     if config.draft is not None:
         draft = Generator.load(config.draft, **session)
@@ -194,7 +205,9 @@ def bench_speculative(bundle: str | Path, config) -> dict[str, Any]:
             decodes: dict[str, list[dict[str, Any]]] = {mode: [] for mode in speculatives}
             for i, prompt in enumerate(prompts):
                 for mode, speculative in speculatives.items():
-                    decodes[mode].append(_decode(gen, prompt, new_tokens, speculative, config.temperature, config.seed + i))
+                    decodes[mode].append(
+                        _decode(gen, prompt, new_tokens, speculative, config.temperature, config.seed + i)
+                    )
             for mode in speculatives:
                 rounds[mode].append(decodes[mode])
         plain_tokens = [d["tokens"] for d in rounds["plain"][-1]]
@@ -207,8 +220,13 @@ def bench_speculative(bundle: str | Path, config) -> dict[str, Any]:
         "bundle": str(bundle),
         "format": bundle_format(gen.bundle.manifest),
         "model": gen.config.to_dict(),
-        "draft": None if draft is None else {"bundle": str(config.draft), "format": bundle_format(draft.bundle.manifest),
-                                              "model": draft.config.to_dict()},  # fmt: skip
+        "draft": None
+        if draft is None
+        else {
+            "bundle": str(config.draft),
+            "format": bundle_format(draft.bundle.manifest),
+            "model": draft.config.to_dict(),
+        },
         "config": dataclasses.asdict(config),
         "providers": gen.providers,
         "threads": gen.session_config.threads,
@@ -224,7 +242,11 @@ def speculative_markdown(result: dict[str, Any]) -> str:
     """The result as one Markdown table (a row per source, by its name, and mode) and a line of chunk costs."""
     c, m = result["config"], result["model"]
     draft = result["draft"]
-    drafted_by = f"; draft {draft['bundle']} ({draft['format']}, {draft['model']['n_layer']} x {draft['model']['n_embd']})" if draft else ""
+    drafted_by = (
+        f"; draft {draft['bundle']} ({draft['format']}, {draft['model']['n_layer']} x {draft['model']['n_embd']})"
+        if draft
+        else ""
+    )
     sources = ", ".join(s["text"] for s in result["sources"])
     decoding = f"temperature {c['temperature']:g}" if c["temperature"] else "greedy"
     lines = [
@@ -241,10 +263,15 @@ def speculative_markdown(result: dict[str, Any]) -> str:
         for mode, f in source["modes"].items():
             rate = "" if f["acceptance_rate"] is None else f"{f['acceptance_rate']:.0%}"
             same = "" if mode == "plain" or c["temperature"] else f"{f['identical']}/{source['prompts']}"
-            lines.append(f"| {Path(source['text']).name} | {mode} | {f['decode_tok_s']:,.1f} | {f['decode_tok_s'] / plain:.2f}x | "
-                         f"{rate} | {f['tokens_per_call']:.2f} | {same} |")  # fmt: skip
+            lines.append(
+                f"| {Path(source['text']).name} | {mode} | {f['decode_tok_s']:,.1f} | {f['decode_tok_s'] / plain:.2f}x | "
+                f"{rate} | {f['tokens_per_call']:.2f} | {same} |"
+            )
     one = result["chunk_ms"]["1"]
     costs = ", ".join(f"{n} tokens {ms / one:.2f}x" for n, ms in result["chunk_ms"].items() if n != "1")
-    lines += ["", f"one call: 1 token {one:.2f} ms; {costs}",
-              f"load {result['load_s']:.2f} s, peak resident memory {result['peak_rss_mb']:.0f} MB"]  # fmt: skip
+    lines += [
+        "",
+        f"one call: 1 token {one:.2f} ms; {costs}",
+        f"load {result['load_s']:.2f} s, peak resident memory {result['peak_rss_mb']:.0f} MB",
+    ]
     return "\n".join(lines) + "\n"

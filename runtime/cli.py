@@ -37,8 +37,11 @@ def unescape(text: str) -> str:
 # SamplingConfig field -> its flag (default --field-name), click type and help. The defaults stay in
 # SamplingConfig (an unset flag is None); the help repeats them, as importing SamplingConfig loads numpy.
 _SAMPLING_FLAGS = {
-    "max_new_tokens": {"flags": ("-n", "--max-new-tokens"), "type": click.IntRange(min=0),
-                       "help": "Tokens to generate at most. [default: 64, or what the context has room for]"},
+    "max_new_tokens": {
+        "flags": ("-n", "--max-new-tokens"),
+        "type": click.IntRange(min=0),
+        "help": "Tokens to generate at most. [default: 64, or what the context has room for]",
+    },
     "temperature": {"flags": ("-t", "--temperature"), "type": float, "help": "0 is greedy. [default: 0]"},
     "top_k": {"type": int, "help": "Keep the k most likely tokens; 0 keeps all. [default: 0]"},
     "top_p": {"type": float, "help": "Nucleus sampling mass in (0, 1]. [default: 1]"},
@@ -47,25 +50,39 @@ _SAMPLING_FLAGS = {
     "presence_penalty": {"type": float, "help": "[default: 0]"},
     "frequency_penalty": {"type": float, "help": "[default: 0]"},
     "seed": {"type": int, "help": "Same seed, same text."},
-    "stop": {"multiple": True, "callback": lambda ctx, param, values: tuple(map(unescape, values)),
-             "help": "Stop at this string (not printed); repeatable. Understands \\n, \\t, \\r, \\\\, \\xHH and \\uHHHH."},
-    "stop_token_ids": {"flags": ("--stop-token-id",), "type": int, "multiple": True, "help": "Stop at this token id; repeatable."},
+    "stop": {
+        "multiple": True,
+        "callback": lambda ctx, param, values: tuple(map(unescape, values)),
+        "help": "Stop at this string (not printed); repeatable. Understands \\n, \\t, \\r, \\\\, \\xHH and \\uHHHH.",
+    },
+    "stop_token_ids": {
+        "flags": ("--stop-token-id",),
+        "type": int,
+        "multiple": True,
+        "help": "Stop at this token id; repeatable.",
+    },
     "ignore_eos": {"is_flag": True, "help": "Keep going after the end-of-text token."},
-    "logit_bias": {"flags": ("--logit-bias",), "multiple": True, "metavar": "ID=BIAS",
-                   "callback": lambda ctx, param, values: tuple(_bias(value) for value in values),
-                   "help": "Add BIAS to token ID's logit; -100 (or -inf) bans it. Repeatable."},
+    "logit_bias": {
+        "flags": ("--logit-bias",),
+        "multiple": True,
+        "metavar": "ID=BIAS",
+        "callback": lambda ctx, param, values: tuple(_bias(value) for value in values),
+        "help": "Add BIAS to token ID's logit; -100 (or -inf) bans it. Repeatable.",
+    },
 }
 
 
 def _bias(value: str) -> tuple[int, float]:
-    """"ID=BIAS" -> (id, bias); click.BadParameter for anything else."""
+    """ "ID=BIAS" -> (id, bias); click.BadParameter for anything else."""
     token, sep, bias = value.partition("=")
     try:
         if not sep:
             raise ValueError
         return int(token), float(bias)
     except ValueError:
-        raise click.BadParameter(f"expected ID=BIAS (e.g. 50256=-100), got {value!r}", param_hint="--logit-bias") from None
+        raise click.BadParameter(
+            f"expected ID=BIAS (e.g. 50256=-100), got {value!r}", param_hint="--logit-bias"
+        ) from None
 
 
 def _read_text(path: str, hint: str) -> str:
@@ -77,7 +94,9 @@ def _read_text(path: str, hint: str) -> str:
 
 def _constraint(json_schema: str | None, regex: str | None, grammar: str | None) -> dict:
     """The generate keywords of --json-schema FILE, --regex R and --grammar FILE (at most one)."""
-    given_flags = [flag for flag, value in (("--json-schema", json_schema), ("--regex", regex), ("--grammar", grammar)) if value]
+    given_flags = [
+        flag for flag, value in (("--json-schema", json_schema), ("--regex", regex), ("--grammar", grammar)) if value
+    ]
     if len(given_flags) > 1:
         raise click.UsageError(f"give one of --json-schema, --regex and --grammar, got {' and '.join(given_flags)}")
     if json_schema is not None:
@@ -97,11 +116,21 @@ def _sampling_options(func):
     """The sampling flags, then the session flags, of `generate` and `chat`."""
     options = [
         click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core]."),
-        click.option("--spinning/--no-spinning", default=True, show_default=True,
-                     help="Idle onnxruntime threads busy-wait: faster on a quiet machine; turn off when the cores are shared."),
-        click.option("--huge-pages/--no-huge-pages", default=True, show_default=True,
-                     help="CPU: move the weights to 2 MiB pages after loading (Linux): faster decoding, slower loading."),
+        click.option(
+            "--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core]."
+        ),
+        click.option(
+            "--spinning/--no-spinning",
+            default=True,
+            show_default=True,
+            help="Idle onnxruntime threads busy-wait: faster on a quiet machine; turn off when the cores are shared.",
+        ),
+        click.option(
+            "--huge-pages/--no-huge-pages",
+            default=True,
+            show_default=True,
+            help="CPU: move the weights to 2 MiB pages after loading (Linux): faster decoding, slower loading.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -159,27 +188,89 @@ def _stdout_errors():
 @click.command("generate", cls=Command)
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("prompt", required=False)
-@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, allow_dash=True), help="Read the prompt from a UTF-8 file ('-': stdin).")
+@click.option(
+    "--prompt-file",
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+    help="Read the prompt from a UTF-8 file ('-': stdin).",
+)
 @_sampling_options
-@click.option("--sliding-window", is_flag=True, default=None, help="Keep the most recent tokens when the context fills up.")
-@click.option("--lookup", is_flag=True, help="Speculative decoding with prompt lookup: draft the tokens that followed an earlier match.")
-@click.option("--draft", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Speculative decoding with this draft bundle (a smaller model with the same tokenizer).")
-@click.option("--draft-tokens", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Tokens drafted per round at most (with --lookup or --draft).")
-@click.option("--lookup-ngram", type=click.IntRange(1, 16), default=3, show_default=True,
-              help="With --lookup: match the last n tokens, n from this down to 1.")
-@click.option("--json-schema", type=click.Path(exists=True, dir_okay=False), default=None,
-              help='The text must be JSON valid under this JSON schema file ({"type": "object"}: any object). Needs edgegpt[constrain].')
-@click.option("--regex", default=None, help="The whole text must match this regular expression (Rust regex syntax). Needs edgegpt[constrain].")
-@click.option("--grammar", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="The text must follow this Lark (or GBNF) grammar file. Needs edgegpt[constrain].")
-@click.option("--logprobs", is_flag=True, default=None, help="With --json: each token's log-probability under the model.")
-@click.option("--top-logprobs", type=click.IntRange(min=0), default=None, help="With --json: the N most likely tokens of each step too.")
-@click.option("--json", "as_json", is_flag=True, help="Print text, tokens, finish_reason and timings as one JSON object.")
+@click.option(
+    "--sliding-window", is_flag=True, default=None, help="Keep the most recent tokens when the context fills up."
+)
+@click.option(
+    "--lookup",
+    is_flag=True,
+    help="Speculative decoding with prompt lookup: draft the tokens that followed an earlier match.",
+)
+@click.option(
+    "--draft",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Speculative decoding with this draft bundle (a smaller model with the same tokenizer).",
+)
+@click.option(
+    "--draft-tokens",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Tokens drafted per round at most (with --lookup or --draft).",
+)
+@click.option(
+    "--lookup-ngram",
+    type=click.IntRange(1, 16),
+    default=3,
+    show_default=True,
+    help="With --lookup: match the last n tokens, n from this down to 1.",
+)
+@click.option(
+    "--json-schema",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help='The text must be JSON valid under this JSON schema file ({"type": "object"}: any object). Needs edgegpt[constrain].',
+)
+@click.option(
+    "--regex",
+    default=None,
+    help="The whole text must match this regular expression (Rust regex syntax). Needs edgegpt[constrain].",
+)
+@click.option(
+    "--grammar",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The text must follow this Lark (or GBNF) grammar file. Needs edgegpt[constrain].",
+)
+@click.option(
+    "--logprobs", is_flag=True, default=None, help="With --json: each token's log-probability under the model."
+)
+@click.option(
+    "--top-logprobs",
+    type=click.IntRange(min=0),
+    default=None,
+    help="With --json: the N most likely tokens of each step too.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print text, tokens, finish_reason and timings as one JSON object."
+)
 @click.pass_context
-def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinning, huge_pages, lookup, draft, draft_tokens,
-                     lookup_ngram, json_schema, regex, grammar, as_json, **flags):  # fmt: skip
+def generate_command(
+    ctx,
+    bundle,
+    prompt,
+    prompt_file,
+    provider,
+    threads,
+    spinning,
+    huge_pages,
+    lookup,
+    draft,
+    draft_tokens,
+    lookup_ngram,
+    json_schema,
+    regex,
+    grammar,
+    as_json,
+    **flags,
+):
     """Generate text from a bundle with onnxruntime (no torch), streamed to stdout.
 
     \b
@@ -209,8 +300,12 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
     gen = Generator.load(bundle, **session)
     speculative = None
     if lookup or draft is not None:
-        speculative = Speculative(lookup=lookup, draft=None if draft is None else Generator.load(draft, **session),
-                                  draft_tokens=draft_tokens, lookup_ngram=lookup_ngram)  # fmt: skip
+        speculative = Speculative(
+            lookup=lookup,
+            draft=None if draft is None else Generator.load(draft, **session),
+            draft_tokens=draft_tokens,
+            lookup_ngram=lookup_ngram,
+        )
     ids = gen.encode(text)  # once, for the budget and the call
     overrides = given(flags)
     if "max_new_tokens" not in overrides and not overrides.get("sliding_window"):  # the default, lowered to the room
@@ -223,13 +318,20 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
         payload = {"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason}
         if result.logprobs is not None:
             payload["logprobs"] = [
-                {"token": e.token, "logprob": round(e.logprob, 6), "top_logprobs": [{"token": t, "logprob": round(p, 6)} for t, p in e.top]}
+                {
+                    "token": e.token,
+                    "logprob": round(e.logprob, 6),
+                    "top_logprobs": [{"token": t, "logprob": round(p, 6)} for t, p in e.top],
+                }
                 for e in result.logprobs
             ]
         payload.update(prompt_tokens=len(result.prompt_tokens), context_shifts=result.context_shifts, timings=timings)
         if speculative is not None:
-            payload.update(drafted_tokens=result.drafted_tokens, accepted_tokens=result.accepted_tokens,
-                           acceptance_rate=round(result.acceptance_rate, 6))  # fmt: skip
+            payload.update(
+                drafted_tokens=result.drafted_tokens,
+                accepted_tokens=result.accepted_tokens,
+                acceptance_rate=round(result.acceptance_rate, 6),
+            )
         with _stdout_errors():
             click.echo(json.dumps(payload, ensure_ascii=False))
         return
@@ -244,8 +346,10 @@ def generate_command(ctx, bundle, prompt, prompt_file, provider, threads, spinni
         shifts = f", context shifts {result.context_shifts}" if result.context_shifts else ""
         drafts = ""
         if speculative is not None:
-            drafts = (f", drafted {result.drafted_tokens}, accepted {result.accepted_tokens} ({result.acceptance_rate:.0%}), "
-                      f"{len(result.tokens) / max(t.steps, 1):.2f} tokens per model call")  # fmt: skip
+            drafts = (
+                f", drafted {result.drafted_tokens}, accepted {result.accepted_tokens} ({result.acceptance_rate:.0%}), "
+                f"{len(result.tokens) / max(t.steps, 1):.2f} tokens per model call"
+            )
         click.echo(
             f"[{len(result.tokens)} tokens, {t.tokens_per_s:.1f} tokens/s, first token {t.time_to_first_token_s * 1e3:.1f} ms, "
             f"finish_reason {result.finish_reason}{shifts}{drafts}]",
@@ -271,7 +375,9 @@ def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
       edgegpt chat bundles/tiny -t 0.7 --top-p 0.9 -n 128
     """
     if sys.stdin is None or sys.stdin.closed:
-        raise click.UsageError("chat reads the conversation from standard input, which is closed; run it in a terminal or pipe text in")
+        raise click.UsageError(
+            "chat reads the conversation from standard input, which is closed; run it in a terminal or pipe text in"
+        )
     from edgegpt.runtime import Generator, SamplingConfig
     from edgegpt.runtime.generation.chat import Conversation
 
@@ -302,25 +408,62 @@ def chat_command(ctx, bundle, provider, threads, spinning, huge_pages, **flags):
 
 @click.command("eval", cls=Command)
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Held-out text to measure on.")
-@click.option("--reference", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Bundle to compare with (the fp32 one): top-1 and greedy agreement.")
+@click.option(
+    "--text",
+    "text_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Held-out text to measure on.",
+)
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Bundle to compare with (the fp32 one): top-1 and greedy agreement.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
-@click.option("--tail", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Only the last fraction of the file (0.1: `edgegpt train`'s validation split).")
+@click.option(
+    "--tail",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Only the last fraction of the file (0.1: `edgegpt train`'s validation split).",
+)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score at most this many tokens.")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Tokens between windows [default: context/2].")
-@click.option("--scoring", type=click.Choice(["half", "sliding"]), default="half", show_default=True,
-              help="Windows of the KL-divergence comparison (with --reference): half = llama-perplexity's "
-                   "(non-overlapping, second halves scored); sliding = the perplexity windows.")
-@click.option("--prompts", type=click.IntRange(min=0), default=8, show_default=True, help="Greedy prompts (with --reference).")
-@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy tokens per prompt.")
+@click.option(
+    "--scoring",
+    type=click.Choice(["half", "sliding"]),
+    default="half",
+    show_default=True,
+    help="Windows of the KL-divergence comparison (with --reference): half = llama-perplexity's "
+    "(non-overlapping, second halves scored); sliding = the perplexity windows.",
+)
+@click.option(
+    "--prompts", type=click.IntRange(min=0), default=8, show_default=True, help="Greedy prompts (with --reference)."
+)
+@click.option(
+    "--new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy tokens per prompt."
+)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core].")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core]."
+)
 @click.pass_context
-def eval_command(ctx, bundle, text_file, reference, as_json, tail, max_tokens, stride, scoring, prompts, new_tokens, provider,
-                 threads):
+def eval_command(
+    ctx,
+    bundle,
+    text_file,
+    reference,
+    as_json,
+    tail,
+    max_tokens,
+    stride,
+    scoring,
+    prompts,
+    new_tokens,
+    provider,
+    threads,
+):
     """Measure a bundle: perplexity on a text, agreement and KL-divergence against a reference bundle, size.
 
     Perplexity uses sliding windows of the model's context over the text; with --reference, the same
@@ -339,9 +482,20 @@ def eval_command(ctx, bundle, text_file, reference, as_json, tail, max_tokens, s
     from edgegpt.runtime.generation.evaluate import evaluate_bundle, summary_text
 
     with contextlib.ExitStack() as stack:
-        result = evaluate_bundle(bundle, text_file, reference=reference, tail=tail, max_tokens=max_tokens, stride=stride,
-                                 scoring=scoring, prompts=prompts, new_tokens=new_tokens, provider=provider,
-                                 threads=threads, progress=None if _quiet(ctx) else _progress_bar(stack))
+        result = evaluate_bundle(
+            bundle,
+            text_file,
+            reference=reference,
+            tail=tail,
+            max_tokens=max_tokens,
+            stride=stride,
+            scoring=scoring,
+            prompts=prompts,
+            new_tokens=new_tokens,
+            provider=provider,
+            threads=threads,
+            progress=None if _quiet(ctx) else _progress_bar(stack),
+        )
     click.echo(json.dumps(result, indent=2) if as_json else summary_text(result))
 
 

@@ -95,8 +95,14 @@ def _nothing() -> None:
     """The control's task: wake the thread, do no work."""
 
 
-def _decode(gen: Generator, constraint: Constraint, tokens: int, seed: int, pool: ThreadPoolExecutor | None,
-            overlap: bool = False) -> dict:  # fmt: skip
+def _decode(
+    gen: Generator,
+    constraint: Constraint,
+    tokens: int,
+    seed: int,
+    pool: ThreadPoolExecutor | None,
+    overlap: bool = False,
+) -> dict:
     """One run of `tokens` constrained steps; per-step times in seconds. With `pool`, a task is handed to its
     thread before each model call: the next mask when `overlap`, else nothing (the control)."""
     compiler = gen.constraint_compiler()
@@ -138,8 +144,9 @@ def _decode(gen: Generator, constraint: Constraint, tokens: int, seed: int, pool
     return times
 
 
-def mask_cost(gen: Generator, constraint: Constraint | None = None, *, tokens: int = 128, runs: int = 5,
-              seed: int = 0) -> MaskCost:  # fmt: skip
+def mask_cost(
+    gen: Generator, constraint: Constraint | None = None, *, tokens: int = 128, runs: int = 5, seed: int = 0
+) -> MaskCost:
     """Time a constraint's per-token work against the decode step of `gen` (see the module docstring).
 
     Args:
@@ -193,10 +200,14 @@ def mask_cost(gen: Generator, constraint: Constraint | None = None, *, tokens: i
 
 @click.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--json-schema", type=click.Path(exists=True, dir_okay=False), help="The constraint [default: DEFAULT_SCHEMA].")
+@click.option(
+    "--json-schema", type=click.Path(exists=True, dir_okay=False), help="The constraint [default: DEFAULT_SCHEMA]."
+)
 @click.option("--tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Constrained steps per run.")
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core].")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: one per core]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def main(bundle, json_schema, tokens, runs, threads, as_json):
     """Per-token cost of a JSON-schema constraint's mask on BUNDLE, against its decode step."""

@@ -11,10 +11,20 @@ __all__ = ["web_command"]
 
 @click.command("web", cls=Command)
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port on 127.0.0.1 (0: any free one).")
-@click.option("--node-modules", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A node_modules folder holding onnxruntime-web and @huggingface/tokenizers [default: web/node_modules "
-                   "of the edgegpt checkout, filled by `npm ci`].")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port on 127.0.0.1 (0: any free one).",
+)
+@click.option(
+    "--node-modules",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="A node_modules folder holding onnxruntime-web and @huggingface/tokenizers [default: web/node_modules "
+    "of the edgegpt checkout, filled by `npm ci`].",
+)
 def web_command(bundle, port, node_modules):
     """Serve a bundle and a page that generates with it in the browser (onnxruntime-web) on 127.0.0.1.
 

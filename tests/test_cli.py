@@ -11,7 +11,8 @@ from edgegpt.errors import BundleError, ConfigError, ContextLengthError, Samplin
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "sample", "import-hf", "export-hf", "info", "export", "quantize", "eval", "generate", "chat", "bench"]
+    "command",
+    ["train", "sample", "import-hf", "export-hf", "info", "export", "quantize", "eval", "generate", "chat", "bench"],
 )
 def test_every_command_has_help_with_an_example(command):
     result = CliRunner().invoke(main, [command, "--help"])
@@ -33,7 +34,9 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_bad_config_values_exit_2_naming_the_field(tmp_path):
-    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r"), "--n-embd", "100", "--n-head", "3", "--steps", "1"])
+    result = CliRunner().invoke(
+        main, ["train", "--out", str(tmp_path / "r"), "--n-embd", "100", "--n-head", "3", "--steps", "1"]
+    )
     assert result.exit_code == 2
     assert "n_embd (100) must be divisible by n_head (3)" in result.output
 
@@ -65,11 +68,23 @@ def test_an_error_names_the_commands_flags_not_the_api_keywords():
     "exc, code, expected",
     [
         (ConfigError("n_layer must be a positive integer, got 0"), 2, "Usage: fail"),
-        (SamplingError("top_p must be in (0, 1], got 0"), 2, "Invalid value for --top-p: top_p must be in (0, 1], got 0"),
+        (
+            SamplingError("top_p must be in (0, 1], got 0"),
+            2,
+            "Invalid value for --top-p: top_p must be in (0, 1], got 0",
+        ),
         (SamplingError("stop must be non-empty strings, got ['']"), 2, "Invalid value: stop must be"),
         (BundleError("b/manifest.json: format_version 2"), 1, "Error: BundleError: b/manifest.json: format_version 2"),
-        (ModuleNotFoundError("No module named 'torch'", name="torch"), 1, "pip install 'torch==2.13.0' 'edgegpt[train]'"),
-        (ModuleNotFoundError("No module named 'onnxruntime_genai'", name="onnxruntime_genai"), 1, "pip install 'edgegpt[genai]'"),
+        (
+            ModuleNotFoundError("No module named 'torch'", name="torch"),
+            1,
+            "pip install 'torch==2.13.0' 'edgegpt[train]'",
+        ),
+        (
+            ModuleNotFoundError("No module named 'onnxruntime_genai'", name="onnxruntime_genai"),
+            1,
+            "pip install 'edgegpt[genai]'",
+        ),
     ],
 )
 def test_errors_map_to_click_in_one_place(exc, code, expected):
@@ -101,7 +116,15 @@ class _Knobs:
 
 def test_field_options_make_one_flag_per_field_and_collect_the_given_ones():
     @click.command()
-    @field_options({"limit": {"flags": ("-l", "--limit")}, "ratio": {"help": "A ratio. [default: {default}]"}, "fast": {}, "ids": {}}, of=_Knobs)
+    @field_options(
+        {
+            "limit": {"flags": ("-l", "--limit")},
+            "ratio": {"help": "A ratio. [default: {default}]"},
+            "fast": {},
+            "ids": {},
+        },
+        of=_Knobs,
+    )
     def cmd(**flags):
         click.echo(json.dumps(given(flags)))
 
@@ -111,7 +134,9 @@ def test_field_options_make_one_flag_per_field_and_collect_the_given_ones():
     assert json.loads(result.output) == {"limit": 3, "ratio": 0.25, "fast": True, "ids": [1, 2]}
     help_text = runner.invoke(cmd, ["--help"]).output
     assert "A ratio. [default: 0.5]" in help_text and "[default: 5]" in help_text
-    assert help_text.index("--limit") < help_text.index("--ratio") < help_text.index("--fast") < help_text.index("--ids")
+    assert (
+        help_text.index("--limit") < help_text.index("--ratio") < help_text.index("--fast") < help_text.index("--ids")
+    )
 
 
 def test_every_config_field_has_its_flag():
@@ -124,8 +149,9 @@ def test_every_config_field_has_its_flag():
     session = {"provider", "threads", "spinning", "huge_pages"}
     speculative = {f.name for f in dataclasses.fields(Speculative)}
     constraint = {"json_schema", "regex", "grammar"}
-    assert {p.name for p in generate_command.params} == (sampling | session | speculative | constraint
-                                                         | {"bundle", "prompt", "prompt_file", "as_json"})  # fmt: skip
+    assert {p.name for p in generate_command.params} == (
+        sampling | session | speculative | constraint | {"bundle", "prompt", "prompt_file", "as_json"}
+    )
     # chat always slides, and prints text only (logprobs go to generate's --json)
     assert {p.name for p in chat_command.params} >= sampling - {"sliding_window", "logprobs", "top_logprobs"}
     train = {p.name for p in main.commands["train"].params}
@@ -151,11 +177,15 @@ def test_generate_stop_understands_escapes(tiny_checkpoint, tmp_path):
     from edgegpt.export import export_bundle
 
     bundle = export_bundle(tiny_checkpoint, tmp_path / "bundle", validate=False)
-    free = CliRunner().invoke(main, ["--quiet", "generate", str(bundle), "def", "-n", "40", "--provider", "cpu", "--json"])
+    free = CliRunner().invoke(
+        main, ["--quiet", "generate", str(bundle), "def", "-n", "40", "--provider", "cpu", "--json"]
+    )
     text = json.loads(free.output)["text"]
     stop = text[5:7]  # two characters the greedy text contains
     escaped = "".join(f"\\u{ord(c):04x}" for c in stop)
-    cut = CliRunner().invoke(main, ["--quiet", "generate", str(bundle), "def", "-n", "40", "--provider", "cpu", "--json", "--stop", escaped])
+    cut = CliRunner().invoke(
+        main, ["--quiet", "generate", str(bundle), "def", "-n", "40", "--provider", "cpu", "--json", "--stop", escaped]
+    )
     result = json.loads(cut.output)
     assert result["finish_reason"] == "stop" and result["text"] == text[: text.index(stop)]
 

@@ -169,7 +169,9 @@ def test_a_permission_error_while_staging_is_one_storage_error(tmp_path, monkeyp
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
     monkeypatch.setattr(files.os, "mkdir", denied)
-    with pytest.raises(StorageError, match=r"ckpt: cannot write it: Permission denied \(.*/\.ckpt\.tmp-.*\); check that"):
+    with pytest.raises(
+        StorageError, match=r"ckpt: cannot write it: Permission denied \(.*/\.ckpt\.tmp-.*\); check that"
+    ):
         with staged_dir(tmp_path / "ckpt"):
             pass
 

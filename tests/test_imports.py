@@ -6,7 +6,9 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("module", ["edgegpt", "edgegpt.runtime", "edgegpt.cli", "edgegpt.tokenizer", "edgegpt.manifest"])
+@pytest.mark.parametrize(
+    "module", ["edgegpt", "edgegpt.runtime", "edgegpt.cli", "edgegpt.tokenizer", "edgegpt.manifest"]
+)
 def test_imports_without_torch(module):
     code = f"import {module}, sys; assert 'torch' not in sys.modules, 'torch was imported'; assert 'onnx' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

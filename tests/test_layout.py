@@ -28,11 +28,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "click"}
 # An extra's own libraries (pyproject.toml), and the runtime package that is that extra.
-EXTRAS = {"serve": {"uvicorn", "starlette", "sse_starlette", "anyio", "prometheus_client", "jinja2", "httpx"},
-          "constrain": {"llguidance"}}
+EXTRAS = {
+    "serve": {"uvicorn", "starlette", "sse_starlette", "anyio", "prometheus_client", "jinja2", "httpx"},
+    "constrain": {"llguidance"},
+}
 EXTRA_PACKAGES = {"runtime/serve/": "serve"}
-CLI_FILES = {"edgegpt/cli.py", "export/cli.py", "export/quantize_cli.py", "runtime/cli.py", "runtime/web_cli.py",
-             "edgegpt/bench/cli.py", "runtime/serve/cli.py"}
+CLI_FILES = {
+    "edgegpt/cli.py",
+    "export/cli.py",
+    "export/quantize_cli.py",
+    "runtime/cli.py",
+    "runtime/web_cli.py",
+    "edgegpt/bench/cli.py",
+    "runtime/serve/cli.py",
+}
 ALLOWED = {  # layer -> the edgegpt layers it may import
     "core": {"core"},
     "runtime": {"core", "runtime"},
@@ -46,7 +55,12 @@ def layer_of_file(relative: str) -> str:
     """The layer a source file (path relative to the repository root) belongs to."""
     if relative in CLI_FILES:
         return "cli"
-    for prefix, layer in (("edgegpt/train/", "train"), ("edgegpt/bench/", "bench"), ("export/", "export"), ("runtime/", "runtime")):
+    for prefix, layer in (
+        ("edgegpt/train/", "train"),
+        ("edgegpt/bench/", "bench"),
+        ("export/", "export"),
+        ("runtime/", "runtime"),
+    ):
         if relative.startswith(prefix):
             return layer
     return "core"
@@ -75,7 +89,9 @@ def imports(source: str, package: str) -> list[tuple[str, int, bool]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.append((base, node.lineno, id(node) in top))
     return found
 
@@ -92,7 +108,9 @@ def violations(relative: str, source: str) -> list[str]:
         target = layer_of_module(name)
         if layer == "cli":
             if module_level and target not in ("core", "cli") and name.split(".")[0] not in {"click"}:
-                out.append(f"{relative}:{line}: CLI module imports {name} at module level; import it inside the command")
+                out.append(
+                    f"{relative}:{line}: CLI module imports {name} at module level; import it inside the command"
+                )
             continue
         if target is None:
             if layer == "runtime" and _extra_import(relative, name.split(".")[0], module_level):
@@ -100,7 +118,9 @@ def violations(relative: str, source: str) -> list[str]:
             if layer in ("core", "runtime") and name.split(".")[0] not in DEVICE_THIRD_PARTY:
                 out.append(f"{relative}:{line}: {layer} imports {name}, which a device's base install does not have")
         elif target not in ALLOWED[layer]:
-            out.append(f"{relative}:{line}: {layer} imports {name} ({target}); the layout allows {sorted(ALLOWED[layer])}")
+            out.append(
+                f"{relative}:{line}: {layer} imports {name} ({target}); the layout allows {sorted(ALLOWED[layer])}"
+            )
     return out
 
 
@@ -153,7 +173,11 @@ def test_each_wing_imports_only_the_wings_before_it():
         ("runtime/engine/state.py", "def f():\n    from edgegpt.runtime.generation.sampling import Sampler\n", True),
         ("runtime/generation/generator.py", "from ..serve.scheduler import Scheduler\n", True),
         ("runtime/serve/app.py", "from edgegpt.runtime.generation.generator import Generator\n", False),
-        ("runtime/engine/slots.py", "from .cache import SharedBufferKVCache\nfrom ..model.bundle import Bundle\n", False),
+        (
+            "runtime/engine/slots.py",
+            "from .cache import SharedBufferKVCache\nfrom ..model.bundle import Bundle\n",
+            False,
+        ),
     ],
 )
 def test_the_wing_check_sees_an_import_against_the_order(relative, source, broken):
@@ -174,7 +198,10 @@ def test_the_wing_check_sees_an_import_against_the_order(relative, source, broke
         ("runtime/generation/constraints.py", "import llguidance\n"),
         ("edgegpt/config.py", "def f():\n    import llguidance\n"),
         ("edgegpt/cli.py", "from edgegpt.train.trainer import train\n"),
-        ("runtime/generation/templates.py", "import jinja2\n"),  # an extra's library at module level outside its package
+        (
+            "runtime/generation/templates.py",
+            "import jinja2\n",
+        ),  # an extra's library at module level outside its package
         ("runtime/serve/app.py", "import torch\n"),
     ],
 )
@@ -185,8 +212,14 @@ def test_the_checker_refuses_an_import_against_the_rule(relative, source):
 @pytest.mark.parametrize(
     "relative, source",
     [
-        ("runtime/generation/generator.py", "import numpy as np\nimport onnxruntime as ort\nfrom edgegpt.errors import EdgeGPTError\n"),
-        ("export/quantize.py", "import onnx\nfrom edgegpt.runtime.model.bundle import Bundle\nfrom edgegpt.train.model import SimpleGPT\n"),
+        (
+            "runtime/generation/generator.py",
+            "import numpy as np\nimport onnxruntime as ort\nfrom edgegpt.errors import EdgeGPTError\n",
+        ),
+        (
+            "export/quantize.py",
+            "import onnx\nfrom edgegpt.runtime.model.bundle import Bundle\nfrom edgegpt.train.model import SimpleGPT\n",
+        ),
         ("edgegpt/cli.py", "import click\ndef f():\n    from edgegpt.train.trainer import train\n"),
         ("runtime/engine/state.py", "from .binding import Binding\n"),
         ("runtime/serve/app.py", "from starlette.applications import Starlette\n"),
@@ -203,7 +236,8 @@ def test_every_runtime_module_loads_without_torch_or_onnx():
     modules = sorted(
         "edgegpt." + ".".join(p.relative_to(ROOT).with_suffix("").parts)
         for p in (ROOT / "runtime").rglob("*.py")
-        if p.stem != "__init__" and not any(m.split(".")[0] in extras for m, _, top in imports(p.read_text(), "") if top)
+        if p.stem != "__init__"
+        and not any(m.split(".")[0] in extras for m, _, top in imports(p.read_text(), "") if top)
     )  # every module a base install can load: all but those that import an extra's library at module level
     code = (
         "import importlib, sys\n"
@@ -219,11 +253,20 @@ def private_names(source: str) -> set[str]:
     """The private names a module defines: `_function`, `_Class`, `_CONSTANT`, `self._attribute`."""
     names = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name.startswith("_") and not node.name.startswith("__"):
+        if (
+            isinstance(node, (ast.FunctionDef, ast.ClassDef))
+            and node.name.startswith("_")
+            and not node.name.startswith("__")
+        ):
             names.add(node.name)
         elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr.startswith("_"):
             names.add(node.attr)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id.startswith("_") and node.id != "_":
+        elif (
+            isinstance(node, ast.Name)
+            and isinstance(node.ctx, ast.Store)
+            and node.id.startswith("_")
+            and node.id != "_"
+        ):
             names.add(node.id)
     return {n for n in names if not n.startswith("__")}
 
@@ -245,7 +288,11 @@ def test_nothing_outside_the_runtime_uses_its_private_names():
     others = {path: path.read_text() for d in ("edgegpt", "export", "tests") for path in (ROOT / d).rglob("*.py")}
     defined_elsewhere = set().union(*(private_names(text) for text in others.values()))
     private = set().union(*(private_names(text) for text in runtime.values())) - defined_elsewhere
-    uses = [f"{p.relative_to(ROOT)}:{line}: {name}" for p, text in others.items() for name, line in private_uses(text, private)]
+    uses = [
+        f"{p.relative_to(ROOT)}:{line}: {name}"
+        for p, text in others.items()
+        for name, line in private_uses(text, private)
+    ]
     assert not uses, "private runtime names used outside runtime/:\n" + "\n".join(uses)
 
 
@@ -261,8 +308,13 @@ def test_the_readme_layout_names_every_module():
     """README's Layout block lists each package folder and every module in it, and nothing that is gone."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Layout", 1)[1].split("```")[1]
-    folders = {"edgegpt/": ROOT / "edgegpt", "edgegpt/train/": ROOT / "edgegpt/train", "edgegpt/bench/": ROOT / "edgegpt/bench",
-               "export/": ROOT / "export", "runtime/": ROOT / "runtime"}  # fmt: skip
+    folders = {
+        "edgegpt/": ROOT / "edgegpt",
+        "edgegpt/train/": ROOT / "edgegpt/train",
+        "edgegpt/bench/": ROOT / "edgegpt/bench",
+        "export/": ROOT / "export",
+        "runtime/": ROOT / "runtime",
+    }
     sections, current = {}, None
     for line in block.splitlines():
         head = line.split(" ", 1)[0]
@@ -275,5 +327,7 @@ def test_the_readme_layout_names_every_module():
         modules = {p.stem for p in path.glob("*.py") if p.stem != "__init__"} | {p.name for p in path.glob("*.json")}
         missing = sorted(m for m in modules if m not in sections[folder])
         assert not missing, f"README's layout misses {folder}: {missing}"
-        gone = sorted(name for name in re.findall(r"\b(\w+\.(?:py|json))\b", sections[folder]) if not (path / name).exists())
+        gone = sorted(
+            name for name in re.findall(r"\b(\w+\.(?:py|json))\b", sections[folder]) if not (path / name).exists()
+        )
         assert not gone, f"README's layout names files that {folder} does not have: {gone}"

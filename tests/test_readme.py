@@ -43,5 +43,7 @@ def test_every_quick_start_line_runs(tmp_path):
         script.append(f"echo /exit | {command}" if command.startswith("edgegpt chat") else command)
     script.append("echo the-end")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0 and proc.stdout.endswith("the-end\n"), proc.stderr[-4000:]

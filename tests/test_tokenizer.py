@@ -24,8 +24,15 @@ from edgegpt.tokenizer import (
 # (low, high) code point ranges, drawn from with equal weight: ASCII, Latin-1, combining marks, Greek,
 # Cyrillic, CJK, Hangul, emoji, astral symbols, whitespace; plus any scalar value at all.
 RANGES = [
-    (0x20, 0x7E), (0xA0, 0xFF), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF), (0x4E00, 0x9FFF),
-    (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF), (0x10000, 0x10FFFF),
+    (0x20, 0x7E),
+    (0xA0, 0xFF),
+    (0x300, 0x36F),
+    (0x370, 0x3FF),
+    (0x400, 0x4FF),
+    (0x4E00, 0x9FFF),
+    (0xAC00, 0xD7A3),
+    (0x1F300, 0x1FAFF),
+    (0x10000, 0x10FFFF),
 ]
 WHITESPACE = "\n\t\r \u00a0\u2028"
 SPECIAL_SNIPPETS = ["👩\u200d💻", "e\u0301", "🇫🇷", "\ufeff", "<|endoftext|>", "\x00", "\r\n"]

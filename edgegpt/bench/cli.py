@@ -38,28 +38,67 @@ def _csv(kind=str):
 
 # BenchConfig field -> how its flag differs from a plain --field-name (the defaults stay in BenchConfig).
 _BENCH_FLAGS = {
-    "formats": {"callback": _csv(), "help": "Bundle formats: fp32,fp16,int8,int4. [default: fp32,int8,int4; with --provider cuda also fp16]"},
+    "formats": {
+        "callback": _csv(),
+        "help": "Bundle formats: fp32,fp16,int8,int4. [default: fp32,int8,int4; with --provider cuda also fp16]",
+    },
     "backends": {"callback": _csv(), "help": "torch,edgegpt,genai. [default: all three]"},
-    "runs": {"type": click.IntRange(min=1), "help": "Rounds (interleaved when comparing); figures are medians over them. [default: 5]"},
-    "prompt_tokens": {"type": click.IntRange(min=1), "help": "Prompt length. [default: 128; a bundle alone: at most half its context]"},
-    "new_tokens": {"type": click.IntRange(min=2), "help": "Tokens generated per run. [default: 128; a bundle alone: at most half its context]"},
+    "runs": {
+        "type": click.IntRange(min=1),
+        "help": "Rounds (interleaved when comparing); figures are medians over them. [default: 5]",
+    },
+    "prompt_tokens": {
+        "type": click.IntRange(min=1),
+        "help": "Prompt length. [default: 128; a bundle alone: at most half its context]",
+    },
+    "new_tokens": {
+        "type": click.IntRange(min=2),
+        "help": "Tokens generated per run. [default: 128; a bundle alone: at most half its context]",
+    },
     "batch": {"callback": _csv(int), "help": "Batch sizes to time. [default: 1,8; a bundle alone: 1]"},
-    "threads": {"type": click.IntRange(min=1), "help": "Threads of every backend. [default: 2; a bundle alone: one per core]"},
+    "threads": {
+        "type": click.IntRange(min=1),
+        "help": "Threads of every backend. [default: 2; a bundle alone: one per core]",
+    },
     "provider": {"type": click.Choice(["cpu", "cuda"]), "help": "[default: cpu]"},
-    "spinning": {"flags": ("--spinning/--no-spinning",), "help": "Busy-waiting onnxruntime threads (edgegpt and genai). [default: on]"},
-    "huge_pages": {"flags": ("--huge-pages/--no-huge-pages",), "help": "edgegpt's weights in 2 MiB pages (CPU, Linux). [default: on]"},
+    "spinning": {
+        "flags": ("--spinning/--no-spinning",),
+        "help": "Busy-waiting onnxruntime threads (edgegpt and genai). [default: on]",
+    },
+    "huge_pages": {
+        "flags": ("--huge-pages/--no-huge-pages",),
+        "help": "edgegpt's weights in 2 MiB pages (CPU, Linux). [default: on]",
+    },
     "seed": {"type": int, "help": "Seeds the prompts and a preset's weights. [default: 0]"},
     # A bundle alone: speculative decoding against plain decoding on real text (edgegpt.runtime.bench_speculative).
     "lookup": {"is_flag": True, "help": "Time prompt-lookup speculative decoding against plain decoding on --text."},
-    "draft": {"type": click.Path(exists=True, file_okay=False), "help": "Time speculative decoding with this draft bundle (same tokenizer) on --text."},
-    "text": {"type": click.Path(exists=True), "multiple": True,
-             "help": "With --lookup/--draft: a text file or a directory of them to continue (repeatable; one table row per source)."},
-    "prompts": {"type": click.IntRange(min=1), "help": "With --lookup/--draft: prompts per --text source. [default: 4]"},
-    "draft_tokens": {"type": click.IntRange(1, 64), "help": "With --lookup/--draft: drafts per call at most. [default: 4]"},
+    "draft": {
+        "type": click.Path(exists=True, file_okay=False),
+        "help": "Time speculative decoding with this draft bundle (same tokenizer) on --text.",
+    },
+    "text": {
+        "type": click.Path(exists=True),
+        "multiple": True,
+        "help": "With --lookup/--draft: a text file or a directory of them to continue (repeatable; one table row per source).",
+    },
+    "prompts": {
+        "type": click.IntRange(min=1),
+        "help": "With --lookup/--draft: prompts per --text source. [default: 4]",
+    },
+    "draft_tokens": {
+        "type": click.IntRange(1, 64),
+        "help": "With --lookup/--draft: drafts per call at most. [default: 4]",
+    },
     "lookup_ngram": {"type": click.IntRange(1, 16), "help": "With --lookup: the longest suffix matched. [default: 3]"},
-    "temperature": {"type": click.FloatRange(min=0), "help": "With --lookup/--draft: sample at this temperature (drafts mostly fail). [default: 0, greedy]"},
+    "temperature": {
+        "type": click.FloatRange(min=0),
+        "help": "With --lookup/--draft: sample at this temperature (drafts mostly fail). [default: 0, greedy]",
+    },
     # A bundle alone: `edgegpt serve` under concurrent clients (edgegpt.runtime.serve.bench, the serve extra).
-    "serve_clients": {"callback": _csv(int), "help": "Start `edgegpt serve` on the bundle and time these numbers of concurrent streaming clients, e.g. 1,4,8,16."},
+    "serve_clients": {
+        "callback": _csv(int),
+        "help": "Start `edgegpt serve` on the bundle and time these numbers of concurrent streaming clients, e.g. 1,4,8,16.",
+    },
 }
 _SPECULATIVE_FLAGS = ("lookup", "draft", "text", "prompts", "draft_tokens", "lookup_ngram", "temperature")
 _ONE_BUNDLE_FLAGS = (*_SPECULATIVE_FLAGS, "serve_clients")
@@ -67,17 +106,41 @@ _ONE_BUNDLE_FLAGS = (*_SPECULATIVE_FLAGS, "serve_clients")
 
 @click.command("bench", cls=Command)
 @click.argument("source", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="An existing bundle to measure (repeatable; its format is read from the manifest).")
-@click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), help="A random-weight model of this shape (no training).")
-@click.option("--vocab-size", type=click.IntRange(min=257), help="Vocabulary of the --preset model [default: 512 tiny, 4096 small, 50257 gpt2].")
+@click.option(
+    "--bundle",
+    "bundles",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="An existing bundle to measure (repeatable; its format is read from the manifest).",
+)
+@click.option(
+    "--preset", type=click.Choice(["tiny", "small", "gpt2"]), help="A random-weight model of this shape (no training)."
+)
+@click.option(
+    "--vocab-size",
+    type=click.IntRange(min=257),
+    help="Vocabulary of the --preset model [default: 512 tiny, 4096 small, 50257 gpt2].",
+)
 @field_options(_BENCH_FLAGS)
 @click.option("--short", is_flag=True, help="A quick look: 3 rounds, 32-token prompt, 32 new tokens, batch 1.")
-@click.option("--attention", help="Export the graph with this attention (export_bundle's `attention`, e.g. mha, gqa) [default: the exporter's].")
-@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Build the checkpoint and bundles here and keep them (reused next time) [default: a temporary directory].")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure and the environment here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a bar chart (PNG) here.")
+@click.option(
+    "--attention",
+    help="Export the graph with this attention (export_bundle's `attention`, e.g. mha, gqa) [default: the exporter's].",
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Build the checkpoint and bundles here and keep them (reused next time) [default: a temporary directory].",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write every figure and the environment here.",
+)
+@click.option(
+    "--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a bar chart (PNG) here."
+)
 @click.pass_context
 def bench_command(ctx, source, bundles, preset, vocab_size, short, attention, work_dir, json_path, plot_path, **flags):
     """Time a bundle on this device, or compare PyTorch, the edgegpt runtime and onnxruntime-genai.
@@ -106,8 +169,16 @@ def bench_command(ctx, source, bundles, preset, vocab_size, short, attention, wo
     from edgegpt.manifest import MANIFEST_NAME
 
     if source is not None and (source / MANIFEST_NAME).is_file():
-        comparing = {"--bundle": bundles, "--preset": preset, "--vocab-size": vocab_size, "--attention": attention,
-                     "--work-dir": work_dir, "--plot": plot_path, "--formats": flags["formats"], "--backends": flags["backends"]}  # fmt: skip
+        comparing = {
+            "--bundle": bundles,
+            "--preset": preset,
+            "--vocab-size": vocab_size,
+            "--attention": attention,
+            "--work-dir": work_dir,
+            "--plot": plot_path,
+            "--formats": flags["formats"],
+            "--backends": flags["backends"],
+        }
         wrong = [flag for flag, value in comparing.items() if value]
         if wrong:
             raise click.UsageError(
@@ -125,8 +196,15 @@ def bench_command(ctx, source, bundles, preset, vocab_size, short, attention, wo
     if settings.get("provider") == "cuda" and "formats" not in settings:
         settings["formats"] = ("fp32", "fp16", "int8", "int4")
     config = dataclasses.replace(BenchConfig.short() if short else BenchConfig(), **settings)
-    report = run_bench(config, checkpoint=source, bundles=bundles, preset=preset, vocab_size=vocab_size, work_dir=work_dir,
-                       attention=attention)  # fmt: skip
+    report = run_bench(
+        config,
+        checkpoint=source,
+        bundles=bundles,
+        preset=preset,
+        vocab_size=vocab_size,
+        work_dir=work_dir,
+        attention=attention,
+    )
     click.echo(report.markdown(), nl=False)
     if json_path:
         report.write_json(json_path)
@@ -162,10 +240,16 @@ def _bench_server(bundle: Path, clients: tuple[int, ...], short: bool, json_path
 
     from edgegpt.runtime.serve.bench import ServeBenchConfig, bench_server, markdown
 
-    other = [f"--{k.replace('_', '-')}" for k in settings if k not in ("prompt_tokens", "new_tokens", "runs", "threads", "spinning", "seed")]
+    other = [
+        f"--{k.replace('_', '-')}"
+        for k in settings
+        if k not in ("prompt_tokens", "new_tokens", "runs", "threads", "spinning", "seed")
+    ]
     if other:
-        raise click.UsageError(f"{', '.join(other)} cannot be used with --serve-clients (it takes --prompt-tokens, "
-                               "--new-tokens, --runs, --threads, --spinning and --seed)")  # fmt: skip
+        raise click.UsageError(
+            f"{', '.join(other)} cannot be used with --serve-clients (it takes --prompt-tokens, "
+            "--new-tokens, --runs, --threads, --spinning and --seed)"
+        )
     quick = {"requests": 1, "prompt_tokens": 32, "new_tokens": 32, "history_tokens": 100, "runs": 1} if short else {}
     result = bench_server(bundle, ServeBenchConfig(clients=clients, **{**quick, **settings}))
     click.echo(markdown(result))

@@ -105,7 +105,9 @@ class BenchConfig:
             values = getattr(self, name)
             bad = [v for v in values if v not in allowed]
             if bad or not values or len(set(values)) != len(values):
-                raise ConfigError(f"{name} must be distinct values from {', '.join(allowed)}, got {','.join(values) or 'none'}")
+                raise ConfigError(
+                    f"{name} must be distinct values from {', '.join(allowed)}, got {','.join(values) or 'none'}"
+                )
         if not self.batch:
             raise ConfigError(f"batch must be positive integers, got {self.batch!r}")
         for size in self.batch:
@@ -215,7 +217,9 @@ def run_bench(
     if sum(x is not None and x != () for x in (checkpoint, tuple(bundles), preset)) != 1:
         raise ConfigError("give exactly one source: a CHECKPOINT, --bundle directories or --preset")
     if bundles and (attention or work_dir):
-        raise ConfigError("--attention and --work-dir shape the bundles that bench builds; they do not go with --bundle")
+        raise ConfigError(
+            "--attention and --work-dir shape the bundles that bench builds; they do not go with --bundle"
+        )
     if vocab_size is not None and preset is None:
         raise ConfigError("--vocab-size sizes a --preset model; a checkpoint or bundle has its own vocabulary")
     started = time.perf_counter()
@@ -238,7 +242,12 @@ def run_bench(
 
             ckpt = resolve(checkpoint)  # a run directory -> its checkpoint/
             paths = _build_bundles(ckpt, work, config.formats, attention)
-            source = {"checkpoint": str(ckpt), "preset": preset, "attention": attention, "work_dir": None if temp else str(work)}
+            source = {
+                "checkpoint": str(ckpt),
+                "preset": preset,
+                "attention": attention,
+                "work_dir": None if temp else str(work),
+            }
         report = _measure(config, ckpt, paths, source, env)
         report.wall_s = time.perf_counter() - started
         return report
@@ -262,7 +271,9 @@ def placeholder_tokenizer(vocab_size: int):
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     if not MIN_VOCAB_SIZE <= vocab_size <= MIN_VOCAB_SIZE + len(alphabet) ** 2:
-        raise ConfigError(f"vocab_size must be in {MIN_VOCAB_SIZE}..{MIN_VOCAB_SIZE + len(alphabet) ** 2}, got {vocab_size}")
+        raise ConfigError(
+            f"vocab_size must be in {MIN_VOCAB_SIZE}..{MIN_VOCAB_SIZE + len(alphabet) ** 2}, got {vocab_size}"
+        )
     vocab = {EOT: 0, **{ch: i + 1 for i, ch in enumerate(alphabet)}}
     merges = []
     pairs = ((a, b) for a in alphabet for b in alphabet)
@@ -373,7 +384,9 @@ def decode_weight_bytes(model_path: Path) -> dict[str, int]:
             consumers.setdefault(name, set()).add(node.op_type)
     read = gathered = 0
     for init in model.graph.initializer:
-        size = int(np.prod(init.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        size = (
+            int(np.prod(init.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        )
         ops = consumers.get(init.name, set())
         if ops and all(op.startswith("Gather") for op in ops):
             gathered += size
@@ -385,7 +398,11 @@ def decode_weight_bytes(model_path: Path) -> dict[str, int]:
 def _bundle_info(path: Path) -> dict[str, Any]:
     manifest = read_manifest(path)
     model = model_files(manifest)
-    sizes = {name: (path / name).stat().st_size for name in [*manifest.get("files", {}), MANIFEST_NAME] if (path / name).is_file()}
+    sizes = {
+        name: (path / name).stat().st_size
+        for name in [*manifest.get("files", {}), MANIFEST_NAME]
+        if (path / name).is_file()
+    }
     info = {
         "path": str(path),
         "size_bytes": sum(sizes.values()),
@@ -418,7 +435,9 @@ def _subjects(config: BenchConfig, ckpt: Path | None, paths: dict[str, Path], no
         if fmt not in paths:
             notes.append(f"{fmt}: no bundle (quantization unavailable or not given)")
     if not subjects:
-        raise BenchError("nothing to measure: no backend has weights to run; check --backends, --formats and the source")
+        raise BenchError(
+            "nothing to measure: no backend has weights to run; check --backends, --formats and the source"
+        )
     return subjects
 
 
@@ -448,11 +467,25 @@ def _measure(config: BenchConfig, ckpt: Path | None, paths: dict[str, Path], sou
     subjects = _subjects(config, ckpt, paths, notes)
     eot = _eot_id(ckpt, paths)
     prompts = make_prompts(model_cfg.vocab_size, eot, max(config.batch), config.prompt_tokens, config.seed)
-    report = BenchReport(config=config, model={**model_cfg.to_dict(), "eot_token_id": eot}, source=source,
-                         environment=env, subjects=subjects, bundles=bundles, notes=notes)  # fmt: skip
-    spec = {"threads": config.threads, "provider": config.provider, "spinning": config.spinning, "huge_pages": config.huge_pages,
-            "prompts": prompts, "new_tokens": config.new_tokens, "batches": sorted(config.batch),
-            "text": _prompt_text(next(iter(paths.values()), ckpt), prompts[0])}  # fmt: skip
+    report = BenchReport(
+        config=config,
+        model={**model_cfg.to_dict(), "eot_token_id": eot},
+        source=source,
+        environment=env,
+        subjects=subjects,
+        bundles=bundles,
+        notes=notes,
+    )
+    spec = {
+        "threads": config.threads,
+        "provider": config.provider,
+        "spinning": config.spinning,
+        "huge_pages": config.huge_pages,
+        "prompts": prompts,
+        "new_tokens": config.new_tokens,
+        "batches": sorted(config.batch),
+        "text": _prompt_text(next(iter(paths.values()), ckpt), prompts[0]),
+    }
     items: list[Subject | None] = [*subjects]
     if config.provider == "cpu":
         items.append(None)  # None: the (host) memory bandwidth probe
@@ -493,11 +526,20 @@ def _run_subject(report: BenchReport, subject: Subject, spec: dict, r: int) -> b
     if subject.backend == "edgegpt" and min(config.batch) == 1:  # `edgegpt generate` itself, for its memory
         result["cli"] = _spawn({**spec, "kind": "cli", "path": str(subject.path)})
         if not result["cli"].get("ok"):
-            report.notes.append(f"{subject.name}: `edgegpt generate` failed in round {r + 1}: {result['cli'].get('error')}")
+            report.notes.append(
+                f"{subject.name}: `edgegpt generate` failed in round {r + 1}: {result['cli'].get('error')}"
+            )
     report.runs.setdefault(subject.name, []).append(result)
     first = result["batches"][str(min(config.batch))]
-    log.info("round %d/%d: %-13s decode %8.1f tok/s, first token %7.1f ms, peak RSS %6.0f MB",
-             r + 1, config.runs, subject.name, first["decode_tok_s"], first["ttft_s"] * 1e3, result["peak_rss_mb"])  # fmt: skip
+    log.info(
+        "round %d/%d: %-13s decode %8.1f tok/s, first token %7.1f ms, peak RSS %6.0f MB",
+        r + 1,
+        config.runs,
+        subject.name,
+        first["decode_tok_s"],
+        first["ttft_s"] * 1e3,
+        result["peak_rss_mb"],
+    )
     return True
 
 

@@ -20,7 +20,9 @@ __all__ = ["environment", "markdown", "plot", "summarize", "to_json"]
 
 FIGURES = ("ttft_s", "prefill_tok_s", "decode_tok_s", "step_p50_ms", "step_p95_ms", "python_share", "peak_rss_mb")
 TARGETS = json.loads(resources.files("edgegpt.bench").joinpath("targets.json").read_text(encoding="utf-8"))
-SHAPES = {name: tuple(shape) for name, shape in TARGETS["shapes"].items()}  # (n_layer, n_head, n_embd) of each target shape
+SHAPES = {
+    name: tuple(shape) for name, shape in TARGETS["shapes"].items()
+}  # (n_layer, n_head, n_embd) of each target shape
 NOISY_PROBE_SPREAD = 0.15  # probe rounds further apart than this (of the best) mean the machine was shared
 BUSY_SHARE = 0.25  # more of the CPU time than this taken by other work before the run: a busy machine
 
@@ -36,7 +38,11 @@ def environment() -> dict[str, Any]:
     """CPU model, cores, memory, load, package versions and onnxruntime providers of this machine."""
     import importlib.metadata as md
 
-    env: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "machine": platform.machine()}
+    env: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
     cpu, flags = platform.processor() or "?", ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -62,7 +68,16 @@ def environment() -> dict[str, Any]:
     except ImportError:
         pass
     versions = {}
-    for dist in ("edgegpt", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "numpy", "tokenizers"):
+    for dist in (
+        "edgegpt",
+        "torch",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnxruntime-genai",
+        "numpy",
+        "tokenizers",
+    ):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -171,10 +186,17 @@ def summarize(report) -> dict[str, Any]:
         runs = report.runs.get(subject.name)
         if not runs:
             continue
-        row: dict[str, Any] = {"name": subject.name, "backend": subject.backend, "format": subject.format, "runs": len(runs)}
+        row: dict[str, Any] = {
+            "name": subject.name,
+            "backend": subject.backend,
+            "format": subject.format,
+            "runs": len(runs),
+        }
         for batch in sorted(config.batch):
             figures = [r["batches"][str(batch)] for r in runs]
-            row[f"batch_{batch}"] = {k: _stats([f.get(k) for f in figures]) for k in FIGURES if any(k in f for f in figures)}
+            row[f"batch_{batch}"] = {
+                k: _stats([f.get(k) for f in figures]) for k in FIGURES if any(k in f for f in figures)
+            }
         row["peak_rss_mb"] = _stats([r["peak_rss_mb"] for r in runs])  # all batch sizes
         row["generate_peak_rss_mb"] = _stats([r["cli"]["peak_rss_mb"] for r in runs if (r.get("cli") or {}).get("ok")])
         row["load_s"] = _stats([r.get("load_s") for r in runs])
@@ -235,8 +257,12 @@ def _check(target: dict, row: dict, b1: int) -> dict[str, Any] | None:
         return None
     value, above = stat["median"], "at_least" in target
     threshold = target["at_least"] if above else target["below"]
-    return {"target": target["text"].format(format=row.get("format")), "value": value, "threshold": threshold,
-            "met": value >= threshold if above else value < threshold}
+    return {
+        "target": target["text"].format(format=row.get("format")),
+        "value": value,
+        "threshold": threshold,
+        "met": value >= threshold if above else value < threshold,
+    }
 
 
 def _figure(row: dict, path: list[str], b1: int) -> Any:
@@ -285,25 +311,60 @@ def markdown(report) -> str:
     bw = summary["bandwidth"]
     if bw:
         gemv = f", onnxruntime GEMV {bw['ort_gemv_gbs']:.1f}" if bw.get("ort_gemv_gbs") else ""
-        lines.append(f"Memory read bandwidth ({config.threads} threads, best of {len(bw['probes'])}): "
-                     f"**{bw['gbs']:.1f} GB/s** (numpy {bw['numpy_max_gbs']:.1f}{gemv}).")
+        lines.append(
+            f"Memory read bandwidth ({config.threads} threads, best of {len(bw['probes'])}): "
+            f"**{bw['gbs']:.1f} GB/s** (numpy {bw['numpy_max_gbs']:.1f}{gemv})."
+        )
     lines += ["", f"Median (min-max) of {config.runs} interleaved rounds, one fresh process per backend per round.", ""]
-    head = ["backend", "load s", "first token ms", "prefill tok/s", f"decode tok/s b{b1}", "p50 ms/token", "p95 ms/token"]
+    head = [
+        "backend",
+        "load s",
+        "first token ms",
+        "prefill tok/s",
+        f"decode tok/s b{b1}",
+        "p50 ms/token",
+        "p95 ms/token",
+    ]
     head += [f"decode tok/s b{b}" for b in batches if b != b1]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for row in summary["rows"]:
         f1 = row[f"batch_{b1}"]
-        cells = [row["name"], _auto(row.get("load_s")), _auto(f1.get("ttft_s"), 1e3), _auto(f1.get("prefill_tok_s")),
-                 _auto(f1.get("decode_tok_s")), _auto(f1.get("step_p50_ms")), _auto(f1.get("step_p95_ms"))]
+        cells = [
+            row["name"],
+            _auto(row.get("load_s")),
+            _auto(f1.get("ttft_s"), 1e3),
+            _auto(f1.get("prefill_tok_s")),
+            _auto(f1.get("decode_tok_s")),
+            _auto(f1.get("step_p50_ms")),
+            _auto(f1.get("step_p95_ms")),
+        ]
         cells += [_auto(row[f"batch_{b}"].get("decode_tok_s")) for b in batches if b != b1]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["backend", "x torch", "x fp32", "edgegpt / genai", "weights read MB/token", "bound tok/s", "of bound",
-            "peak RSS MB (b%d)" % b1, "`generate` RSS MB", "size MB", "python share", "tokens = ref"]
+    head = [
+        "backend",
+        "x torch",
+        "x fp32",
+        "edgegpt / genai",
+        "weights read MB/token",
+        "bound tok/s",
+        "of bound",
+        "peak RSS MB (b%d)" % b1,
+        "`generate` RSS MB",
+        "size MB",
+        "python share",
+        "tokens = ref",
+    ]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for row in summary["rows"]:
         f1 = row[f"batch_{b1}"]
         agreement = row.get("agreement")
-        agree = f"{agreement['equal_prefix']}/{agreement['of']} ({row['agreement_with']})" if agreement else "ref" if row["backend"] == "torch" else "-"
+        agree = (
+            f"{agreement['equal_prefix']}/{agreement['of']} ({row['agreement_with']})"
+            if agreement
+            else "ref"
+            if row["backend"] == "torch"
+            else "-"
+        )
         share = f1.get("python_share")
         cells = [
             row["name"],
@@ -312,7 +373,9 @@ def markdown(report) -> str:
             _auto(row.get("edgegpt_over_genai"), spread=False),
             f"{row['weights_read_bytes'] / 1e6:,.1f}" if row.get("weights_read_bytes") else "-",
             f"{row['bound_tok_s']:,.0f}" if row.get("bound_tok_s") else "-",
-            ("in L3" if row.get("weights_fit_l3") else f"{row['of_bound']['median']:.0%}") if row.get("of_bound") else "-",
+            ("in L3" if row.get("weights_fit_l3") else f"{row['of_bound']['median']:.0%}")
+            if row.get("of_bound")
+            else "-",
             _fmt(f1.get("peak_rss_mb"), spread=False),
             _fmt(row.get("generate_peak_rss_mb"), spread=False),
             f"{row['size_bytes'] / 1e6:,.1f}" if row.get("size_bytes") else "-",
@@ -321,17 +384,24 @@ def markdown(report) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     hp = "with" if config.huge_pages else "without"
-    lines += ["", f"Load: checkpoint or bundle to a ready model (edgegpt: {hp} its move to huge pages). "
-              f"Ratios are medians of per-round ratios (decode tok/s, batch {b1}). Bound = bandwidth / weights read "
-              "per token (embedding tables excluded, KV cache not counted); 'in L3': the weights fit in the L3 cache, so "
-              "no DRAM bound applies. Python share: time outside session.run in the edgegpt loop. Peak RSS: the "
-              "backend's own process (torch's includes torch itself); `generate` RSS: the `edgegpt generate` command "
-              "on the same prompt. Torch size: the checkpoint."]
+    lines += [
+        "",
+        f"Load: checkpoint or bundle to a ready model (edgegpt: {hp} its move to huge pages). "
+        f"Ratios are medians of per-round ratios (decode tok/s, batch {b1}). Bound = bandwidth / weights read "
+        "per token (embedding tables excluded, KV cache not counted); 'in L3': the weights fit in the L3 cache, so "
+        "no DRAM bound applies. Python share: time outside session.run in the edgegpt loop. Peak RSS: the "
+        "backend's own process (torch's includes torch itself); `generate` RSS: the `edgegpt generate` command "
+        "on the same prompt. Torch size: the checkpoint.",
+    ]
     if summary["targets"]:
         lines += ["", "Targets (met if the median ratio meets the threshold; set for 2 threads, batch 1, CPU):", ""]
         for t in summary["targets"]:
             mark = "met" if t["met"] else "MISSED"
-            value = f"{t['value']:.0%}" if t["threshold"] < 1 and "bound" in t["target"] else _ratio_text(t["value"], t["threshold"])
+            value = (
+                f"{t['value']:.0%}"
+                if t["threshold"] < 1 and "bound" in t["target"]
+                else _ratio_text(t["value"], t["threshold"])
+            )
             if "RSS" in t["target"]:
                 value = f"{t['value']:.0f} MB"
             lines.append(f"- [{'x' if t['met'] else ' '}] {t['target']}: {value} ({mark})")
@@ -361,16 +431,24 @@ def _noise_notes(env: dict, probes: list[dict]) -> list[str]:
     start = env.get("cpu_busy_start")
     busy = start["busy"] if start else (env.get("loadavg_start") or [0])[0] / cpus
     if busy > BUSY_SHARE:
-        seen = f"{busy:.0%} of the CPU time taken by other work" if start else f"load average {busy * cpus:.1f} on {cpus} CPUs"
-        notes.append(f"the machine was busy before the run ({seen}): figures are noisy and low, PyTorch's OpenMP "
-                     "threads most of all; measure on a quiet machine for figures to report")
+        seen = (
+            f"{busy:.0%} of the CPU time taken by other work"
+            if start
+            else f"load average {busy * cpus:.1f} on {cpus} CPUs"
+        )
+        notes.append(
+            f"the machine was busy before the run ({seen}): figures are noisy and low, PyTorch's OpenMP "
+            "threads most of all; measure on a quiet machine for figures to report"
+        )
     if start and start["steal"] > BUSY_SHARE / 5:
         notes.append(f"the hypervisor gave {start['steal']:.0%} of this VM's CPU time to other guests before the run")
     rates = [p["gbs"] for p in probes if p.get("gbs")]
     if len(rates) > 1 and (max(rates) - min(rates)) / max(rates) > NOISY_PROBE_SPREAD:
-        notes.append(f"the bandwidth probe ranged {min(rates):.1f}-{max(rates):.1f} GB/s over the rounds (the same work "
-                     "each time): something else shared the cores or memory (on a VM, other tenants of the host); "
-                     "compare the per-round ratios, not absolute figures")
+        notes.append(
+            f"the bandwidth probe ranged {min(rates):.1f}-{max(rates):.1f} GB/s over the rounds (the same work "
+            "each time): something else shared the cores or memory (on a VM, other tenants of the host); "
+            "compare the per-round ratios, not absolute figures"
+        )
     return notes
 
 
@@ -384,7 +462,9 @@ def _env_line(env: dict) -> str:
     elif env.get("loadavg_start"):
         load = f"; load average {env['loadavg_start'][0]:.1f} at start"
     flags = "/".join(env.get("cpu_flags", []))
-    cpu = env.get("cpu", "?") + (" family %s model %s" % tuple(env["cpu_id"]) if len(env.get("cpu_id", [])) == 2 else "")
+    cpu = env.get("cpu", "?") + (
+        " family %s model %s" % tuple(env["cpu_id"]) if len(env.get("cpu_id", [])) == 2 else ""
+    )
     return f"Machine: {cpu} ({cores} CPUs{', ' + flags if flags else ''}, {env.get('memory_gib', '?')} GiB); {shown}{load}."
 
 
@@ -418,19 +498,31 @@ def plot(report, path: Path) -> Path:
     rows, batches = summary["rows"], sorted(report.config.batch)
     b1 = summary["batch_1"]
     panels = [(f"decode tokens/s, batch {b}", f"batch_{b}", "decode_tok_s", 1.0) for b in batches]
-    panels.append((f"time to first token, ms (batch {b1}, {report.config.prompt_tokens}-token prompt)", f"batch_{b1}", "ttft_s", 1e3))
+    panels.append(
+        (
+            f"time to first token, ms (batch {b1}, {report.config.prompt_tokens}-token prompt)",
+            f"batch_{b1}",
+            "ttft_s",
+            1e3,
+        )
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.2), squeeze=False)
     names = [row["name"] for row in rows]
     colors = {"torch": "#888888", "edgegpt": "#1f77b4", "genai": "#ff7f0e"}
     for ax, (title, batch, key, scale) in zip(axes[0], panels):
         stats = [row[batch].get(key) for row in rows]
         med = [s["median"] * scale if s else 0 for s in stats]
-        err = [[(s["median"] - s["min"]) * scale if s else 0 for s in stats], [(s["max"] - s["median"]) * scale if s else 0 for s in stats]]
+        err = [
+            [(s["median"] - s["min"]) * scale if s else 0 for s in stats],
+            [(s["max"] - s["median"]) * scale if s else 0 for s in stats],
+        ]
         ax.bar(range(len(rows)), med, yerr=err, capsize=3, color=[colors.get(r["backend"], "#555555") for r in rows])
         ax.set_yscale("log")  # ratios between backends read as equal steps
         for i, value in enumerate(med):
             if value > 0:
-                ax.annotate(f"{value:,.3g}", (i, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+                ax.annotate(
+                    f"{value:,.3g}", (i, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7
+                )
         if key == "decode_tok_s" and batch == f"batch_{b1}":
             for i, row in enumerate(rows):
                 if row.get("bound_tok_s") and not row.get("weights_fit_l3"):
@@ -442,8 +534,11 @@ def plot(report, path: Path) -> Path:
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     model = report.model
-    fig.suptitle(f"edgegpt bench: {model['n_layer']} x {model['n_embd']}, vocab {model['vocab_size']}, "
-                 f"{report.config.threads} threads, median (min-max) of {report.config.runs} rounds", fontsize=10)
+    fig.suptitle(
+        f"edgegpt bench: {model['n_layer']} x {model['n_embd']}, vocab {model['vocab_size']}, "
+        f"{report.config.threads} threads, median (min-max) of {report.config.runs} rounds",
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

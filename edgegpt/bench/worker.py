@@ -89,8 +89,13 @@ def _edgegpt(spec: dict) -> dict[str, Any]:
     from edgegpt.runtime.bench import time_generation
 
     started = time.perf_counter()
-    gen = Generator.load(spec["path"], provider=spec["provider"], threads=spec["threads"], spinning=spec["spinning"],
-                         huge_pages=spec["huge_pages"])
+    gen = Generator.load(
+        spec["path"],
+        provider=spec["provider"],
+        threads=spec["threads"],
+        spinning=spec["spinning"],
+        huge_pages=spec["huge_pages"],
+    )
     load_s = time.perf_counter() - started
 
     def run(prompts, new_tokens):
@@ -114,8 +119,12 @@ def _genai(spec: dict) -> dict[str, Any]:
 
     config = og.Config(spec["path"])
     spin = "1" if spec["spinning"] else "0"  # as edgegpt's session
-    session = {"intra_op_num_threads": spec["threads"], "inter_op_num_threads": 1,
-               "session.intra_op.allow_spinning": spin, "session.inter_op.allow_spinning": spin}  # fmt: skip
+    session = {
+        "intra_op_num_threads": spec["threads"],
+        "inter_op_num_threads": 1,
+        "session.intra_op.allow_spinning": spin,
+        "session.inter_op.allow_spinning": spin,
+    }
     # eos_token_id [] turns off the end-of-text stop: every backend generates exactly new_tokens tokens.
     config.overlay(json.dumps({"model": {"eos_token_id": [], "decoder": {"session_options": session}}}))
     config.clear_providers()  # genai's default: the CPU
@@ -188,7 +197,10 @@ def _ort_gemv(threads: int, n: int, repeats: int) -> float:
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         "gemv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]), helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, cols])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, cols]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -214,8 +226,21 @@ def _cli(spec: dict) -> dict[str, Any]:
 
     from edgegpt.cli import main as cli
 
-    args = ["generate", "-n", str(spec["new_tokens"]), "--ignore-eos", "--temperature", "0",
-            "--threads", str(spec["threads"]), "--provider", spec["provider"], "--", spec["path"], spec["text"]]  # fmt: skip
+    args = [
+        "generate",
+        "-n",
+        str(spec["new_tokens"]),
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--threads",
+        str(spec["threads"]),
+        "--provider",
+        spec["provider"],
+        "--",
+        spec["path"],
+        spec["text"],
+    ]
     started = time.perf_counter()
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         try:
@@ -223,7 +248,11 @@ def _cli(spec: dict) -> dict[str, Any]:
         except SystemExit as exc:
             if exc.code:
                 raise RuntimeError(f"edgegpt generate exited {exc.code}") from None
-    return {"peak_rss_mb": peak_rss_mb(), "wall_s": time.perf_counter() - started, "torch_imported": "torch" in sys.modules}
+    return {
+        "peak_rss_mb": peak_rss_mb(),
+        "wall_s": time.perf_counter() - started,
+        "torch_imported": "torch" in sys.modules,
+    }
 
 
 KINDS = {"torch": _torch, "edgegpt": _edgegpt, "genai": _genai, "cli": _cli}

@@ -198,8 +198,13 @@ def load_tensors_only(file: Path) -> Any:
         # what the file asked for is kept, and the chain is cut so that --debug does not show the suggestion.
         found = re.search(r"unsupported global:?(?: GLOBAL)? ([\w.]+)", str(exc), re.IGNORECASE)
         reason = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(exc))
-        asks = (f"it asks to import {found[1]} while loading" if found else
-                f"it holds more than tensors ({reason[1].strip()})" if reason else "it holds more than tensors")
+        asks = (
+            f"it asks to import {found[1]} while loading"
+            if found
+            else f"it holds more than tensors ({reason[1].strip()})"
+            if reason
+            else "it holds more than tensors"
+        )
     raise CheckpointError(
         f"{file}: refused: {asks}. Loading it would run code of the file's choosing, which a file of weights never "
         "needs: it may be hostile. Do not load it; use a file you can trust (train again, or download it again "

@@ -39,7 +39,15 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "eval_interval",
+            "eval_iters",
+            "save_interval",
+            "log_interval",
+        ):
             check_int(name, getattr(self, name), low=1)
         check_int("warmup_steps", self.warmup_steps)
         check_real("learning_rate", self.learning_rate, low=0.0, low_open=True)

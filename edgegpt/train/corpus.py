@@ -19,7 +19,14 @@ import torch
 
 from edgegpt.train.checkpoint import load_checkpoint, load_train_state, resolve
 from edgegpt.config import PRESETS, GPTConfig
-from edgegpt.train.data import check_enough, corpus_texts_for_tokenizer, find_corpus_files, load_token_ids, read_corpus, split_ids
+from edgegpt.train.data import (
+    check_enough,
+    corpus_texts_for_tokenizer,
+    find_corpus_files,
+    load_token_ids,
+    read_corpus,
+    split_ids,
+)
 from edgegpt.errors import ConfigError
 from edgegpt.files import LOCK_NAME, aside, run_lock
 from edgegpt.train.model import SimpleGPT
@@ -47,7 +54,7 @@ def _train_config(config_file: Path | None, base: dict[str, Any], overrides: dic
             raise ConfigError(f"{config_file}: cannot read training config ({exc})") from exc
         if not isinstance(from_file, dict):
             raise ConfigError(
-                f"{config_file}: a training config is a JSON object of TrainConfig fields (e.g. {{\"steps\": 500}}), "
+                f'{config_file}: a training config is a JSON object of TrainConfig fields (e.g. {{"steps": 500}}), '
                 f"got a JSON {type(from_file).__name__}"
             )
     return TrainConfig.from_dict({**base, **from_file, **overrides})
@@ -89,13 +96,38 @@ def train_on_corpus(
         if writer and (out / LOCK_NAME).is_file():  # a run (maybe in progress) is checked before anything else
             locks.enter_context(run_lock(out))
         return _train_on_corpus(
-            corpus, out, preset, model_overrides or {}, dict(train_overrides or {}), config_file, vocab_size, pattern,
-            cache_dir, resume, force, progress, lock=lambda: locks.enter_context(run_lock(out)) if writer else None,
+            corpus,
+            out,
+            preset,
+            model_overrides or {},
+            dict(train_overrides or {}),
+            config_file,
+            vocab_size,
+            pattern,
+            cache_dir,
+            resume,
+            force,
+            progress,
+            lock=lambda: locks.enter_context(run_lock(out)) if writer else None,
         )
 
 
-def _train_on_corpus(corpus, out: Path, preset, model_overrides, overrides, config_file, vocab_size, pattern, cache_dir,
-                     resume: bool, force: bool, progress: bool, *, lock) -> TrainResult:
+def _train_on_corpus(
+    corpus,
+    out: Path,
+    preset,
+    model_overrides,
+    overrides,
+    config_file,
+    vocab_size,
+    pattern,
+    cache_dir,
+    resume: bool,
+    force: bool,
+    progress: bool,
+    *,
+    lock,
+) -> TrainResult:
     """The body of `train_on_corpus`; `lock()` takes the run directory's lock (re-entrant) before any write."""
     ckpt_dir = resolve(out / "checkpoint")
     if resume:
@@ -110,7 +142,9 @@ def _train_on_corpus(corpus, out: Path, preset, model_overrides, overrides, conf
             corpus, pattern = state["corpus"]["paths"], state["corpus"]["pattern"]
     else:
         if ckpt_dir.exists() and not force:
-            raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or --force to start afresh")
+            raise ConfigError(
+                f"{out} already holds a checkpoint; pass --resume to continue it or --force to start afresh"
+            )
         cfg = _train_config(config_file, {}, overrides)
         vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
         config = GPTConfig.preset(preset or DEFAULT_PRESET, vocab_size=vocab_size, **model_overrides)  # fail fast
@@ -142,7 +176,12 @@ def _train_on_corpus(corpus, out: Path, preset, model_overrides, overrides, conf
 
 
 def _check_resumed_model(
-    out: Path, config: GPTConfig, state: dict[str, Any], preset: str | None, overrides: dict[str, Any], vocab_size: int | None
+    out: Path,
+    config: GPTConfig,
+    state: dict[str, Any],
+    preset: str | None,
+    overrides: dict[str, Any],
+    vocab_size: int | None,
 ) -> None:
     """Refuse model settings given with --resume that differ from the checkpoint's: they cannot apply to it."""
     have = config.to_dict()
@@ -156,8 +195,10 @@ def _check_resumed_model(
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         shape = {k: v for k, v in PRESETS[preset].items() if k not in overrides and v != have[k]}
         if shape:
-            conflicts.append(f"--preset {preset} ({', '.join(f'{k} {v}' for k, v in shape.items())}; the checkpoint has "
-                             f"{', '.join(f'{k} {have[k]}' for k in shape)})")
+            conflicts.append(
+                f"--preset {preset} ({', '.join(f'{k} {v}' for k, v in shape.items())}; the checkpoint has "
+                f"{', '.join(f'{k} {have[k]}' for k in shape)})"
+            )
     asked = (state.get("tokenizer") or {}).get("vocab_size")  # what the run was started with, when recorded
     if vocab_size is not None and vocab_size not in (config.vocab_size, asked):
         conflicts.append(f"--vocab-size {vocab_size} (the checkpoint has {config.vocab_size})")

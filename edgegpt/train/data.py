@@ -106,9 +106,7 @@ def find_corpus_files(paths: Sequence[str | Path] = (), glob: str | None = None)
             seen.add(f.path.resolve())
             unique.append(f)
     if not unique:
-        raise DataError(
-            f"0 files matched {pattern!r} under {', '.join(searched)}; pass text files or a different glob"
-        )
+        raise DataError(f"0 files matched {pattern!r} under {', '.join(searched)}; pass text files or a different glob")
     return unique
 
 

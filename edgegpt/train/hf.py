@@ -99,11 +99,19 @@ def _read_hf_config(src: Path) -> GPTConfig:
     # (key, GPT2Config's default, accepted values, why and how to fix)
     rules = [
         ("model_type", None, ("gpt2",), "only GPT-2 checkpoints map onto SimpleGPT; pick a GPT-2 model"),
-        ("activation_function", "gelu_new", tuple(ACTIVATIONS),
-         f"SimpleGPT computes the tanh-approximate or the exact GELU; only {', '.join(ACTIVATIONS)} import exactly"),
+        (
+            "activation_function",
+            "gelu_new",
+            tuple(ACTIVATIONS),
+            f"SimpleGPT computes the tanh-approximate or the exact GELU; only {', '.join(ACTIVATIONS)} import exactly",
+        ),
         ("layer_norm_epsilon", 1e-5, (1e-5,), "SimpleGPT's LayerNorms use 1e-5; only models trained with it import"),
-        ("n_inner", None, (None, 4 * n_embd),
-         f"SimpleGPT's MLP width is 4 * n_embd; set n_inner to null or {4 * n_embd}"),
+        (
+            "n_inner",
+            None,
+            (None, 4 * n_embd),
+            f"SimpleGPT's MLP width is 4 * n_embd; set n_inner to null or {4 * n_embd}",
+        ),
         ("scale_attn_weights", True, (True,), "SimpleGPT always scales attention by 1/sqrt(head_size)"),
         ("scale_attn_by_inverse_layer_idx", False, (False,), "SimpleGPT has no per-layer attention scaling"),
         ("add_cross_attention", False, (False,), "SimpleGPT is decoder-only, without cross-attention"),
@@ -115,8 +123,13 @@ def _read_hf_config(src: Path) -> GPTConfig:
     fields = {k: raw.get(k, v) for k, v in HF_DEFAULTS.items()}
     try:
         return GPTConfig(
-            vocab_size=fields["vocab_size"], block_size=fields["n_positions"], n_layer=fields["n_layer"],
-            n_head=fields["n_head"], n_embd=fields["n_embd"], dropout=0.0, bias=True,
+            vocab_size=fields["vocab_size"],
+            block_size=fields["n_positions"],
+            n_layer=fields["n_layer"],
+            n_head=fields["n_head"],
+            n_embd=fields["n_embd"],
+            dropout=0.0,
+            bias=True,
             gelu=ACTIVATIONS[raw.get("activation_function", "gelu_new")],
         )
     except ConfigError as exc:
@@ -397,7 +410,9 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False)
     if config.sampled_ids(ckpt.tokenizer.get_vocab_size()) < ckpt.tokenizer.get_vocab_size():
         log.warning(
             "%s: ids from %d on are never sampled (sampled_vocab_size), which GPT-2's config cannot say; "
-            "transformers will sample them", ckpt.path, config.sampled_vocab_size,
+            "transformers will sample them",
+            ckpt.path,
+            config.sampled_vocab_size,
         )
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT} if eot is not None else {}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size, **special}

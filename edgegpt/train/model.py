@@ -53,7 +53,9 @@ class SelfAttentionHead(nn.Module):
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
         # A finite fill (not -inf) keeps fully masked rows (queries on left padding) free of NaN.
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, torch.finfo(q.dtype).min)
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~allowed, torch.finfo(q.dtype).min
+        )
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)  # (B, nh, T, hs)
 
 

@@ -82,7 +82,9 @@ LAYER_PARTS = (
 def _name_map(n_layer: int, bias: bool) -> dict[str, str]:
     """edgegpt name -> nanoGPT name, for every stored tensor (biases only with `bias`)."""
     names = {"tok_emb.weight": "transformer.wte.weight", "pos_emb.weight": "transformer.wpe.weight"}
-    parts = [(f"blocks.{i}.{ours}", f"transformer.h.{i}.{theirs}") for i in range(n_layer) for ours, theirs in LAYER_PARTS]
+    parts = [
+        (f"blocks.{i}.{ours}", f"transformer.h.{i}.{theirs}") for i in range(n_layer) for ours, theirs in LAYER_PARTS
+    ]
     for ours, theirs in [*parts, ("ln_f", "transformer.ln_f")]:
         names[f"{ours}.weight"] = f"{theirs}.weight"
         if bias:
@@ -132,8 +134,14 @@ def _config(args: Any, state: dict[str, torch.Tensor], file: Path) -> GPTConfig:
     bias = args.get("bias", "transformer.ln_f.bias" in state)  # nanoGPT before its bias option: biases everywhere
     try:
         return GPTConfig(
-            vocab_size=args["vocab_size"], block_size=args["block_size"], n_layer=args["n_layer"], n_head=args["n_head"],
-            n_embd=args["n_embd"], dropout=float(args.get("dropout", 0.0)), bias=bias, gelu="erf",
+            vocab_size=args["vocab_size"],
+            block_size=args["block_size"],
+            n_layer=args["n_layer"],
+            n_head=args["n_head"],
+            n_embd=args["n_embd"],
+            dropout=float(args.get("dropout", 0.0)),
+            bias=bias,
+            gelu="erf",
         )
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{file}: model_args {args}: {exc}") from None
@@ -225,7 +233,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     try:
         size = file.stat().st_size
         if size > META_MAX_BYTES:
-            raise CheckpointError(f"{file}: {size} bytes; a character vocabulary's meta.pkl is far smaller, refused unread")
+            raise CheckpointError(
+                f"{file}: {size} bytes; a character vocabulary's meta.pkl is far smaller, refused unread"
+            )
         meta = _DataOnlyUnpickler(io.BytesIO(file.read_bytes())).load()
     except CheckpointError:
         raise
@@ -238,7 +248,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         ) from None
     _plain_data(meta, file)
     if not isinstance(meta, dict) or not isinstance(meta.get("stoi"), dict) or not isinstance(meta.get("itos"), dict):
-        raise CheckpointError(f"{file}: not a character-level meta.pkl: it needs 'stoi' and 'itos' maps (nanoGPT's prepare.py)")
+        raise CheckpointError(
+            f"{file}: not a character-level meta.pkl: it needs 'stoi' and 'itos' maps (nanoGPT's prepare.py)"
+        )
     stoi, itos = meta["stoi"], meta["itos"]
     n = len(itos)
     ids_ok = all(type(i) is int for i in itos) and sorted(itos) == list(range(n))
@@ -246,7 +258,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: itos must map the ids 0..{n - 1} to characters")
     long = [c for c in itos.values() if len(c) != 1]
     if long:
-        raise CheckpointError(f"{file}: itos holds {long[:3]}, not single characters; only character vocabularies import")
+        raise CheckpointError(
+            f"{file}: itos holds {long[:3]}, not single characters; only character vocabularies import"
+        )
     if stoi != {c: i for i, c in itos.items()}:
         raise CheckpointError(f"{file}: stoi and itos are not inverse maps of each other")
     if meta.get("vocab_size", n) != n:
@@ -273,10 +287,12 @@ def char_tokenizer(itos: dict[int, str]):
     vocab = {"".join(byte_char[b] for b in char.encode("utf-8")): i for i, char in itos.items()}
     vocab[EOT] = len(itos)
     tok = Tokenizer(models.WordLevel(vocab, unk_token=EOT))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"),  # every character is a pre-token
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # ... in GPT-2's byte alphabet
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"),  # every character is a pre-token
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # ... in GPT-2's byte alphabet
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([EOT])  # already in the vocabulary: keeps its id, and a literal one is never split
     return tok
@@ -298,7 +314,9 @@ def _read_tokenizer_json(file: Path):
     try:
         return Tokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-        raise CheckpointError(f"{file}: unreadable tokenizer ({_one_line(str(exc))[:200]}); pass GPT-2's tokenizer.json") from None
+        raise CheckpointError(
+            f"{file}: unreadable tokenizer ({_one_line(str(exc))[:200]}); pass GPT-2's tokenizer.json"
+        ) from None
 
 
 def _resolve_tokenizer(given: Sequence[Path]) -> tuple[str, Any, dict | None]:
@@ -322,7 +340,9 @@ def _resolve_tokenizer(given: Sequence[Path]) -> tuple[str, Any, dict | None]:
     if len(files) == 1 and files[0].name == "vocab.json":
         files.append(files[0].with_name("merges.txt"))
         if not files[1].is_file():
-            raise CheckpointError(f"{files[0]}: no merges.txt beside it; pass both: --tokenizer vocab.json --tokenizer merges.txt")
+            raise CheckpointError(
+                f"{files[0]}: no merges.txt beside it; pass both: --tokenizer vocab.json --tokenizer merges.txt"
+            )
     if len(files) == 2:
         vocab = next((f for f in files if f.suffix == ".json"), None)
         merges = next((f for f in files if f.suffix == ".txt"), None)
@@ -353,10 +373,16 @@ def _no_tokenizer(file: Path, data: dict, config: GPTConfig) -> CheckpointError:
     """The error that says which tokenizer to pass."""
     run = data.get("config") if isinstance(data.get("config"), dict) else {}
     dataset = run.get("dataset")
-    where = f"dataset {dataset!r}, no data/{dataset}/meta.pkl found beside it" if isinstance(dataset, str) else "no dataset recorded"
+    where = (
+        f"dataset {dataset!r}, no data/{dataset}/meta.pkl found beside it"
+        if isinstance(dataset, str)
+        else "no dataset recorded"
+    )
     if config.vocab_size in (50257, 50304):
-        hint = (f"its vocab_size {config.vocab_size} is GPT-2's BPE, which nanoGPT uses without a meta.pkl: pass GPT-2's "
-                "tokenizer.json, or its vocab.json and merges.txt, with --tokenizer")
+        hint = (
+            f"its vocab_size {config.vocab_size} is GPT-2's BPE, which nanoGPT uses without a meta.pkl: pass GPT-2's "
+            "tokenizer.json, or its vocab.json and merges.txt, with --tokenizer"
+        )
     else:
         hint = f"pass the meta.pkl its data was prepared with (vocab_size {config.vocab_size}) or a tokenizer.json with --tokenizer"
     return CheckpointError(f"{file}: no tokenizer ({where}); {hint}")
@@ -420,12 +446,16 @@ def import_nanogpt(
             )
         if size > config.vocab_size:
             grow = size - config.vocab_size
-            state["tok_emb.weight"] = torch.cat([state["tok_emb.weight"], state["tok_emb.weight"].new_zeros(grow, config.n_embd)])
+            state["tok_emb.weight"] = torch.cat(
+                [state["tok_emb.weight"], state["tok_emb.weight"].new_zeros(grow, config.n_embd)]
+            )
             config = dataclasses.replace(config, vocab_size=size)
         config = dataclasses.replace(config, sampled_vocab_size=meta["vocab_size"])
     else:
         if tok.token_to_id(EOT) is None:
-            raise CheckpointError(f"{source}: the tokenizer has no {EOT!r} token, which edgegpt needs; pass GPT-2's tokenizer")
+            raise CheckpointError(
+                f"{source}: the tokenizer has no {EOT!r} token, which edgegpt needs; pass GPT-2's tokenizer"
+            )
         if size > config.vocab_size:
             raise CheckpointError(
                 f"{source}: the tokenizer has {size} tokens but the model's vocab_size is only {config.vocab_size}; "
@@ -438,6 +468,12 @@ def import_nanogpt(
     model.load_state_dict(state, strict=True)
     log.info(
         "imported %s (iter %s, %d parameters, vocab %d, tokenizer %d from %s) into %s",
-        file, data.get("iter_num", "?"), model.num_params(), config.vocab_size, size, source, out,
+        file,
+        data.get("iter_num", "?"),
+        model.num_params(),
+        config.vocab_size,
+        size,
+        source,
+        out,
     )
     return save_checkpoint(out, model, tok.to_str())

@@ -97,8 +97,11 @@ class _Interrupt:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
         again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
-        log.warning("%s: finishing this step, saving the checkpoint, then exiting (%s aborts)",
-                    signal.Signals(signum).name, again)
+        log.warning(
+            "%s: finishing this step, saving the checkpoint, then exiting (%s aborts)",
+            signal.Signals(signum).name,
+            again,
+        )
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
@@ -210,20 +213,45 @@ def train(
     out = Path(out)
     rank, world = _distributed()
     with run_lock(out) if rank == 0 else nullcontext():
-        return _train(model, train_ids, val_ids, cfg, out, tokenizer_json, resume=resume, progress=progress,
-                      meta=meta, rank=rank, world=world)
+        return _train(
+            model,
+            train_ids,
+            val_ids,
+            cfg,
+            out,
+            tokenizer_json,
+            resume=resume,
+            progress=progress,
+            meta=meta,
+            rank=rank,
+            world=world,
+        )
 
 
 def check_steps_left(step: int, cfg: TrainConfig, out: Path) -> None:
     """Refuse to resume a run at `step` towards `cfg.steps` when no step is left to train."""
     if step >= cfg.steps:
         where = "past" if step > cfg.steps else "at"
-        raise ConfigError(f"{out}: the run is already at step {step}, {where} the requested --steps {cfg.steps}; "
-                          f"nothing to train: pass --steps above {step} to train further")
+        raise ConfigError(
+            f"{out}: the run is already at step {step}, {where} the requested --steps {cfg.steps}; "
+            f"nothing to train: pass --steps above {step} to train further"
+        )
 
 
-def _train(model, train_ids, val_ids, cfg: TrainConfig, out: Path, tokenizer_json: str, *, resume: bool, progress: bool,
-           meta: dict[str, Any] | None, rank: int, world: int) -> TrainResult:
+def _train(
+    model,
+    train_ids,
+    val_ids,
+    cfg: TrainConfig,
+    out: Path,
+    tokenizer_json: str,
+    *,
+    resume: bool,
+    progress: bool,
+    meta: dict[str, Any] | None,
+    rank: int,
+    world: int,
+) -> TrainResult:
     """The body of `train`, with the run directory locked."""
     device = _resolve_device(cfg.device if world == 1 or cfg.device != "auto" else "auto")
     if device.type == "cuda" and world > 1:
@@ -250,7 +278,9 @@ def _train(model, train_ids, val_ids, cfg: TrainConfig, out: Path, tokenizer_jso
     if cfg.compile:
         model = torch.compile(model)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     block = raw_model.config.block_size
     tokens_per_step = cfg.batch_size * block * cfg.grad_accum * world
@@ -264,7 +294,13 @@ def _train(model, train_ids, val_ids, cfg: TrainConfig, out: Path, tokenizer_jso
         if rank != 0:
             return
         tensors = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-        state = {"step": step, "data_rng": rng_states, "train_config": cfg.to_dict(), "world_size": world, **(meta or {})}
+        state = {
+            "step": step,
+            "data_rng": rng_states,
+            "train_config": cfg.to_dict(),
+            "world_size": world,
+            **(meta or {}),
+        }
         save_checkpoint(out / "checkpoint", raw_model, tokenizer_json, optimizer_state=tensors, train_state=state)
 
     bar = None
@@ -283,7 +319,7 @@ def _train(model, train_ids, val_ids, cfg: TrainConfig, out: Path, tokenizer_jso
             for micro in range(cfg.grad_accum):
                 x, y = (torch.from_numpy(a).to(device) for a in get_batch(train_ids, cfg.batch_size, block, data_rng))
                 sync = world == 1 or micro == cfg.grad_accum - 1
-                with autocast, (nullcontext() if sync else model.no_sync()):
+                with autocast, nullcontext() if sync else model.no_sync():
                     logits, _ = model(x)
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
                 loss.backward()
@@ -320,8 +356,15 @@ def _train(model, train_ids, val_ids, cfg: TrainConfig, out: Path, tokenizer_jso
     if world > 1:
         dist.barrier()
     interrupted = stop and step < cfg.steps
-    return TrainResult(step, loss_value, val_loss, tok_s, interrupted, weights_sha256(raw_model),
-                       signal=interrupt.signum if interrupted else None)
+    return TrainResult(
+        step,
+        loss_value,
+        val_loss,
+        tok_s,
+        interrupted,
+        weights_sha256(raw_model),
+        signal=interrupt.signum if interrupted else None,
+    )
 
 
 def _any_rank(flag: bool, world: int, device: torch.device) -> bool:

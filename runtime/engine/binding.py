@@ -76,8 +76,9 @@ class Binding:
         else:
             self._public.bind_ortvalue_input(name, value)
 
-    def bind_rows(self, name: str, value, shape: tuple[int, ...], dtype: np.dtype, start: int, rows: int,
-                  output: bool = False) -> None:  # fmt: skip
+    def bind_rows(
+        self, name: str, value, shape: tuple[int, ...], dtype: np.dtype, start: int, rows: int, output: bool = False
+    ) -> None:
         """Bind rows [start, start + rows) of a C-contiguous device value of `shape` as an input (or an
         output), without a copy: such rows are themselves one contiguous block (a server slot's KV cache)."""
         row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize

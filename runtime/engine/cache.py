@@ -134,8 +134,12 @@ KV_CACHES = {"concat": ConcatKVCache, "shared_buffer": SharedBufferKVCache}
 assert KV_CACHES.keys() == KV_LAYOUTS.keys(), "one strategy class per layout of the contract"
 
 
-def make_kv_cache(layout: str, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str):
+def make_kv_cache(
+    layout: str, past_names: list[str], present_names: list[str], n_head: int, head_size: int, dtype: str
+):
     """The strategy object for a manifest's layout; BundleError for a layout this runtime cannot run."""
     if layout not in KV_CACHES:
-        raise BundleError(f"KV-cache layout {layout!r} is not supported (known: {', '.join(KV_CACHES)}); upgrade edgegpt")
+        raise BundleError(
+            f"KV-cache layout {layout!r} is not supported (known: {', '.join(KV_CACHES)}); upgrade edgegpt"
+        )
     return KV_CACHES[layout](past_names, present_names, n_head, head_size, dtype)

@@ -127,7 +127,9 @@ class SlotBatch(KVEngine):
         """Forget `slot`'s positions from `length` on (0 empties it); the cache keeps [0, length)."""
         self._check_slot(slot)
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(self.tokens[slot]):
-            raise PromptError(f"rewind takes a length in 0..{len(self.tokens[slot])} (slot {slot}'s positions), got {length!r}")
+            raise PromptError(
+                f"rewind takes a length in 0..{len(self.tokens[slot])} (slot {slot}'s positions), got {length!r}"
+            )
         self._mask[slot, length:] = 0
         del self.tokens[slot][length:]
 

@@ -174,7 +174,9 @@ class DecodeState(KVEngine):
             if tokens.ndim == 1 and self.batch == 1:
                 tokens = tokens[None, :]
             if tokens.ndim != 2 or tokens.shape[0] != self.batch or tokens.dtype.kind not in "iu":
-                raise PromptError(f"expected a ({self.batch}, T) integer array of token ids, got {tokens.dtype} {tokens.shape}")
+                raise PromptError(
+                    f"expected a ({self.batch}, T) integer array of token ids, got {tokens.dtype} {tokens.shape}"
+                )
             if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
                 raise PromptError(f"token ids must be in 0..{self.vocab_size - 1}, got {tokens.min()}..{tokens.max()}")
             rows = tokens.tolist()
@@ -188,7 +190,9 @@ class DecodeState(KVEngine):
         if any(not row for row in rows):
             raise PromptError("every row needs at least one token")
         if self.length and len({len(row) for row in rows}) > 1:
-            raise PromptError(f"after the first feed every row takes the same number of tokens, got {[len(r) for r in rows]}")
+            raise PromptError(
+                f"after the first feed every row takes the same number of tokens, got {[len(r) for r in rows]}"
+            )
         return rows
 
     def _prefill(self, rows: list[list[int]]) -> np.ndarray:

@@ -12,8 +12,9 @@ from edgegpt.errors import ContextLengthError, SamplingError
 __all__ = ["token_budget"]
 
 
-def token_budget(prompt_tokens: int, max_new_tokens: int | None, context: int, *, sliding_window: bool = False,
-                 fit: bool = False) -> int:  # fmt: skip
+def token_budget(
+    prompt_tokens: int, max_new_tokens: int | None, context: int, *, sliding_window: bool = False, fit: bool = False
+) -> int:
     """The new tokens a prompt of `prompt_tokens` gets in a context of `context` positions.
 
     The room is `context - prompt_tokens`. max_new_tokens None asks for all of it; a number must fit in it

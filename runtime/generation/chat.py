@@ -71,6 +71,7 @@ class Conversation:
         if after.startswith(before):
             return ids + self.gen.encode(after[len(before) :])
         return self.gen.encode(after)
+
     def _fit(self, ids: list[int]) -> list[int]:
         """The most recent tokens, leaving room for a reply; unchanged while the conversation fits."""
         block = self.gen.config.block_size

@@ -88,15 +88,26 @@ class Completion:
     logprobs (one `TokenLogprob` per token when the config asks for them, else None).
     """
 
-    def __init__(self, prompt: list[int], sampler: Sampler, config: SamplingConfig, decoder: IncrementalDecoder,
-                 eot_id: int, max_new: int, *, mask: TokenMask | None = None,
-                 logits_processors: Sequence[LogitsProcessor] = ()):  # fmt: skip
+    def __init__(
+        self,
+        prompt: list[int],
+        sampler: Sampler,
+        config: SamplingConfig,
+        decoder: IncrementalDecoder,
+        eot_id: int,
+        max_new: int,
+        *,
+        mask: TokenMask | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
+    ):
         self.prompt, self.sampler, self.config, self.decoder = prompt, sampler, config, decoder
         self.eot_id, self.max_new = eot_id, max_new
         if mask is not None and config.ignore_eos:
             raise SamplingError("ignore_eos=True cannot be used with a constraint: the text must end where it says")
         if any(not callable(p) for p in logits_processors):
-            raise SamplingError(f"logits_processor must be a callable (ids, logits) -> logits or None, got {logits_processors!r}")
+            raise SamplingError(
+                f"logits_processor must be a callable (ids, logits) -> logits or None, got {logits_processors!r}"
+            )
         self.mask, self.logits_processors = mask, tuple(logits_processors)
         self.stop_text = StopText(self.config.stop)
         self.tokens: list[int] = []
@@ -123,7 +134,9 @@ class Completion:
                 if out is not None:
                     processed = np.asarray(out, dtype=np.float32)
                     if processed.shape != logits.shape:
-                        raise SamplingError(f"a logits_processor returned shape {processed.shape}, expected {logits.shape}")
+                        raise SamplingError(
+                            f"a logits_processor returned shape {processed.shape}, expected {logits.shape}"
+                        )
         if self.mask is not None:
             processed = self.mask.apply(processed)
         token = self.sampler(processed)

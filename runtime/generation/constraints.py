@@ -81,7 +81,9 @@ class Constraint:
             try:
                 json.dumps(schema)
             except (TypeError, ValueError) as exc:
-                raise ConstraintError(f"json_schema must be JSON data (dicts, lists, strings, numbers): {exc}") from None
+                raise ConstraintError(
+                    f"json_schema must be JSON data (dicts, lists, strings, numbers): {exc}"
+                ) from None
 
     @property
     def kind(self) -> str:
@@ -95,7 +97,9 @@ class Constraint:
         return json.dumps(schema, sort_keys=True)
 
 
-def row_constraints(rows: int, json_schema: Any = None, regex: Any = None, grammar: Any = None) -> list[Constraint | None]:
+def row_constraints(
+    rows: int, json_schema: Any = None, regex: Any = None, grammar: Any = None
+) -> list[Constraint | None]:
     """One `Constraint` (or None: a free row) per row, from `generate_batch`'s keywords.
 
     Each keyword is one value for every row or a list with one entry per row (None where that row is free).
@@ -107,7 +111,9 @@ def row_constraints(rows: int, json_schema: Any = None, regex: Any = None, gramm
     for name, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar)):
         if isinstance(value, (list, tuple)):
             if len(value) != rows:
-                raise ConstraintError(f"{name} has {len(value)} entries for {rows} prompts; give one per prompt (None: free)")
+                raise ConstraintError(
+                    f"{name} has {len(value)} entries for {rows} prompts; give one per prompt (None: free)"
+                )
             columns[name] = list(value)
         else:
             columns[name] = [value] * rows

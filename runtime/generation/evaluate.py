@@ -134,8 +134,13 @@ def evaluate_bundle(
     result: dict[str, Any] = {
         "bundle": str(bundle),
         "format": bundle_format(gens[0].bundle.manifest),
-        "text": {"file": str(text_file), "sha256": sha256_file(text_file), "tail": tail, "characters": len(text),
-                 "tokens": len(ids)},
+        "text": {
+            "file": str(text_file),
+            "sha256": sha256_file(text_file),
+            "tail": tail,
+            "characters": len(text),
+            "tokens": len(ids),
+        },
         "windows": {"size": cfg.block_size, "stride": stride, "count": len(windows)},
         "scored_tokens": scored,
         "perplexity": math.exp(float(tokens["nll"][0].sum()) / scored),
@@ -145,12 +150,22 @@ def evaluate_bundle(
     if reference is None:
         return result
     ref_ppl = math.exp(float(tokens["nll"][1].sum()) / scored)
-    result["reference"] = {"bundle": str(reference), "format": bundle_format(gens[1].bundle.manifest), "perplexity": ref_ppl,
-                           "top1_accuracy": int(tokens["correct"][1].sum()) / scored, **_sizes(gens[1].bundle)}
+    result["reference"] = {
+        "bundle": str(reference),
+        "format": bundle_format(gens[1].bundle.manifest),
+        "perplexity": ref_ppl,
+        "top1_accuracy": int(tokens["correct"][1].sum()) / scored,
+        **_sizes(gens[1].bundle),
+    }
     result["ppl_increase_percent"] = 100.0 * (result["perplexity"] / ref_ppl - 1.0)
     result["top1_agreement"] = int((tokens["top"][0] == tokens["top"][1]).sum()) / scored
     if scoring == "half":
-        kld_windows = {"size": halves[0][1], "stride": cfg.block_size, "count": len(halves), "scored_from": halves[0][2]}
+        kld_windows = {
+            "size": halves[0][1],
+            "stride": cfg.block_size,
+            "count": len(halves),
+            "scored_from": halves[0][2],
+        }
         tokens = _score(gens, np.asarray(ids, np.int64), halves, tick, 1)  # alone and whole: module docstring
     else:
         kld_windows = dict(result["windows"])
@@ -177,8 +192,12 @@ class _Ticker:
 def _check_args(tail, max_tokens, stride, prompts, new_tokens) -> None:
     if tail is not None and (isinstance(tail, bool) or not isinstance(tail, (int, float)) or not 0 < tail <= 1):
         raise ConfigError(f"tail is a fraction of the file in (0, 1], got {tail!r}")
-    for name, value, low in (("max_tokens", max_tokens, 1), ("stride", stride, 1), ("prompts", prompts, 0),
-                             ("new_tokens", new_tokens, 1)):
+    for name, value, low in (
+        ("max_tokens", max_tokens, 1),
+        ("stride", stride, 1),
+        ("prompts", prompts, 0),
+        ("new_tokens", new_tokens, 1),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
@@ -239,8 +258,13 @@ def _score(gens, ids: np.ndarray, windows, tick, batch_size: int) -> dict[str, A
     one length per call. Per scored token, in one fixed order: each model's NLL of the true next token,
     argmax and whether it is right; with two models, KL(second || first) and Δp = p_first(true) -
     p_second(true) (the first is the measured bundle, the second the reference)."""
-    out: dict[str, list] = {"nll": [[] for _ in gens], "top": [[] for _ in gens], "correct": [[] for _ in gens],
-                            "kld": [], "dp": []}
+    out: dict[str, list] = {
+        "nll": [[] for _ in gens],
+        "top": [[] for _ in gens],
+        "correct": [[] for _ in gens],
+        "kld": [],
+        "dp": [],
+    }
     groups: dict[int, list] = {}
     for w in windows:
         groups.setdefault(w[1], []).append(w)  # batch windows of equal length
@@ -267,7 +291,9 @@ def _score(gens, ids: np.ndarray, windows, tick, batch_size: int) -> dict[str, A
                     out["dp"].append(np.exp(-out["nll"][0][-1]) - np.exp(-out["nll"][1][-1]))
             tick(len(batch))
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
-    return {key: [cat(v) for v in value] if key in ("nll", "top", "correct") else cat(value) for key, value in out.items()}
+    return {
+        key: [cat(v) for v in value] if key in ("nll", "top", "correct") else cat(value) for key, value in out.items()
+    }
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -293,19 +319,29 @@ def _kld_statistics(tokens: dict[str, Any]) -> dict[str, Any]:
     q90, q99, q999 = (float(v) for v in np.percentile(kld, [90.0, 99.0, 99.9]))  # numpy's "linear" = llama.cpp's
     return {
         "scored_tokens": n,
-        "mean": mean_kld, "mean_uncertainty": kld_unc,
-        "median": float(np.median(kld)), "p90": q90, "p99": q99, "p99_9": q999, "max": float(kld.max()),
+        "mean": mean_kld,
+        "mean_uncertainty": kld_unc,
+        "median": float(np.median(kld)),
+        "p90": q90,
+        "p99": q99,
+        "p99_9": q999,
+        "max": float(kld.max()),
         "same_top_percent": 100.0 * same,
         "same_top_uncertainty_percent": 100.0 * math.sqrt(same * (1.0 - same) / (n - 1)) if n > 1 else None,
         "rms_dp_percent": 100.0 * rms,
         "rms_dp_uncertainty_percent": None if mse_unc is None else 100.0 * (0.5 / rms * mse_unc if rms else 0.0),
-        "ppl": ppl_q, "ppl_uncertainty": None if unc_q is None else ppl_q * unc_q,
-        "reference_ppl": ppl_p, "reference_ppl_uncertainty": None if unc_p is None else ppl_p * unc_p,
+        "ppl": ppl_q,
+        "ppl_uncertainty": None if unc_q is None else ppl_q * unc_q,
+        "reference_ppl": ppl_p,
+        "reference_ppl_uncertainty": None if unc_p is None else ppl_p * unc_p,
         "ln_ppl_ratio": mean_q - mean_p,
         "ln_ppl_ratio_uncertainty": math.sqrt(max(unc_q**2 + unc_p**2 - 2.0 * cov, 0.0)) if both else None,
         "ppl_difference": ppl_q - ppl_p,
-        "ppl_difference_uncertainty": math.sqrt(max((ppl_q * unc_q) ** 2 + (ppl_p * unc_p) ** 2
-                                                    - 2.0 * ppl_q * ppl_p * cov, 0.0)) if both else None,
+        "ppl_difference_uncertainty": math.sqrt(
+            max((ppl_q * unc_q) ** 2 + (ppl_p * unc_p) ** 2 - 2.0 * ppl_q * ppl_p * cov, 0.0)
+        )
+        if both
+        else None,
     }
 
 
@@ -348,8 +384,14 @@ def _greedy(gens, ids: list[int], prompts: int, new_tokens: int, tick) -> tuple[
         identical += int(a == b)
         tick()
     total = prompts * new_tokens
-    greedy = {"prompts": prompts, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-              "token_agreement": same / total, "prefix_agreement": prefix / total, "identical_sequences": identical}
+    greedy = {
+        "prompts": prompts,
+        "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens,
+        "token_agreement": same / total,
+        "prefix_agreement": prefix / total,
+        "identical_sequences": identical,
+    }
     return greedy, [statistics.median(v) for v in speeds]
 
 
@@ -361,21 +403,27 @@ def _sizes(bundle) -> dict[str, int]:
 
 def summary_text(r: dict) -> str:
     """A few human lines of an `evaluate_bundle` result (what `edgegpt eval` prints without --json)."""
-    lines = [f"{r['bundle']} ({r['format']}): perplexity {r['perplexity']:.4f} over {r['scored_tokens']} tokens "
-             f"({r['windows']['count']} windows of {r['windows']['size']}, stride {r['windows']['stride']}), "
-             f"top-1 accuracy {r['top1_accuracy']:.4f}, model {r['model_bytes'] / 1e6:.2f} MB"]
+    lines = [
+        f"{r['bundle']} ({r['format']}): perplexity {r['perplexity']:.4f} over {r['scored_tokens']} tokens "
+        f"({r['windows']['count']} windows of {r['windows']['size']}, stride {r['windows']['stride']}), "
+        f"top-1 accuracy {r['top1_accuracy']:.4f}, model {r['model_bytes'] / 1e6:.2f} MB"
+    ]
     ref = r.get("reference")
     if ref:
-        lines.append(f"reference {ref['bundle']} ({ref['format']}): perplexity {ref['perplexity']:.4f}, "
-                     f"model {ref['model_bytes'] / 1e6:.2f} MB")
+        lines.append(
+            f"reference {ref['bundle']} ({ref['format']}): perplexity {ref['perplexity']:.4f}, "
+            f"model {ref['model_bytes'] / 1e6:.2f} MB"
+        )
         lines.append(f"perplexity {r['ppl_increase_percent']:+.2f} %, top-1 agreement {r['top1_agreement']:.4f}")
         if r.get("kld"):  # results recorded before the KLD fields have none
             lines += _kld_lines(r["kld"])
         g = r.get("greedy")
         if g:
-            lines.append(f"greedy ({g['prompts']} prompts x {g['new_tokens']} tokens): token agreement "
-                         f"{g['token_agreement']:.3f}, common prefix {g['prefix_agreement']:.3f}, "
-                         f"identical {g['identical_sequences']}/{g['prompts']}")
+            lines.append(
+                f"greedy ({g['prompts']} prompts x {g['new_tokens']} tokens): token agreement "
+                f"{g['token_agreement']:.3f}, common prefix {g['prefix_agreement']:.3f}, "
+                f"identical {g['identical_sequences']}/{g['prompts']}"
+            )
     return "\n".join(lines)
 
 
@@ -383,8 +431,11 @@ def _kld_lines(k: dict) -> list[str]:
     """The "kld" section as llama-perplexity prints its statistics, on three lines."""
     pm = lambda value, unc, fmt: f"{value:{fmt}}" + ("" if unc is None else f" ± {unc:{fmt.lstrip('+')}}")  # noqa: E731
     w = k["windows"]
-    how = (f"second halves of {w['count']} windows of {w['size']}" if k["scoring"] == "half"
-           else f"the {w['count']} sliding windows")
+    how = (
+        f"second halves of {w['count']} windows of {w['size']}"
+        if k["scoring"] == "half"
+        else f"the {w['count']} sliding windows"
+    )
     return [
         f"KL divergence vs reference ({how}, {k['scored_tokens']} tokens): mean {pm(k['mean'], k['mean_uncertainty'], '.6f')}, "
         f"median {k['median']:.6f}, 90 % {k['p90']:.6f}, 99 % {k['p99']:.6f}, 99.9 % {k['p99_9']:.6f}, max {k['max']:.6f}",

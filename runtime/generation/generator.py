@@ -108,13 +108,26 @@ class _Request:
     Iterate it to run the loop; after each model step it yields the new text piece of every row ("" if none).
     """
 
-    def __init__(self, gen: "Generator", prompts: list[list[int]], config: SamplingConfig, started: float,
-                 state: DecodeState | None = None, speculative: Speculative | None = None,
-                 constraints: Sequence[Constraint | None] = (), processors: Sequence[LogitsProcessor] = ()):  # fmt: skip
+    def __init__(
+        self,
+        gen: "Generator",
+        prompts: list[list[int]],
+        config: SamplingConfig,
+        started: float,
+        state: DecodeState | None = None,
+        speculative: Speculative | None = None,
+        constraints: Sequence[Constraint | None] = (),
+        processors: Sequence[LogitsProcessor] = (),
+    ):
         self.gen, self.config, self.started = gen, config, started
         if speculative is not None:
-            check_request(speculative, config, len(prompts), constrained=any(c is not None for c in constraints),
-                          processed=bool(processors))  # fmt: skip
+            check_request(
+                speculative,
+                config,
+                len(prompts),
+                constrained=any(c is not None for c in constraints),
+                processed=bool(processors),
+            )
         vocab, block = gen.config.vocab_size, gen.config.block_size
         bad = [i for i in config.stop_token_ids if i >= vocab]
         if bad:
@@ -122,8 +135,10 @@ class _Request:
         longest = max(len(p) for p in prompts)
         self.max_new = token_budget(longest, config.max_new_tokens, block, sliding_window=config.sliding_window)
         constraints = list(constraints) or [None] * len(prompts)
-        self.rows = [gen.new_completion(p, config, self.max_new, constraint=c, logits_processor=processors)
-                     for p, c in zip(prompts, constraints)]  # fmt: skip
+        self.rows = [
+            gen.new_completion(p, config, self.max_new, constraint=c, logits_processor=processors)
+            for p, c in zip(prompts, constraints)
+        ]
         # The longest sequence the cache will hold (a "shared_buffer" cache allocates that much once).
         windowed = config.sliding_window or config.max_new_tokens is None
         capacity = block if windowed else max(min(block, longest + self.max_new), 1)
@@ -351,10 +366,19 @@ class Generator:
         """The text of token ids."""
         return self.tokenizer.decode(self._check_ids(ids), skip_special_tokens=False)
 
-    def generate(self, prompt: str, sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-                 speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
-                 grammar: str | None = None, logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
-                 **overrides) -> GenerationResult:  # fmt: skip
+    def generate(
+        self,
+        prompt: str,
+        sampling: SamplingConfig | None = None,
+        *,
+        state: DecodeState | None = None,
+        speculative: Speculative | None = None,
+        json_schema: Any = None,
+        regex: str | None = None,
+        grammar: str | None = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+        **overrides,
+    ) -> GenerationResult:
         """Continue `prompt`; returns the text, token ids, finish_reason and timings.
 
         `state`: continue on this `DecodeState` (batch 1) instead of a fresh one: the longest common prefix of
@@ -386,13 +410,30 @@ class Generator:
         >>> gen.generate("Answer: ", regex="(yes|no)", max_new_tokens=4).text  # doctest: +SKIP
         'yes'
         """
-        return self._call(self.encode, [prompt], sampling, overrides, state, speculative, (json_schema, regex, grammar),
-                          logits_processor)[0]  # fmt: skip
+        return self._call(
+            self.encode,
+            [prompt],
+            sampling,
+            overrides,
+            state,
+            speculative,
+            (json_schema, regex, grammar),
+            logits_processor,
+        )[0]
 
-    def stream(self, prompt: str, sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-               speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
-               grammar: str | None = None, logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
-               **overrides) -> TextStream:  # fmt: skip
+    def stream(
+        self,
+        prompt: str,
+        sampling: SamplingConfig | None = None,
+        *,
+        state: DecodeState | None = None,
+        speculative: Speculative | None = None,
+        json_schema: Any = None,
+        regex: str | None = None,
+        grammar: str | None = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+        **overrides,
+    ) -> TextStream:
         """Like `generate` (its keywords), but yields text pieces as tokens arrive; never splits a character.
 
         The pieces joined equal `generate(...).text` for the same seed; `.result` is set when exhausted.
@@ -400,34 +441,85 @@ class Generator:
         >>> for piece in gen.stream("def parse(", max_new_tokens=16):  # doctest: +SKIP
         ...     print(piece, end="", flush=True)
         """
-        return self._call(self.encode, [prompt], sampling, overrides, state, speculative, (json_schema, regex, grammar),
-                          logits_processor, stream=True)  # fmt: skip
+        return self._call(
+            self.encode,
+            [prompt],
+            sampling,
+            overrides,
+            state,
+            speculative,
+            (json_schema, regex, grammar),
+            logits_processor,
+            stream=True,
+        )
 
-    def stream_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-                   speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
-                   grammar: str | None = None, logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
-                   **overrides) -> TextStream:  # fmt: skip
+    def stream_ids(
+        self,
+        ids: Sequence[int],
+        sampling: SamplingConfig | None = None,
+        *,
+        state: DecodeState | None = None,
+        speculative: Speculative | None = None,
+        json_schema: Any = None,
+        regex: str | None = None,
+        grammar: str | None = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+        **overrides,
+    ) -> TextStream:
         """`stream` for a prompt of token ids (ids outside the vocabulary raise `PromptError`)."""
-        return self._call(self._check_ids, [ids], sampling, overrides, state, speculative,
-                          (json_schema, regex, grammar), logits_processor, stream=True)  # fmt: skip
+        return self._call(
+            self._check_ids,
+            [ids],
+            sampling,
+            overrides,
+            state,
+            speculative,
+            (json_schema, regex, grammar),
+            logits_processor,
+            stream=True,
+        )
 
-    def generate_ids(self, ids: Sequence[int], sampling: SamplingConfig | None = None, *, state: DecodeState | None = None,
-                     speculative: Speculative | None = None, json_schema: Any = None, regex: str | None = None,
-                     grammar: str | None = None, logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
-                     **overrides) -> GenerationResult:  # fmt: skip
+    def generate_ids(
+        self,
+        ids: Sequence[int],
+        sampling: SamplingConfig | None = None,
+        *,
+        state: DecodeState | None = None,
+        speculative: Speculative | None = None,
+        json_schema: Any = None,
+        regex: str | None = None,
+        grammar: str | None = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+        **overrides,
+    ) -> GenerationResult:
         """Token ids in, token ids out (`result.tokens`); ids outside the vocabulary raise `PromptError`.
 
         The other keywords as for `generate`.
 
         >>> gen.generate_ids([11, 42, 7], max_new_tokens=4).tokens  # doctest: +SKIP
         """
-        return self._call(self._check_ids, [ids], sampling, overrides, state, speculative,
-                          (json_schema, regex, grammar), logits_processor)[0]  # fmt: skip
+        return self._call(
+            self._check_ids,
+            [ids],
+            sampling,
+            overrides,
+            state,
+            speculative,
+            (json_schema, regex, grammar),
+            logits_processor,
+        )[0]
 
     def generate_batch(
-        self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig | None = None, *,
-        speculative: Speculative | None = None, json_schema: Any = None, regex: Any = None, grammar: Any = None,
-        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None, **overrides
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        sampling: SamplingConfig | None = None,
+        *,
+        speculative: Speculative | None = None,
+        json_schema: Any = None,
+        regex: Any = None,
+        grammar: Any = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+        **overrides,
     ) -> list[GenerationResult]:
         """Several prompts (texts or token-id lists) in one left-padded batch; one result per prompt.
 
@@ -448,11 +540,30 @@ class Generator:
         """
         if isinstance(prompts, str) or not prompts:
             raise PromptError("generate_batch takes a non-empty list of prompts (texts or token-id lists)")
-        return self._call(self._prompt_ids, prompts, sampling, overrides, None, speculative,
-                          (json_schema, regex, grammar), logits_processor)  # fmt: skip
+        return self._call(
+            self._prompt_ids,
+            prompts,
+            sampling,
+            overrides,
+            None,
+            speculative,
+            (json_schema, regex, grammar),
+            logits_processor,
+        )
 
-    def _call(self, to_ids, prompts: Sequence, sampling, overrides: dict, state, speculative, constraint,
-              logits_processor, *, stream: bool = False) -> list[GenerationResult] | TextStream:  # fmt: skip
+    def _call(
+        self,
+        to_ids,
+        prompts: Sequence,
+        sampling,
+        overrides: dict,
+        state,
+        speculative,
+        constraint,
+        logits_processor,
+        *,
+        stream: bool = False,
+    ) -> list[GenerationResult] | TextStream:
         """The one body of generate, stream, stream_ids, generate_ids and generate_batch: the prompts (each made
         token ids by `to_ids`) -> a `TextStream` (stream) or one result per prompt."""
         started = time.perf_counter()
@@ -493,7 +604,9 @@ class Generator:
         """
         return SlotBatch(self.model, slots, capacity)
 
-    def new_sampler(self, sampling: SamplingConfig | None = None, prompt_ids: Sequence[int] = (), **overrides) -> Sampler:
+    def new_sampler(
+        self, sampling: SamplingConfig | None = None, prompt_ids: Sequence[int] = (), **overrides
+    ) -> Sampler:
         """A `Sampler` for this model (keywords as `SamplingConfig`'s): it never picks an id past
         `sampled_vocab_size`, whatever the sampling, greedy included.
 
@@ -503,9 +616,15 @@ class Generator:
         config = (SamplingConfig() if sampling is None else sampling).replace(**overrides)
         return Sampler(config, self.config.vocab_size, prompt_ids, sampled_vocab_size=self.sampled_vocab_size)
 
-    def new_completion(self, prompt: Sequence[int], sampling: SamplingConfig | None = None, max_new: int | None = None, *,
-                       constraint: Constraint | None = None,
-                       logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None) -> Completion:  # fmt: skip
+    def new_completion(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingConfig | None = None,
+        max_new: int | None = None,
+        *,
+        constraint: Constraint | None = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+    ) -> Completion:
         """A `Completion` for one prompt (its own sampler, detokeniser, stop matching and constraint): what a
         loop over `DecodeState` (a server's slot) feeds each step's logits with `completion.sample(logits)`.
 
@@ -526,15 +645,24 @@ class Generator:
         config = SamplingConfig() if sampling is None else sampling
         prompt = list(prompt)
         if max_new is None:
-            max_new = token_budget(len(prompt), config.max_new_tokens, self.config.block_size,
-                                   sliding_window=config.sliding_window)  # fmt: skip
+            max_new = token_budget(
+                len(prompt), config.max_new_tokens, self.config.block_size, sliding_window=config.sliding_window
+            )
         mask = None
         if constraint is not None:
             if not isinstance(constraint, Constraint):
                 raise SamplingError(f"constraint must be a Constraint, got {type(constraint).__name__}")
             mask = self.constraint_compiler().mask(constraint)
-        return Completion(prompt, self.new_sampler(config, prompt), config, self.new_decoder(), self.eot_id, max_new,
-                          mask=mask, logits_processors=_processors(logits_processor))  # fmt: skip
+        return Completion(
+            prompt,
+            self.new_sampler(config, prompt),
+            config,
+            self.new_decoder(),
+            self.eot_id,
+            max_new,
+            mask=mask,
+            logits_processors=_processors(logits_processor),
+        )
 
     def constraint_compiler(self) -> ConstraintCompiler:
         """This model's `ConstraintCompiler`, built on first use (the vocabulary as llguidance reads it: about

@@ -183,8 +183,14 @@ class Sampler:
     0
     """
 
-    def __init__(self, config: SamplingConfig, vocab_size: int, prompt_ids: Iterable[int] = (), *,
-                 sampled_vocab_size: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: SamplingConfig,
+        vocab_size: int,
+        prompt_ids: Iterable[int] = (),
+        *,
+        sampled_vocab_size: int | None = None,
+    ):
         check_int("sampled_vocab_size", sampled_vocab_size, low=1, high=vocab_size, optional=True, error=SamplingError)
         self.config, self.vocab_size = config, vocab_size
         self.sampled_vocab_size = sampled_vocab_size or vocab_size
@@ -204,8 +210,12 @@ class Sampler:
             for token, value in c.logit_bias:
                 self._bias[token] = -np.inf if value <= -100 else value  # OpenAI's -100 bans
         # One flag for everything that changes the logits, so that the plain path pays one test per step.
-        self._penalised = (c.repetition_penalty != 1.0 or c.presence_penalty != 0.0 or c.frequency_penalty != 0.0
-                           or self._bias is not None)  # fmt: skip
+        self._penalised = (
+            c.repetition_penalty != 1.0
+            or c.presence_penalty != 0.0
+            or c.frequency_penalty != 0.0
+            or self._bias is not None
+        )
         self._scale = np.float32(0.0) if c.greedy else np.float32(1.0 / c.temperature)
 
     def __call__(self, logits: np.ndarray) -> int:

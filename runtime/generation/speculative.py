@@ -90,13 +90,20 @@ def check_request(speculative, config, batch: int, *, constrained: bool = False,
         raise SamplingError(f"speculative decoding runs one prompt at a time, got {batch}; call generate per prompt")
     if config.sliding_window:
         raise SamplingError("speculative decoding does not support sliding_window=True; drop one of the two")
-    for name, given in (("a constraint (json_schema, regex, grammar)", constrained), ("a logits_processor", processed),
-                        ("logprobs", config.wants_logprobs)):  # fmt: skip
+    for name, given in (
+        ("a constraint (json_schema, regex, grammar)", constrained),
+        ("a logits_processor", processed),
+        ("logprobs", config.wants_logprobs),
+    ):
         if given:
             raise SamplingError(f"speculative decoding does not support {name}; leave out speculative for this request")
     if not config.greedy:
         default = type(config)()
-        knobs = [f"{name}={getattr(config, name)}" for name in _UNSUPPORTED if getattr(config, name) != getattr(default, name)]
+        knobs = [
+            f"{name}={getattr(config, name)}"
+            for name in _UNSUPPORTED
+            if getattr(config, name) != getattr(default, name)
+        ]
         if knobs:
             raise SamplingError(
                 f"speculative sampling supports temperature only, not {', '.join(knobs)}; drop it, use temperature=0 "

@@ -59,13 +59,19 @@ class ChatTemplate:
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """The prompt text of `messages` (each {"role", "content"}), ending with the reply's opening if asked."""
         if self._compiled is None:
-            text = "".join(f"{_ROLES.get(m['role'], m['role'].title())}:"
-                           f"{m['content'] if m['role'] == 'assistant' else ' ' + m['content']}\n"
-                           for m in messages)  # fmt: skip
+            text = "".join(
+                f"{_ROLES.get(m['role'], m['role'].title())}:"
+                f"{m['content'] if m['role'] == 'assistant' else ' ' + m['content']}\n"
+                for m in messages
+            )
             return text + ("Assistant:" if add_generation_prompt else "")
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)  # fmt: skip
+            return self._compiled.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
         except Exception as exc:  # the template's own raise_exception, or an error inside it
             raise ConfigError(f"the chat template failed on these messages: {exc}") from None
 
@@ -82,7 +88,9 @@ def _compile(source: str):
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        raise ConfigError('this bundle has its own chat template (Jinja): pip install "edgegpt[serve]" to render it') from None
+        raise ConfigError(
+            'this bundle has its own chat template (Jinja): pip install "edgegpt[serve]" to render it'
+        ) from None
 
     def raise_exception(message: str):
         raise TemplateError(message)

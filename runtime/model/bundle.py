@@ -125,7 +125,9 @@ class Bundle:
         model_file = graph.get("file", MODEL_FILE)
         ort_file = _ort_file(manifest, where)
         if model_file is None and ort_file is None:
-            raise BundleError(f"{where}: graph.file is null and there is no 'ort' section: the bundle has no graph; re-export")
+            raise BundleError(
+                f"{where}: graph.file is null and there is no 'ort' section: the bundle has no graph; re-export"
+            )
         expected_in = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *kv.past_names(config.n_layer)]
         expected_out = [LOGITS, *kv.present_names(config.n_layer)]
         declared_in = [i.get("name") for i in graph.get("inputs", []) if isinstance(i, dict)]
@@ -162,7 +164,9 @@ def select_graph(bundle: Bundle, model_format: str, onnxruntime_version: str) ->
         raise ConfigError(f"model_format must be one of {', '.join(MODEL_FORMATS)}, got {model_format!r}")
     if model_format == "onnx" or (model_format == "auto" and bundle.onnx_path is not None):
         if bundle.onnx_path is None:
-            raise BundleError(f"{bundle.path}: an .ort-only bundle has no ONNX graph; load it with model_format='ort' (or 'auto')")
+            raise BundleError(
+                f"{bundle.path}: an .ort-only bundle has no ONNX graph; load it with model_format='ort' (or 'auto')"
+            )
         return bundle.onnx_path
     if bundle.ort_path is None:
         raise BundleError(f"{bundle.path}: has no ORT-format graph; add one with `edgegpt convert-ort {bundle.path}`")
@@ -176,8 +180,6 @@ def select_graph(bundle: Bundle, model_format: str, onnxruntime_version: str) ->
     return bundle.ort_path
 
 
-
-
 def _ort_file(manifest: dict, where: Path) -> str | None:
     """The "ort" section's graph file name (None without the section), checked to be listed (hashed)."""
     ort = manifest.get("ort")
@@ -185,7 +187,9 @@ def _ort_file(manifest: dict, where: Path) -> str | None:
         return None
     name = ort.get("file") if isinstance(ort, dict) else None
     if not isinstance(name, str) or name not in manifest["files"]:
-        raise BundleError(f"{where}: ort.file {name!r} is not a file listed (hashed) in 'files'; re-convert with `edgegpt convert-ort`")
+        raise BundleError(
+            f"{where}: ort.file {name!r} is not a file listed (hashed) in 'files'; re-convert with `edgegpt convert-ort`"
+        )
     return name
 
 
@@ -220,7 +224,11 @@ def check_model_settings(summary: GraphSummary, config: GPTConfig, kv: KVCacheSp
     ops = {op for op, _, _ in summary.nodes}
     if ops & {"FastGelu", "Erf", "Gelu", "BiasGelu"}:  # fused or not, the two GELUs leave different ops
         said["gelu"] = "tanh" if "FastGelu" in ops else "erf"
-    wrong = [f"{name} {getattr(config, name)} (the graph: {value})" for name, value in said.items() if getattr(config, name) != value]
+    wrong = [
+        f"{name} {getattr(config, name)} (the graph: {value})"
+        for name, value in said.items()
+        if getattr(config, name) != value
+    ]
     if wrong:
         raise BundleError(
             f"{where}: 'model' disagrees with the graph: {', '.join(wrong)}; the manifest was edited or belongs to "
@@ -264,7 +272,9 @@ def _kv_spec(manifest: dict, where: Path) -> KVCacheSpec:
     names = {k: kv[k] for k in ("past_key", "past_value", "present_key", "present_value") if k in kv}
     for key, name in names.items():
         if not isinstance(name, str) or name.count("{}") != 1:
-            raise BundleError(f"{where}: graph.kv_cache.{key} must be a name with one '{{}}' for the layer, got {name!r}")
+            raise BundleError(
+                f"{where}: graph.kv_cache.{key} must be a name with one '{{}}' for the layer, got {name!r}"
+            )
     return KVCacheSpec(layout=layout, dtype=dtype, **names)
 
 

@@ -143,5 +143,9 @@ def huge_pages_for_new_memory(enabled: bool = True):
     started = time.perf_counter()
     fresh = new_ranges(before, anonymous_ranges(Path("/proc/self/maps").read_text()))
     collapsed = sum(_collapse(*run) for start, end in fresh for run in resident_runs(start, end, huge))
-    log.debug("huge pages: %.1f of %.1f MiB new memory collapsed in %.2f s", collapsed / 2**20,
-              sum(end - start for start, end in fresh) / 2**20, time.perf_counter() - started)
+    log.debug(
+        "huge pages: %.1f of %.1f MiB new memory collapsed in %.2f s",
+        collapsed / 2**20,
+        sum(end - start for start, end in fresh) / 2**20,
+        time.perf_counter() - started,
+    )

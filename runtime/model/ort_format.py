@@ -43,7 +43,9 @@ def read_ort_model(path: str | Path) -> OrtModelInfo:
     path = Path(path)
     with open(path, "rb") as f:
         if f.read(8)[4:8] != _ORT_IDENTIFIER:
-            raise BundleError(f"{path}: not an ORT-format model (no 'ORTM' identifier); re-convert the bundle with `edgegpt convert-ort`")
+            raise BundleError(
+                f"{path}: not an ORT-format model (no 'ORTM' identifier); re-convert the bundle with `edgegpt convert-ort`"
+            )
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:  # the weights are never read: map, not load
             return _read(buf, path)
 
@@ -76,14 +78,18 @@ def _summary(graph) -> GraphSummary:
             summary.shapes[name] = _shape(arg)
     for i in range(graph.InitializersLength()):
         tensor = graph.Initializers(i)
-        summary.initializer_dims[_text(tensor.Name())] = [int(d) for d in tensor.DimsAsNumpy()] if tensor.DimsLength() else []
+        summary.initializer_dims[_text(tensor.Name())] = (
+            [int(d) for d in tensor.DimsAsNumpy()] if tensor.DimsLength() else []
+        )
     for i in range(graph.NodesLength()):
         node = graph.Nodes(i)
-        summary.nodes.append((
-            _text(node.OpType()),
-            [_text(node.Inputs(j)) for j in range(node.InputsLength())],
-            [_text(node.Outputs(j)) for j in range(node.OutputsLength())],
-        ))  # fmt: skip
+        summary.nodes.append(
+            (
+                _text(node.OpType()),
+                [_text(node.Inputs(j)) for j in range(node.InputsLength())],
+                [_text(node.Outputs(j)) for j in range(node.OutputsLength())],
+            )
+        )
     summary.inputs = [name for name in summary.inputs if name not in summary.initializer_dims]
     return summary
 

@@ -39,8 +39,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgegpt.errors import (ConstraintError, ContextLengthError, EdgeGPTError, ExtraMissingError, PromptError,
-                            QueueFullError, SamplingError)
+from edgegpt.errors import (
+    ConstraintError,
+    ContextLengthError,
+    EdgeGPTError,
+    ExtraMissingError,
+    PromptError,
+    QueueFullError,
+    SamplingError,
+)
 from edgegpt.runtime.engine.state import check_ids
 from edgegpt.runtime.generation.generator import Generator
 from edgegpt.runtime.serve.scheduler import Job, Scheduler
@@ -51,7 +58,6 @@ from edgegpt.runtime.serve.protocol import APIError, ParsedRequest
 __all__ = ["LOOPBACK", "ServeSettings", "create_app"]
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})  # hosts served without an API key
-
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,9 @@ class _Models:
             for model in self.by_name.values():
                 model.gen = Generator.load(model.path, provider=s.provider, threads=s.threads, spinning=s.spinning)
                 model.gen.chat_template  # read now: a broken template fails the load, not every request
-                model.scheduler = Scheduler(model.gen, slots=s.slots, capacity=s.ctx_size, chunk=s.chunk,
-                                            queue_limit=s.queue_limit)  # fmt: skip
+                model.scheduler = Scheduler(
+                    model.gen, slots=s.slots, capacity=s.ctx_size, chunk=s.chunk, queue_limit=s.queue_limit
+                )
                 model.scheduler.start()
             self.ready.set()
         except Exception as exc:  # reported by /health and every request; the process stays up to say so
@@ -111,9 +118,16 @@ class _Models:
     def pick(self, name: str | None) -> _Model:
         if not self.ready.is_set():
             if self.error:
-                raise APIError(503, f"the model failed to load: {self.error}", kind="server_error", code="model_load_failed")
-            raise APIError(503, "the model is loading; retry shortly", kind="server_error", code="loading",
-                           headers={"Retry-After": "1"})  # fmt: skip
+                raise APIError(
+                    503, f"the model failed to load: {self.error}", kind="server_error", code="model_load_failed"
+                )
+            raise APIError(
+                503,
+                "the model is loading; retry shortly",
+                kind="server_error",
+                code="loading",
+                headers={"Retry-After": "1"},
+            )
         model = self.by_name.get(self.default if name is None else name)
         if model is None:
             known = ", ".join(sorted(self.by_name))
@@ -138,7 +152,10 @@ def create_app(paths: dict[str, Path], default: str, settings: ServeSettings = S
         return JSONResponse(status, 503, headers={"Retry-After": "1"})
 
     async def list_models(request: Request) -> Response:
-        data = [{"id": m.name, "object": "model", "created": m.created, "owned_by": "edgegpt"} for m in models.by_name.values()]
+        data = [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "edgegpt"}
+            for m in models.by_name.values()
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     async def metrics_text(request: Request) -> Response:
@@ -151,8 +168,11 @@ def create_app(paths: dict[str, Path], default: str, settings: ServeSettings = S
                 req = parse(await _read_json(request, settings.max_body_bytes))
                 model = models.pick(req.model)
                 jobs = await asyncio.to_thread(_jobs, req, model, settings)  # tokenizing, compiling a schema
-                response = await (_stream(request, req, model, jobs, metrics, path, settings.grace_s) if req.stream
-                                  else _whole(request, req, model, jobs, metrics))  # fmt: skip
+                response = await (
+                    _stream(request, req, model, jobs, metrics, path, settings.grace_s)
+                    if req.stream
+                    else _whole(request, req, model, jobs, metrics)
+                )
                 if not req.stream:
                     metrics.request(path, response.status_code)
                 return response
@@ -171,8 +191,15 @@ def create_app(paths: dict[str, Path], default: str, settings: ServeSettings = S
     ]
     middleware = [Middleware(Guard, settings=settings)]
     if settings.cors_origins:  # outermost: a browser's preflight is answered before the key is asked for
-        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                                        allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))  # fmt: skip
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            ),
+        )
     handlers = {404: _not_found, 405: _not_allowed, Exception: _server_error}
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
     app.state.models = models
@@ -199,10 +226,20 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         if self.loopback:
             host = headers.get("host", b"").decode("latin-1")
-            name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+            name = (
+                host[1:].split("]")[0]
+                if host.startswith("[")
+                else host.rsplit(":", 1)[0]
+                if host.count(":") == 1
+                else host
+            )
             if name.lower() not in LOOPBACK:
-                return APIError(403, f"Host {host!r} is not a loopback name; this server answers only 127.0.0.1, "
-                                     "localhost and ::1 (run it with --host to serve other names)", code="host_not_allowed")  # fmt: skip
+                return APIError(
+                    403,
+                    f"Host {host!r} is not a loopback name; this server answers only 127.0.0.1, "
+                    "localhost and ::1 (run it with --host to serve other names)",
+                    code="host_not_allowed",
+                )
         if self.key is not None and scope.get("path") != "/health":
             given = headers.get("authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
@@ -235,8 +272,12 @@ def _jobs(req: ParsedRequest, model: _Model, settings: ServeSettings) -> list[Jo
     gen, jobs = model.gen, []
     count = len(req.prompts) * len(req.configs)
     if count > settings.queue_limit + settings.slots:
-        raise APIError(400, f"{len(req.prompts)} prompts x n={len(req.configs)} is {count} generations; this server queues at "
-                            f"most {settings.queue_limit + settings.slots} at once: send fewer per request", "prompt")  # fmt: skip
+        raise APIError(
+            400,
+            f"{len(req.prompts)} prompts x n={len(req.configs)} is {count} generations; this server queues at "
+            f"most {settings.queue_limit + settings.slots} at once: send fewer per request",
+            "prompt",
+        )
     for p, prompt in enumerate(req.prompts):
         try:
             if req.chat:
@@ -279,7 +320,9 @@ def _submit(jobs: list[Job], scheduler: Scheduler) -> asyncio.Queue:
     except QueueFullError as exc:
         for job in jobs:
             job.cancel()
-        raise APIError(429, str(exc), kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        raise APIError(
+            429, str(exc), kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
+        ) from None
     return events
 
 
@@ -305,8 +348,11 @@ def _error_of(job: Job) -> APIError | None:
 def _usage(req: ParsedRequest, jobs: list[Job]) -> dict[str, int]:
     n = len(req.configs)
     firsts = [jobs[p * n] for p in range(len(req.prompts))]  # each prompt once, as OpenAI counts
-    return protocol.usage(sum(len(job.prompt) for job in firsts), sum(len(job.completion.tokens) for job in jobs),
-                          sum(job.cached_tokens for job in firsts))  # fmt: skip
+    return protocol.usage(
+        sum(len(job.prompt) for job in firsts),
+        sum(len(job.completion.tokens) for job in jobs),
+        sum(job.cached_tokens for job in firsts),
+    )
 
 
 async def _whole(request: Request, req: ParsedRequest, model: _Model, jobs: list[Job], metrics: Metrics) -> Response:
@@ -328,13 +374,21 @@ async def _whole(request: Request, req: ParsedRequest, model: _Model, jobs: list
     errors = [e for e in map(_error_of, jobs) if e is not None]
     if errors:
         raise errors[0]
-    choices = [{"index": i, "text": job.completion.text, "finish_reason": protocol.finish_reason(job.completion.finish_reason),
-                "logprobs": _logprobs(req, model, job, 0)} for i, job in enumerate(jobs)]  # fmt: skip
+    choices = [
+        {
+            "index": i,
+            "text": job.completion.text,
+            "finish_reason": protocol.finish_reason(job.completion.finish_reason),
+            "logprobs": _logprobs(req, model, job, 0),
+        }
+        for i, job in enumerate(jobs)
+    ]
     return JSONResponse(protocol.completion_body(req, model.name, choices, _usage(req, jobs)))
 
 
-async def _stream(request: Request, req: ParsedRequest, model: _Model, jobs: list[Job], metrics: Metrics,
-                  path: str, grace_s: float) -> Response:  # fmt: skip
+async def _stream(
+    request: Request, req: ParsedRequest, model: _Model, jobs: list[Job], metrics: Metrics, path: str, grace_s: float
+) -> Response:
     events = _submit(jobs, model.scheduler)
     rid, created = protocol.new_id(req.chat)
     index = {id(job): i for i, job in enumerate(jobs)}
@@ -359,7 +413,11 @@ async def _stream(request: Request, req: ParsedRequest, model: _Model, jobs: lis
                 logprobs = _logprobs(req, model, job, sent[i])
                 if piece or first or logprobs:
                     sent[i] = len(job.completion.logprobs or ())
-                    yield {"data": _json(protocol.chunk(req, rid, created, model.name, i, piece, first=first, logprobs=logprobs))}
+                    yield {
+                        "data": _json(
+                            protocol.chunk(req, rid, created, model.name, i, piece, first=first, logprobs=logprobs)
+                        )
+                    }
                 if kind == "done":
                     finish = protocol.finish_reason(job.completion.finish_reason)
                     yield {"data": _json(protocol.chunk(req, rid, created, model.name, i, finish=finish))}
@@ -374,8 +432,9 @@ async def _stream(request: Request, req: ParsedRequest, model: _Model, jobs: lis
 
     # On SIGTERM sse-starlette would cancel every stream at once; with a grace period it lets them run that long
     # (a little less than uvicorn's, which then closes what is left).
-    return EventSourceResponse(send(), sep="\n", ping=15, shutdown_event=anyio.Event(),
-                               shutdown_grace_period=0.9 * grace_s)  # fmt: skip
+    return EventSourceResponse(
+        send(), sep="\n", ping=15, shutdown_event=anyio.Event(), shutdown_grace_period=0.9 * grace_s
+    )
 
 
 def _json(value) -> str:

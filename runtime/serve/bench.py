@@ -76,25 +76,45 @@ def bench_server(bundle: str | Path, config: ServeBenchConfig = ServeBenchConfig
     gen = Generator.load(bundle, provider="cpu", threads=config.threads, spinning=config.spinning)
     block = gen.config.block_size
     if config.prompt_tokens + config.new_tokens > block:
-        raise ConfigError(f"prompt_tokens + new_tokens = {config.prompt_tokens + config.new_tokens} exceed the context of {block}")
-    prompts = make_prompts(gen.config.vocab_size, gen.eot_id, max(config.clients) * config.requests, config.prompt_tokens,
-                           config.seed)  # fmt: skip
-    alone = [gen.generate_ids(p, max_new_tokens=config.new_tokens, ignore_eos=True).timings.tokens_per_s
-             for p in prompts[: config.runs]]  # fmt: skip
+        raise ConfigError(
+            f"prompt_tokens + new_tokens = {config.prompt_tokens + config.new_tokens} exceed the context of {block}"
+        )
+    prompts = make_prompts(
+        gen.config.vocab_size, gen.eot_id, max(config.clients) * config.requests, config.prompt_tokens, config.seed
+    )
+    alone = [
+        gen.generate_ids(p, max_new_tokens=config.new_tokens, ignore_eos=True).timings.tokens_per_s
+        for p in prompts[: config.runs]
+    ]
     room = min(config.history_tokens, block - 4 * _REPLY_TOKENS - 32)  # the history, its reply (re-encoded) and a turn
     history = _history_text(gen, room) if room >= 16 else None
     history_tokens = len(gen.encode(history)) if history else 0
     del gen  # the server process gets the cores and the memory
-    result: dict[str, Any] = {"bundle": str(bundle), "config": asdict(config),
-                              "generator_tokens_per_s": statistics.median(alone), "rows": []}  # fmt: skip
-    args = [str(bundle), "--slots", str(max(config.clients)), "--provider", "cpu", "--queue", "1024",
-            "--spinning" if config.spinning else "--no-spinning", *(["--threads", str(config.threads)] if config.threads else [])]
+    result: dict[str, Any] = {
+        "bundle": str(bundle),
+        "config": asdict(config),
+        "generator_tokens_per_s": statistics.median(alone),
+        "rows": [],
+    }
+    args = [
+        str(bundle),
+        "--slots",
+        str(max(config.clients)),
+        "--provider",
+        "cpu",
+        "--queue",
+        "1024",
+        "--spinning" if config.spinning else "--no-spinning",
+        *(["--threads", str(config.threads)] if config.threads else []),
+    ]
     with running_server(args) as (base, _):
         with httpx.Client(base_url=base, timeout=600) as http:
             _stream(http, prompts[0], config.new_tokens)  # warm-up
             for clients in config.clients:
                 result["rows"].append(_round(base, prompts, clients, config))
-            result["chat"] = {"history_tokens": history_tokens, **_chat_turns(http, history, config)} if history else None
+            result["chat"] = (
+                {"history_tokens": history_tokens, **_chat_turns(http, history, config)} if history else None
+            )
     return result
 
 
@@ -165,16 +185,24 @@ def _chat_turns(http: httpx.Client, history: str, config: ServeBenchConfig) -> d
         warm.append(_chat(http, second, 2))
         changed = [{"role": "user", "content": f"#{run} {history}"}, *second[1:]]
         cold.append(_chat(http, changed, 2))
-    return {"prompt_tokens": warm[0][3], "warm_ttft_ms": statistics.median(w[0] for w in warm) * 1e3,
-            "warm_cached_tokens": statistics.median(w[2] for w in warm),
-            "cold_ttft_ms": statistics.median(c[0] for c in cold) * 1e3,
-            "cold_cached_tokens": statistics.median(c[2] for c in cold)}  # fmt: skip
+    return {
+        "prompt_tokens": warm[0][3],
+        "warm_ttft_ms": statistics.median(w[0] for w in warm) * 1e3,
+        "warm_cached_tokens": statistics.median(w[2] for w in warm),
+        "cold_ttft_ms": statistics.median(c[0] for c in cold) * 1e3,
+        "cold_cached_tokens": statistics.median(c[2] for c in cold),
+    }
 
 
 def _chat(http: httpx.Client, messages: list[dict], new_tokens: int) -> tuple[float, str, int, int]:
     """One streamed chat turn; -> (time to first token, reply, cached prompt tokens, prompt tokens)."""
-    body = {"messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "messages": messages,
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start, first, text, usage = time.perf_counter(), None, [], {}
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
@@ -192,27 +220,35 @@ def _chat(http: httpx.Client, messages: list[dict], new_tokens: int) -> tuple[fl
 def markdown(result: dict[str, Any]) -> str:
     """The result as a Markdown table plus the two reference lines."""
     c, lines = result["config"], []
-    lines.append(f"`{result['bundle']}`: prompt {c['prompt_tokens']} tokens, {c['new_tokens']} new, "
-                 f"{c['requests']} streamed requests per client")  # fmt: skip
+    lines.append(
+        f"`{result['bundle']}`: prompt {c['prompt_tokens']} tokens, {c['new_tokens']} new, "
+        f"{c['requests']} streamed requests per client"
+    )
     lines.append("")
     lines.append("| clients | tokens/s | vs 1 client | TTFT p50 / p95 ms | per token p50 / p95 ms |")
     lines.append("|---:|---:|---:|---:|---:|")
     one = result["rows"][0]["tokens_per_s"]
     for row in result["rows"]:
-        lines.append(f"| {row['clients']} | {row['tokens_per_s']:,.1f} | {row['tokens_per_s'] / one:.2f}x | "
-                     f"{row['ttft_p50_ms']:.1f} / {row['ttft_p95_ms']:.1f} | {row['token_p50_ms']:.2f} / {row['token_p95_ms']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {row['clients']} | {row['tokens_per_s']:,.1f} | {row['tokens_per_s'] / one:.2f}x | "
+            f"{row['ttft_p50_ms']:.1f} / {row['ttft_p95_ms']:.1f} | {row['token_p50_ms']:.2f} / {row['token_p95_ms']:.2f} |"
+        )
     lines.append("")
     first = next((r for r in result["rows"] if r["clients"] == 1), None)
     if first is not None:
         per_token = 1e3 / first["token_p50_ms"]
-        lines.append(f"Generator alone: {result['generator_tokens_per_s']:,.1f} decode tokens/s; one client through the "
-                     f"server: {per_token:,.1f} ({per_token / result['generator_tokens_per_s']:.2f}x, from its per-token p50).")  # fmt: skip
+        lines.append(
+            f"Generator alone: {result['generator_tokens_per_s']:,.1f} decode tokens/s; one client through the "
+            f"server: {per_token:,.1f} ({per_token / result['generator_tokens_per_s']:.2f}x, from its per-token p50)."
+        )
     chat = result["chat"]
     if chat is None:
         lines.append("Chat second turn: not measured (the context has no room for a history beside the new tokens).")
         return "\n".join(lines)
-    lines.append(f"Chat second turn ({chat['prompt_tokens']} prompt tokens, a {chat['history_tokens']}-token history): first "
-                 f"token in {chat['warm_ttft_ms']:.1f} ms with {chat['warm_cached_tokens']:.0f} tokens cached vs "
-                 f"{chat['cold_ttft_ms']:.1f} ms cold ({chat['cold_cached_tokens']:.0f} cached): "
-                 f"{chat['warm_ttft_ms'] / chat['cold_ttft_ms']:.2f}x.")  # fmt: skip
+    lines.append(
+        f"Chat second turn ({chat['prompt_tokens']} prompt tokens, a {chat['history_tokens']}-token history): first "
+        f"token in {chat['warm_ttft_ms']:.1f} ms with {chat['warm_cached_tokens']:.0f} tokens cached vs "
+        f"{chat['cold_ttft_ms']:.1f} ms cold ({chat['cold_cached_tokens']:.0f} cached): "
+        f"{chat['warm_ttft_ms'] / chat['cold_ttft_ms']:.2f}x."
+    )
     return "\n".join(lines)

@@ -30,10 +30,20 @@ class Metrics:
         self.generated_tokens = Counter("edgegpt_generated_tokens", "Generated tokens.", ["model"], registry=r)
         self.queue_depth = Gauge("edgegpt_queue_depth", "Jobs waiting for a slot.", ["model"], registry=r)
         self.busy_slots = Gauge("edgegpt_busy_slots", "Slots running a job.", ["model"], registry=r)
-        self.ttft = Histogram("edgegpt_time_to_first_token_seconds", "Queueing to first token.", ["model"],
-                              buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.per_token = Histogram("edgegpt_time_per_output_token_seconds", "Time between a job's tokens.", ["model"],
-                                   buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.ttft = Histogram(
+            "edgegpt_time_to_first_token_seconds",
+            "Queueing to first token.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.per_token = Histogram(
+            "edgegpt_time_per_output_token_seconds",
+            "Time between a job's tokens.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()

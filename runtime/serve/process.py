@@ -20,8 +20,9 @@ __all__ = ["running_server"]
 
 
 @contextmanager
-def running_server(args: Sequence[str], edgegpt: str | Path | None = None,
-                   ready_s: float = 300) -> Iterator[tuple[str, subprocess.Popen]]:  # fmt: skip
+def running_server(
+    args: Sequence[str], edgegpt: str | Path | None = None, ready_s: float = 300
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """Run `edgegpt serve ARGS --port P`; yield (base URL, process) once healthy; SIGTERM and wait after.
 
     Args:
@@ -36,8 +37,9 @@ def running_server(args: Sequence[str], edgegpt: str | Path | None = None,
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = str(edgegpt or Path(sys.executable).parent / "edgegpt")
-    proc = subprocess.Popen([command, "serve", *args, "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [command, "serve", *args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_s

@@ -24,11 +24,38 @@ from edgegpt.errors import SamplingError
 from edgegpt.runtime.generation.constraints import Constraint
 from edgegpt.runtime.generation.sampling import SamplingConfig
 
-__all__ = ["APIError", "ParsedRequest", "chunk", "completion_body", "finish_reason", "logprobs_body", "new_id", "parse_chat",
-           "parse_completion", "usage"]
+__all__ = [
+    "APIError",
+    "ParsedRequest",
+    "chunk",
+    "completion_body",
+    "finish_reason",
+    "logprobs_body",
+    "new_id",
+    "parse_chat",
+    "parse_completion",
+    "usage",
+]
 
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "presence_penalty", "frequency_penalty",
-           "logit_bias", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty", "ignore_eos"}  # fmt: skip
+_COMMON = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "stream",
+    "stream_options",
+    "user",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "ignore_eos",
+}
 _COMPLETION = _COMMON | {"prompt", "echo", "best_of", "logprobs", "suffix", "response_format"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
 
@@ -36,8 +63,15 @@ _CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprob
 class APIError(Exception):
     """An HTTP error in OpenAI's shape; `body()` is the JSON object to send with `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers or {}
@@ -102,11 +136,15 @@ def _request(body: dict, prompts: list, max_tokens: int | None, chat: bool, logp
     stream = _bool(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
-        raise APIError(400, "stream_options takes {'include_usage': bool}, and only with stream: true", "stream_options")
+        raise APIError(
+            400, "stream_options takes {'include_usage': bool}, and only with stream: true", "stream_options"
+        )
     include_usage = bool(options and _bool(options, "include_usage", False))
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
+    if stop is not None and (
+        not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)
+    ):
         raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them", "stop")
     knobs = {
         "temperature": _real(body, "temperature", 1.0, 0.0, 2.0),
@@ -123,7 +161,10 @@ def _request(body: dict, prompts: list, max_tokens: int | None, chat: bool, logp
         "top_logprobs": logprobs or 0,
     }
     try:
-        configs = [SamplingConfig(max_new_tokens=max_tokens, seed=None if seed is None else seed + i, **knobs) for i in range(n)]
+        configs = [
+            SamplingConfig(max_new_tokens=max_tokens, seed=None if seed is None else seed + i, **knobs)
+            for i in range(n)
+        ]
     except SamplingError as exc:  # a value in range for OpenAI that SamplingConfig still refuses (top_p = 0)
         field = next((k for k in knobs if k in str(exc)), None)
         raise APIError(400, str(exc), field) from None
@@ -132,7 +173,9 @@ def _request(body: dict, prompts: list, max_tokens: int | None, chat: bool, logp
         raise APIError(400, "'model' must be a string", "model")
     constraint = _response_format(body.get("response_format"))
     if constraint is not None and knobs["ignore_eos"]:
-        raise APIError(400, "ignore_eos cannot be used with response_format: the text must end where the format says", "ignore_eos")
+        raise APIError(
+            400, "ignore_eos cannot be used with response_format: the text must end where the format says", "ignore_eos"
+        )
     return ParsedRequest(model, prompts, configs, max_tokens, stream, include_usage, chat, constraint, logprobs)
 
 
@@ -140,24 +183,49 @@ def completion_body(req: ParsedRequest, model: str, choices: list[dict], usage: 
     """A whole (non-streamed) response; `choices` hold index, text, finish_reason and logprobs (or None)."""
     rid, created = new_id(req.chat)
     if req.chat:
-        out = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]}, "logprobs": c["logprobs"],
-                "finish_reason": c["finish_reason"]} for c in choices]  # fmt: skip
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": out, "usage": usage}
-    out = [{"index": c["index"], "text": c["text"], "logprobs": c["logprobs"], "finish_reason": c["finish_reason"]}
-           for c in choices]  # fmt: skip
+        out = [
+            {
+                "index": c["index"],
+                "message": {"role": "assistant", "content": c["text"]},
+                "logprobs": c["logprobs"],
+                "finish_reason": c["finish_reason"],
+            }
+            for c in choices
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": out,
+            "usage": usage,
+        }
+    out = [
+        {"index": c["index"], "text": c["text"], "logprobs": c["logprobs"], "finish_reason": c["finish_reason"]}
+        for c in choices
+    ]
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": out, "usage": usage}
 
 
-def chunk(req: ParsedRequest, rid: str, created: int, model: str, index: int | None, text: str | None = None,
-          finish: str | None = None, first: bool = False, usage: dict | None = None,
-          logprobs: dict | None = None) -> dict[str, Any]:  # fmt: skip
+def chunk(
+    req: ParsedRequest,
+    rid: str,
+    created: int,
+    model: str,
+    index: int | None,
+    text: str | None = None,
+    finish: str | None = None,
+    first: bool = False,
+    usage: dict | None = None,
+    logprobs: dict | None = None,
+) -> dict[str, Any]:
     """One streamed chunk: a text piece or a finish for choice `index`; `index` None: the final usage chunk."""
     obj = "chat.completion.chunk" if req.chat else "text_completion"
     out: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model}
     if index is None:
         out["choices"] = []
     elif req.chat:
-        delta = ({"role": "assistant", "content": text or ""} if first else {"content": text} if text else {})
+        delta = {"role": "assistant", "content": text or ""} if first else {"content": text} if text else {}
         out["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
     else:
         out["choices"] = [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}]
@@ -179,12 +247,20 @@ def logprobs_body(entries: list, token_text, chat: bool) -> dict[str, Any]:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     if chat:
-        return {"content": [{**spelled(e.token, e.logprob), "top_logprobs": [spelled(t, p) for t, p in e.top]}
-                            for e in entries]}  # fmt: skip
+        return {
+            "content": [
+                {**spelled(e.token, e.logprob), "top_logprobs": [spelled(t, p) for t, p in e.top]} for e in entries
+            ]
+        }
     texts = [token_text(e.token) for e in entries]
     offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
     top = [{token_text(t): p for t, p in e.top} for e in entries] if any(e.top for e in entries) else None
-    return {"tokens": texts, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top, "text_offset": offsets}
+    return {
+        "tokens": texts,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
 
 
 def finish_reason(reason: str) -> str:
@@ -194,8 +270,12 @@ def finish_reason(reason: str) -> str:
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: prompt tokens a slot already held."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 # ---------------------------------------------------------------------- field checks
@@ -220,12 +300,16 @@ def _logit_bias(bias: Any) -> dict[int, float]:
     if bias is None:
         return {}
     if not isinstance(bias, dict):
-        raise APIError(400, "'logit_bias' must map token ids to biases in [-100, 100], e.g. {\"50256\": -100}", "logit_bias")
+        raise APIError(
+            400, "'logit_bias' must map token ids to biases in [-100, 100], e.g. {\"50256\": -100}", "logit_bias"
+        )
     out = {}
     for key, value in bias.items():
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and -100 <= value <= 100
         if not (isinstance(key, str) and key.isdigit() and ok):
-            raise APIError(400, f"'logit_bias' must map token ids to biases in [-100, 100], got {key!r}: {value!r}", "logit_bias")
+            raise APIError(
+                400, f"'logit_bias' must map token ids to biases in [-100, 100], got {key!r}: {value!r}", "logit_bias"
+            )
         out[int(key)] = float(value)
     return out
 
@@ -240,10 +324,16 @@ def _response_format(fmt: Any) -> Constraint | None:
     if kind == "json_schema" and set(fmt) == {"type", "json_schema"} and isinstance(fmt["json_schema"], dict):
         schema = fmt["json_schema"].get("schema")
         if not isinstance(schema, dict):
-            raise APIError(400, "response_format.json_schema needs a 'schema' object", "response_format.json_schema.schema")
+            raise APIError(
+                400, "response_format.json_schema needs a 'schema' object", "response_format.json_schema.schema"
+            )
         return Constraint(json_schema=schema)
-    raise APIError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
-                        "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}", "response_format")  # fmt: skip
+    raise APIError(
+        400,
+        "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
+        "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}",
+        "response_format",
+    )
 
 
 def _prompts(prompt: Any) -> list:
@@ -257,15 +347,18 @@ def _prompts(prompt: Any) -> list:
             return [list(prompt)]
         if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
             return [list(p) for p in prompt]
-    raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists", "prompt")
+    raise APIError(
+        400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists", "prompt"
+    )
 
 
 def _content(content: Any, where: str) -> str:
     """A message's content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                         for p in content):  # fmt: skip
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
         return "".join(p["text"] for p in content)
     raise APIError(400, f"{where} must be a string or a list of text parts (this model reads text only)", where)
 

@@ -82,8 +82,9 @@ class Scheduler:
         queue_limit: jobs that may wait for a slot; `submit` raises QueueFullError beyond it.
     """
 
-    def __init__(self, gen: Generator, slots: int = 4, capacity: int | None = None, chunk: int = 128,
-                 queue_limit: int = 64):  # fmt: skip
+    def __init__(
+        self, gen: Generator, slots: int = 4, capacity: int | None = None, chunk: int = 128, queue_limit: int = 64
+    ):
         self.gen = gen
         self.batch = gen.new_slots(slots, capacity)
         self.capacity, self.chunk, self.queue_limit = self.batch.capacity, chunk, queue_limit
@@ -124,12 +125,16 @@ class Scheduler:
         """Queue a job (its prompt and max_new must fit a slot: `check_fits`); QueueFullError when full."""
         prompt, max_new = job.prompt, job.completion.max_new
         if not prompt or max_new < 1 or token_budget(len(prompt), max_new, self.capacity, fit=True) < max_new:
-            raise ContextLengthError(f"{len(prompt)} prompt tokens + {max_new} new do not fit a slot's {self.capacity} positions")
+            raise ContextLengthError(
+                f"{len(prompt)} prompt tokens + {max_new} new do not fit a slot's {self.capacity} positions"
+            )
         with self._wake:
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
             if len(self._waiting) >= self.queue_limit:
-                raise QueueFullError(f"{len(self._waiting)} requests are already waiting (the queue limit); retry shortly")
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are already waiting (the queue limit); retry shortly"
+                )
             self._waiting.append(job)
             self._wake.notify()
 

@@ -40,8 +40,13 @@ NPM_FILES = {
     "/npm/tokenizers/": ("@huggingface/tokenizers/dist", (".mjs",)),
 }
 PAGE_FILES = ("index.html", "app.js", "edgegpt.js")
-TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
-         ".html": "text/html; charset=utf-8"}  # fmt: skip
+TYPES = {
+    ".mjs": "text/javascript",
+    ".js": "text/javascript",
+    ".wasm": "application/wasm",
+    ".json": "application/json",
+    ".html": "text/html; charset=utf-8",
+}
 INSTALL_HINT = (
     "run `npm ci` in the web/ folder of an edgegpt checkout, or `npm install --prefix DIR onnxruntime-web@1.30.0 "
     "@huggingface/tokenizers@0.2.0` and pass --node-modules DIR/node_modules"

@@ -25,10 +25,27 @@ def bench(tmp_path_factory):
     """One short bench run on `tiny`: (CliRunner result, JSON dict, plot path, work dir)."""
     out = tmp_path_factory.mktemp("bench")
     args = [
-        "--preset", "tiny", "--runs", "2", "--threads", "1", "--prompt-tokens", "16", "--new-tokens", str(NEW_TOKENS), "--batch", "1,2",
-        "--formats", "fp32,int8", "--work-dir", str(out / "work"),
-        "--json", str(out / "bench.json"), "--plot", str(out / "bench.png"),
-    ]  # fmt: skip
+        "--preset",
+        "tiny",
+        "--runs",
+        "2",
+        "--threads",
+        "1",
+        "--prompt-tokens",
+        "16",
+        "--new-tokens",
+        str(NEW_TOKENS),
+        "--batch",
+        "1,2",
+        "--formats",
+        "fp32,int8",
+        "--work-dir",
+        str(out / "work"),
+        "--json",
+        str(out / "bench.json"),
+        "--plot",
+        str(out / "bench.png"),
+    ]
     result = CliRunner().invoke(bench_command, args, catch_exceptions=False)
     data = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else None
     return result, data, out / "bench.png", out / "work"
@@ -108,7 +125,20 @@ def test_bench_writes_a_png(bench):
 @pytest.mark.slow
 def test_prompt_longer_than_the_context_is_a_usage_error(bench):
     _, _, _, work = bench  # reuses the exported bundles
-    args = ["--preset", "tiny", "--runs", "1", "--prompt-tokens", "60", "--new-tokens", "8", "--formats", "fp32", "--work-dir", str(work)]
+    args = [
+        "--preset",
+        "tiny",
+        "--runs",
+        "1",
+        "--prompt-tokens",
+        "60",
+        "--new-tokens",
+        "8",
+        "--formats",
+        "fp32",
+        "--work-dir",
+        str(work),
+    ]
     result = CliRunner().invoke(bench_command, args)
     assert result.exit_code == 2 and "block_size 64" in result.output
 
@@ -118,7 +148,9 @@ def test_exactly_one_source_is_required():
     assert result.exit_code == 2 and "exactly one source" in result.output
 
 
-@pytest.mark.parametrize("flags", [{"runs": 0}, {"formats": ("fp8",)}, {"backends": ()}, {"batch": (0,)}, {"new_tokens": 1}])
+@pytest.mark.parametrize(
+    "flags", [{"runs": 0}, {"formats": ("fp8",)}, {"backends": ()}, {"batch": (0,)}, {"new_tokens": 1}]
+)
 def test_bench_config_rejects_bad_values(flags):
     with pytest.raises(ConfigError):
         BenchConfig(**flags)
@@ -141,9 +173,12 @@ def test_decode_weight_bytes_skip_embedding_tables(tmp_path):
     w = numpy_helper.from_array(np.zeros((8, 100), np.float32), "w")  # lm_head: read
     nodes = [helper.make_node("Gather", ["emb", "ids"], ["x"]), helper.make_node("MatMul", ["x", "w"], ["y"])]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100])], initializer=[emb, w],
-    )  # fmt: skip
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100])],
+        initializer=[emb, w],
+    )
     onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
     assert decode_weight_bytes(tmp_path / "m.onnx") == {"read": 3200, "gathered": 3200, "total": 6400}
 

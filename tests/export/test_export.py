@@ -118,14 +118,21 @@ def test_left_padding_matches_the_unpadded_row(any_sess, model):
     """A left-padded row's logits equal those of the same tokens alone (the padding is really ignored)."""
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
     n = model.config.n_layer
-    empty = {f"past_key_values.{i}.{kv}": np.zeros((1, model.config.n_head, 0, model.config.head_size), np.float32)
-             for i in range(n) for kv in ("key", "value")}
-    alone = sess.run(["logits"], dict(input_ids=ids.numpy(), attention_mask=np.ones((1, 6), np.int64),
-                                      position_ids=np.arange(6)[None], **empty))[0]
+    empty = {
+        f"past_key_values.{i}.{kv}": np.zeros((1, model.config.n_head, 0, model.config.head_size), np.float32)
+        for i in range(n)
+        for kv in ("key", "value")
+    }
+    alone = sess.run(
+        ["logits"],
+        dict(input_ids=ids.numpy(), attention_mask=np.ones((1, 6), np.int64), position_ids=np.arange(6)[None], **empty),
+    )[0]
     padded_ids = np.concatenate([np.zeros((1, 3), np.int64), ids.numpy()], 1)
     mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
-    padded = sess.run(["logits"], dict(input_ids=padded_ids, attention_mask=mask,
-                                       position_ids=np.array([[0, 0, 0, 0, 1, 2, 3, 4, 5]]), **empty))[0]
+    padded = sess.run(
+        ["logits"],
+        dict(input_ids=padded_ids, attention_mask=mask, position_ids=np.array([[0, 0, 0, 0, 1, 2, 3, 4, 5]]), **empty),
+    )[0]
     assert np.abs(padded[:, 3:] - alone).max() <= ATOL
 
 
@@ -145,8 +152,12 @@ def test_manifest_records_graph_sources_and_checks(bundle, manifest, model, tiny
     assert manifest["model"] == cfg.to_dict()
     assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "tokenizer_config.json", "genai_config.json"}
     assert manifest["files"]["model.onnx"]["sha256"] == sha256_file(bundle / "model.onnx")
-    assert manifest["tokenizer"] == {"file": "tokenizer.json", "vocab_size": cfg.vocab_size, "eot_token_id": 0,
-                                     "sampled_vocab_size": cfg.vocab_size}  # fmt: skip
+    assert manifest["tokenizer"] == {
+        "file": "tokenizer.json",
+        "vocab_size": cfg.vocab_size,
+        "eot_token_id": 0,
+        "sampled_vocab_size": cfg.vocab_size,
+    }
     assert manifest["source"]["fingerprint"] == sha256_file(tiny_checkpoint / "model.safetensors")
     assert manifest["quantization"] is None
     assert {"edgegpt", "torch", "onnx", "onnxruntime"} <= set(manifest["producer"])
@@ -156,7 +167,12 @@ def test_manifest_records_graph_sources_and_checks(bundle, manifest, model, tiny
     assert [o["name"] for o in graph["outputs"]] == onnx_export.output_names(cfg.n_layer)
     inputs = {i["name"]: i for i in graph["inputs"]}
     assert inputs["input_ids"] == {"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]}
-    assert inputs["past_key_values.1.value"]["shape"] == ["batch_size", cfg.n_head, "past_sequence_length", cfg.head_size]
+    assert inputs["past_key_values.1.value"]["shape"] == [
+        "batch_size",
+        cfg.n_head,
+        "past_sequence_length",
+        cfg.head_size,
+    ]
     assert graph["outputs"][0]["dtype"] == "float32"
     assert graph["kv_cache"]["layout"] == "concat" and graph["kv_cache"]["past_key"] == "past_key_values.{}.key"
 
@@ -189,7 +205,9 @@ def test_genai_config_describes_the_graph(bundle, model):
     assert genai["eos_token_id"] == 0 and genai["vocab_size"] == cfg.vocab_size
     decoder = genai["decoder"]
     assert (decoder["num_hidden_layers"], decoder["num_attention_heads"], decoder["head_size"]) == (
-        cfg.n_layer, cfg.n_head, cfg.head_size
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.head_size,
     )
     assert decoder["inputs"]["past_key_names"] % 1 == "past_key_values.1.key"
     assert decoder["outputs"]["present_value_names"] % 1 == "present.1.value"
@@ -201,7 +219,9 @@ def test_onnxruntime_genai_generates_edgegpt_tokens(lively, torch_greedy, genai_
     model, bundle = lively
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))[0].tolist()
     tokens = genai_greedy(bundle, prompt, 32)
-    assert tokens == torch_greedy(model, prompt, 32)[: len(tokens)] and len(tokens) >= 16  # genai stops early only on EOT (id 0)
+    assert (
+        tokens == torch_greedy(model, prompt, 32)[: len(tokens)] and len(tokens) >= 16
+    )  # genai stops early only on EOT (id 0)
     tokenizer = og.Tokenizer(og.Model(str(bundle)))
     text = "def parse(self, s):\n    return s.strip()"
     assert list(tokenizer.encode(text)) == load_tokenizer_ids(bundle, text)

@@ -90,7 +90,9 @@ def test_force_refuses_a_bundle_holding_files_its_manifest_does_not_list(fp32, t
     before = _snapshot(out)
     for command in (["export", str(fp32.parent), "--no-optimize"], ["quantize", str(fp32), "--to", "int8"]):
         line = _one_line_error(_cli(*command, "-o", str(out), "--force"))
-        assert f"{out}: an edgegpt bundle, but it also holds files its manifest does not list (data/, notes.txt)" in line
+        assert (
+            f"{out}: an edgegpt bundle, but it also holds files its manifest does not list (data/, notes.txt)" in line
+        )
         assert "move them out" in line
     assert _snapshot(out) == before
 
@@ -98,7 +100,9 @@ def test_force_refuses_a_bundle_holding_files_its_manifest_does_not_list(fp32, t
 def test_force_refuses_a_bundle_altered_since_it_was_written(fp32, tmp_path):
     out = Path(shutil.copytree(fp32, tmp_path / "bundle"))
     (out / "tokenizer.json").write_text((out / "tokenizer.json").read_text() + " ")
-    with pytest.raises(ExportError, match="not an edgegpt bundle that verifies .*tokenizer.json: .* bytes, the manifest"):
+    with pytest.raises(
+        ExportError, match="not an edgegpt bundle that verifies .*tokenizer.json: .* bytes, the manifest"
+    ):
         quantize_bundle(fp32, out, to="int8", force=True)
 
 
@@ -130,12 +134,28 @@ def failing_gate(monkeypatch):
 def test_force_no_longer_writes_past_a_failed_gate(fp32, held_out, tmp_path, failing_gate):
     out = quantize_bundle(fp32, tmp_path / "int8", to="int8")
     before = _snapshot(out)
-    with pytest.raises(QuantizationError, match=r"\+50.00 %, over the 2 % limit; not written. Raise max_ppl_increase, "
-                                                r"or pass accept_gate_failure=True"):
+    with pytest.raises(
+        QuantizationError,
+        match=r"\+50.00 %, over the 2 % limit; not written. Raise max_ppl_increase, "
+        r"or pass accept_gate_failure=True",
+    ):
         quantize_bundle(fp32, out, to="int8", force=True, eval_text=held_out, threads=2)
     assert _snapshot(out) == before
-    line = _one_line_error(_cli("quantize", str(fp32), "--to", "int8", "-o", str(out), "--force", "--eval-text",
-                                str(held_out), "--threads", "2"))
+    line = _one_line_error(
+        _cli(
+            "quantize",
+            str(fp32),
+            "--to",
+            "int8",
+            "-o",
+            str(out),
+            "--force",
+            "--eval-text",
+            str(held_out),
+            "--threads",
+            "2",
+        )
+    )
     assert "Raise --max-ppl-increase, or pass --accept-gate-failure to write it anyway" in line
     assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
 
@@ -145,8 +165,22 @@ def test_accept_gate_failure_writes_past_the_gate_and_records_it(fp32, held_out,
     out = quantize_bundle(fp32, tmp_path / "int8", to="int8", eval_text=held_out, accept_gate_failure=True, threads=2)
     gate = verify_bundle(out)["quantization"]["gate"]
     assert gate["passed"] is False and gate["accepted_failure"] is True and "forced" not in gate
-    result = CliRunner().invoke(main, ["quantize", str(fp32), "--to", "int8", "-o", str(tmp_path / "cli"), "--eval-text",
-                                       str(held_out), "--accept-gate-failure", "--threads", "2"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "quantize",
+            str(fp32),
+            "--to",
+            "int8",
+            "-o",
+            str(tmp_path / "cli"),
+            "--eval-text",
+            str(held_out),
+            "--accept-gate-failure",
+            "--threads",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "FAILED (written with --accept-gate-failure)" in result.output
     assert "--accept-gate-failure" in CliRunner().invoke(main, ["quantize", "--help"]).output

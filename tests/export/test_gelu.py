@@ -21,7 +21,9 @@ from edgegpt.train.model import SimpleGPT
 
 def _model(gelu: str, bias: bool) -> SimpleGPT:
     torch.manual_seed(0)
-    model = SimpleGPT(GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32, gelu=gelu, bias=bias)).eval()
+    model = SimpleGPT(
+        GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32, gelu=gelu, bias=bias)
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)  # large pre-activations, where tanh and erf GELU differ most
@@ -30,7 +32,12 @@ def _model(gelu: str, bias: bool) -> SimpleGPT:
 
 @pytest.mark.parametrize(
     "gelu, bias, attention, fused",
-    [("tanh", True, "gqa", "FastGelu"), ("erf", True, "gqa", "BiasGelu"), ("erf", False, "mha", "Gelu"), ("tanh", False, "mha", "FastGelu")],
+    [
+        ("tanh", True, "gqa", "FastGelu"),
+        ("erf", True, "gqa", "BiasGelu"),
+        ("erf", False, "mha", "Gelu"),
+        ("tanh", False, "mha", "FastGelu"),
+    ],
 )
 def test_each_gelu_fuses_into_its_kernel_and_matches_pytorch(tmp_path, gelu, bias, attention, fused):
     model = _model(gelu, bias)
@@ -62,7 +69,10 @@ def test_a_graph_computing_the_other_gelu_is_refused(tmp_path):
     optimize_graph(raw, tmp_path / "opt.onnx", model.config, attention="gqa", external_data=False)
     as_tanh = GPTConfig(**{**model.config.to_dict(), "gelu": "tanh"})
     for path in (raw, tmp_path / "opt.onnx"):
-        with pytest.raises(ExportError, match=r"GELU nodes compute \{'tanh': 0, 'erf': 2, 'other': 0\} but the model uses the tanh GELU"):
+        with pytest.raises(
+            ExportError,
+            match=r"GELU nodes compute \{'tanh': 0, 'erf': 2, 'other': 0\} but the model uses the tanh GELU",
+        ):
             validate.check_graph(path, as_tanh)
     # ONNX's own Gelu (opset 20) is read by its attribute: approximate="tanh" is the tanh GELU
     node = onnx.helper.make_node("Gelu", ["x"], ["y"], approximate="tanh")

@@ -62,8 +62,17 @@ def fp32(tiny_tokenizer, tiny_config, texts, tmp_path_factory) -> Path:
 
     ids = np.asarray(encode(tiny_tokenizer, texts[0].read_text()), np.uint16)
     cut = int(len(ids) * 0.95)
-    cfg = TrainConfig(steps=150, batch_size=16, learning_rate=3e-3, warmup_steps=10, eval_interval=150, eval_iters=2,
-                      save_interval=10_000, log_interval=50, seed=0)
+    cfg = TrainConfig(
+        steps=150,
+        batch_size=16,
+        learning_rate=3e-3,
+        warmup_steps=10,
+        eval_interval=150,
+        eval_iters=2,
+        save_interval=10_000,
+        log_interval=50,
+        seed=0,
+    )
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("trained")
     train(SimpleGPT(tiny_config), ids[:cut], ids[cut:], cfg, root / "run", tiny_tokenizer.to_str(), progress=False)
@@ -79,7 +88,10 @@ def source_snapshot(fp32) -> dict[str, str]:
 def quantized(fp32, texts, source_snapshot, tmp_path_factory) -> dict[str, Path]:
     """One bundle per format, quantized with --eval-text (so with the default gate)."""
     root = tmp_path_factory.mktemp("quantized")
-    return {fmt: quantize_bundle(fp32, root / fmt, to=fmt, eval_text=texts[1], threads=2) for fmt in ("int8", "int4", "fp16")}
+    return {
+        fmt: quantize_bundle(fp32, root / fmt, to=fmt, eval_text=texts[1], threads=2)
+        for fmt in ("int8", "int4", "fp16")
+    }
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
@@ -130,7 +142,11 @@ def test_graph_io_and_fused_kernels_are_kept(quantized, fp32, tiny_config, fmt):
     strip = lambda ios: [{**io, "dtype": None} if io["name"].startswith(("past", "present")) else io for io in ios]  # noqa: E731
     assert strip(manifest["graph"]["inputs"]) == strip(source["graph"]["inputs"])
     assert strip(manifest["graph"]["outputs"]) == strip(source["graph"]["outputs"])
-    assert manifest["graph"]["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch_size", "sequence_length", tiny_config.vocab_size]}
+    assert manifest["graph"]["outputs"][0] == {
+        "name": "logits",
+        "dtype": "float32",
+        "shape": ["batch_size", "sequence_length", tiny_config.vocab_size],
+    }
     kv = "float16" if fmt == "fp16" else "float32"
     assert manifest["graph"]["kv_cache"]["dtype"] == kv
     assert {io["dtype"] for io in manifest["graph"]["inputs"][3:] + manifest["graph"]["outputs"][1:]} == {kv}
@@ -156,13 +172,20 @@ def test_every_weight_matrix_is_quantized(quantized, fp32, tiny_config):
     assert int8["per_channel"] and int8["weight_type"] == "qint8" and int8["weight_bits"] == 7
     assert (int8["kernel"], int8["batch_invariant"]) == ("rowwise", True)
     # onnxruntime's session-time fusions: what actually runs
-    assert int8["op_counts_runtime"]["MatMulIntegerToFloat"] == matmuls and int4["op_counts_runtime"]["MatMulNBits"] == matmuls
+    assert (
+        int8["op_counts_runtime"]["MatMulIntegerToFloat"] == matmuls
+        and int4["op_counts_runtime"]["MatMulNBits"] == matmuls
+    )
     for runtime in (int8["op_counts_runtime"], int4["op_counts_runtime"]):
         assert runtime[att] == n and runtime["SkipLayerNormalization"] == 2 * n + 1 and runtime["FastGelu"] == n
     for q in (int4, int8):  # only the small position table stays fp32
         assert [m["role"] for m in q["fp32_matrices"]] == ["position_embedding"]
     model = onnx.load(str(quantized["int4"] / "model.onnx"))
-    floats = [list(i.dims) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 64 * 64]
+    floats = [
+        list(i.dims)
+        for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 64 * 64
+    ]
     assert floats == [[tiny_config.block_size, tiny_config.n_embd]]  # scales are small; weights are uint8
 
 
@@ -201,7 +224,9 @@ def _double_output_head_scale(path: Path) -> None:
     """Break an int8 graph: the output head's weight scale x 2, so every logit doubles and no argmax moves."""
     model = onnx.load(str(path))
     head = [n for n in model.graph.node if n.op_type in ("MatMulInteger", "MatMulIntegerToFloat")][-1]  # logits
-    name = head.input[3] if head.op_type == "MatMulIntegerToFloat" else head.input[1].removesuffix("_quantized") + "_scale"
+    name = (
+        head.input[3] if head.op_type == "MatMulIntegerToFloat" else head.input[1].removesuffix("_quantized") + "_scale"
+    )
     scale = next(i for i in model.graph.initializer if i.name == name)
     scale.CopyFrom(onnx.numpy_helper.from_array(2 * onnx.numpy_helper.to_array(scale), name))
     onnx.save(model, str(path))
@@ -230,8 +255,9 @@ def test_a_broken_quantization_fails_the_default_kld_gate(quantized, fp32, texts
 
 
 def test_accept_gate_failure_writes_past_the_gate_and_records_it(fp32, texts, tmp_path):
-    out = quantize_bundle(fp32, tmp_path / "int4", to="int4", eval_text=texts[1], max_ppl_increase=0.0,
-                          accept_gate_failure=True)
+    out = quantize_bundle(
+        fp32, tmp_path / "int4", to="int4", eval_text=texts[1], max_ppl_increase=0.0, accept_gate_failure=True
+    )
     gate = verify_bundle(out)["quantization"]["gate"]
     assert gate == {**gate, "passed": False, "accepted_failure": True, "max_increase_percent": 0.0}
     assert gate["increase_percent"] > 0
@@ -311,8 +337,10 @@ def test_static_int8_calibrated_on_corpus_text(fp32, texts, tmp_path):
     assert Generator.load(out, provider="cpu").generate("x = ", max_new_tokens=4, ignore_eos=True).tokens
 
 
-@pytest.mark.skipif("attention" not in inspect.signature(__import__("edgegpt.export", fromlist=["x"]).export_bundle).parameters,
-                    reason="export_bundle has no GroupQueryAttention option")
+@pytest.mark.skipif(
+    "attention" not in inspect.signature(__import__("edgegpt.export", fromlist=["x"]).export_bundle).parameters,
+    reason="export_bundle has no GroupQueryAttention option",
+)
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_the_groupqueryattention_graph_quantizes_the_same_way(fp32, texts, tmp_path, fmt):
     from edgegpt.export import export_bundle
@@ -330,7 +358,9 @@ def test_the_groupqueryattention_graph_quantizes_the_same_way(fp32, texts, tmp_p
 def test_onnxruntime_genai_loads_the_int4_bundle(quantized, genai_greedy):
     prompt = [5, 6, 7, 8]
     tokens = genai_greedy(quantized["int4"], prompt, 20)
-    ours = Generator.load(quantized["int4"], provider="cpu").generate_ids(prompt, max_new_tokens=len(tokens), ignore_eos=True)
+    ours = Generator.load(quantized["int4"], provider="cpu").generate_ids(
+        prompt, max_new_tokens=len(tokens), ignore_eos=True
+    )
     assert tokens and tokens == ours.tokens[: len(tokens)]
 
 
@@ -351,17 +381,23 @@ def test_cli_quantize_help_exit_codes_and_output(fp32, texts, tmp_path):
     assert "--max-kld" in help_text and "--max-kld 0.01" in help_text
     bad = runner.invoke(quantize_cmd, [str(fp32), "--to", "int3", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "int3" in bad.output
-    refused = runner.invoke(quantize_cmd, [str(fp32), "--to", "int4", "-o", str(tmp_path / "x"), "--eval-text",
-                                           str(texts[1]), "--max-ppl-increase", "0"])
+    refused = runner.invoke(
+        quantize_cmd,
+        [str(fp32), "--to", "int4", "-o", str(tmp_path / "x"), "--eval-text", str(texts[1]), "--max-ppl-increase", "0"],
+    )
     assert refused.exit_code == 1 and "QuantizationError" in refused.output and "fp32" in refused.output
     assert not (tmp_path / "x").exists()
     ok = runner.invoke(quantize_cmd, [str(fp32), "--to", "int8", "-o", str(tmp_path / "y")])
     assert ok.exit_code == 0, ok.output
-    assert ok.stdout.strip() == str(tmp_path / "y") and verify_bundle(tmp_path / "y")["quantization"]["format"] == "int8"
+    assert (
+        ok.stdout.strip() == str(tmp_path / "y") and verify_bundle(tmp_path / "y")["quantization"]["format"] == "int8"
+    )
     wrong = runner.invoke(quantize_cmd, [str(fp32), "--to", "int8", "--block-size", "32", "-o", str(tmp_path / "z")])
     assert wrong.exit_code == 2 and "block_size" in wrong.output
     assert "--int8-kernel" in help_text
-    old = runner.invoke(quantize_cmd, [str(fp32), "--to", "int8", "--int8-kernel", "dynamic", "-o", str(tmp_path / "d")])
+    old = runner.invoke(
+        quantize_cmd, [str(fp32), "--to", "int8", "--int8-kernel", "dynamic", "-o", str(tmp_path / "d")]
+    )
     assert old.exit_code == 0, old.output
     assert verify_bundle(tmp_path / "d")["quantization"]["kernel"] == "dynamic"
 

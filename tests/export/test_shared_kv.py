@@ -64,7 +64,9 @@ def test_gqa_bundle_manifest_graph_and_genai_config(gqa_bundle, lively_checkpoin
     validation = manifest["validation"]
     for stage in ("exported", "optimized"):
         cases = validation["parity"][stage]
-        assert {"chunk_b1_t5_p59", "left_padded_prefill_b3_t12", "left_padded_decode_b3_p12", "decode_b3_p32"} <= set(cases)
+        assert {"chunk_b1_t5_p59", "left_padded_prefill_b3_t12", "left_padded_decode_b3_p12", "decode_b3_p32"} <= set(
+            cases
+        )
         assert not any(name.startswith("chunk_b3") for name in cases)  # the kernel's limit (validate.py)
     assert validation["max_abs_diff"] <= validate.ATOL
     assert validation["greedy"]["shared_buffer"] is True and validation["greedy"]["new_tokens"] == 32
@@ -92,7 +94,9 @@ def test_head_size_not_a_multiple_of_8_is_refused_before_export(tiny_tokenizer, 
     config = GPTConfig(n_layer=1, n_head=4, n_embd=48, block_size=16, vocab_size=tiny_tokenizer.get_vocab_size())
     ckpt = save_checkpoint(tmp_path / "ckpt", SimpleGPT(config), tiny_tokenizer.to_str())
     monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: pytest.fail("export work started"))
-    with pytest.raises(ExportError, match=r"head_size .*= 12\) to be a multiple of 8.*attention='mha'.*n_head in \[1, 2, 3, 6\]"):
+    with pytest.raises(
+        ExportError, match=r"head_size .*= 12\) to be a multiple of 8.*attention='mha'.*n_head in \[1, 2, 3, 6\]"
+    ):
         export_bundle(ckpt, tmp_path / "bundle", attention="gqa")
     with pytest.raises(ExportError, match="attention 'flash' is not supported; choose one of mha, gqa"):
         export_bundle(ckpt, tmp_path / "bundle", attention="flash")
@@ -103,7 +107,12 @@ def test_cli_attention_option(lively_checkpoint, gqa_bundle, tmp_path):
     runner = CliRunner()
     help_text = runner.invoke(export_cmd, ["--help"]).output
     assert "--attention [mha|gqa]" in help_text
-    assert runner.invoke(export_cmd, [str(lively_checkpoint[1]), "-o", str(tmp_path / "b"), "--attention", "flash"]).exit_code == 2
+    assert (
+        runner.invoke(
+            export_cmd, [str(lively_checkpoint[1]), "-o", str(tmp_path / "b"), "--attention", "flash"]
+        ).exit_code
+        == 2
+    )
 
 
 def test_onnxruntime_genai_runs_the_shared_buffer_graph(lively_checkpoint, gqa_bundle, torch_greedy, genai_greedy):
@@ -123,15 +132,25 @@ def test_bundle_load_reads_the_shared_buffer_layout(gqa, mha):
 def test_generate_equals_the_mha_bundle_and_pytorch(gqa, mha, lively_checkpoint, torch_greedy):
     for ids in PROMPTS:
         tokens = gqa.generate_ids(ids, max_new_tokens=24, ignore_eos=True).tokens
-        assert tokens == mha.generate_ids(ids, max_new_tokens=24, ignore_eos=True).tokens == torch_greedy(lively_checkpoint[0], ids, 24)
+        assert (
+            tokens
+            == mha.generate_ids(ids, max_new_tokens=24, ignore_eos=True).tokens
+            == torch_greedy(lively_checkpoint[0], ids, 24)
+        )
 
 
 def test_left_padded_batch_equals_each_prompt_alone(gqa, mha):
     batch = gqa.generate_batch(PROMPTS, max_new_tokens=16, ignore_eos=True)
-    assert [r.tokens for r in batch] == [r.tokens for r in mha.generate_batch(PROMPTS, max_new_tokens=16, ignore_eos=True)]
-    assert [r.tokens for r in batch] == [gqa.generate_ids(p, max_new_tokens=16, ignore_eos=True).tokens for p in PROMPTS]
+    assert [r.tokens for r in batch] == [
+        r.tokens for r in mha.generate_batch(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    ]
+    assert [r.tokens for r in batch] == [
+        gqa.generate_ids(p, max_new_tokens=16, ignore_eos=True).tokens for p in PROMPTS
+    ]
     knobs = dict(max_new_tokens=12, temperature=0.9, top_k=50, seed=3, ignore_eos=True)
-    assert [r.tokens for r in gqa.generate_batch(PROMPTS, **knobs)] == [gqa.generate_ids(p, **knobs).tokens for p in PROMPTS]
+    assert [r.tokens for r in gqa.generate_batch(PROMPTS, **knobs)] == [
+        gqa.generate_ids(p, **knobs).tokens for p in PROMPTS
+    ]
 
 
 def test_stream_and_sliding_window_equal_the_mha_bundle(gqa, mha):
@@ -223,7 +242,9 @@ def test_old_onnxruntime_is_refused_with_the_fix(gqa_bundle, monkeypatch):
     from edgegpt.errors import BundleError
 
     monkeypatch.setattr(ort, "__version__", "1.21.1")  # 1.20 and 1.21 reject the graph's attention_bias input
-    with pytest.raises(BundleError, match=r"'shared_buffer' needs onnxruntime >= 1.22, this is 1.21.1.*attention='mha'"):
+    with pytest.raises(
+        BundleError, match=r"'shared_buffer' needs onnxruntime >= 1.22, this is 1.21.1.*attention='mha'"
+    ):
         Generator.load(gqa_bundle, provider="cpu")
 
 

@@ -39,12 +39,16 @@ def test_timed_generation_gives_generate_ids_tokens(bundle):
 
 
 def test_bench_bundle_reports_prefill_and_decode_per_batch(bundle):
-    result = bench_bundle(bundle, DeviceBenchConfig.short(runs=2, batch=(1, 2), threads=1, prompt_tokens=8, new_tokens=6))
+    result = bench_bundle(
+        bundle, DeviceBenchConfig.short(runs=2, batch=(1, 2), threads=1, prompt_tokens=8, new_tokens=6)
+    )
     assert [row["batch"] for row in result["rows"]] == [1, 2] and all(len(row["runs"]) == 2 for row in result["rows"])
     for row in result["rows"]:
         assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["new_tokens"] == 6
     table = markdown(json.loads(json.dumps(result)))  # JSON-serialisable as it is
-    assert "| batch | prefill tok/s | decode tok/s |" in table and table.count("\n| ") == 3  # the header and one row per batch size
+    assert (
+        "| batch | prefill tok/s | decode tok/s |" in table and table.count("\n| ") == 3
+    )  # the header and one row per batch size
 
 
 def test_the_default_lengths_fit_a_small_context(bundle):
@@ -53,7 +57,9 @@ def test_the_default_lengths_fit_a_small_context(bundle):
 
 
 def test_bench_bundle_refuses_what_does_not_fit(bundle):
-    with pytest.raises(ConfigError, match=r"exceed the model's context of 64 tokens; lower them \(e.g. --prompt-tokens 32"):
+    with pytest.raises(
+        ConfigError, match=r"exceed the model's context of 64 tokens; lower them \(e.g. --prompt-tokens 32"
+    ):
         bench_bundle(bundle, DeviceBenchConfig(prompt_tokens=60, new_tokens=10, runs=1, threads=1))
     with pytest.raises(ConfigError, match="new_tokens must be at least 2"):
         DeviceBenchConfig(new_tokens=1)
@@ -63,7 +69,9 @@ def test_cli_times_a_bundle_and_keeps_comparison_flags_apart(bundle, tmp_path):
     from edgegpt.cli import main
 
     out = tmp_path / "r.json"
-    result = CliRunner().invoke(main, ["bench", str(bundle), "--short", "--runs", "1", "--threads", "1", "--json", str(out)])
+    result = CliRunner().invoke(
+        main, ["bench", str(bundle), "--short", "--runs", "1", "--threads", "1", "--json", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "decode tok/s" in result.output and json.loads(out.read_text())["rows"][0]["batch"] == 1
     refused = CliRunner().invoke(main, ["bench", str(bundle), "--backends", "torch"])
@@ -73,7 +81,11 @@ def test_cli_times_a_bundle_and_keeps_comparison_flags_apart(bundle, tmp_path):
 @pytest.mark.slow
 def test_base_install_benches_a_bundle_without_torch(bundle, base_venv_bin):
     bin_dir = base_venv_bin
-    proc = subprocess.run([str(bin_dir / "edgegpt"), "bench", str(bundle), "--short", "--runs", "1", "--threads", "1"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [str(bin_dir / "edgegpt"), "bench", str(bundle), "--short", "--runs", "1", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "prefill tok/s" in proc.stdout and "decode tok/s" in proc.stdout

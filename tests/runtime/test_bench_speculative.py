@@ -61,10 +61,19 @@ def test_bench_reports_plain_lookup_and_draft_per_source(lively_gqa_bundle, text
         assert draft["acceptance_rate"] == 1 and draft["tokens_per_call"] > 2 and draft["draft_calls"] > 0
         assert 0 <= lookup["accepted"] <= lookup["drafted"]
     assert sorted(result["chunk_ms"], key=int) == ["1", "2", "3", "4", "5"] and min(result["chunk_ms"].values()) > 0
-    assert result["draft"]["bundle"] == str(lively_gqa_bundle) and result["config"]["text"] == [str(texts["code"]), str(texts["prose"])]
+    assert result["draft"]["bundle"] == str(lively_gqa_bundle) and result["config"]["text"] == [
+        str(texts["code"]),
+        str(texts["prose"]),
+    ]
     table = markdown(result)
     assert "| text | mode | decode tok/s | vs plain | acceptance | tokens per call | same tokens as plain |" in table
-    assert table.count("| code |") == 3 and str(texts["prose"]) in table and "| draft |" in table and "100% |" in table and "one call: 1 token" in table
+    assert (
+        table.count("| code |") == 3
+        and str(texts["prose"]) in table
+        and "| draft |" in table
+        and "100% |" in table
+        and "one call: 1 token" in table
+    )
 
 
 def test_sampling_runs_every_mode_and_claims_no_identity(lively_gqa_bundle, texts):
@@ -77,8 +86,16 @@ def test_sampling_runs_every_mode_and_claims_no_identity(lively_gqa_bundle, text
 
 
 def test_a_prompt_that_nearly_fills_the_context_still_gets_its_chunk_costs(lively_gqa_bundle, texts):
-    config = DeviceBenchConfig(lookup=True, text=(texts["prose"],), prompts=1, runs=1, threads=1, prompt_tokens=58,
-                               new_tokens=6, draft_tokens=8)  # fmt: skip
+    config = DeviceBenchConfig(
+        lookup=True,
+        text=(texts["prose"],),
+        prompts=1,
+        runs=1,
+        threads=1,
+        prompt_tokens=58,
+        new_tokens=6,
+        draft_tokens=8,
+    )
     result = bench_bundle(lively_gqa_bundle, config)  # context 64: the chunks of up to 9 tokens follow a shorter prompt
     assert sorted(result["chunk_ms"], key=int) == [str(n) for n in range(1, 10)]
 
@@ -127,8 +144,27 @@ def test_cli_runs_the_speculative_bench_and_keeps_its_flags_to_a_bundle(lively_g
     from edgegpt.cli import main
 
     out = tmp_path / "spec.json"
-    args = ["bench", str(lively_gqa_bundle), "--lookup", "--text", str(texts["prose"]), "--prompts", "1", "--runs", "1",
-            "--threads", "1", "--prompt-tokens", "16", "--new-tokens", "8", "--draft-tokens", "2", "--json", str(out)]  # fmt: skip
+    args = [
+        "bench",
+        str(lively_gqa_bundle),
+        "--lookup",
+        "--text",
+        str(texts["prose"]),
+        "--prompts",
+        "1",
+        "--runs",
+        "1",
+        "--threads",
+        "1",
+        "--prompt-tokens",
+        "16",
+        "--new-tokens",
+        "8",
+        "--draft-tokens",
+        "2",
+        "--json",
+        str(out),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "| prose.txt | lookup |" in result.output and "one call: 1 token" in result.output

@@ -9,12 +9,18 @@ import pytest
 from edgegpt.errors import BundleError, ConfigError
 from edgegpt.runtime.generation.templates import ChatTemplate
 
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": " hello"}, {"role": "user", "content": "bye"}]  # fmt: skip
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": " hello"},
+    {"role": "user", "content": "bye"},
+]
 # The shape of a Hugging Face template (ChatML-like), with bos/eos and a raise_exception guard.
-CHATML = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
-          "{{ raise_exception('bad role') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('bad role') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def test_default_is_the_plain_transcript_and_round_trips_a_reply():
@@ -26,9 +32,14 @@ def test_default_is_the_plain_transcript_and_round_trips_a_reply():
 
 
 def test_a_bundles_jinja_template_renders_like_transformers(tmp_path):
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "bos_token": {"content": "<s>"}}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": CHATML, "bos_token": {"content": "<s>"}})
+    )
     t = ChatTemplate.from_bundle(tmp_path)
-    assert t.render(MESSAGES[:2]) == "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        t.render(MESSAGES[:2])
+        == "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert t.stop == ()
     with pytest.raises(ConfigError, match="bad role"):
         t.render([{"role": "tool", "content": "x"}])

@@ -67,8 +67,13 @@ def test_fifty_seeds_of_a_nested_schema_validate_or_are_valid_prefixes(gen):
 
 
 def test_every_sampler_sees_the_mask(gen):
-    knobs = [dict(), dict(temperature=0.9, top_k=5), dict(temperature=1.2, top_p=0.8), dict(temperature=1.0, min_p=0.1),
-             dict(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5)]  # fmt: skip
+    knobs = [
+        dict(),
+        dict(temperature=0.9, top_k=5),
+        dict(temperature=1.2, top_p=0.8),
+        dict(temperature=1.0, min_p=0.1),
+        dict(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5),
+    ]
     for kw in knobs:
         result = gen.generate("", json_schema=SCHEMA, seed=3, max_new_tokens=60, **kw)
         assert valid_prefix(gen, Constraint(json_schema=SCHEMA), result.tokens), (kw, result.text)
@@ -99,8 +104,11 @@ def test_a_grammar_constrains_the_text(gen):
 def test_a_batch_mixing_a_schema_row_a_regex_row_and_a_free_row_equals_each_alone(gen):
     prompts = ["", "when: ", "def "]
     batch = gen.generate_batch(prompts, json_schema=[SCHEMA, None, None], regex=[None, DATE, None], max_new_tokens=40)
-    alone = [gen.generate(prompts[0], json_schema=SCHEMA, max_new_tokens=40),
-             gen.generate(prompts[1], regex=DATE, max_new_tokens=40), gen.generate(prompts[2], max_new_tokens=40)]  # fmt: skip
+    alone = [
+        gen.generate(prompts[0], json_schema=SCHEMA, max_new_tokens=40),
+        gen.generate(prompts[1], regex=DATE, max_new_tokens=40),
+        gen.generate(prompts[2], max_new_tokens=40),
+    ]
     assert [r.tokens for r in batch] == [r.tokens for r in alone]
     assert [r.finish_reason for r in batch] == [r.finish_reason for r in alone]
     assert batch[2].tokens == gen.generate_batch(prompts, max_new_tokens=40)[2].tokens  # the free row is untouched
@@ -127,7 +135,11 @@ def test_a_loop_over_the_engine_gets_the_constraint_from_new_completion(gen):
 def test_the_stream_equals_generate_under_a_constraint(gen):
     stream = gen.stream("", json_schema=SCHEMA, temperature=1.0, seed=4, max_new_tokens=60)
     text = "".join(stream)
-    assert text == stream.result.text == gen.generate("", json_schema=SCHEMA, temperature=1.0, seed=4, max_new_tokens=60).text
+    assert (
+        text
+        == stream.result.text
+        == gen.generate("", json_schema=SCHEMA, temperature=1.0, seed=4, max_new_tokens=60).text
+    )
 
 
 @pytest.mark.parametrize(
@@ -182,7 +194,9 @@ def reference_logprobs(gen: Generator, prompt: list[int], tokens: list[int]) -> 
     return np.array(rows)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(temperature=1.0, top_k=5, seed=1), dict(json_schema=SCHEMA, temperature=1.0, seed=2)])
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(temperature=1.0, top_k=5, seed=1), dict(json_schema=SCHEMA, temperature=1.0, seed=2)]
+)
 def test_logprobs_agree_with_a_log_softmax_of_the_models_logits(gen, kw):
     result = gen.generate("def ", logprobs=True, top_logprobs=5, max_new_tokens=20, **kw)
     assert len(result.logprobs) == len(result.tokens) > 0
@@ -270,5 +284,16 @@ def test_the_mask_cost_bench_times_every_step(gen):
 
     cost = mask_cost(gen, tokens=12, runs=2)
     assert cost.tokens == 24 and cost.vocab_size == gen.config.vocab_size
-    assert min(cost.model_us, cost.compute_us, cost.apply_us, cost.consume_us, cost.step_us, cost.control_step_us, cost.overlapped_step_us) > 0
+    assert (
+        min(
+            cost.model_us,
+            cost.compute_us,
+            cost.apply_us,
+            cost.consume_us,
+            cost.step_us,
+            cost.control_step_us,
+            cost.overlapped_step_us,
+        )
+        > 0
+    )
     assert cost.share == pytest.approx(cost.mask_us / min(cost.model_us, cost.control_model_us))

@@ -40,7 +40,9 @@ def text_file(sample_text, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("n, size, stride", [(10, 4, 2), (100, 16, 8), (100, 16, 16), (17, 16, 5), (2, 16, 8), (50, 8, 3)])
+@pytest.mark.parametrize(
+    "n, size, stride", [(10, 4, 2), (100, 16, 8), (100, 16, 16), (17, 16, 5), (2, 16, 8), (50, 8, 3)]
+)
 def test_windows_score_every_target_once_with_enough_context(n, size, stride):
     scored = []
     for k, (start, length, offset) in enumerate(sliding_windows(n, size, stride)):
@@ -93,15 +95,28 @@ def _kld_oracle(bundle: Path, reference: Path, ids: list[int], size: int) -> dic
     rms = np.sqrt((dp**2).mean())
     same = (q.argmax(-1) == p.argmax(-1)).mean()
     return {
-        "scored_tokens": n, "mean": kld.mean(), "mean_uncertainty": se(kld), "median": np.median(kld),
-        "p90": np.percentile(kld, 90), "p99": np.percentile(kld, 99), "p99_9": np.percentile(kld, 99.9), "max": kld.max(),
-        "same_top_percent": 100 * same, "same_top_uncertainty_percent": 100 * np.sqrt(same * (1 - same) / (n - 1)),
-        "rms_dp_percent": 100 * rms, "rms_dp_uncertainty_percent": 100 * 0.5 / rms * se(dp**2),
-        "ppl": ppl_q, "ppl_uncertainty": ppl_q * se(nll_q), "reference_ppl": ppl_p, "reference_ppl_uncertainty": ppl_p * se(nll_p),
+        "scored_tokens": n,
+        "mean": kld.mean(),
+        "mean_uncertainty": se(kld),
+        "median": np.median(kld),
+        "p90": np.percentile(kld, 90),
+        "p99": np.percentile(kld, 99),
+        "p99_9": np.percentile(kld, 99.9),
+        "max": kld.max(),
+        "same_top_percent": 100 * same,
+        "same_top_uncertainty_percent": 100 * np.sqrt(same * (1 - same) / (n - 1)),
+        "rms_dp_percent": 100 * rms,
+        "rms_dp_uncertainty_percent": 100 * 0.5 / rms * se(dp**2),
+        "ppl": ppl_q,
+        "ppl_uncertainty": ppl_q * se(nll_q),
+        "reference_ppl": ppl_p,
+        "reference_ppl_uncertainty": ppl_p * se(nll_p),
         "ln_ppl_ratio": nll_q.mean() - nll_p.mean(),
         "ln_ppl_ratio_uncertainty": np.sqrt(se(nll_q) ** 2 + se(nll_p) ** 2 - 2 * cov),
         "ppl_difference": ppl_q - ppl_p,
-        "ppl_difference_uncertainty": np.sqrt((ppl_q * se(nll_q)) ** 2 + (ppl_p * se(nll_p)) ** 2 - 2 * ppl_q * ppl_p * cov),
+        "ppl_difference_uncertainty": np.sqrt(
+            (ppl_q * se(nll_q)) ** 2 + (ppl_p * se(nll_p)) ** 2 - 2 * ppl_q * ppl_p * cov
+        ),
     }
 
 
@@ -160,8 +175,14 @@ def test_a_bundle_agrees_with_itself(bundle, text_file):
     result = evaluate_bundle(bundle, text_file, reference=bundle, max_tokens=300, prompts=2, new_tokens=8)
     assert result["top1_agreement"] == 1.0 and result["ppl_increase_percent"] == 0.0
     assert result["perplexity"] == result["reference"]["perplexity"]
-    assert result["greedy"] == {"prompts": 2, "prompt_tokens": 32, "new_tokens": 8, "token_agreement": 1.0,
-                                "prefix_agreement": 1.0, "identical_sequences": 2}
+    assert result["greedy"] == {
+        "prompts": 2,
+        "prompt_tokens": 32,
+        "new_tokens": 8,
+        "token_agreement": 1.0,
+        "prefix_agreement": 1.0,
+        "identical_sequences": 2,
+    }
     kld = result["kld"]
     assert kld["mean"] == kld["max"] == kld["rms_dp_percent"] == kld["ppl_difference"] == 0.0
     assert kld["same_top_percent"] == 100.0 and kld["mean_uncertainty"] == 0.0
@@ -204,23 +225,66 @@ def test_cli_eval_json_text_and_errors(bundle, int8_bundle, text_file):
     help_text = runner.invoke(eval_cmd, ["--help"]).output
     assert "Measure a bundle" in help_text and "Examples:" in help_text and "--reference" in help_text
     assert "--scoring [half|sliding]" in help_text and "KL-divergence" in help_text
-    result = runner.invoke(eval_cmd, [str(bundle), "--text", str(text_file), "--reference", str(bundle), "--json",
-                                      "--max-tokens", "200", "--prompts", "1", "--new-tokens", "4"])
+    result = runner.invoke(
+        eval_cmd,
+        [
+            str(bundle),
+            "--text",
+            str(text_file),
+            "--reference",
+            str(bundle),
+            "--json",
+            "--max-tokens",
+            "200",
+            "--prompts",
+            "1",
+            "--new-tokens",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["top1_agreement"] == 1.0 and data["scored_tokens"] == 200
     assert data["kld"]["mean"] == 0.0 and data["kld"]["scoring"] == "half"
     assert "evaluating" in result.stderr  # the progress bar (click draws only its label when stderr is no terminal)
-    human = runner.invoke(eval_cmd, [str(int8_bundle), "--text", str(text_file), "--reference", str(bundle),
-                                     "--max-tokens", "300", "--prompts", "0", "--scoring", "sliding"])
+    human = runner.invoke(
+        eval_cmd,
+        [
+            str(int8_bundle),
+            "--text",
+            str(text_file),
+            "--reference",
+            str(bundle),
+            "--max-tokens",
+            "300",
+            "--prompts",
+            "0",
+            "--scoring",
+            "sliding",
+        ],
+    )
     assert human.exit_code == 0, human.output
     assert "KL divergence vs reference (the 9 sliding windows, 300 tokens): mean " in human.stdout
     assert "same top " in human.stdout and "RMS Δp " in human.stdout and "PPL(Q)-PPL(base) " in human.stdout
     assert runner.invoke(eval_cmd, [str(bundle), "--text", str(text_file), "--scoring", "chunks"]).exit_code == 2
     from edgegpt.cli import main
 
-    quiet = runner.invoke(main, ["--quiet", "eval", str(bundle), "--text", str(text_file), "--reference", str(bundle),
-                                 "--max-tokens", "100", "--prompts", "0"])
+    quiet = runner.invoke(
+        main,
+        [
+            "--quiet",
+            "eval",
+            str(bundle),
+            "--text",
+            str(text_file),
+            "--reference",
+            str(bundle),
+            "--max-tokens",
+            "100",
+            "--prompts",
+            "0",
+        ],
+    )
     assert quiet.exit_code == 0 and quiet.stderr == "" and "KL divergence" in quiet.stdout
     human = runner.invoke(eval_cmd, [str(bundle), "--text", str(text_file), "--max-tokens", "100"])
     assert human.exit_code == 0 and "perplexity" in human.output and "(fp32)" in human.output

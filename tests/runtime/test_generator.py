@@ -44,7 +44,9 @@ def mha_gen(tmp_path_factory, tiny_checkpoint) -> Generator:
     """The "mha" (KV layout "concat") bundle of the same checkpoint; its export validation is tested elsewhere."""
     from edgegpt.export import export_bundle
 
-    bundle = export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "tiny_mha", attention="mha", validate=False)
+    bundle = export_bundle(
+        tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "tiny_mha", attention="mha", validate=False
+    )
     return Generator.load(bundle, provider="cpu", threads=1)
 
 
@@ -87,7 +89,9 @@ def test_runtime_imports_without_torch_or_onnx():
 
 
 def test_cli_module_import_is_light():
-    code = "import sys, edgegpt.runtime.cli; heavy = {'onnxruntime', 'numpy'} & set(sys.modules); assert not heavy, heavy"
+    code = (
+        "import sys, edgegpt.runtime.cli; heavy = {'onnxruntime', 'numpy'} & set(sys.modules); assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -103,7 +107,9 @@ def test_cli_generate_runs_with_torch_and_onnx_blocked(tiny_bundle):
         "generate_command.main(sys.argv[1:], standalone_mode=False)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(tiny_bundle), "def", "-n", "4", "--json", "--ignore-eos"], capture_output=True, text=True
+        [sys.executable, "-c", code, str(tiny_bundle), "def", "-n", "4", "--json", "--ignore-eos"],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["tokens"]) == 4
@@ -149,7 +155,9 @@ def test_batch_rows_that_stop_early_equal_alone(gen):
 def test_batch_sliding_window_runs_to_the_end(any_gen):
     gen = any_gen
     block = gen.config.block_size
-    results = gen.generate_batch([[1, 2, 3], list(range(1, 20))], max_new_tokens=block, ignore_eos=True, sliding_window=True)
+    results = gen.generate_batch(
+        [[1, 2, 3], list(range(1, 20))], max_new_tokens=block, ignore_eos=True, sliding_window=True
+    )
     assert [len(r.tokens) for r in results] == [block, block] and all(r.context_shifts >= 1 for r in results)
 
 
@@ -312,7 +320,10 @@ def test_public_iobinding_api_gives_the_same_tokens(attention, request, monkeypa
 
 def test_concurrent_generate_calls_equal_serial_runs(any_gen):
     gen = any_gen
-    jobs = [(PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=12, temperature=0.8 * (i % 2), seed=i, ignore_eos=True)) for i in range(8)]
+    jobs = [
+        (PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=12, temperature=0.8 * (i % 2), seed=i, ignore_eos=True))
+        for i in range(8)
+    ]
     serial = [gen.generate(p, **k).tokens for p, k in jobs]
     barrier = threading.Barrier(8)
 
@@ -365,7 +376,9 @@ def test_unknown_format_version_is_refused(bundle_copy):
 
 def test_unknown_kv_layout_is_refused(bundle_copy):
     manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
-    _rewrite_manifest(bundle_copy, graph={**manifest["graph"], "kv_cache": {**manifest["graph"]["kv_cache"], "layout": "paged"}})
+    _rewrite_manifest(
+        bundle_copy, graph={**manifest["graph"], "kv_cache": {**manifest["graph"]["kv_cache"], "layout": "paged"}}
+    )
     with pytest.raises(BundleError, match="'paged' is not supported"):
         Bundle.load(bundle_copy)
 
@@ -417,9 +430,15 @@ def _externalise(bundle: Path) -> Path:
     import onnx
 
     model = onnx.load(str(bundle / "model.onnx"))
-    for name in [p.name for p in bundle.iterdir() if p.name not in ("model.onnx", "tokenizer.json", "genai_config.json", MANIFEST_NAME)]:
+    for name in [
+        p.name
+        for p in bundle.iterdir()
+        if p.name not in ("model.onnx", "tokenizer.json", "genai_config.json", MANIFEST_NAME)
+    ]:
         (bundle / name).unlink()  # the exporter's own external data, if any
-    onnx.save_model(model, str(bundle / "model.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        model, str(bundle / "model.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0
+    )
     return bundle / "weights.bin"
 
 
@@ -448,7 +467,10 @@ def test_graph_reader_refuses_malformed_files(tmp_path):
 def test_external_data_inside_the_bundle_loads(bundle_copy):
     _externalise(bundle_copy)
     _rewrite_manifest(bundle_copy)
-    assert Generator.load(bundle_copy, provider="cpu").generate("def ", max_new_tokens=2).finish_reason in ("length", "eos")
+    assert Generator.load(bundle_copy, provider="cpu").generate("def ", max_new_tokens=2).finish_reason in (
+        "length",
+        "eos",
+    )
 
 
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "symlinked_dir", "hardlink", "unlisted", "missing"])
@@ -582,7 +604,9 @@ def test_cuda_greedy_equals_cpu(tiny_bundle, gen):
 
 def test_cli_generate_streams_and_prints_json(tiny_bundle, gen):
     runner = CliRunner()
-    streamed = runner.invoke(generate_command, [str(tiny_bundle), "def ", "-n", "8", "--provider", "cpu", "--ignore-eos"])
+    streamed = runner.invoke(
+        generate_command, [str(tiny_bundle), "def ", "-n", "8", "--provider", "cpu", "--ignore-eos"]
+    )
     expected = gen.generate("def ", max_new_tokens=8, ignore_eos=True)
     assert streamed.exit_code == 0, streamed.output
     assert streamed.stdout.startswith(expected.text)
@@ -623,7 +647,9 @@ def test_cli_chat_keeps_the_conversation(tiny_bundle, monkeypatch):
         return real(self, ids, sampling, **overrides)
 
     monkeypatch.setattr(Generator, "stream_ids", spy)
-    result = CliRunner().invoke(chat_command, [str(tiny_bundle), "-n", "4", "--provider", "cpu"], input="hello\nagain\n/exit\n")
+    result = CliRunner().invoke(
+        chat_command, [str(tiny_bundle), "-n", "4", "--provider", "cpu"], input="hello\nagain\n/exit\n"
+    )
     assert result.exit_code == 0, result.output
     assert prompts[0] == "User: hello\nAssistant:"
     assert prompts[1].startswith(prompts[0]) and prompts[1].endswith("User: again\nAssistant:")
@@ -632,7 +658,11 @@ def test_cli_chat_keeps_the_conversation(tiny_bundle, monkeypatch):
 @pytest.mark.slow
 def test_base_install_generate_without_torch(tiny_bundle, base_venv_bin):
     bin_dir = base_venv_bin
-    no_torch = subprocess.run([str(bin_dir / "python"), "-c", "import importlib.util as u; print(u.find_spec('torch'))"], capture_output=True, text=True)
+    no_torch = subprocess.run(
+        [str(bin_dir / "python"), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
+        capture_output=True,
+        text=True,
+    )
     assert no_torch.stdout.strip() == "None", "the base venv must not have torch"
     proc = subprocess.run(
         [str(bin_dir / "edgegpt"), "generate", str(tiny_bundle), "def", "-n", "8", "--json"],
@@ -656,17 +686,23 @@ def test_cli_refuses_a_prompt_that_is_not_utf8(tiny_bundle):
 
 
 def test_cli_chat_asks_again_for_a_line_that_is_not_utf8(tiny_bundle):
-    result = CliRunner().invoke(chat_command, [str(tiny_bundle), "-n", "2", "--provider", "cpu"], input=b"hi\xff\nhello\n/exit\n")
+    result = CliRunner().invoke(
+        chat_command, [str(tiny_bundle), "-n", "2", "--provider", "cpu"], input=b"hi\xff\nhello\n/exit\n"
+    )
     assert result.exit_code == 0, result.output
     assert "that line is not UTF-8 text (byte 0xff at offset 2); type it again" in result.output
 
 
 def _cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgegpt.cli", *args], text=True, stderr=subprocess.PIPE, timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "edgegpt.cli", *args], text=True, stderr=subprocess.PIPE, timeout=120, **kwargs
+    )
 
 
 def test_cli_chat_with_stdin_closed_says_so(tiny_bundle):
-    proc = _cli(["chat", str(tiny_bundle), "--provider", "cpu"], stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
+    proc = _cli(
+        ["chat", str(tiny_bundle), "--provider", "cpu"], stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(0)
+    )
     assert proc.returncode == 2 and "standard input, which is closed" in proc.stderr and "Traceback" not in proc.stderr
 
 

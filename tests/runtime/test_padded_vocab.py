@@ -53,7 +53,9 @@ def _rewrite(bundle, **changes):
     write_manifest(bundle, {**body, **changes})
 
 
-def test_bundle_refuses_a_tokenizer_larger_than_the_model_and_a_wrong_sampled_vocab(lively_gqa_bundle, sample_text, tmp_path):
+def test_bundle_refuses_a_tokenizer_larger_than_the_model_and_a_wrong_sampled_vocab(
+    lively_gqa_bundle, sample_text, tmp_path
+):
     from edgegpt.tokenizer import train_tokenizer
 
     bundle = Bundle.load(lively_gqa_bundle)
@@ -61,10 +63,15 @@ def test_bundle_refuses_a_tokenizer_larger_than_the_model_and_a_wrong_sampled_vo
     assert bundle.manifest["tokenizer"]["sampled_vocab_size"] == size == bundle.config.vocab_size
     copy = shutil.copytree(lively_gqa_bundle, tmp_path / "b")
     _rewrite(copy, tokenizer={**bundle.manifest["tokenizer"], "sampled_vocab_size": size - 1})
-    with pytest.raises(BundleError, match=f"tokenizer.sampled_vocab_size {size - 1} but the model and tokenizer sample ids 0..{size - 1}"):
+    with pytest.raises(
+        BundleError,
+        match=f"tokenizer.sampled_vocab_size {size - 1} but the model and tokenizer sample ids 0..{size - 1}",
+    ):
         Bundle.load(copy)
     bigger = train_tokenizer([sample_text], vocab_size=size + 20)
     bigger.save(str(copy / "tokenizer.json"))
     _rewrite(copy, tokenizer={**bundle.manifest["tokenizer"], "vocab_size": size + 20})
-    with pytest.raises(BundleError, match=f"the tokenizer has {size + 20} tokens but the model's vocab_size is only {size}"):
+    with pytest.raises(
+        BundleError, match=f"the tokenizer has {size + 20} tokens but the model's vocab_size is only {size}"
+    ):
         Bundle.load(copy)

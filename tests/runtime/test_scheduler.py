@@ -94,7 +94,9 @@ def test_next_turn_reuses_the_slot_that_holds_its_prefix(gen):
     finally:
         scheduler.stop()
     assert second.slot == first.slot
-    assert second.cached_tokens == len(first.prompt) + len(first.completion.tokens) - 1  # the last sampled was never fed
+    assert (
+        second.cached_tokens == len(first.prompt) + len(first.completion.tokens) - 1
+    )  # the last sampled was never fed
     assert second.completion.text == gen.generate_ids(history, config).text
 
 
@@ -126,7 +128,9 @@ def test_cancel_frees_the_slot_and_limits_are_enforced(gen):
         running = Job(gen.new_completion(gen.encode("def f("), config, max_new=50), sink=Gate(1))
         scheduler.submit(running)
         assert running.sink.reached.wait(30)  # held at its first token until the cancel below
-        waiting = Job(gen.new_completion(gen.encode("x"), config.replace(max_new_tokens=2), max_new=2), sink=Collector(1))
+        waiting = Job(
+            gen.new_completion(gen.encode("x"), config.replace(max_new_tokens=2), max_new=2), sink=Collector(1)
+        )
         scheduler.submit(waiting)
         with pytest.raises(QueueFullError, match="queue limit"):
             scheduler.submit(Job(gen.new_completion(gen.encode("y"), config, max_new=2), sink=Collector(1)))
@@ -135,7 +139,9 @@ def test_cancel_frees_the_slot_and_limits_are_enforced(gen):
         assert waiting.sink.done.wait(30)
         assert running.completion.finish_reason == "cancelled" and len(running.completion.tokens) < 50
         assert waiting.completion.finish_reason == "length"
-        timed = Job(gen.new_completion(gen.encode("z"), config, max_new=50), sink=Collector(1), timeout_s=1e-6)  # expired at its first step
+        timed = Job(
+            gen.new_completion(gen.encode("z"), config, max_new=50), sink=Collector(1), timeout_s=1e-6
+        )  # expired at its first step
         scheduler.submit(timed)
         assert timed.sink.done.wait(30)
         assert timed.completion.finish_reason == "timeout"
@@ -148,7 +154,16 @@ def test_cancel_frees_the_slot_and_limits_are_enforced(gen):
 
 # --- batch invariance: what shares a call does not change a row ----------------------------------------------
 
-EIGHT = ["def main(", "import os\n", "class Foo:\n    def ", "x = [", "for i in range(10):", "return self.", "# a", "while "]
+EIGHT = [
+    "def main(",
+    "import os\n",
+    "class Foo:\n    def ",
+    "x = [",
+    "for i in range(10):",
+    "return self.",
+    "# a",
+    "while ",
+]
 
 
 @pytest.fixture(scope="module", params=["fp32", "int8", "int4"])

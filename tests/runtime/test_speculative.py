@@ -23,8 +23,38 @@ CODE = "def f(x):\n    return x\n"
 PROMPTS = [CODE + CODE + "def f(", "import json\nimport json\nimport ", "x = 1\ny = 2\nx = 1\ny = ", "def "]
 
 # The chi-square distribution's upper 0.1 % points for 1..30 degrees of freedom (any statistics table).
-CHI2_999 = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59, 31.26, 32.91, 34.53, 36.12, 37.70,
-            39.25, 40.79, 42.31, 43.82, 45.31, 46.80, 48.27, 49.73, 51.18, 52.62, 54.05, 55.48, 56.89, 58.30, 59.70]  # fmt: skip
+CHI2_999 = [
+    10.83,
+    13.82,
+    16.27,
+    18.47,
+    20.52,
+    22.46,
+    24.32,
+    26.12,
+    27.88,
+    29.59,
+    31.26,
+    32.91,
+    34.53,
+    36.12,
+    37.70,
+    39.25,
+    40.79,
+    42.31,
+    43.82,
+    45.31,
+    46.80,
+    48.27,
+    49.73,
+    51.18,
+    52.62,
+    54.05,
+    55.48,
+    56.89,
+    58.30,
+    59.70,
+]
 
 
 def _load(bundle: Path) -> Generator:
@@ -202,7 +232,13 @@ def test_drafting_from_q_then_accepting_gives_p():
 
 
 def test_speculative_validates_its_fields(gqa):
-    for bad in (dict(), dict(lookup=True, draft=gqa), dict(lookup=True, draft_tokens=0), dict(lookup="yes"), dict(draft="b/")):
+    for bad in (
+        dict(),
+        dict(lookup=True, draft=gqa),
+        dict(lookup=True, draft_tokens=0),
+        dict(lookup="yes"),
+        dict(draft="b/"),
+    ):
         with pytest.raises(SamplingError):
             Speculative(**bad)
     with pytest.raises(SamplingError, match="must be a Speculative"):
@@ -228,8 +264,11 @@ def test_greedy_lookup_equals_plain_greedy(target):
 def test_greedy_draft_model_equals_plain_greedy(request, target_name, draft_name):
     target = request.getfixturevalue(target_name)
     # the same checkpoint with the other attention: drafts almost always kept; another model: often rejected
-    draft = request.getfixturevalue(draft_name) if draft_name == "other_draft" else request.getfixturevalue(
-        "mha" if target_name == "gqa" else "gqa")  # fmt: skip
+    draft = (
+        request.getfixturevalue(draft_name)
+        if draft_name == "other_draft"
+        else request.getfixturevalue("mha" if target_name == "gqa" else "gqa")
+    )
     spec = Speculative(draft=draft, draft_tokens=3)
     for prompt in PROMPTS:
         plain = target.generate(prompt, max_new_tokens=20, ignore_eos=True)
@@ -315,7 +354,10 @@ def test_what_speculation_cannot_run_is_refused(gqa):
         gqa.generate("def ", sliding_window=True, speculative=spec)
     with pytest.raises(SamplingError, match="top_p=0.9"):
         gqa.generate("def ", max_new_tokens=4, temperature=0.8, top_p=0.9, speculative=spec)
-    assert gqa.generate_batch(["def "], max_new_tokens=4, speculative=spec)[0].tokens == gqa.generate("def ", max_new_tokens=4).tokens
+    assert (
+        gqa.generate_batch(["def "], max_new_tokens=4, speculative=spec)[0].tokens
+        == gqa.generate("def ", max_new_tokens=4).tokens
+    )
     greedy = gqa.generate("def ", max_new_tokens=12, repetition_penalty=1.3, speculative=spec)  # greedy takes penalties
     assert greedy.tokens == gqa.generate("def ", max_new_tokens=12, repetition_penalty=1.3).tokens
 
@@ -333,8 +375,10 @@ def test_stop_eos_and_max_cut_where_plain_decoding_does(gqa, draft_tokens):
     prompt = PROMPTS[0]
     full = gqa.generate(prompt, max_new_tokens=30, ignore_eos=True)
     for n in (1, 2, 5, 9):
-        _same(gqa.generate(prompt, max_new_tokens=n, ignore_eos=True, speculative=spec),
-              gqa.generate(prompt, max_new_tokens=n, ignore_eos=True))  # fmt: skip
+        _same(
+            gqa.generate(prompt, max_new_tokens=n, ignore_eos=True, speculative=spec),
+            gqa.generate(prompt, max_new_tokens=n, ignore_eos=True),
+        )
     stop_id = full.tokens[6]
     by_id = gqa.generate(prompt, max_new_tokens=30, ignore_eos=True, stop_token_ids=[stop_id], speculative=spec)
     _same(by_id, gqa.generate(prompt, max_new_tokens=30, ignore_eos=True, stop_token_ids=[stop_id]))
@@ -362,7 +406,8 @@ def test_cli_lookup_json_and_summary(lively_gqa_bundle, gqa):
     payload = json.loads(as_json.stdout)
     assert payload["tokens"] == gqa.generate(PROMPTS[0], max_new_tokens=16, ignore_eos=True).tokens
     assert payload["drafted_tokens"] > 0 and payload["acceptance_rate"] == pytest.approx(
-        payload["accepted_tokens"] / payload["drafted_tokens"], abs=1e-6)  # fmt: skip
+        payload["accepted_tokens"] / payload["drafted_tokens"], abs=1e-6
+    )
     streamed = runner.invoke(generate_command, [*args, "--draft", str(lively_gqa_bundle)])
     assert streamed.exit_code == 0 and "accepted" in streamed.stderr and "tokens per model call" in streamed.stderr
     both = runner.invoke(generate_command, [*args, "--lookup", "--draft", str(lively_gqa_bundle)])

@@ -73,8 +73,17 @@ def _our_logits(ckpt_dir, ids):
 
 def test_import_matches_transformers_logits(imported, hf_model, ids, bpe):
     ckpt = load_checkpoint(imported)
-    expected = dict(vocab_size=V, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True, gelu="tanh",
-                    sampled_vocab_size=None)
+    expected = dict(
+        vocab_size=V,
+        block_size=64,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        dropout=0.0,
+        bias=True,
+        gelu="tanh",
+        sampled_vocab_size=None,
+    )
     assert ckpt.config.to_dict() == expected
     diff = (_our_logits(imported, ids) - _hf_logits(hf_model, ids)).abs().max().item()
     assert diff <= ATOL, f"max abs logit diff {diff:.3g} > {ATOL}"
@@ -179,7 +188,9 @@ def test_import_keeps_a_padded_vocab_unsampled_and_refuses_a_shape_mismatch(hf_d
     save_file(state, src / "model.safetensors", metadata={"format": "pt"})
     _edit_config(src, vocab_size=V + 4)  # nanoGPT pads 50257 to 50304 the same way
     ckpt = load_checkpoint(import_hf(src, tmp_path / "ckpt"))
-    assert ckpt.config.vocab_size == V + 4 and ckpt.config.sampled_vocab_size == V and ckpt.tokenizer.get_vocab_size() == V
+    assert (
+        ckpt.config.vocab_size == V + 4 and ckpt.config.sampled_vocab_size == V and ckpt.tokenizer.get_vocab_size() == V
+    )
     _edit_config(src, vocab_size=V, n_positions=128)
     with pytest.raises(CheckpointError, match=r"wte.weight has shape \(304, 32\) but config.json implies \(300, 32\)"):
         import_hf(src, tmp_path / "other")
@@ -205,10 +216,14 @@ def test_the_models_chat_template_reaches_the_bundle_and_the_runtime(hf_dir, tmp
 
     template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     src = _copy(hf_dir, tmp_path)
-    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template}))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template})
+    )
     bundle = export_bundle(import_hf(src, tmp_path / "ckpt"), tmp_path / "bundle")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    want = transformers.AutoTokenizer.from_pretrained(src).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    want = transformers.AutoTokenizer.from_pretrained(src).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     gen = Generator.load(bundle, provider="cpu")
     assert gen.chat_template.render(messages) == want
     assert import_hf(hf_dir, tmp_path / "plain").joinpath("chat_template.jinja").exists() is False

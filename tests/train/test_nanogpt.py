@@ -49,8 +49,14 @@ def _oracle(vocab_size: int, *, bias: bool = True, seed: int = 0):
     """A seeded GPT2LMHeadModel with the exact GELU; every parameter random (so a swapped name shows)."""
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        n_layer=LAYERS, n_head=HEADS, n_embd=EMBD, n_positions=BLOCK, vocab_size=vocab_size, activation_function="gelu",
-        bos_token_id=None, eos_token_id=None,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_embd=EMBD,
+        n_positions=BLOCK,
+        vocab_size=vocab_size,
+        activation_function="gelu",
+        bos_token_id=None,
+        eos_token_id=None,
     )
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
@@ -80,22 +86,41 @@ def _nanogpt_state(model, *, bias: bool = True, prefix: str = "", mask_buffer: b
     return {prefix + k: v for k, v in state.items()}
 
 
-def _save_ckpt(path: Path, state: dict, *, vocab_size: int, bias: bool = True, dataset: str = "openwebtext", **extra) -> Path:
+def _save_ckpt(
+    path: Path, state: dict, *, vocab_size: int, bias: bool = True, dataset: str = "openwebtext", **extra
+) -> Path:
     """A checkpoint as nanoGPT's train.py writes it, optimizer state and run config included."""
     param = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([param], lr=1e-3)
     param.sum().backward()
     optimizer.step()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "model": state,
-        "optimizer": optimizer.state_dict(),
-        "model_args": dict(n_layer=LAYERS, n_head=HEADS, n_embd=EMBD, block_size=BLOCK, bias=bias, vocab_size=vocab_size, dropout=0.0),
-        "iter_num": 5000,
-        "best_val_loss": torch.tensor(1.4697),
-        "config": {"dataset": dataset, "batch_size": 12, "learning_rate": 6e-4, "compile": True, "dtype": "bfloat16"},
-        **extra,
-    }, path)
+    torch.save(
+        {
+            "model": state,
+            "optimizer": optimizer.state_dict(),
+            "model_args": dict(
+                n_layer=LAYERS,
+                n_head=HEADS,
+                n_embd=EMBD,
+                block_size=BLOCK,
+                bias=bias,
+                vocab_size=vocab_size,
+                dropout=0.0,
+            ),
+            "iter_num": 5000,
+            "best_val_loss": torch.tensor(1.4697),
+            "config": {
+                "dataset": dataset,
+                "batch_size": 12,
+                "learning_rate": 6e-4,
+                "compile": True,
+                "dtype": "bfloat16",
+            },
+            **extra,
+        },
+        path,
+    )
     return path
 
 
@@ -111,7 +136,9 @@ def padded(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def padded_ckpt(padded, tok_dir, tmp_path_factory):
-    return import_nanogpt(padded[1], tmp_path_factory.mktemp("imported") / "checkpoint", tokenizer=tok_dir / "tokenizer.json")
+    return import_nanogpt(
+        padded[1], tmp_path_factory.mktemp("imported") / "checkpoint", tokenizer=tok_dir / "tokenizer.json"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +160,25 @@ def _hf_greedy(model, ids: list[int], n: int, sampled: int) -> tuple[list[int], 
 def test_padded_checkpoint_imports_with_and_without_the_compile_prefix(padded, padded_ckpt, tok_dir, tmp_path):
     model, path = padded
     ckpt = load_checkpoint(padded_ckpt)
-    assert ckpt.config.to_dict() == dict(vocab_size=PADDED, block_size=BLOCK, n_layer=LAYERS, n_head=HEADS, n_embd=EMBD,
-                                         dropout=0.0, bias=True, gelu="erf", sampled_vocab_size=V)  # fmt: skip
+    assert ckpt.config.to_dict() == dict(
+        vocab_size=PADDED,
+        block_size=BLOCK,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_embd=EMBD,
+        dropout=0.0,
+        bias=True,
+        gelu="erf",
+        sampled_vocab_size=V,
+    )
     ids = torch.randint(0, V, (3, BLOCK), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (ckpt.model(ids)[0] - model(ids).logits).abs().max().item()
     assert diff <= ATOL, f"max abs logit difference vs transformers {diff:.3g}"
     plain = _save_ckpt(tmp_path / "plain" / "ckpt.pt", _nanogpt_state(model, mask_buffer=False), vocab_size=PADDED)
-    again = load_checkpoint(import_nanogpt(plain, tmp_path / "again", tokenizer=[tok_dir / "vocab.json", tok_dir / "merges.txt"]))
+    again = load_checkpoint(
+        import_nanogpt(plain, tmp_path / "again", tokenizer=[tok_dir / "vocab.json", tok_dir / "merges.txt"])
+    )
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), ckpt.model.state_dict().values()))
     text = "def f(x):\n    return x" + EOT
     assert again.tokenizer.encode(text).ids == ckpt.tokenizer.encode(text).ids
@@ -167,7 +205,11 @@ def test_padded_bundle_matches_transformers_and_never_samples_padding(padded, pa
     assert padded_won, "the padded rows should win an unmasked argmax here, or the test proves nothing"
     result = gen.generate_ids(prompt, max_new_tokens=40, ignore_eos=True)
     assert result.tokens == want and max(result.tokens) < V
-    for knobs in ({"temperature": 1.5}, {"temperature": 1.0, "top_k": 50, "repetition_penalty": 1.3}, {"temperature": 2.0, "min_p": 0.01}):
+    for knobs in (
+        {"temperature": 1.5},
+        {"temperature": 1.0, "top_k": 50, "repetition_penalty": 1.3},
+        {"temperature": 2.0, "min_p": 0.01},
+    ):
         tokens = gen.generate_ids(prompt, max_new_tokens=40, ignore_eos=True, seed=0, **knobs).tokens
         assert max(tokens) < V, knobs
 
@@ -190,14 +232,20 @@ def char_run(tmp_path_factory):
     (root / "data" / "shakespeare_char" / "meta.pkl").write_bytes(pickle.dumps(meta))
     model = _oracle(len(chars), seed=2)
     state = _nanogpt_state(model, prefix="_orig_mod.")
-    return model, root, _save_ckpt(root / "out-shakespeare-char" / "ckpt.pt", state, vocab_size=len(chars), dataset="shakespeare_char")
+    return (
+        model,
+        root,
+        _save_ckpt(root / "out-shakespeare-char" / "ckpt.pt", state, vocab_size=len(chars), dataset="shakespeare_char"),
+    )
 
 
 def test_character_level_checkpoint_finds_its_meta_and_generates_greedy_like_transformers(char_run, tmp_path):
     model, root, path = char_run
     meta = read_meta(root / "data" / "shakespeare_char" / "meta.pkl")
     n = meta["vocab_size"]
-    result = CliRunner().invoke(main, ["import-nanogpt", str(path), "-o", str(tmp_path / "ckpt")])  # meta.pkl found as nanoGPT does
+    result = CliRunner().invoke(
+        main, ["import-nanogpt", str(path), "-o", str(tmp_path / "ckpt")]
+    )  # meta.pkl found as nanoGPT does
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(tmp_path / "ckpt")
     tok = ckpt.tokenizer
@@ -262,11 +310,19 @@ def _refused(args: list[str], match: str) -> str:
 @pytest.mark.parametrize(
     "change, match",
     [
-        (lambda s: s.pop("transformer.h.1.mlp.c_fc.weight"), r"missing \['transformer.h.1.mlp.c_fc.weight'\], unexpected \[\]"),
-        (lambda s: s.__setitem__("transformer.h.0.attn.rotary.inv_freq", torch.ones(8)),
-         r"missing \[\], unexpected \['transformer.h.0.attn.rotary.inv_freq'\]"),
+        (
+            lambda s: s.pop("transformer.h.1.mlp.c_fc.weight"),
+            r"missing \['transformer.h.1.mlp.c_fc.weight'\], unexpected \[\]",
+        ),
+        (
+            lambda s: s.__setitem__("transformer.h.0.attn.rotary.inv_freq", torch.ones(8)),
+            r"missing \[\], unexpected \['transformer.h.0.attn.rotary.inv_freq'\]",
+        ),
         (lambda s: s.__setitem__("lm_head.weight", s["transformer.wte.weight"] + 1), "lm_head.weight differs"),
-        (lambda s: s.__setitem__("transformer.wpe.weight", torch.zeros(BLOCK + 1, EMBD)), r"wpe.weight has shape \(65, 32\)"),
+        (
+            lambda s: s.__setitem__("transformer.wpe.weight", torch.zeros(BLOCK + 1, EMBD)),
+            r"wpe.weight has shape \(65, 32\)",
+        ),
     ],
     ids=["missing", "extra", "untied", "shape"],
 )
@@ -274,7 +330,10 @@ def test_mismatched_tensors_are_refused_by_name(padded, tok_dir, tmp_path, chang
     state = _nanogpt_state(padded[0])
     change(state)
     path = _save_ckpt(tmp_path / "ckpt.pt", state, vocab_size=PADDED)
-    _refused(["import-nanogpt", str(path), "-o", str(tmp_path / "out"), "--tokenizer", str(tok_dir)], "CheckpointError: .*" + match)
+    _refused(
+        ["import-nanogpt", str(path), "-o", str(tmp_path / "out"), "--tokenizer", str(tok_dir)],
+        "CheckpointError: .*" + match,
+    )
     with pytest.raises(CheckpointError, match=match):
         import_nanogpt(path, tmp_path / "out", tokenizer=tok_dir)
     assert not (tmp_path / "out").exists()
@@ -283,8 +342,10 @@ def test_mismatched_tensors_are_refused_by_name(padded, tok_dir, tmp_path, chang
 def test_a_checkpoint_that_needs_full_unpickling_is_refused_and_never_runs(padded, tok_dir, tmp_path):
     marker = tmp_path / "pwned"
     path = _save_ckpt(tmp_path / "ckpt.pt", _nanogpt_state(padded[0]), vocab_size=PADDED, extra=_Payload(marker))
-    message = _refused(["import-nanogpt", str(path), "-o", str(tmp_path / "out"), "--tokenizer", str(tok_dir)],
-                       r"CheckpointError: .*ckpt.pt: refused: .*io.open.*may be hostile")  # fmt: skip
+    message = _refused(
+        ["import-nanogpt", str(path), "-o", str(tmp_path / "out"), "--tokenizer", str(tok_dir)],
+        r"CheckpointError: .*ckpt.pt: refused: .*io.open.*may be hostile",
+    )
     assert "may be hostile" in message and not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -293,8 +354,10 @@ def test_a_meta_pkl_with_a_payload_is_refused_and_never_runs(char_run, tmp_path)
     marker = tmp_path / "pwned"
     meta = tmp_path / "meta.pkl"
     meta.write_bytes(pickle.dumps({"vocab_size": 1, "itos": {0: "a"}, "stoi": {"a": 0}, "x": _Payload(marker)}))
-    _refused(["import-nanogpt", str(path), "-o", str(tmp_path / "out"), "--tokenizer", str(meta)],
-             r"meta.pkl: refused: it names the Python object (io|builtins).open")  # fmt: skip
+    _refused(
+        ["import-nanogpt", str(path), "-o", str(tmp_path / "out"), "--tokenizer", str(meta)],
+        r"meta.pkl: refused: it names the Python object (io|builtins).open",
+    )
     assert not marker.exists() and not (tmp_path / "out").exists()
     meta.write_bytes(pickle.dumps({"vocab_size": 1, "itos": {0: "a"}, "stoi": {"a": 0}, "x": [1.5]}))
     with pytest.raises(CheckpointError, match="holds a list; a meta.pkl holds only dicts, strings and integers"):
@@ -302,13 +365,26 @@ def test_a_meta_pkl_with_a_payload_is_refused_and_never_runs(char_run, tmp_path)
 
 
 def test_without_a_tokenizer_the_error_says_what_to_pass(padded, char_run, tmp_path):
-    _refused(["import-nanogpt", str(padded[1]), "-o", str(tmp_path / "a")],
-             r"no tokenizer \(dataset 'openwebtext', no data/openwebtext/meta.pkl found.*--tokenizer")  # fmt: skip
+    _refused(
+        ["import-nanogpt", str(padded[1]), "-o", str(tmp_path / "a")],
+        r"no tokenizer \(dataset 'openwebtext', no data/openwebtext/meta.pkl found.*--tokenizer",
+    )
     small = _save_ckpt(tmp_path / "small" / "ckpt.pt", _nanogpt_state(_oracle(16)), vocab_size=16)
-    _refused(["import-nanogpt", str(small), "-o", str(tmp_path / "b"), "--tokenizer", str(char_run[1] / "data/shakespeare_char")],
-             r"39 characters but the model's vocab_size is 16")  # fmt: skip
-    _refused(["import-nanogpt", str(small), "-o", str(tmp_path / "c"), "--tokenizer", str(padded[1].parent)],
-             r"no tokenizer.json, vocab.json \+ merges.txt or meta.pkl in it")  # fmt: skip
+    _refused(
+        [
+            "import-nanogpt",
+            str(small),
+            "-o",
+            str(tmp_path / "b"),
+            "--tokenizer",
+            str(char_run[1] / "data/shakespeare_char"),
+        ],
+        r"39 characters but the model's vocab_size is 16",
+    )
+    _refused(
+        ["import-nanogpt", str(small), "-o", str(tmp_path / "c"), "--tokenizer", str(padded[1].parent)],
+        r"no tokenizer.json, vocab.json \+ merges.txt or meta.pkl in it",
+    )
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused(tok_dir, tiny_checkpoint, sample_text, tmp_path):
@@ -317,10 +393,14 @@ def test_a_tokenizer_larger_than_the_model_is_refused(tok_dir, tiny_checkpoint, 
     from edgegpt.tokenizer import train_tokenizer
 
     small = _save_ckpt(tmp_path / "small" / "ckpt.pt", _nanogpt_state(_oracle(16)), vocab_size=16)
-    _refused(["import-nanogpt", str(small), "-o", str(tmp_path / "a"), "--tokenizer", str(tok_dir / "tokenizer.json")],
-             rf"the tokenizer has {V} tokens but the model's vocab_size is only 16")  # fmt: skip
+    _refused(
+        ["import-nanogpt", str(small), "-o", str(tmp_path / "a"), "--tokenizer", str(tok_dir / "tokenizer.json")],
+        rf"the tokenizer has {V} tokens but the model's vocab_size is only 16",
+    )
     ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
     size = load_checkpoint(ckpt).config.vocab_size
     train_tokenizer([sample_text], vocab_size=size + 8).save(str(ckpt / "tokenizer.json"))
-    with pytest.raises(CheckpointError, match=f"tokenizer has {size + 8} tokens but config.json vocab_size is only {size}"):
+    with pytest.raises(
+        CheckpointError, match=f"tokenizer has {size + 8} tokens but config.json vocab_size is only {size}"
+    ):
         load_checkpoint(ckpt)

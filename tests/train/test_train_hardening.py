@@ -57,8 +57,19 @@ def _cli(*args: str):
 def trained(tmp_path_factory, corpus_file, cache) -> Path:
     """A run directory at step 3, saved at every step."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    result = _cli("train", str(corpus_file), "--out", str(out), "--steps", "3", "--save-interval", "1",
-                  "--cache-dir", str(cache), *TRAIN)
+    result = _cli(
+        "train",
+        str(corpus_file),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--save-interval",
+        "1",
+        "--cache-dir",
+        str(cache),
+        *TRAIN,
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -87,7 +98,9 @@ def test_a_half_deleted_aside_does_not_break_later_saves(run, cache):
     stray = aside(run / "checkpoint")  # a SIGKILL while a save deleted the previous checkpoint
     (stray / "left").mkdir(parents=True)
     (stray / "left" / "model.safetensors").write_bytes(b"half")
-    result = _cli("train", "--out", str(run), "--resume", "--steps", "5", "--save-interval", "1", "--cache-dir", str(cache))
+    result = _cli(
+        "train", "--out", str(run), "--resume", "--steps", "5", "--save-interval", "1", "--cache-dir", str(cache)
+    )
     assert result.exit_code == 0, result.output
     assert "done at step 5" in result.output
     assert load_train_state(run)[1]["step"] == 5 and _staging_left(run) == []
@@ -167,7 +180,9 @@ _HOLD = """
 @pytest.mark.parametrize("flags", [["--force"], ["--resume", "--steps", "5"]])
 def test_a_second_train_into_a_running_run_is_refused_naming_the_first(run, cache, corpus_file, flags):
     before = weights_sha256(load_checkpoint(run).model)
-    first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_HOLD), str(run)], stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_HOLD), str(run)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert first.stdout.readline().strip() == "training"
         result = _cli("train", str(corpus_file), "--out", str(run), "--cache-dir", str(cache), *flags)
@@ -181,7 +196,9 @@ def test_a_second_train_into_a_running_run_is_refused_naming_the_first(run, cach
 
 def test_a_second_train_into_a_new_run_is_refused_too(tmp_path, cache, corpus_file):
     out = tmp_path / "new"
-    first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_HOLD), str(out)], stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_HOLD), str(out)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert first.stdout.readline().strip() == "training"
         result = _cli("train", str(corpus_file), "--out", str(out), "--cache-dir", str(cache), "--steps", "2", *TRAIN)
@@ -198,8 +215,11 @@ def test_a_second_train_into_a_new_run_is_refused_too(tmp_path, cache, corpus_fi
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--preset", "small"], "--preset small (n_layer 6, n_head 6, n_embd 384, block_size 256; the checkpoint has "
-                                "n_layer 2, n_head 2, n_embd 64, block_size 64)"),
+        (
+            ["--preset", "small"],
+            "--preset small (n_layer 6, n_head 6, n_embd 384, block_size 256; the checkpoint has "
+            "n_layer 2, n_head 2, n_embd 64, block_size 64)",
+        ),
         (["--n-layer", "4"], "--n-layer 4 (the checkpoint has 2)"),
         (["--vocab-size", "8192"], "--vocab-size 8192 (the checkpoint has 300)"),
         (["--dropout", "0.2"], "--dropout 0.2 (the checkpoint has 0.0)"),
@@ -213,8 +233,22 @@ def test_resume_refuses_model_flags_that_contradict_the_checkpoint(run, cache, f
 
 
 def test_resume_accepts_model_flags_that_agree_with_the_checkpoint(run, cache):
-    result = _cli("train", "--out", str(run), "--resume", "--steps", "4", "--cache-dir", str(cache),
-                  "--preset", "tiny", "--vocab-size", "300", "--n-layer", "2")
+    result = _cli(
+        "train",
+        "--out",
+        str(run),
+        "--resume",
+        "--steps",
+        "4",
+        "--cache-dir",
+        str(cache),
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--n-layer",
+        "2",
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -279,8 +313,13 @@ def _modes(directory: Path) -> set[tuple[str, int]]:
 def test_checkpoints_and_hf_exports_follow_the_umask(tiny_checkpoint, tiny_config, tiny_tokenizer, tmp_path, umask):
     torch.manual_seed(0)
     state = {"optimizer": {"state": {}, "param_groups": []}, "torch_rng": torch.get_rng_state()}
-    ckpt = save_checkpoint(tmp_path / "ckpt", SimpleGPT(tiny_config), tiny_tokenizer.to_str(), optimizer_state=state,
-                           train_state={"step": 1})
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt",
+        SimpleGPT(tiny_config),
+        tiny_tokenizer.to_str(),
+        optimizer_state=state,
+        train_state={"step": 1},
+    )
     hf = export_hf(tiny_checkpoint, tmp_path / "hf")
     expected = {("dir", 0o777 & ~umask), ("file", 0o666 & ~umask)}
     assert _modes(ckpt) == expected and _modes(hf) == expected
@@ -309,7 +348,9 @@ def _full_disk_line(line: str, path: Path, kept: str) -> None:
 
 def test_a_full_disk_while_training_saves_is_one_line_and_keeps_the_last_checkpoint(run, cache, monkeypatch):
     monkeypatch.setattr(checkpoint_mod, "save_file", _disk_full_on(checkpoint_mod, "save_file", after=1))
-    result = _cli("train", "--out", str(run), "--resume", "--steps", "8", "--save-interval", "1", "--cache-dir", str(cache))
+    result = _cli(
+        "train", "--out", str(run), "--resume", "--steps", "8", "--save-interval", "1", "--cache-dir", str(cache)
+    )
     _full_disk_line(_one_line_error(result), run / "checkpoint", "the previous checkpoint is unchanged")
     assert load_train_state(run)[1]["step"] == 4 and _staging_left(run) == []
 
@@ -323,14 +364,25 @@ def test_a_full_disk_while_caching_tokens_is_one_line(tmp_path, corpus_file, mon
         return real(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(files.os, "replace", replace)
-    result = _cli("train", str(corpus_file), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
-                  "--steps", "1", *TRAIN)
+    result = _cli(
+        "train",
+        str(corpus_file),
+        "--out",
+        str(tmp_path / "run"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--steps",
+        "1",
+        *TRAIN,
+    )
     line = _one_line_error(result)
     assert "StorageError: " in line and ".uint16.bin: no space left on device (" in line and "--cache-dir" in line
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_a_full_disk_in_export_hf_and_import_hf_is_one_line_and_keeps_the_previous(tiny_checkpoint, tmp_path, monkeypatch):
+def test_a_full_disk_in_export_hf_and_import_hf_is_one_line_and_keeps_the_previous(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
     hf = export_hf(tiny_checkpoint, tmp_path / "hf")
     ckpt = import_hf(hf, tmp_path / "ckpt")
     snapshot = lambda: {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731

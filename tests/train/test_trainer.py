@@ -31,8 +31,18 @@ def ids():
 
 
 def _run(out, ids, tokenizer_json, steps, resume=False, **kw):
-    cfg = TrainConfig(steps=steps, lr_decay_steps=8, warmup_steps=2, batch_size=4, eval_interval=100, eval_iters=2,
-                      save_interval=100, log_interval=1, seed=3, **kw)
+    cfg = TrainConfig(
+        steps=steps,
+        lr_decay_steps=8,
+        warmup_steps=2,
+        batch_size=4,
+        eval_interval=100,
+        eval_iters=2,
+        save_interval=100,
+        log_interval=1,
+        seed=3,
+        **kw,
+    )
     torch.manual_seed(cfg.seed)
     return train(SimpleGPT(CONFIG), ids[:4000], ids[4000:], cfg, out, tokenizer_json, resume=resume, progress=False)
 
@@ -54,8 +64,12 @@ def test_resume_continues_exactly(tmp_path, ids, tiny_tokenizer):
 def test_training_reduces_loss_and_writes_metrics_and_plot(tmp_path, ids, tiny_tokenizer):
     # A learnable stream: a repeated pattern.
     pattern = np.tile(np.arange(64, dtype=np.uint16), 100)
-    cfg = TrainConfig(steps=150, warmup_steps=5, batch_size=8, eval_interval=75, eval_iters=2, learning_rate=1e-2, log_interval=5)
-    result = train(SimpleGPT(CONFIG), pattern[:5000], pattern[5000:], cfg, tmp_path, tiny_tokenizer.to_str(), progress=False)
+    cfg = TrainConfig(
+        steps=150, warmup_steps=5, batch_size=8, eval_interval=75, eval_iters=2, learning_rate=1e-2, log_interval=5
+    )
+    result = train(
+        SimpleGPT(CONFIG), pattern[:5000], pattern[5000:], cfg, tmp_path, tiny_tokenizer.to_str(), progress=False
+    )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.3 * losses[0]
@@ -121,9 +135,27 @@ def corpus_file(tmp_path_factory, sample_text):
 def test_ctrl_c_and_sigterm_save_and_exit_cleanly(tmp_path, corpus_file, signum, code):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        _cli("--quiet", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300", "--steps", "100000",
-             "--batch-size", "2", "--log-interval", "1", "--eval-iters", "1", "--cache-dir", str(tmp_path / "cache")),
-        stderr=subprocess.PIPE, text=True,
+        _cli(
+            "--quiet",
+            "train",
+            str(corpus_file),
+            "--out",
+            str(out),
+            "--vocab-size",
+            "300",
+            "--steps",
+            "100000",
+            "--batch-size",
+            "2",
+            "--log-interval",
+            "1",
+            "--eval-iters",
+            "1",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ),
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
@@ -144,10 +176,36 @@ def test_two_process_data_parallel_training_ends_with_identical_weights(tmp_path
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "edgegpt.cli", "--quiet", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300",
-         "--steps", "6", "--batch-size", "2", "--eval-iters", "1", "--cache-dir", str(tmp_path / "cache")],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "edgegpt.cli",
+            "--quiet",
+            "train",
+            str(corpus_file),
+            "--out",
+            str(out),
+            "--vocab-size",
+            "300",
+            "--steps",
+            "6",
+            "--batch-size",
+            "2",
+            "--eval-iters",
+            "1",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     hashes = {line.split("weights ")[1].split()[0] for line in proc.stderr.splitlines() if "done at step 6" in line}

@@ -15,8 +15,14 @@ from edgegpt.runtime.generation.budget import token_budget
 BUDGET_JS = Path(__file__).resolve().parents[2] / "web" / "src" / "budget.js"
 
 # (prompt_tokens, max_new_tokens, context, sliding_window, fit): fits, fills, overflows, None, windows, the server's fit
-CASES = [(p, m, c, w, f) for c in (1, 8, 64) for p in (0, 1, c - 1, c, c + 1) for m in (None, 0, 1, 7, c)
-         for w in (False, True) for f in (False, True)]  # fmt: skip
+CASES = [
+    (p, m, c, w, f)
+    for c in (1, 8, 64)
+    for p in (0, 1, c - 1, c, c + 1)
+    for m in (None, 0, 1, 7, c)
+    for w in (False, True)
+    for f in (False, True)
+]
 
 RUN = """
 import { tokenBudget } from %s;
@@ -40,8 +46,9 @@ def test_the_browser_budget_agrees_with_the_python_rule():
     if node is None:
         pytest.skip("node is not installed: the browser's tokenBudget needs Node.js to run")
     script = RUN % json.dumps(BUDGET_JS.as_uri())
-    run = subprocess.run([node, "--input-type=module", "-e", script, json.dumps(CASES)], capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [node, "--input-type=module", "-e", script, json.dumps(CASES)], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     browser = json.loads(run.stdout)
     python = [python_budget(*case) for case in CASES]

@@ -37,8 +37,17 @@ def case(name, bundle) -> dict:
     stopped = python_greedy(bundle, ignore_eos=True, stop=[stop])
     assert stopped.finish_reason == "stop"
     tok = Generator.load(bundle, provider="cpu").bundle.tokenizer
-    return {"name": name, "bundle": str(bundle), "prompt": PROMPT, "steps": STEPS, "tokens": result.tokens, "text": text,
-            "stop": stop, "stopText": stopped.text, "encodings": [[s, encode(tok, s)] for s in ENCODINGS]}  # fmt: skip
+    return {
+        "name": name,
+        "bundle": str(bundle),
+        "prompt": PROMPT,
+        "steps": STEPS,
+        "tokens": result.tokens,
+        "text": text,
+        "stop": stop,
+        "stopText": stopped.text,
+        "encodings": [[s, encode(tok, s)] for s in ENCODINGS],
+    }
 
 
 def test_node_unit_tests(node, lively_gqa_bundle, web_int4_bundle, tmp_path):
@@ -47,8 +56,9 @@ def test_node_unit_tests(node, lively_gqa_bundle, web_int4_bundle, tmp_path):
     assert len(set(cases[0]["tokens"])) > 1
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "EDGEGPT_WEB_CASES": str(tmp_path / "cases.json")}
-    run = subprocess.run([node, "--test", "--test-reporter=tap", "test/"], cwd=WEB, env=env, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [node, "--test", "--test-reporter=tap", "test/"], cwd=WEB, env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "# skipped 0" in run.stdout and "# pass 0" not in run.stdout, run.stdout[-2000:]  # the cases ran
 
@@ -61,8 +71,13 @@ def browser(node, bundle, *args: str, query: str = "") -> dict:
         pytest.fail("chromium is missing: `make test` installs it (apt-get install -y chromium)")
     server = WebServer(bundle, port=0).start()
     try:
-        run = subprocess.run([node, "scripts/browser.mjs", server.url + query, *args], cwd=WEB, capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+        run = subprocess.run(
+            [node, "scripts/browser.mjs", server.url + query, *args],
+            cwd=WEB,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         server.close()
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
@@ -119,8 +134,15 @@ def test_the_server_serves_only_the_page_the_npm_builds_and_listed_files(node, l
     assert server.resolve("/bundle/manifest.json") == bundle / "manifest.json"
     assert server.resolve("/bundle/model.onnx") == bundle / "model.onnx"
     assert server.resolve("/ort/ort-wasm-simd-threaded.jsep.wasm") is not None
-    for refused in ("/bundle/secret.txt", "/bundle/../b/model.onnx", "/ort/../package.json", "/package.json",
-                    "/node_modules/onnxruntime-web/package.json", "/src/../app.js", "/ort/ort.min.mjs.map"):  # fmt: skip
+    for refused in (
+        "/bundle/secret.txt",
+        "/bundle/../b/model.onnx",
+        "/ort/../package.json",
+        "/package.json",
+        "/node_modules/onnxruntime-web/package.json",
+        "/src/../app.js",
+        "/ort/ort.min.mjs.map",
+    ):
         assert server.resolve(refused) is None, refused
     server.start()
     try:
@@ -150,8 +172,19 @@ def test_web_command_help_and_errors(tmp_path):
 @pytest.mark.slow
 def test_web_runs_from_the_base_install_without_torch(base_venv_bin, lively_gqa_bundle):
     """The installed package (no torch) carries the page as package data; the npm files come from --node-modules."""
-    process = subprocess.Popen([str(base_venv_bin / "edgegpt"), "web", str(lively_gqa_bundle), "--port", "0",
-                                "--node-modules", str(WEB / "node_modules")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [
+            str(base_venv_bin / "edgegpt"),
+            "web",
+            str(lively_gqa_bundle),
+            "--port",
+            "0",
+            "--node-modules",
+            str(WEB / "node_modules"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = process.stdout.readline().strip()
         with urllib.request.urlopen(url + "src/generator.js") as response:

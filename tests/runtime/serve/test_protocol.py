@@ -12,14 +12,28 @@ def test_defaults_follow_openai_and_seeds_differ_per_choice():
     assert req.max_tokens == 16 and req.prompts == ["x"] and not req.stream
     assert [c.seed for c in req.configs] == [5, 6, 7]
     assert req.configs[0].temperature == 1.0 and req.configs[0].stop == ("\n",)
-    chat = parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
-                       "max_completion_tokens": 4, "top_k": 5})  # fmt: skip
+    chat = parse_chat(
+        {
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "max_completion_tokens": 4,
+            "top_k": 5,
+        }
+    )
     assert chat.prompts == [[{"role": "user", "content": "ab"}]] and chat.max_tokens == 4 and chat.configs[0].top_k == 5
     assert parse_chat({"messages": [{"role": "user", "content": "a"}]}).max_tokens is None  # until the context is full
     assert parse_completion({"prompt": [[1, 2], [3]]}).prompts == [[1, 2], [3]]
-    shaped = parse_chat({"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 2,
-                         "logit_bias": {"7": -100}, "response_format": {"type": "json_object"}})  # fmt: skip
-    assert shaped.logprobs == 2 and shaped.configs[0].top_logprobs == 2 and shaped.configs[0].logit_bias == ((7, -100.0),)
+    shaped = parse_chat(
+        {
+            "messages": [{"role": "user", "content": "a"}],
+            "logprobs": True,
+            "top_logprobs": 2,
+            "logit_bias": {"7": -100},
+            "response_format": {"type": "json_object"},
+        }
+    )
+    assert (
+        shaped.logprobs == 2 and shaped.configs[0].top_logprobs == 2 and shaped.configs[0].logit_bias == ((7, -100.0),)
+    )
     assert shaped.constraint.json_schema == {"type": "object"}
 
 
@@ -39,15 +53,29 @@ def test_defaults_follow_openai_and_seeds_differ_per_choice():
         (parse_chat, {"messages": []}, "messages"),
         (parse_chat, {"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
         (parse_chat, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
-        (parse_chat, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "max_completion_tokens": 2},
-         "max_completion_tokens"),
+        (
+            parse_chat,
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "max_completion_tokens": 2},
+            "max_completion_tokens",
+        ),
         (parse_completion, {"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
         (parse_completion, {"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),
         (parse_completion, {"prompt": "x", "logprobs": 9}, "logprobs"),
         (parse_chat, {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-        (parse_chat, {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format"),
-        (parse_chat, {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"},
-                      "ignore_eos": True}, "ignore_eos"),
+        (
+            parse_chat,
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+            "response_format",
+        ),
+        (
+            parse_chat,
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_object"},
+                "ignore_eos": True,
+            },
+            "ignore_eos",
+        ),
     ],
 )
 def test_bad_fields_are_named(parse, body, param):

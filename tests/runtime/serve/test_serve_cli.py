@@ -41,8 +41,10 @@ def test_health_is_503_until_a_model_loads(tmp_path):
 @pytest.mark.slow
 def test_bench_serve_clients_measures_the_server(lively_gqa_bundle, tmp_path):
     out = tmp_path / "serve.json"
-    result = CliRunner().invoke(main, ["bench", str(lively_gqa_bundle), "--serve-clients", "1,2", "--short", "--threads", "1",
-                                       "--json", str(out)])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        ["bench", str(lively_gqa_bundle), "--serve-clients", "1,2", "--short", "--threads", "1", "--json", str(out)],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert [row["clients"] for row in data["rows"]] == [1, 2] and data["rows"][1]["requests"] == 2

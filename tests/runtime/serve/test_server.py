@@ -17,7 +17,16 @@ from edgegpt.runtime.generation.templates import ChatTemplate
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["def main(", "import os\n", "class Foo:\n    def ", "x = [", "for i in range(10):", "return self.", "if x:", "# a"]
+PROMPTS = [
+    "def main(",
+    "import os\n",
+    "class Foo:\n    def ",
+    "x = [",
+    "for i in range(10):",
+    "return self.",
+    "if x:",
+    "# a",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,9 @@ def test_completions_and_chat_give_generators_text(client, gen, lively_gqa_bundl
     assert out.choices[0].text == want.text
     assert out.choices[0].finish_reason == ("length" if want.finish_reason == "length" else "stop")
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(want.prompt_tokens), len(want.tokens))
-    again = client.completions.create(model="tiny", prompt=PROMPTS[0] + out.choices[0].text, max_tokens=2, temperature=0)
+    again = client.completions.create(
+        model="tiny", prompt=PROMPTS[0] + out.choices[0].text, max_tokens=2, temperature=0
+    )
     # The slot still holds the first request's prompt and all its tokens but the last (sampled, never fed).
     assert again.usage.prompt_tokens_details.cached_tokens >= len(want.prompt_tokens)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]
@@ -50,12 +61,23 @@ def test_completions_and_chat_give_generators_text(client, gen, lively_gqa_bundl
 
 def test_streaming_equals_the_whole_response_and_reports_usage(client):
     whole = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0)
-    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=PROMPTS[2],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    deltas = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
-                                                 temperature=0, stream=True))  # fmt: skip
+    deltas = list(
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True
+        )
+    )
     assert deltas[0].choices[0].delta.role == "assistant" and deltas[-1].choices[0].finish_reason in ("stop", "length")
 
 
@@ -86,7 +108,11 @@ def test_stop_seed_and_n(client, gen):
         (json.dumps({"prompt": [1, -4]}).encode(), 400, "prompt"),
         (json.dumps({"prompt": "x" * 400}).encode(), 400, "prompt"),  # longer than the tiny model's context
         (json.dumps({"prompt": "x" * 30000}).encode(), 413, None),  # over --max-body 20000
-        (json.dumps({"prompt": ["x"] * 40, "n": 2}).encode(), 400, "prompt"),  # 80 generations: more than the queue holds
+        (
+            json.dumps({"prompt": ["x"] * 40, "n": 2}).encode(),
+            400,
+            "prompt",
+        ),  # 80 generations: more than the queue holds
     ],
 )
 def test_bad_requests_get_openai_error_objects(server, body, status, param):
@@ -155,7 +181,14 @@ def test_load_many_clients_some_streaming_some_leaving(server, gen):
 def test_sigterm_lets_a_running_stream_finish_and_exits_cleanly(lively_gqa_bundle, start_server):
     process = []
     with start_server(lively_gqa_bundle, "--slots", "1", "--grace", "20", process=process) as base:
-        body = {"model": "tiny", "prompt": "def f(", "max_tokens": 56, "temperature": 0, "ignore_eos": True, "stream": True}
+        body = {
+            "model": "tiny",
+            "prompt": "def f(",
+            "max_tokens": 56,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: {"))
@@ -166,39 +199,68 @@ def test_sigterm_lets_a_running_stream_finish_and_exits_cleanly(lively_gqa_bundl
         assert process[0].wait(timeout=30) == 0
 
 
-def test_the_base_install_with_the_serve_extra_serves_without_torch(lively_gqa_bundle, start_server, base_venv_bin, gen):
+def test_the_base_install_with_the_serve_extra_serves_without_torch(
+    lively_gqa_bundle, start_server, base_venv_bin, gen
+):
     python = str(base_venv_bin / "python")
     probe = "import importlib.util as u; print(u.find_spec('torch'), u.find_spec('uvicorn') is not None)"
     assert subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout.split() == ["None", "True"]
     with start_server(lively_gqa_bundle, "--slots", "1", python=python) as base:
-        out = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 8, "temperature": 0}).json()
+        out = httpx.post(
+            f"{base}/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 8, "temperature": 0}
+        ).json()
     assert out["choices"][0]["text"] == gen.generate(PROMPTS[3], max_new_tokens=8).text
 
 
 def test_logit_bias_logprobs_and_response_format(client, gen):
     banned = gen.generate(PROMPTS[0], max_new_tokens=8).tokens[0]  # the greedy first token
-    out = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, logit_bias={str(banned): -100})
+    out = client.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, logit_bias={str(banned): -100}
+    )
     want = gen.generate(PROMPTS[0], max_new_tokens=8, logit_bias={banned: -100})
     assert banned not in want.tokens and out.choices[0].text == want.text
 
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=6,
-                                          temperature=0, logprobs=True, top_logprobs=3)  # fmt: skip
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
     for entry in content:
         tops = [t.logprob for t in entry.top_logprobs]
         assert len(tops) == 3 and tops == sorted(tops, reverse=True) and entry.logprob <= tops[0] + 1e-6
     text = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=5, temperature=0, logprobs=2)
-    assert len(text.choices[0].logprobs.token_logprobs) == len(text.choices[0].logprobs.tokens) == text.usage.completion_tokens
+    assert (
+        len(text.choices[0].logprobs.token_logprobs)
+        == len(text.choices[0].logprobs.tokens)
+        == text.usage.completion_tokens
+    )
 
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     shaped = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=40, temperature=0,
+        model="tiny",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=40,
+        temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
     )
     # Compact JSON (llguidance's default): finished, the object itself; cut by max_tokens, a prefix of it.
     finished = shaped.choices[0].finish_reason == "stop"
     assert re.fullmatch(r'\{"n":-?\d+\}' if finished else r'\{"n":-?\d*', shaped.choices[0].message.content)
-    r = httpx.post(f"{client.base_url}chat/completions", json={"messages": [{"role": "user", "content": "x"}],
-                   "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}}})  # fmt: skip
+    r = httpx.post(
+        f"{client.base_url}chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}},
+        },
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
