@@ -4,9 +4,16 @@
 tools and writes a complete new bundle (graph, tokenizer and genai files, manifest) through the same
 build-beside-then-rename staging as `export_bundle`: the source is only read, and a failure leaves nothing.
 
-- int8, dynamic (default): `onnxruntime.quantization.quantize_dynamic` turns every MatMul with a constant
-  weight (QKV, attention and MLP projections, lm_head) into int8 weights with activations quantized per
-  call; onnxruntime fuses them into DynamicQuantizeMatMul when a session loads the file.
+- int8, row-local (default, `int8_kernel="rowwise"`): `onnxruntime.quantization.quantize_dynamic` gives every
+  MatMul with a constant weight (QKV, attention and MLP projections, lm_head) per-channel int8 weights (7-bit
+  range, see INT8_DEFAULTS); each activation it would quantize with one DynamicQuantizeLinear over the whole
+  call is instead quantized per row (per token) by a few standard ops, symmetric (scale = max|x| / 127 of the
+  row, zero point 128), and the MatMulInteger + Cast + Mul chain becomes one com.microsoft.MatMulIntegerToFloat
+  taking that (..., 1) row scale. Integer accumulation is exact, so a row's logits do not depend on the other
+  rows of the call: the same greedy tokens alone, in a batch, in the server's slots or a speculative chunk.
+- int8, dynamic (`int8_kernel="dynamic"`, the format before): quantize_dynamic as it is, one activation
+  scale per call (DynamicQuantizeMatMul at load): faster on this CPU, but rows sharing a call change each
+  other's results.
 - int8, static (`calibrate=FILE`): `quantize_static` in QDQ format, activation ranges calibrated by running
   the fp32 graph on windows of the corpus text.
 - int4: `MatMulNBitsQuantizer` (weight-only, blockwise, symmetric, round to nearest) turns every MatMul
@@ -67,11 +74,8 @@ FORMATS = QUANTIZED_FORMATS  # what `to` takes (defined with the bundle contract
 # should cost nothing measurable, so 1 % only catches a broken conversion).
 DEFAULT_MAX_PPL_INCREASE = {"int8": 2.0, "int4": 10.0, "fp16": 1.0}
 # Mean KL(fp32 || quantized) in nats (llama-perplexity's definition and windows: edgegpt.runtime.generation.
-# evaluate) that the gate allows. Set to catch a clearly broken quantization, not to rank good ones: about
-# 7x (int8), 35x (int4) and thousands of times (fp16) what the tests' trained tiny model measures (0.0027,
-# 0.0029 and < 1e-6; static int8 0.0032), 50x and 14x `small`'s int8 and int4 (0.0004, 0.0073; llama.cpp's
-# Q8_0 / Q4_0 there: 0.00008 / 0.0021, ORT-NOTES). Doubling one int8 weight scale measures 0.005-0.1, 0.79 for
-# the output head, whose argmax (so top-1 agreement) does not move. docs/design.md, section 5.
+# evaluate) that the gate allows: set to catch a clearly broken quantization (a doubled output-head scale), not to
+# rank good ones; the measurements behind each bound are in docs/design.md, section 5.
 DEFAULT_MAX_KLD = {"int8": 0.02, "int4": 0.1, "fp16": 0.005}
 
 # int8 defaults (why each, in words; measurements: docs/design.md, "5. Quantization defaults and why"):
@@ -81,7 +85,15 @@ DEFAULT_MAX_KLD = {"int8": 0.02, "int4": 0.1, "fp16": 0.005}
 # - token embedding (a Gather; quantize_dynamic stores it per-tensor uint8): included; it makes the bundle
 #   markedly smaller at a negligible accuracy cost and no speed cost (one row per token).
 # - static QDQ (calibrate=): less accurate and no faster; an option only.
-INT8_DEFAULTS = {"per_channel": True, "weight_type": "QInt8", "embedding": True}
+# - kernel "rowwise" (per-row activations, batch-invariant) rather than "dynamic" (one scale per call): greedy
+#   output independent of what shares the batch, and mean KLD from fp32 7.6x lower, for 5-15 % slower decode
+#   and prefill steps on the project's AVX2 CPU (the extra ops that find each row's scale).
+# - rowwise weights in 7 bits (reduce_range): without VNNI, onnxruntime's u8 x s8 kernel adds pairs of products
+#   in int16 (vpmaddubsw) and saturates when activations span 0..255 and weights -127..127: 7-bit weights cannot
+#   overflow. Measured KLD: 8-bit weights 0.00020 (saturating), 7-bit 0.000054, uint8 weights 0.000032 but
+#   25 % slower. "dynamic" keeps onnxruntime's own choice (8-bit weights) as before.
+INT8_DEFAULTS = {"per_channel": True, "weight_type": "QInt8", "embedding": True, "int8_kernel": "rowwise"}
+INT8_KERNELS = ("rowwise", "dynamic")
 # int4 defaults (same section of docs/design.md):
 # - accuracy_level 4 (int8 activations in the kernel): much faster than 0 at the same accuracy.
 # - block 32, symmetric: block sizes 32-128 decode within noise of each other; 32 keeps the best top-1 and is
@@ -115,6 +127,7 @@ def quantize_bundle(
     block_size: int | None = None,
     accuracy_level: int | None = None,
     embedding: bool | None = None,
+    int8_kernel: str | None = None,
     calibrate: str | Path | None = None,
     eval_text: str | Path | None = None,
     max_ppl_increase: float | None = None,
@@ -140,6 +153,9 @@ def quantize_bundle(
         block_size: int4: weights per scale, 16..256, a power of two (default 32).
         accuracy_level: int4: MatMulNBits accuracy_level 0..4 (default 4: int8 activations on CPU).
         embedding: int8/int4: also quantize the token embedding table (default True).
+        int8_kernel: int8: "rowwise" (default: activations quantized per row, so each row's result is
+            independent of the others in the call) or "dynamic" (one activation scale per call: a little
+            faster, but batched rows change each other's greedy tokens; the format before).
         calibrate: int8 only: a text file; use static QDQ quantization with activation ranges calibrated
             on it instead of dynamic quantization.
         eval_text: a text file: measure perplexity, top-1 and greedy agreement and KL-divergence of the new
@@ -173,7 +189,16 @@ def quantize_bundle(
 
     src, out = Path(src), Path(out)
     options = _options(
-        to, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text, max_ppl_increase, max_kld
+        to,
+        per_channel,
+        block_size,
+        accuracy_level,
+        embedding,
+        calibrate,
+        eval_text,
+        max_ppl_increase,
+        max_kld,
+        int8_kernel,
     )
     if out.resolve() == src.resolve():
         raise ConfigError(
@@ -247,7 +272,16 @@ def _quantize_graph(source, dst: Path, to: str, options: dict) -> dict[str, Any]
 
 
 def _options(
-    to, per_channel, block_size, accuracy_level, embedding, calibrate, eval_text, max_ppl_increase, max_kld
+    to,
+    per_channel,
+    block_size,
+    accuracy_level,
+    embedding,
+    calibrate,
+    eval_text,
+    max_ppl_increase,
+    max_kld,
+    int8_kernel=None,
 ) -> dict:
     """Check the arguments against the format; return them with the format's defaults filled in."""
     if to not in FORMATS:
@@ -258,9 +292,10 @@ def _options(
         "accuracy_level": accuracy_level,
         "embedding": embedding,
         "calibrate": calibrate,
+        "int8_kernel": int8_kernel,
     }
     applies = {
-        "int8": {"per_channel", "embedding", "calibrate"},
+        "int8": {"per_channel", "embedding", "calibrate", "int8_kernel"},
         "int4": {"block_size", "accuracy_level", "embedding"},
         "fp16": set(),
     }[to]
@@ -271,6 +306,10 @@ def _options(
         )
     if block_size is not None and block_size not in BLOCK_SIZES:
         raise ConfigError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}")
+    if int8_kernel is not None and int8_kernel not in INT8_KERNELS:
+        raise ConfigError(f"int8_kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
+    if int8_kernel is not None and calibrate is not None:
+        raise ConfigError("calibrate gives static QDQ int8, which has no int8_kernel; drop one of them")
     if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
         raise ConfigError(f"accuracy_level must be 0..4, got {accuracy_level!r}")
     for name, value in (("calibrate", calibrate), ("eval_text", eval_text)):
@@ -355,7 +394,7 @@ def _save(model: onnx.ModelProto, path: Path, external: bool) -> None:
 
 
 def _int8(model, dst: Path, options: dict, *, source, external: bool, work: Path) -> dict:
-    """Dynamic (or, with `calibrate`, static QDQ) int8 quantization of the MatMul weights (+ token embedding)."""
+    """int8 MatMul weights (+ token embedding): row-local or dynamic activations, or with `calibrate` static QDQ."""
     from onnxruntime.quantization import QuantType
 
     gathers = _embedding_gathers(model)
@@ -365,13 +404,23 @@ def _int8(model, dst: Path, options: dict, *, source, external: bool, work: Path
         "DefaultTensorType": TensorProto.FLOAT,
         "MatMulConstBOnly": True,
     }  # contrib ops have no ONNX shape inference
+    rowwise = options["int8_kernel"] == "rowwise" and options["calibrate"] is None
     params = {
         "per_channel": options["per_channel"],
         "weight_type": options["weight_type"].lower(),
         "activations": "uint8, dynamic (per call)",
         "embedding": options["embedding"],
         "lm_head": True,
+        "kernel": "dynamic",
+        "batch_invariant": False,
     }
+    if rowwise:
+        params.update(
+            kernel="rowwise",
+            weight_bits=7,
+            batch_invariant=True,
+            activations="uint8, symmetric per row (scale max|x| / 127, zero point 128)",
+        )
     with _quiet_quantizer():
         try:
             if options["calibrate"] is None:
@@ -383,14 +432,137 @@ def _int8(model, dst: Path, options: dict, *, source, external: bool, work: Path
                     op_types_to_quantize=["MatMul", "Gather"],
                     per_channel=options["per_channel"],
                     weight_type=weight_type,
+                    reduce_range=rowwise,
                     nodes_to_exclude=exclude,
                     use_external_data_format=external,
                     extra_options=extra,
                 )
-                return {"method": "onnxruntime.quantization.quantize_dynamic", **params}
+                if rowwise:
+                    quantized = onnx.load(str(dst))
+                    params["row_quantized_activations"] = _row_local_activations(quantized)
+                    if external:  # onnx appends to an existing data file: write it afresh
+                        (dst.parent / EXTERNAL_DATA).unlink(missing_ok=True)
+                    _save(quantized, dst, external)
+                return {
+                    "method": "onnxruntime.quantization.quantize_dynamic"
+                    + (" + row-local activations" if rowwise else ""),
+                    **params,
+                }
+            params.pop("kernel"), params.pop("batch_invariant")
             return _int8_static(model, dst, options, source, external, work, params, extra)
+        except QuantizationError:
+            raise
         except Exception as exc:  # the quantizer raises assorted ValueError / RuntimeError / onnx errors
             raise QuantizationError(f"int8 quantization failed: {exc}") from exc
+
+
+def _row_local_activations(model: onnx.ModelProto) -> int:
+    """Make quantize_dynamic's int8 MatMuls row-local; return how many activations are now quantized per row.
+
+    quantize_dynamic quantizes each MatMul input x with one DynamicQuantizeLinear: one (scale, zero point) for
+    the whole (B, T, K) tensor, so rows batched together change each other's rounding. Each becomes
+        m = ReduceMax(|x|, last axis)                                  (B, T, 1): each row's range
+        x_q = QuantizeLinear(x / m, 1/127, 128)                        uint8: round(127 x / m) + 128
+    and each MatMulInteger(x_q, W_q) -> Cast -> Mul(s_x * s_W) that reads it becomes
+        com.microsoft.MatMulIntegerToFloat(x_q, W_q, m, s_W / 127, 128, W_zero_point)
+    which scales the exact int32 products by the row's m and the column's s_W / 127. Four small ops per
+    activation instead of one: the 1/127 lives in the quantize scale and the weight scales, not in an op. An
+    all-zero row (m = 0) quantizes 0/0 to some byte, and its products are scaled by m = 0: zeros, as fp32 gives.
+    The bias Add stays a separate node: onnxruntime 1.32 multiplies a bias given to MatMulIntegerToFloat by a
+    non-scalar A scale.
+    """
+    graph = model.graph
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {out: node for node in graph.node for out in node.output}
+    inits = {i.name: i for i in graph.initializer}
+    constants = {
+        "rowq_step": np.array(1 / 127, np.float32),
+        "rowq_zero_point": np.array(128, np.uint8),
+        "rowq_last_axis": np.array([-1], np.int64),
+    }
+    replace, drop, orphans, count = {}, set(), set(), 0
+    for dql in graph.node:
+        if dql.op_type != "DynamicQuantizeLinear":
+            continue
+        x, (x_q, x_scale, _) = dql.input[0], dql.output
+        p = f"{x}_rowq"
+        reduce = (
+            helper.make_node(
+                "ReduceMax", [p + "_abs", "rowq_last_axis"], [p + "_max"], name=p + "_ReduceMax", keepdims=1
+            )
+            if opset >= 18
+            else helper.make_node("ReduceMax", [p + "_abs"], [p + "_max"], name=p + "_ReduceMax", axes=[-1], keepdims=1)
+        )
+        reduce.output[0] = x_scale  # the row's max |x| is its scale (times 1/127, moved into the weight scales)
+        replace[dql.name] = [
+            helper.make_node("Abs", [x], [p + "_abs"], name=p + "_Abs"),
+            reduce,
+            helper.make_node("Div", [x, x_scale], [p + "_unit"], name=p + "_Div"),
+            helper.make_node(
+                "QuantizeLinear", [p + "_unit", "rowq_step", "rowq_zero_point"], [x_q], name=p + "_Quantize"
+            ),
+        ]
+        count += 1
+        for matmul in consumers.get(x_q, []):
+            chain = _dynamic_matmul_chain(matmul, x_scale, consumers, producers)
+            if chain is None:
+                raise QuantizationError(
+                    f"int8 rowwise: unexpected use of {x_q} by {matmul.op_type} {matmul.name}; "
+                    "quantize with int8_kernel='dynamic'"
+                )
+            cast, mul, scales, weight_scale = chain
+            orphans.add(weight_scale)
+            if weight_scale + "_rowq" not in constants:
+                constants[weight_scale + "_rowq"] = numpy_helper.to_array(inits[weight_scale]) / np.float32(127)
+            weight_scale += "_rowq"
+            replace[matmul.name] = [
+                helper.make_node(
+                    "MatMulIntegerToFloat",
+                    [x_q, matmul.input[1], x_scale, weight_scale, "rowq_zero_point", matmul.input[3]],
+                    [mul.output[0]],
+                    name=matmul.name + "_RowLocal",
+                    domain=_MS,
+                )
+            ]
+            drop.update({cast.name, mul.name, scales.name})
+    nodes = [new for node in graph.node if node.name not in drop for new in replace.get(node.name, [node])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [i for i in graph.initializer if i.name not in orphans or i.name in used]  # the weight scales now / 127
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.initializer.extend(
+        numpy_helper.from_array(value, name)
+        for name, value in constants.items()
+        if opset >= 18 or name != "rowq_last_axis"
+    )
+    if not any(o.domain == _MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(_MS, 1))
+    return count
+
+
+def _dynamic_matmul_chain(matmul, x_scale: str, consumers: dict, producers: dict):
+    """quantize_dynamic's MatMulInteger -> Cast -> Mul(Mul(x_scale, w_scale)) after `matmul`:
+    (cast, mul, scales, weight scale name), or None if the graph is not that shape."""
+    if matmul.op_type != "MatMulInteger" or len(matmul.input) != 4:
+        return None
+    cast = consumers.get(matmul.output[0], [])
+    if len(cast) != 1 or cast[0].op_type != "Cast":
+        return None
+    mul = consumers.get(cast[0].output[0], [])
+    if len(mul) != 1 or mul[0].op_type != "Mul":
+        return None
+    other = next((i for i in mul[0].input if i != cast[0].output[0]), None)
+    scales = producers.get(other)
+    if scales is None or scales.op_type != "Mul" or x_scale not in scales.input or len(consumers.get(other, [])) != 1:
+        return None
+    weight_scale = next(i for i in scales.input if i != x_scale)
+    return cast[0], mul[0], scales, weight_scale
 
 
 def _int8_static(

@@ -105,6 +105,22 @@ def lively_gqa_bundle(lively_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lively_int8_bundle(lively_gqa_bundle, tmp_path_factory) -> Path:
+    """The lively "gqa" bundle quantized to int8 with the default (row-local, batch-invariant) kernel."""
+    from edgegpt.export import quantize_bundle
+
+    return quantize_bundle(lively_gqa_bundle, tmp_path_factory.mktemp("lively_int8") / "bundle", to="int8", threads=2)
+
+
+@pytest.fixture(scope="session")
+def lively_int4_bundle(lively_gqa_bundle, tmp_path_factory) -> Path:
+    """The lively "gqa" bundle quantized to int4 (MatMulNBits, block 32)."""
+    from edgegpt.export import quantize_bundle
+
+    return quantize_bundle(lively_gqa_bundle, tmp_path_factory.mktemp("lively_int4") / "bundle", to="int4", threads=2)
+
+
+@pytest.fixture(scope="session")
 def torch_greedy():
     """`torch_greedy(model, ids, n)`: the n token ids PyTorch's greedy `generate` appends to the prompt `ids`."""
     import torch

@@ -47,6 +47,14 @@ __all__ = ["quantize_command"]
     help="int8/int4: quantize the token embedding table too [default: yes].",
 )
 @click.option(
+    "--int8-kernel",
+    "int8_kernel",
+    type=click.Choice(["rowwise", "dynamic"]),
+    default=None,
+    help="int8 activations: rowwise = per row, batch-invariant (greedy output does not depend on what shares the "
+    "batch); dynamic = one scale per call, a little faster [default: rowwise].",
+)
+@click.option(
     "--calibrate",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
@@ -82,6 +90,7 @@ def quantize_command(
     block_size,
     accuracy_level,
     embedding,
+    int8_kernel,
     calibrate,
     eval_text,
     max_ppl_increase,
@@ -100,6 +109,7 @@ def quantize_command(
       edgegpt quantize bundles/small --to int8 -o bundles/small-int8
       edgegpt quantize bundles/small --to int4 --block-size 32 -o bundles/small-int4 --eval-text held_out.txt
       edgegpt quantize bundles/small --to int8 -o bundles/small-int8 --eval-text held_out.txt --max-kld 0.01
+      edgegpt quantize bundles/small --to int8 --int8-kernel dynamic -o bundles/small-int8-dynamic
       edgegpt quantize bundles/small --to int8 --calibrate corpus.txt -o bundles/small-int8-static
       edgegpt quantize bundles/small --to fp16 -o bundles/small-fp16
     """
@@ -115,6 +125,7 @@ def quantize_command(
         block_size=None if block_size is None else int(block_size),
         accuracy_level=accuracy_level,
         embedding=embedding,
+        int8_kernel=int8_kernel,
         calibrate=calibrate,
         eval_text=eval_text,
         max_ppl_increase=max_ppl_increase,

@@ -27,9 +27,9 @@
   Scoring ("half", the default, llama.cpp's): non-overlapping windows of block_size tokens, the logits of
   positions block_size/2 .. block_size-2 scored (the first half is context only); a text shorter than one
   window is one window, its second half scored. Each window runs alone and whole, as in llama-perplexity:
-  dynamic int8 quantizes the activations once per call, so batching windows (as the perplexity fields do,
-  8 per call) or cutting the unscored last token would change what is measured. "sliding": the
-  perplexity fields' own windows and batches, every token scored once, no extra pass. The top-level
+  an int8 bundle of the older "dynamic" kernel quantizes the activations once per call, so batching windows
+  (as the perplexity fields do, 8 per call) or cutting the unscored last token would change what is measured.
+  "sliding": the perplexity fields' own windows and batches, every token scored once, no extra pass. The top-level
   "perplexity", "top1_accuracy" and "top1_agreement" keep the sliding windows whatever the scoring, so the
   two perplexities differ: llama.cpp's numbers compare with the "kld" section's.
 - Sizes: the graph's bytes (model.onnx + external data) and the whole bundle's.

@@ -550,10 +550,11 @@ class Generator:
         end-of-text token but produce nothing more. Without sliding_window the longest prompt bounds
         max_new_tokens for all rows. `speculative` takes one prompt only (SamplingError for more).
 
-        Greedy output per prompt equals generating it alone for fp32, fp16 and int4 bundles (their
-        activations are not quantized; the tests check each). An int8 bundle quantizes activations
-        dynamically, with one scale over the whole batch, so a row can differ from its run alone after some
-        tokens: batch int8 prompts only where that is acceptable.
+        Greedy output per prompt equals generating it alone for fp32, fp16 and int8 bundles (the tests check
+        each): int8 quantizes activations per row. An int4 bundle's MatMulNBits runs one row through another
+        kernel than several, so a near tie can flip a row (docs/design.md, section 5). An int8 bundle quantized
+        with `int8_kernel="dynamic"` (the older format; manifest `quantization.kernel`) shares one activation
+        scale over the whole batch, so its rows can differ from their runs alone after some tokens.
 
         >>> [r.text for r in gen.generate_batch(["def ", "import "], max_new_tokens=8)]  # doctest: +SKIP
         """

@@ -16,8 +16,9 @@ time out. Each loop iteration:
 
 Each job's tokens go through its own `Completion` (sampler, text, stop strings, finish reason), so a job's
 output is the one `Generator.generate` gives for the same prompt and sampling config: greedy token for token
-where batching keeps rows independent (fp32, fp16, int4; int8 quantizes activations with one scale per
-call, see `Generator.generate_batch`). Events reach the caller through `Job.sink`, called on this thread.
+where batching keeps rows independent (fp32, fp16 and int8, whose activations are quantized per row; not int4
+at a near tie, nor the older `int8_kernel="dynamic"` bundles: see `Generator.generate_batch`). Events reach the
+caller through `Job.sink`, called on this thread.
 """
 
 from __future__ import annotations

@@ -72,13 +72,17 @@ def mha(lively_mha_bundle) -> Generator:
 
 
 @pytest.fixture(scope="module")
-def int4(lively_gqa_bundle, tmp_path_factory) -> Generator:
-    from edgegpt.export import quantize_bundle
-
-    return _load(quantize_bundle(lively_gqa_bundle, tmp_path_factory.mktemp("spec") / "int4", to="int4"))
+def int4(lively_int4_bundle) -> Generator:
+    return _load(lively_int4_bundle)
 
 
-@pytest.fixture(scope="module", params=["gqa", "mha", "int4"])
+@pytest.fixture(scope="module")
+def int8(lively_int8_bundle) -> Generator:
+    """Row-local int8: a k + 1-token verify chunk gives each position what single steps give."""
+    return _load(lively_int8_bundle)
+
+
+@pytest.fixture(scope="module", params=["gqa", "mha", "int4", "int8"])
 def target(request) -> Generator:
     return request.getfixturevalue(request.param)
 
