@@ -84,8 +84,9 @@ def test_fused_kernels_and_quantized_matrices_per_format(quantized, llama_bundle
         assert after["MatMulNBits"] == matmuls and "MatMul" not in after and after["GatherBlockQuantized"] == 1
         assert runtime["MatMulNBits"] == matmuls and runtime["GroupQueryAttention"] == n
     elif fmt == "int8":
-        assert after["MatMulInteger"] == matmuls and "MatMul" not in after
-        assert runtime["DynamicQuantizeMatMul"] == matmuls and runtime["GroupQueryAttention"] == n
+        # the row-local default: every matrix through MatMulIntegerToFloat with its per-row activation scale
+        assert after["MatMulIntegerToFloat"] == matmuls and "MatMul" not in after and q["kernel"] == "rowwise"
+        assert runtime["MatMulIntegerToFloat"] == matmuls and runtime["GroupQueryAttention"] == n
     if fmt != "fp16":
         assert q["fp32_matrices"] == []  # rotary: no position table; the head and the table are both quantized
         return
