@@ -21,9 +21,10 @@ build-beside-then-rename staging as `export_bundle`: the source is only read, an
   quantizer skips) are first rewritten as MatMul (+ Add). The weights are MatMul inputs, never inputs of the
   fused attention node (MultiHeadAttention or GroupQueryAttention take projected Q, K, V), so nothing large
   stays fp32 but the position table; a weight left fp32 raises `QuantizationError`.
-- fp16: `onnxruntime.transformers` float16 conversion; (Skip)LayerNormalization and Softmax stay fp32 and so
-  does the residual stream (their outputs), logits stay fp32; the KV cache becomes float16 (recorded as
-  `graph.kv_cache.dtype`); MultiHeadAttention's fp16 kernels accumulate the softmax in fp32.
+- fp16: `onnxruntime.transformers` float16 conversion; the norms ((Skip)LayerNormalization and
+  (Skip)SimplifiedLayerNormalization, `FP16_FP32_OPS`) and Softmax stay fp32 and so does the residual stream
+  (their outputs), logits stay fp32; the KV cache becomes float16 (recorded as `graph.kv_cache.dtype`);
+  MultiHeadAttention's fp16 kernels accumulate the softmax in fp32.
 The quantizers touch only MatMul / Gemm / Gather weights, so the fused kernels (attention,
 SkipLayerNormalization, FastGelu) stay: their counts before and after are checked and recorded.
 
