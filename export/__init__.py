@@ -191,18 +191,13 @@ def _build_graph(
     }
 
 
-def _stop_ids(generation_config: dict) -> list[int]:
-    """generation_config.json's eos_token_id (an id, a list of them, or none) as a list."""
-    eos = generation_config.get("eos_token_id")
-    return eos if isinstance(eos, list) else [eos] if eos is not None else []
-
-
 def _end_of_text(ckpt, special: tuple[dict, dict]) -> int:
     """The end-of-text id: an imported model's first eos_token_id (generation_config.json, kept by import-hf), else
     the tokenizer's "<|endoftext|>" (edgegpt's and GPT-2's). CheckpointError, naming the fix, without either, or
     for a tokenizer said to add a BOS that names none."""
     from edgegpt.errors import CheckpointError, DataError
     from edgegpt.tokenizer import eot_id
+    from edgegpt.train.hf import token_ids
 
     tokenizer_config, generation_config = special
     if tokenizer_config.get("add_bos_token") and generation_config.get("bos_token_id") is None:
@@ -210,7 +205,7 @@ def _end_of_text(ckpt, special: tuple[dict, dict]) -> int:
             f"{ckpt.path}: the tokenizer adds a BOS but no bos_token_id is recorded; import the "
             "model again with its generation_config.json or config.json bos_token_id"
         )
-    stops = _stop_ids(generation_config)
+    stops = token_ids(generation_config.get("eos_token_id"))
     if stops:
         return stops[0]
     try:
@@ -230,10 +225,12 @@ def _tokenizer_section(cfg, file: str, size: int, eot: int, special: tuple[dict,
     section = {"file": file, "vocab_size": size, "eot_token_id": eot, "sampled_vocab_size": cfg.sampled_ids(size)}
     tokenizer_config, generation_config = special
     if generation_config:
+        from edgegpt.train.hf import token_ids
+
         section.update(
             bos_token_id=generation_config.get("bos_token_id"),
             add_bos_token=bool(tokenizer_config.get("add_bos_token")),
-            stop_token_ids=_stop_ids(generation_config),
+            stop_token_ids=token_ids(generation_config.get("eos_token_id")),
         )
     return section
 

@@ -72,7 +72,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgegpt.config import FAMILY_FIELDS, GPTConfig
+from edgegpt.config import GPTConfig
 from edgegpt.errors import ExportError
 from edgegpt.manifest import (
     ATTENTION_MASK,

@@ -309,8 +309,8 @@ CHECKPOINT_FILES = frozenset(
 HF_EXPORT_FILES = frozenset(
     {"config.json", "model.safetensors", "tokenizer.json", TOKENIZER_CONFIG, GENERATION_CONFIG, CHAT_TEMPLATE}
 )
-# tokenizer_config.json keys kept in a checkpoint: the special tokens and whether they are added
-SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "add_eos_token")
+# tokenizer_config.json's special tokens, kept in a checkpoint (with add_bos_token / add_eos_token, read by name)
+SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def _token_text(value: Any) -> str | None:
@@ -318,7 +318,7 @@ def _token_text(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
 
 
-def _ids(value: Any) -> list[int]:
+def token_ids(value: Any) -> list[int]:
     """A token id or a list of them (generation_config.json's eos_token_id may be either) as a list."""
     values = value if isinstance(value, list) else [value]
     return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
@@ -334,10 +334,10 @@ def _read_special_tokens(src: Path, raw: dict, tok) -> tuple[dict, dict] | tuple
         log.warning("%s: special tokens not read (%s)", src, exc)
         tconf = {}
     gen = _read_json(src / GENERATION_CONFIG) if (src / GENERATION_CONFIG).is_file() else {}
-    special = {k: _token_text(tconf.get(k)) for k in SPECIAL_KEYS[:4] if _token_text(tconf.get(k)) is not None}
-    bos_ids = _ids(gen.get("bos_token_id", raw.get("bos_token_id")))
+    special = {k: text for k in SPECIAL_KEYS if (text := _token_text(tconf.get(k))) is not None}
+    bos_ids = token_ids(gen.get("bos_token_id", raw.get("bos_token_id")))
     bos = tok.token_to_id(special["bos_token"]) if "bos_token" in special else (bos_ids[0] if bos_ids else None)
-    eos = [*_ids(gen.get("eos_token_id")), *_ids(raw.get("eos_token_id"))]
+    eos = [*token_ids(gen.get("eos_token_id")), *token_ids(raw.get("eos_token_id"))]
     if "eos_token" in special and tok.token_to_id(special["eos_token"]) is not None:
         eos.append(tok.token_to_id(special["eos_token"]))
     eos = list(dict.fromkeys(eos))
@@ -356,7 +356,7 @@ def _read_special_tokens(src: Path, raw: dict, tok) -> tuple[dict, dict] | tuple
         "add_bos_token": adds_bos or tconf.get("add_bos_token") is True,
         "add_eos_token": tconf.get("add_eos_token") is True,
     }
-    pad = _ids(gen.get("pad_token_id", raw.get("pad_token_id")))
+    pad = token_ids(gen.get("pad_token_id", raw.get("pad_token_id")))
     generation_config = {
         "bos_token_id": bos,
         "eos_token_id": eos if len(eos) != 1 else eos[0],  # transformers' own form: an int, or a list of them

@@ -4,8 +4,8 @@ Each family is a real model's config scaled down (2 layers, 64 wide, random weig
 the model's own special tokens and chat template: SmolLM2-like (Llama, GQA; ChatML template in tokenizer_config.json),
 Qwen2.5-like (q/k/v biases; template in chat_template.jinja, two stop ids), Qwen3-like (q/k norm, head_dim 32 !=
 64 / 4) and Llama-3.2-like (llama3 rope scaling; a Llama 3 tokenizer without "<|endoftext|>" that adds
-<|begin_of_text|>, and two stop ids). Llama 3.2 has one KV head; the export refuses multi-query attention until
-that lands (another branch), so this case has 2.
+<|begin_of_text|>, and two stop ids; 2 KV heads here, where Llama 3.2 has one: tests/export/test_export_llama.py
+covers multi-query attention).
 
 Each is imported (import-hf), exported (fp32) and run: its greedy tokens equal transformers' `generate`; a BOS
 reaches every path once (generate, the CLI, chat, the server, the browser), every stop id ends the text, and
